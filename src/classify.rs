@@ -1,0 +1,340 @@
+//! One pure function decides what an API answer means: publish, retry later,
+//! or dead-letter now, always with a reason.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::detail::{CallDetail, Envelope};
+
+/// What came back from one API call, before any interpretation.
+#[derive(Debug, Clone)]
+pub enum ApiAnswer {
+    /// The server answered. `retry_after` is the parsed `Retry-After` header.
+    Http {
+        status: u16,
+        retry_after: Option<Duration>,
+        body: Bytes,
+    },
+    /// No answer: the message never contains the URL (it carries the token).
+    Transport {
+        kind: TransportKind,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransportKind {
+    Timeout,
+    Connect,
+    Other,
+}
+
+/// Why a call did not give a record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiFailure {
+    pub reason: String,
+    pub http_status: Option<u16>,
+    pub errcode: Option<i64>,
+    pub errmsg: Option<String>,
+    pub retry_after: Option<Duration>,
+}
+
+impl ApiFailure {
+    fn new(reason: impl Into<String>) -> Self {
+        ApiFailure {
+            reason: reason.into(),
+            http_status: None,
+            errcode: None,
+            errmsg: None,
+            retry_after: None,
+        }
+    }
+
+    /// Replaces every occurrence of `secret` in the texts of this failure.
+    pub fn redact(mut self, secret: &str) -> Self {
+        if secret.is_empty() {
+            return self;
+        }
+        self.reason = self.reason.replace(secret, "[redacted]");
+        self.errmsg = self.errmsg.map(|m| m.replace(secret, "[redacted]"));
+        self
+    }
+}
+
+/// The decision for one answer.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    Publish(Box<CallDetail>),
+    Retry(ApiFailure),
+    DeadLetter(ApiFailure),
+}
+
+impl Verdict {
+    /// Removes `secret` from the failure texts, whatever the server echoed.
+    pub fn redact(self, secret: &str) -> Self {
+        match self {
+            Verdict::Publish(d) => Verdict::Publish(d),
+            Verdict::Retry(f) => Verdict::Retry(f.redact(secret)),
+            Verdict::DeadLetter(f) => Verdict::DeadLetter(f.redact(secret)),
+        }
+    }
+}
+
+/// What errcodes mean. Unknown non-zero errcodes are retried: the record may
+/// not be written yet when the call-ended event arrives.
+#[derive(Debug, Clone, Default)]
+pub struct ErrcodePolicy {
+    pub permanent: HashSet<i64>,
+}
+
+const BODY_SNIPPET: usize = 200;
+
+fn snippet(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let mut s: String = text.chars().take(BODY_SNIPPET).collect();
+    if text.chars().count() > BODY_SNIPPET {
+        s.push('…');
+    }
+    s
+}
+
+/// Classifies one answer. Pure: same input, same verdict.
+pub fn classify(answer: &ApiAnswer, policy: &ErrcodePolicy) -> Verdict {
+    let (status, retry_after, body) = match answer {
+        ApiAnswer::Transport { kind, message } => {
+            let what = match kind {
+                TransportKind::Timeout => "timeout",
+                TransportKind::Connect => "connection error",
+                TransportKind::Other => "request error",
+            };
+            return Verdict::Retry(ApiFailure::new(format!("{what}: {message}")));
+        }
+        ApiAnswer::Http {
+            status,
+            retry_after,
+            body,
+        } => (*status, *retry_after, body),
+    };
+    if !(200..300).contains(&status) {
+        // 5xx, 429 and 408 are transient by definition. Other statuses are
+        // retried too: the API reports record errors through errcode, so an
+        // HTTP error is about the route or the gateway, which gets fixed.
+        let mut f = ApiFailure::new(format!("HTTP {status}: {}", snippet(body)));
+        f.http_status = Some(status);
+        f.retry_after = retry_after;
+        return Verdict::Retry(f);
+    }
+    let envelope: Envelope = match serde_json::from_slice(body) {
+        Ok(e) => e,
+        Err(e) => {
+            let mut f = ApiFailure::new(format!(
+                "answer is not a JSON envelope ({e}): {}",
+                snippet(body)
+            ));
+            f.http_status = Some(status);
+            return Verdict::Retry(f);
+        }
+    };
+    let failure = |reason: String| ApiFailure {
+        reason,
+        http_status: Some(status),
+        errcode: Some(envelope.errcode),
+        errmsg: envelope.errmsg.clone(),
+        retry_after,
+    };
+    if envelope.errcode != 0 {
+        let msg = envelope.errmsg.as_deref().unwrap_or("");
+        return if policy.permanent.contains(&envelope.errcode) {
+            Verdict::DeadLetter(failure(format!(
+                "permanent errcode {}: {msg}",
+                envelope.errcode
+            )))
+        } else {
+            Verdict::Retry(failure(format!("errcode {}: {msg}", envelope.errcode)))
+        };
+    }
+    match CallDetail::from_data(&envelope.data) {
+        Ok(Some(detail)) => Verdict::Publish(Box::new(detail)),
+        Ok(None) => Verdict::Retry(failure("errcode 0 but no record yet".to_string())),
+        Err(e) => Verdict::DeadLetter(failure(format!("record does not fit the model: {e}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn http(status: u16, body: &str) -> ApiAnswer {
+        ApiAnswer::Http {
+            status,
+            retry_after: None,
+            body: Bytes::copy_from_slice(body.as_bytes()),
+        }
+    }
+
+    fn policy() -> ErrcodePolicy {
+        ErrcodePolicy {
+            permanent: HashSet::from([40004]),
+        }
+    }
+
+    fn retry_reason(v: Verdict) -> ApiFailure {
+        match v {
+            Verdict::Retry(f) => f,
+            other => panic!("expected retry, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn spec_example_is_published() {
+        let body = include_str!("../tests/fixtures/spec_example_response.json");
+        match classify(&http(200, body), &policy()) {
+            Verdict::Publish(d) => assert_eq!(d.hangup_reason, Some(5)),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn spec_example_verbatim_has_a_trailing_comma_and_is_retried_not_a_panic() {
+        let body = include_str!("../tests/fixtures/spec_example_response_verbatim.txt");
+        let f = retry_reason(classify(&http(200, body), &policy()));
+        assert!(
+            f.reason.starts_with("answer is not a JSON envelope"),
+            "{}",
+            f.reason
+        );
+    }
+
+    #[test]
+    fn nonzero_errcode_is_retried_by_default_with_errcode_and_errmsg() {
+        let f = retry_reason(classify(
+            &http(
+                200,
+                r#"{"errcode":10001,"errmsg":"记录不存在","data":null}"#,
+            ),
+            &policy(),
+        ));
+        assert_eq!(f.errcode, Some(10001));
+        assert_eq!(f.errmsg.as_deref(), Some("记录不存在"));
+        assert_eq!(f.reason, "errcode 10001: 记录不存在");
+    }
+
+    #[test]
+    fn errcode_as_string_is_read() {
+        let f = retry_reason(classify(
+            &http(200, r#"{"errcode":"7","errmsg":"x"}"#),
+            &policy(),
+        ));
+        assert_eq!(f.errcode, Some(7));
+    }
+
+    #[test]
+    fn permanent_errcode_is_dead_lettered() {
+        match classify(
+            &http(200, r#"{"errcode":40004,"errmsg":"gone"}"#),
+            &policy(),
+        ) {
+            Verdict::DeadLetter(f) => {
+                assert_eq!(f.errcode, Some(40004));
+                assert_eq!(f.reason, "permanent errcode 40004: gone");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn errcode_zero_without_data_is_retried() {
+        for body in [
+            r#"{"errcode":0,"errmsg":"success"}"#,
+            r#"{"errcode":0,"errmsg":"success","data":null}"#,
+            r#"{"errcode":0,"errmsg":"success","data":[]}"#,
+            r#"{"errcode":0,"errmsg":"success","data":{}}"#,
+        ] {
+            let f = retry_reason(classify(&http(200, body), &policy()));
+            assert_eq!(f.reason, "errcode 0 but no record yet", "{body}");
+        }
+    }
+
+    #[test]
+    fn record_that_does_not_fit_is_dead_lettered() {
+        let v = classify(
+            &http(200, r#"{"errcode":0,"data":{"satisfaction":"very"}}"#),
+            &policy(),
+        );
+        assert!(
+            matches!(v, Verdict::DeadLetter(ref f) if f.reason.starts_with("record does not fit")),
+            "{v:?}"
+        );
+    }
+
+    #[test]
+    fn http_errors_are_retried_with_status_and_retry_after() {
+        for status in [500, 502, 503, 504, 429, 408, 404, 401] {
+            let f = retry_reason(classify(&http(status, "<html>oops</html>"), &policy()));
+            assert_eq!(f.http_status, Some(status));
+            assert!(f.reason.starts_with(&format!("HTTP {status}")));
+        }
+        let f = retry_reason(classify(
+            &ApiAnswer::Http {
+                status: 429,
+                retry_after: Some(Duration::from_secs(3)),
+                body: Bytes::new(),
+            },
+            &policy(),
+        ));
+        assert_eq!(f.retry_after, Some(Duration::from_secs(3)));
+    }
+
+    #[test]
+    fn garbage_bodies_are_retried() {
+        for body in [
+            "",
+            "not json",
+            "[1,2,3]",
+            r#"{"no_errcode":true}"#,
+            "\u{0}\u{1}",
+        ] {
+            retry_reason(classify(&http(200, body), &policy()));
+        }
+    }
+
+    #[test]
+    fn transport_errors_are_retried() {
+        for (kind, word) in [
+            (TransportKind::Timeout, "timeout"),
+            (TransportKind::Connect, "connection error"),
+            (TransportKind::Other, "request error"),
+        ] {
+            let f = retry_reason(classify(
+                &ApiAnswer::Transport {
+                    kind,
+                    message: "boom".into(),
+                },
+                &policy(),
+            ));
+            assert_eq!(f.reason, format!("{word}: boom"));
+        }
+    }
+
+    #[test]
+    fn long_bodies_are_cut_in_reasons() {
+        let body = "x".repeat(5000);
+        let f = retry_reason(classify(&http(502, &body), &policy()));
+        assert!(f.reason.len() < 300);
+    }
+
+    #[test]
+    fn redact_removes_the_secret_everywhere() {
+        let f = ApiFailure {
+            reason: "HTTP 500: bad token abc123".into(),
+            http_status: Some(500),
+            errcode: Some(1),
+            errmsg: Some("abc123 expired".into()),
+            retry_after: None,
+        }
+        .redact("abc123");
+        assert!(!f.reason.contains("abc123") && !f.errmsg.unwrap().contains("abc123"));
+    }
+}

@@ -1,0 +1,258 @@
+//! A local fake of the Uincall OpenAPI call-detail endpoint, for the demo,
+//! the tests and the benchmarks. It speaks the documented API: HTTP 200 with
+//! `errcode`/`errmsg`/`data`, records shaped like the spec's example, and
+//! faults chosen by the session id's prefix:
+//!
+//! | session id starts with | answer |
+//! |---|---|
+//! | `transient{N}-` | errcode 10001 "record not ready" for the first N calls, then the record |
+//! | `permanent-` | errcode 40004 "session not found", always |
+//! | `http500-` | HTTP 500 on the first call, then the record |
+//! | `garbage-` | a body that is not JSON on the first call, then the record |
+//! | `echo500-` | HTTP 500 whose body echoes the request URL (token included), always |
+//! | `nodata-` | errcode 0 without data, always |
+//! | anything else | the record |
+//!
+//! A wrong tenant or token gets errcode 40001 "invalid access_token".
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{OriginalUri, Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// The errcode the fake answers for a wrong tenant or token.
+pub const ERRCODE_BAD_TOKEN: i64 = 40001;
+/// The errcode of `transient{N}-` sessions while "not ready".
+pub const ERRCODE_NOT_READY: i64 = 10001;
+/// The errcode of `permanent-` sessions.
+pub const ERRCODE_NOT_FOUND: i64 = 40004;
+
+/// What the fake serves.
+#[derive(Debug, Clone)]
+pub struct FakeApiConfig {
+    /// Added to every answer.
+    pub latency: Duration,
+    /// Valid tokens by tenant.
+    pub tokens: HashMap<String, String>,
+}
+
+impl Default for FakeApiConfig {
+    fn default() -> Self {
+        FakeApiConfig {
+            latency: Duration::ZERO,
+            tokens: HashMap::new(),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Shared {
+    calls: Mutex<HashMap<String, u32>>,
+    total: AtomicU64,
+}
+
+/// A running fake; stops when dropped.
+pub struct FakeApi {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+}
+
+impl Drop for FakeApi {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+impl FakeApi {
+    /// Serves on an ephemeral loopback port.
+    pub async fn start(config: FakeApiConfig) -> std::io::Result<FakeApi> {
+        Self::start_on("127.0.0.1:0".parse().unwrap(), config).await
+    }
+
+    pub async fn start_on(addr: SocketAddr, config: FakeApiConfig) -> std::io::Result<FakeApi> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared::default());
+        let app = Router::new()
+            .route("/openapi/call/v2/detail/{session_id}", get(detail))
+            .with_state((Arc::new(config), shared.clone()));
+        let stop = CancellationToken::new();
+        let stopped = stop.clone();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stopped.cancelled().await })
+                .await;
+        });
+        Ok(FakeApi { addr, shared, stop })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The value for `api.base_url`.
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Calls received for one session id.
+    pub fn calls(&self, session_id: &str) -> u32 {
+        self.shared
+            .calls
+            .lock()
+            .unwrap()
+            .get(session_id)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Calls received in all.
+    pub fn total_calls(&self) -> u64 {
+        self.shared.total.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct DetailQuery {
+    tenant_id: Option<String>,
+    access_token: Option<String>,
+    ver: Option<String>,
+    call_type: Option<String>,
+}
+
+fn errcode(code: i64, msg: &str) -> Response {
+    axum::Json(json!({"errcode": code, "errmsg": msg, "data": null})).into_response()
+}
+
+async fn detail(
+    State((config, shared)): State<(Arc<FakeApiConfig>, Arc<Shared>)>,
+    Path(session_id): Path<String>,
+    Query(q): Query<DetailQuery>,
+    OriginalUri(uri): OriginalUri,
+) -> Response {
+    shared.total.fetch_add(1, Ordering::Relaxed);
+    let attempt = {
+        let mut calls = shared.calls.lock().unwrap();
+        let n = calls.entry(session_id.clone()).or_insert(0);
+        *n += 1;
+        *n
+    };
+    if !config.latency.is_zero() {
+        tokio::time::sleep(config.latency).await;
+    }
+    let tenant = q.tenant_id.unwrap_or_default();
+    let token_ok = match (config.tokens.get(&tenant), &q.access_token) {
+        (Some(expected), Some(given)) => expected == given,
+        _ => false,
+    };
+    if session_id.starts_with("echo500-") {
+        // Some gateways echo the request line: the token must not leak from it.
+        return (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("upstream error for GET {uri}"),
+        )
+            .into_response();
+    }
+    if !token_ok {
+        return errcode(ERRCODE_BAD_TOKEN, "invalid access_token");
+    }
+    if let Some(rest) = session_id.strip_prefix("transient") {
+        let failures: u32 = rest
+            .split('-')
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(1);
+        if attempt <= failures {
+            return errcode(ERRCODE_NOT_READY, "record not ready");
+        }
+    }
+    if session_id.starts_with("permanent-") {
+        return errcode(ERRCODE_NOT_FOUND, "session not found");
+    }
+    if session_id.starts_with("http500-") && attempt == 1 {
+        return (StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response();
+    }
+    if session_id.starts_with("garbage-") && attempt == 1 {
+        return (StatusCode::OK, "<html>gateway timeout</html>").into_response();
+    }
+    if session_id.starts_with("nodata-") {
+        return axum::Json(json!({"errcode": 0, "errmsg": "success"})).into_response();
+    }
+    let with_ver = q.ver.as_deref() == Some("1");
+    axum::Json(json!({
+        "errcode": 0,
+        "errmsg": "success",
+        "data": sample_record(&session_id, with_ver, q.call_type.as_deref()),
+    }))
+    .into_response()
+}
+
+/// A record shaped like the spec's example, varied by the session id.
+pub fn sample_record(session_id: &str, with_ver: bool, call_type: Option<&str>) -> Value {
+    let h = session_id
+        .bytes()
+        .fold(7u64, |a, b| a.wrapping_mul(31).wrapping_add(b as u64));
+    let outbound = h % 2 == 0;
+    let reasons = [1, -1, 2, 5, 430, 434, 437, 502];
+    let mut record = json!({
+        "session_id": session_id,
+        "call_type": call_type.unwrap_or("4"),
+        "tags": if h % 3 == 0 { Value::Null } else {
+            json!({"tags": [["992cxxxxf52exxxx2a46xxxxxxxx99e5"], ["895exxxx1595xxxxec31xxxxxxxx309a"]]})
+        },
+        "remark": "",
+        "summary": "备注",
+        "call_direction": if outbound { "call out" } else { "call in" },
+        "ignore_times": if outbound { Value::Null } else { json!(h % 3) },
+        // The API sends this documented string as a number (and vice versa).
+        "satisfaction": if h % 2 == 0 { json!(1 + h % 4) } else { json!((1 + h % 4).to_string()) },
+        "record_file": format!("https://example.invalid/ykfRecord?url=2023/03/10/{session_id}.wav"),
+        "lists": [{
+            "id": format!("frag-{session_id}"),
+            "customer_id": "",
+            "customer_name": if h % 5 == 0 { "未知客户" } else { "多个匹配客户" },
+            "app_type": "agent",
+            "service_type": "dialout",
+            "bussiness_num": "02811111111",
+            "alterting_time": "2023-03-10 18:14:18",
+            "service_time": 30 + h % 300,
+            "service_start_time": "2023-03-10 18:14:18",
+            "service_stop_time": "2023-03-10 18:15:48",
+            "ani": "02811111111",
+            "ani_place": "四川成都",
+            "dnis": "13000000000",
+            "dnis_place": "北京",
+            "call_direction": if outbound { "call out" } else { "call in" },
+            "ringing_time": h % 20,
+            "agent_num": "1001",
+            "agent_name": "张三(1001)"
+        }],
+        "app_node_list": {"rows": [
+            {"recDesc": "响铃", "starttime": "2023-03-10 18:14:18", "command": "座席:张三(1001)[1001]"},
+            {"recDesc": "接听", "color": "#0bbd87", "starttime": "2023-03-10 18:14:25", "command": "座席:张三(1001)[1001]"},
+            {"recDesc": "挂机", "starttime": "2023-03-10 18:15:48", "command": "挂机"}
+        ]},
+        "is_repeat": h % 7 == 0,
+        "cycle_period": null,
+        "call_in_today_num": h % 3,
+        "call_in_all_num": h % 11,
+        "associate_datas": [{"agent_num": 1001, "agent_name": "张三(1001)", "remark": "电话测试备注", "submit_at": "2023-03-10 11:33:42"}]
+    });
+    if with_ver {
+        record["hangup_reason"] = json!(reasons[(h % reasons.len() as u64) as usize]);
+        record["hangup_party"] = json!(["1", "2", "4"][(h % 3) as usize]);
+    }
+    record
+}

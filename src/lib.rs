@@ -1,0 +1,42 @@
+//! uincall-enricher: reads Uincall call-ended events from Kafka, fetches each
+//! call's full record from the Uincall OpenAPI, and publishes an enriched
+//! record (or a dead letter with the reason) at least once.
+//!
+//! Where things live:
+//! - [`settings`]: layered configuration, validation, redacted printing.
+//! - [`event`]: the call-ended event and why one is invalid.
+//! - [`uincall`]: the HTTP client and the per-tenant access tokens.
+//! - [`detail`]: the API's call record, read leniently into stable types.
+//! - [`classify`]: one pure function turning an API answer into a decision.
+//! - [`retry`]: backoff, attempt and time budgets, shutdown-aware waits.
+//! - [`labels`]: decoded labels for the coded fields.
+//! - [`record`]: the enriched record and its headers.
+//! - [`dead_letter`]: the dead-letter record's headers and error classes.
+//! - [`offsets`]: per-partition tracking of the committable offset.
+//! - [`pipeline`]: the worker: consume, enrich concurrently, publish, commit.
+//! - [`kafka`]: librdkafka client configuration.
+//! - [`stats`]: counters shared by the worker and the demo.
+//! - [`telemetry`]: logging set-up.
+//! - [`shutdown`]: SIGTERM/SIGINT to a cancellation token.
+//! - [`fake_api`]: a local fake of the Uincall API (demo, tests, benchmarks).
+//! - [`demo`]: the whole pipeline on embedded defaults.
+//! - [`testkit`]: a real tansu broker process and topic helpers for tests.
+
+pub mod classify;
+pub mod dead_letter;
+pub mod demo;
+pub mod detail;
+pub mod event;
+pub mod fake_api;
+pub mod kafka;
+pub mod labels;
+pub mod offsets;
+pub mod pipeline;
+pub mod record;
+pub mod retry;
+pub mod settings;
+pub mod shutdown;
+pub mod stats;
+pub mod telemetry;
+pub mod testkit;
+pub mod uincall;

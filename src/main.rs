@@ -1,0 +1,114 @@
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use tracing::error;
+
+use uincall_enricher::settings::{LogFormat, LogSettings, Settings};
+use uincall_enricher::{demo, pipeline::Worker, shutdown, stats::Stats, telemetry};
+
+/// Enriches Uincall call-ended events from Kafka with the full call record
+/// from the Uincall OpenAPI, at least once, with a dead-letter topic.
+///
+/// Settings: embedded defaults, then --config FILE, then environment
+/// variables UINCALL__<SECTION>__<KEY> (e.g. UINCALL__KAFKA__BROKERS).
+/// See docs/configuration.md.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about)]
+struct Cli {
+    /// A TOML settings file layered over the embedded defaults.
+    #[arg(
+        long,
+        short,
+        global = true,
+        env = "UINCALL_CONFIG",
+        value_name = "FILE"
+    )]
+    config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the worker until SIGTERM or SIGINT (then drain, commit, exit 0).
+    Run,
+    /// Validate the settings and print them with secrets redacted.
+    CheckConfig,
+    /// Run the whole pipeline on embedded defaults: an in-process Kafka
+    /// cluster, a local fake Uincall API and sample events.
+    Demo {
+        /// Number of sample call-ended events (three invalid ones are added).
+        #[arg(long, default_value_t = 200)]
+        events: usize,
+        /// Latency of the fake API per call, in milliseconds.
+        #[arg(long, default_value_t = 20)]
+        api_latency_ms: u64,
+    },
+}
+
+/// Exit codes: 0 done, 1 runtime failure, 2 bad settings.
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
+    match cli.command {
+        Command::CheckConfig => match Settings::load(cli.config.as_deref()) {
+            Ok(s) => {
+                print!("{}", s.to_redacted_toml());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Run => {
+            let settings = match Settings::load(cli.config.as_deref()) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            telemetry::init(&settings.log);
+            runtime.block_on(async {
+                let result = async {
+                    let stop = shutdown::on_signals()?;
+                    let worker = Worker::build(settings, Arc::new(Stats::default())).await?;
+                    worker.run_until_stopped(stop).await
+                }
+                .await;
+                match result {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        error!(error = format!("{e:#}"), "worker failed");
+                        ExitCode::FAILURE
+                    }
+                }
+            })
+        }
+        Command::Demo {
+            events,
+            api_latency_ms,
+        } => {
+            telemetry::init(&LogSettings {
+                format: LogFormat::Text,
+                level: "error".into(),
+            });
+            let opts = demo::DemoOptions {
+                events,
+                api_latency: Duration::from_millis(api_latency_ms),
+            };
+            match runtime.block_on(demo::run(opts)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,714 @@
+//! The worker: consume call-ended events, enrich each one concurrently, publish
+//! the enriched record or a dead letter, and store an input offset only once
+//! everything below it in its partition is acknowledged by the broker.
+//!
+//! `Worker::build` connects and checks the topics; `run_until_stopped` runs
+//! until the shutdown token fires, then drains, flushes, commits and leaves
+//! the group.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use chrono::Utc;
+use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
+use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::util::Timeout;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use secrecy::ExposeSecret;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, error, info, info_span, warn};
+
+use crate::classify::{ErrcodePolicy, Verdict, classify};
+use crate::dead_letter::{DeadLetter, ErrorClass, header as dlq};
+use crate::event::{InvalidEvent, parse_event};
+use crate::kafka;
+use crate::offsets::{OffsetTracker, TrackerId};
+use crate::record::{self, Source};
+use crate::retry::{self, RetryOutcome, RetryPolicy};
+use crate::settings::Settings;
+use crate::stats::Stats;
+use crate::uincall::{TokenStore, UincallClient};
+
+/// How often a progress line is logged while records flow.
+const PROGRESS_EVERY: Duration = Duration::from_secs(30);
+
+/// Consumer callbacks: rebalances drop the revoked partitions' trackers,
+/// librdkafka's own logs go to `tracing`.
+pub struct WorkerContext {
+    trackers: Arc<Mutex<OffsetTracker>>,
+}
+
+impl ClientContext for WorkerContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        log_librdkafka(level, fac, message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        warn!(error = %error, reason, "kafka client error");
+    }
+}
+
+fn log_librdkafka(level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+    use rdkafka::config::RDKafkaLogLevel as L;
+    match level {
+        L::Emerg | L::Alert | L::Critical | L::Error => {
+            error!(target: "librdkafka", fac, "{message}")
+        }
+        L::Warning => warn!(target: "librdkafka", fac, "{message}"),
+        L::Notice | L::Info => info!(target: "librdkafka", fac, "{message}"),
+        L::Debug => debug!(target: "librdkafka", fac, "{message}"),
+    }
+}
+
+fn partitions(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
+    tpl.elements()
+        .iter()
+        .map(|e| (e.topic().to_string(), e.partition()))
+        .collect()
+}
+
+impl ConsumerContext for WorkerContext {
+    fn pre_rebalance(&self, _: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            let revoked = partitions(tpl);
+            info!(partitions = ?revoked, "partitions revoked");
+            self.trackers.lock().unwrap().revoke(revoked);
+        }
+    }
+
+    fn post_rebalance(&self, _: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => info!(partitions = ?partitions(tpl), "partitions assigned"),
+            Rebalance::Revoke(_) => {}
+            Rebalance::Error(e) => warn!(error = %e, "rebalance failed"),
+        }
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        match result {
+            Ok(()) => debug!(offsets = ?offsets.to_topic_map(), "offsets committed"),
+            Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+            Err(e) => warn!(error = %e, "offset commit failed; it is retried at the next interval"),
+        }
+    }
+}
+
+/// An input record, copied out of the consumer so a task can own it.
+#[derive(Debug, Clone)]
+pub struct InRecord {
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
+    pub source: Source,
+}
+
+impl InRecord {
+    pub fn from_message(m: &BorrowedMessage<'_>) -> Self {
+        let headers = m
+            .headers()
+            .map(|hs| {
+                hs.iter()
+                    .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        InRecord {
+            key: m.key().map(<[u8]>::to_vec),
+            payload: m.payload().map(<[u8]>::to_vec),
+            headers,
+            source: Source {
+                topic: m.topic().to_string(),
+                partition: m.partition(),
+                offset: m.offset(),
+                timestamp_ms: m.timestamp().to_millis(),
+            },
+        }
+    }
+}
+
+/// How a record ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    Enriched,
+    DeadLettered(ErrorClass),
+    /// Shutdown came first; the offset stays unstored and is re-delivered.
+    Abandoned,
+}
+
+/// A produce that did not get an acknowledgement.
+#[derive(Debug, thiserror::Error)]
+enum ProduceError {
+    /// The broker refuses this record (e.g. too large): it never will take it.
+    #[error("the broker refused the record: {0}")]
+    Rejected(KafkaError),
+    /// The producer cannot go on (authorisation, idempotence state).
+    #[error("the producer failed for good: {0}")]
+    Fatal(KafkaError),
+    #[error("shutdown before the broker acknowledged")]
+    Abandoned,
+}
+
+fn produce_error_kind(e: &KafkaError) -> Option<bool> {
+    // Some(true) = rejected record, Some(false) = fatal, None = retry.
+    let code = e.rdkafka_error_code()?;
+    use RDKafkaErrorCode as C;
+    match code {
+        C::MessageSizeTooLarge | C::InvalidMessageSize | C::InvalidMessage | C::InvalidRecord => {
+            Some(true)
+        }
+        C::Fatal
+        | C::TopicAuthorizationFailed
+        | C::ClusterAuthorizationFailed
+        | C::InvalidProducerIdMapping
+        | C::UnsupportedForMessageFormat => Some(false),
+        _ => None,
+    }
+}
+
+/// What every record task needs.
+pub struct Enricher {
+    settings: Arc<Settings>,
+    client: UincallClient,
+    tokens: TokenStore,
+    errcodes: ErrcodePolicy,
+    retry: RetryPolicy,
+    producer: FutureProducer,
+    stats: Arc<Stats>,
+}
+
+impl Enricher {
+    async fn process(
+        &self,
+        rec: InRecord,
+        stop: CancellationToken,
+    ) -> Result<Disposition, anyhow::Error> {
+        let s = &self.settings;
+        let event = match parse_event(
+            rec.payload.as_deref(),
+            &s.event,
+            s.api.default_tenant.as_deref(),
+        ) {
+            Ok(e) => e,
+            Err(invalid) => {
+                return self
+                    .dead_letter(
+                        &rec,
+                        DeadLetter::invalid(invalid.to_string(), None, None),
+                        &stop,
+                    )
+                    .await;
+            }
+        };
+        let span = tracing::Span::current();
+        span.record("session_id", event.session_id.as_str());
+        span.record("tenant_id", event.tenant_id.as_str());
+        let Some(token) = self.tokens.get(&event.tenant_id) else {
+            let reason = InvalidEvent::UnknownTenant(event.tenant_id.clone()).to_string();
+            let dl = DeadLetter::invalid(
+                reason,
+                Some(event.tenant_id.clone()),
+                Some(event.session_id.clone()),
+            );
+            return self.dead_letter(&rec, dl, &stop).await;
+        };
+        let latency_us = std::sync::atomic::AtomicU64::new(0);
+        let outcome = retry::run(&self.retry, &stop, |attempt| {
+            let (latency_us, token) = (&latency_us, &token);
+            let event = &event;
+            async move {
+                Stats::inc(&self.stats.api_calls);
+                if attempt > 1 {
+                    Stats::inc(&self.stats.retries);
+                }
+                let t = self
+                    .client
+                    .fetch_detail(&event.session_id, &event.tenant_id, token, event.call_type)
+                    .await;
+                latency_us.store(
+                    t.latency.as_micros() as u64,
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+                let verdict = classify(&t.answer, &self.errcodes).redact(token.expose_secret());
+                if let Verdict::Retry(f) = &verdict {
+                    debug!(attempt, reason = %f.reason, "API call failed, will retry");
+                }
+                verdict
+            }
+        })
+        .await;
+        let failed =
+            |class: ErrorClass, f: crate::classify::ApiFailure, a: retry::Attempts| DeadLetter {
+                class,
+                reason: f.reason,
+                errcode: f.errcode,
+                errmsg: f.errmsg,
+                http_status: f.http_status,
+                attempts: a.count,
+                first_attempt_at: Some(a.first_at),
+                last_attempt_at: Some(a.last_at),
+                tenant_id: Some(event.tenant_id.clone()),
+                session_id: Some(event.session_id.clone()),
+            };
+        match outcome {
+            RetryOutcome::Abandoned => Ok(Disposition::Abandoned),
+            RetryOutcome::Permanent(f, a) => {
+                self.dead_letter(&rec, failed(ErrorClass::PermanentError, f, a), &stop)
+                    .await
+            }
+            RetryOutcome::Exhausted(f, a) => {
+                self.dead_letter(&rec, failed(ErrorClass::RetriesExhausted, f, a), &stop)
+                    .await
+            }
+            RetryOutcome::Done(call, attempts) => {
+                let payload = record::to_json(&record::Inputs {
+                    session_id: &event.session_id,
+                    tenant_id: &event.tenant_id,
+                    event: &event.raw,
+                    call: &call,
+                    satisfaction_labels: &s.labels.satisfaction,
+                    fetched_at: attempts.last_at,
+                    attempts: attempts.count,
+                    api_latency: Duration::from_micros(
+                        latency_us.load(std::sync::atomic::Ordering::Relaxed),
+                    ),
+                    source: &rec.source,
+                });
+                let headers = OwnedHeaders::new()
+                    .insert(Header {
+                        key: record::header::TENANT_ID,
+                        value: Some(event.tenant_id.as_str()),
+                    })
+                    .insert(Header {
+                        key: record::header::SCHEMA_VERSION,
+                        value: Some(&record::SCHEMA_VERSION.to_string()),
+                    })
+                    .insert(Header {
+                        key: record::header::CONTENT_TYPE,
+                        value: Some(record::CONTENT_TYPE),
+                    });
+                let produced = self
+                    .produce(
+                        &s.kafka.output_topic,
+                        Some(event.session_id.as_bytes()),
+                        &payload,
+                        &headers,
+                        &stop,
+                    )
+                    .await;
+                match produced {
+                    Ok(()) => {
+                        Stats::inc(&self.stats.enriched);
+                        debug!(attempts = attempts.count, "enriched");
+                        Ok(Disposition::Enriched)
+                    }
+                    Err(ProduceError::Abandoned) => Ok(Disposition::Abandoned),
+                    Err(ProduceError::Fatal(e)) => Err(e).context("publishing an enriched record"),
+                    Err(e @ ProduceError::Rejected(_)) => {
+                        let dl = DeadLetter {
+                            class: ErrorClass::PublishFailed,
+                            reason: e.to_string(),
+                            errcode: None,
+                            errmsg: None,
+                            http_status: None,
+                            attempts: attempts.count,
+                            first_attempt_at: Some(attempts.first_at),
+                            last_attempt_at: Some(attempts.last_at),
+                            tenant_id: Some(event.tenant_id.clone()),
+                            session_id: Some(event.session_id.clone()),
+                        };
+                        self.dead_letter(&rec, dl, &stop).await
+                    }
+                }
+            }
+        }
+    }
+
+    /// Publishes the original bytes with the failure in `dlq.*` headers.
+    async fn dead_letter(
+        &self,
+        rec: &InRecord,
+        dl: DeadLetter,
+        stop: &CancellationToken,
+    ) -> Result<Disposition, anyhow::Error> {
+        let s = &self.settings;
+        let mut headers = OwnedHeaders::new();
+        for (k, v) in &rec.headers {
+            if !k.starts_with(dlq::PREFIX) {
+                headers = headers.insert(Header {
+                    key: k,
+                    value: v.as_deref(),
+                });
+            }
+        }
+        for (k, v) in dl.headers(&rec.source, &s.kafka.group_id, Utc::now()) {
+            headers = headers.insert(Header {
+                key: k,
+                value: Some(v.as_bytes()),
+            });
+        }
+        let payload = rec.payload.as_deref().unwrap_or_default();
+        match self
+            .produce(
+                &s.kafka.dead_letter_topic,
+                rec.key.as_deref(),
+                payload,
+                &headers,
+                stop,
+            )
+            .await
+        {
+            Ok(()) => {
+                self.stats.add_dead_lettered(dl.class);
+                warn!(
+                    error_class = %dl.class,
+                    reason = %dl.reason,
+                    errcode = dl.errcode,
+                    attempts = dl.attempts,
+                    "dead-lettered"
+                );
+                Ok(Disposition::DeadLettered(dl.class))
+            }
+            Err(ProduceError::Abandoned) => Ok(Disposition::Abandoned),
+            Err(e) => Err(anyhow::Error::new(e)).context(format!(
+                "writing to the dead-letter topic {}; the record stays uncommitted",
+                s.kafka.dead_letter_topic
+            )),
+        }
+    }
+
+    /// Produces until acknowledged, retrying what the broker may accept later.
+    async fn produce(
+        &self,
+        topic: &str,
+        key: Option<&[u8]>,
+        payload: &[u8],
+        headers: &OwnedHeaders,
+        stop: &CancellationToken,
+    ) -> Result<(), ProduceError> {
+        let mut delay = Duration::from_millis(200);
+        loop {
+            let mut rec = FutureRecord::<[u8], [u8]>::to(topic)
+                .payload(payload)
+                .headers(headers.clone());
+            if let Some(k) = key {
+                rec = rec.key(k);
+            }
+            let timeout = Timeout::After(self.settings.kafka.produce_timeout);
+            let err = match self.producer.send(rec, timeout).await {
+                Ok(_) => return Ok(()),
+                Err((e, _)) => e,
+            };
+            match produce_error_kind(&err) {
+                Some(true) => return Err(ProduceError::Rejected(err)),
+                Some(false) => return Err(ProduceError::Fatal(err)),
+                None => warn!(topic, error = %err, retry_in = ?delay, "produce failed, retrying"),
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return Err(ProduceError::Abandoned),
+                _ = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(Duration::from_secs(10));
+        }
+    }
+}
+
+/// A record task's report to the consume loop.
+struct Completion {
+    source: Source,
+    tracker: TrackerId,
+    result: Result<Disposition, anyhow::Error>,
+}
+
+/// The enrichment worker.
+pub struct Worker {
+    settings: Arc<Settings>,
+    consumer: Arc<StreamConsumer<WorkerContext>>,
+    enricher: Arc<Enricher>,
+    trackers: Arc<Mutex<OffsetTracker>>,
+    stats: Arc<Stats>,
+}
+
+impl Worker {
+    /// Creates the clients and checks that the three topics exist.
+    pub async fn build(settings: Settings, stats: Arc<Stats>) -> anyhow::Result<Worker> {
+        let settings = Arc::new(settings);
+        let k = &settings.kafka;
+        let trackers = Arc::new(Mutex::new(OffsetTracker::default()));
+        let consumer: StreamConsumer<WorkerContext> = kafka::consumer_config(k)
+            .create_with_context(WorkerContext {
+                trackers: trackers.clone(),
+            })
+            .context("creating the Kafka consumer")?;
+        let consumer = Arc::new(consumer);
+        let producer: FutureProducer = kafka::producer_config(k)
+            .create()
+            .context("creating the Kafka producer")?;
+        let tokens = TokenStore::from_settings(&settings.api)?;
+        if tokens.tenants() == 0 {
+            warn!(
+                "no access tokens are configured: every event will be dead-lettered as invalid_event"
+            );
+        }
+        let enricher = Arc::new(Enricher {
+            client: UincallClient::new(&settings.api)?,
+            tokens,
+            errcodes: ErrcodePolicy {
+                permanent: settings.retry.permanent_errcodes.iter().copied().collect(),
+            },
+            retry: RetryPolicy::from_settings(&settings.retry),
+            producer,
+            stats: stats.clone(),
+            settings: settings.clone(),
+        });
+        let worker = Worker {
+            settings,
+            consumer,
+            enricher,
+            trackers,
+            stats,
+        };
+        worker.check_topics().await?;
+        Ok(worker)
+    }
+
+    async fn check_topics(&self) -> anyhow::Result<()> {
+        let k = &self.settings.kafka;
+        let consumer = self.consumer.clone();
+        let metadata = tokio::task::spawn_blocking(move || {
+            consumer.fetch_metadata(None, Timeout::After(Duration::from_secs(30)))
+        })
+        .await?
+        .with_context(|| format!("reading metadata from kafka.brokers {}", k.brokers))?;
+        for (key, topic) in [
+            ("kafka.input_topic", &k.input_topic),
+            ("kafka.output_topic", &k.output_topic),
+            ("kafka.dead_letter_topic", &k.dead_letter_topic),
+        ] {
+            let found = metadata
+                .topics()
+                .iter()
+                .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty());
+            if !found {
+                bail!(
+                    "topic `{topic}` ({key}) does not exist on {}; create it first",
+                    k.brokers
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Consumes until `shutdown` fires, then drains within
+    /// `pipeline.drain_timeout`, flushes, commits and leaves the group.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let s = self.settings.clone();
+        self.consumer
+            .subscribe(&[&s.kafka.input_topic])
+            .context("subscribing to kafka.input_topic")?;
+        info!(
+            topic = %s.kafka.input_topic,
+            group = %s.kafka.group_id,
+            max_in_flight = s.pipeline.max_in_flight,
+            "worker started"
+        );
+        // Cancelled when draining starts: no new attempts, no backoff waits.
+        let stop_work = CancellationToken::new();
+        let mut tasks: JoinSet<Completion> = JoinSet::new();
+        let mut paused = false;
+        let mut fatal: Option<anyhow::Error> = None;
+        let mut progress = tokio::time::interval(PROGRESS_EVERY);
+        progress.tick().await;
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => {
+                    info!(in_flight = tasks.len(), "shutdown requested, draining");
+                    break;
+                }
+                Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
+                    if let Err(e) = self.complete(joined) {
+                        error!(error = format!("{e:#}"), "fatal error, stopping the worker");
+                        fatal = Some(e);
+                        break;
+                    }
+                }
+                msg = self.consumer.recv() => match msg {
+                    Ok(m) => {
+                        let rec = InRecord::from_message(&m);
+                        drop(m);
+                        self.spawn(&mut tasks, rec, &stop_work);
+                    }
+                    Err(e) => warn!(error = %e, "kafka consume error"),
+                },
+                _ = progress.tick() => self.log_progress(tasks.len()),
+            }
+            self.flow_control(tasks.len(), &mut paused);
+        }
+        stop_work.cancel();
+        self.drain(&mut tasks).await;
+        self.finish().await;
+        match fatal {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn spawn(&self, tasks: &mut JoinSet<Completion>, rec: InRecord, stop: &CancellationToken) {
+        Stats::inc(&self.stats.consumed);
+        let src = &rec.source;
+        let tracker = self
+            .trackers
+            .lock()
+            .unwrap()
+            .start(&src.topic, src.partition, src.offset);
+        let span = info_span!(
+            "record",
+            partition = src.partition,
+            offset = src.offset,
+            session_id = tracing::field::Empty,
+            tenant_id = tracing::field::Empty,
+        );
+        let enricher = self.enricher.clone();
+        let stop = stop.clone();
+        tasks.spawn(
+            async move {
+                let source = rec.source.clone();
+                let result = enricher.process(rec, stop).await;
+                Completion {
+                    source,
+                    tracker,
+                    result,
+                }
+            }
+            .instrument(span),
+        );
+        self.stats
+            .in_flight
+            .store(tasks.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Marks a record done and stores the partition's new safe offset.
+    fn complete(&self, joined: Result<Completion, tokio::task::JoinError>) -> anyhow::Result<()> {
+        let done = match joined {
+            Ok(c) => c,
+            // An aborted task is an abandoned record; a panic is a bug that
+            // must not advance the offset: stop and let the record re-deliver.
+            Err(e) if e.is_cancelled() => return Ok(()),
+            Err(e) => bail!("a record task panicked: {e}"),
+        };
+        match done.result? {
+            Disposition::Abandoned => return Ok(()),
+            Disposition::Enriched | Disposition::DeadLettered(_) => {}
+        }
+        let src = &done.source;
+        let next = self.trackers.lock().unwrap().finish(
+            &src.topic,
+            src.partition,
+            src.offset,
+            done.tracker,
+        );
+        if let Some(next) = next {
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition_offset(&src.topic, src.partition, Offset::Offset(next))?;
+            match self.consumer.store_offsets(&tpl) {
+                Ok(()) => Stats::inc(&self.stats.offsets_stored),
+                // The partition was revoked meanwhile: its new owner re-reads.
+                Err(e) => debug!(error = %e, partition = src.partition, "offset not stored"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Pauses the assigned partitions while the window is full and resumes
+    /// them when it has room again; polling goes on either way.
+    fn flow_control(&self, in_flight: usize, paused: &mut bool) {
+        self.stats
+            .in_flight
+            .store(in_flight as u64, std::sync::atomic::Ordering::Relaxed);
+        let max = self.settings.pipeline.max_in_flight;
+        let want_pause = in_flight >= max;
+        // Newly assigned partitions start unpaused: pause again while full.
+        if want_pause || *paused != want_pause {
+            let Ok(assignment) = self.consumer.assignment() else {
+                return;
+            };
+            let result = if want_pause {
+                self.consumer.pause(&assignment)
+            } else {
+                self.consumer.resume(&assignment)
+            };
+            if let Err(e) = result {
+                warn!(error = %e, "pause/resume failed");
+                return;
+            }
+            if *paused != want_pause {
+                debug!(paused = want_pause, in_flight, "flow control");
+            }
+            *paused = want_pause;
+            self.stats
+                .paused
+                .store(want_pause, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    async fn drain(&self, tasks: &mut JoinSet<Completion>) {
+        let deadline = tokio::time::sleep(self.settings.pipeline.drain_timeout);
+        tokio::pin!(deadline);
+        while !tasks.is_empty() {
+            tokio::select! {
+                _ = &mut deadline => {
+                    warn!(abandoned = tasks.len(), "drain deadline reached; abandoned records will be re-delivered");
+                    tasks.abort_all();
+                    while tasks.join_next().await.is_some() {}
+                    break;
+                }
+                Some(joined) = tasks.join_next() => {
+                    if let Err(e) = self.complete(joined) {
+                        error!(error = format!("{e:#}"), "error while draining");
+                    }
+                }
+            }
+        }
+    }
+
+    async fn finish(&self) {
+        let producer = self.enricher.producer.clone();
+        let flushed = tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(10)))
+            .await
+            .map_err(anyhow::Error::from)
+            .and_then(|r| r.map_err(anyhow::Error::from));
+        if let Err(e) = flushed {
+            warn!(error = %e, "producer flush incomplete");
+        }
+        let consumer = self.consumer.clone();
+        let committed =
+            tokio::task::spawn_blocking(move || consumer.commit_consumer_state(CommitMode::Sync))
+                .await
+                .unwrap_or(Err(KafkaError::Canceled));
+        match committed {
+            Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+            Err(e) => {
+                warn!(error = %e, "final commit failed; uncommitted records will be re-delivered")
+            }
+        }
+        self.consumer.unsubscribe();
+        self.log_progress(0);
+        info!("worker stopped");
+    }
+
+    fn log_progress(&self, in_flight: usize) {
+        let st = &self.stats;
+        info!(
+            consumed = Stats::get(&st.consumed),
+            enriched = Stats::get(&st.enriched),
+            dead_lettered = st.dead_lettered_total(),
+            retries = Stats::get(&st.retries),
+            in_flight,
+            "progress"
+        );
+    }
+}

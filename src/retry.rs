@@ -1,0 +1,288 @@
+//! Where retries happen: exponential backoff with jitter and caps (backon's
+//! schedule), an optional first delay, a limit on attempts and on elapsed
+//! time, `Retry-After` honoured, and shutdown that interrupts a wait.
+
+use std::future::Future;
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use chrono::{DateTime, Utc};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::classify::{ApiFailure, Verdict};
+use crate::detail::CallDetail;
+use crate::settings::RetrySettings;
+
+/// The retry schedule of one record.
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    pub initial_delay: Duration,
+    pub max_attempts: u32,
+    pub max_elapsed: Duration,
+    backoff: ExponentialBuilder,
+}
+
+impl RetryPolicy {
+    pub fn from_settings(r: &RetrySettings) -> Self {
+        let mut backoff = ExponentialBuilder::default()
+            .with_min_delay(r.min_delay)
+            .with_max_delay(r.max_delay)
+            .with_factor(r.factor)
+            .with_max_times(r.max_attempts.saturating_sub(1) as usize);
+        if r.jitter {
+            backoff = backoff.with_jitter();
+        }
+        RetryPolicy {
+            initial_delay: r.initial_delay,
+            max_attempts: r.max_attempts,
+            max_elapsed: r.max_elapsed,
+            backoff,
+        }
+    }
+}
+
+/// How many calls a record took and when.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Attempts {
+    pub count: u32,
+    pub first_at: DateTime<Utc>,
+    pub last_at: DateTime<Utc>,
+}
+
+/// How the retries of one record ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RetryOutcome {
+    Done(Box<CallDetail>, Attempts),
+    /// A verdict said dead-letter now.
+    Permanent(ApiFailure, Attempts),
+    /// Attempts or elapsed time ran out; the last failure is kept.
+    Exhausted(ApiFailure, Attempts),
+    /// Shutdown came first: nothing is published, the offset is not stored.
+    Abandoned,
+}
+
+/// Calls `attempt` until its verdict is final, the budget is spent or
+/// `shutdown` fires. `attempt` receives the 1-based attempt number.
+pub async fn run<F, Fut>(
+    policy: &RetryPolicy,
+    shutdown: &CancellationToken,
+    mut attempt: F,
+) -> RetryOutcome
+where
+    F: FnMut(u32) -> Fut,
+    Fut: Future<Output = Verdict>,
+{
+    let started = Instant::now();
+    if !policy.initial_delay.is_zero() && !pause(policy.initial_delay, shutdown).await {
+        return RetryOutcome::Abandoned;
+    }
+    let mut delays = policy.backoff.build();
+    let first_at = Utc::now();
+    let mut count = 0;
+    loop {
+        count += 1;
+        let verdict = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return RetryOutcome::Abandoned,
+            v = attempt(count) => v,
+        };
+        let attempts = Attempts {
+            count,
+            first_at,
+            last_at: Utc::now(),
+        };
+        let failure = match verdict {
+            Verdict::Publish(detail) => return RetryOutcome::Done(detail, attempts),
+            Verdict::DeadLetter(f) => return RetryOutcome::Permanent(f, attempts),
+            Verdict::Retry(f) => f,
+        };
+        let Some(mut delay) = delays.next() else {
+            return RetryOutcome::Exhausted(failure, attempts);
+        };
+        if let Some(after) = failure.retry_after {
+            delay = delay.max(after);
+        }
+        if started.elapsed() + delay > policy.max_elapsed {
+            return RetryOutcome::Exhausted(failure, attempts);
+        }
+        if !pause(delay, shutdown).await {
+            return RetryOutcome::Abandoned;
+        }
+    }
+}
+
+/// Sleeps unless shut down first; `false` means shutdown.
+async fn pause(delay: Duration, shutdown: &CancellationToken) -> bool {
+    tokio::select! {
+        biased;
+        _ = shutdown.cancelled() => false,
+        _ = tokio::time::sleep(delay) => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::classify::ApiFailure;
+    use std::sync::{Arc, Mutex};
+
+    fn settings() -> RetrySettings {
+        RetrySettings {
+            initial_delay: Duration::ZERO,
+            min_delay: Duration::from_secs(1),
+            max_delay: Duration::from_secs(8),
+            factor: 2.0,
+            max_attempts: 6,
+            max_elapsed: Duration::from_secs(3600),
+            jitter: false,
+            permanent_errcodes: vec![],
+        }
+    }
+
+    fn fail(reason: &str) -> Verdict {
+        Verdict::Retry(ApiFailure {
+            reason: reason.into(),
+            http_status: None,
+            errcode: Some(1),
+            errmsg: None,
+            retry_after: None,
+        })
+    }
+
+    fn detail() -> Box<CallDetail> {
+        Box::new(
+            CallDetail::from_data(&serde_json::json!({"session_id": "s"}))
+                .unwrap()
+                .unwrap(),
+        )
+    }
+
+    /// Runs `run` with a script of verdicts, recording when each attempt
+    /// happened (paused time: the instants are exact).
+    async fn scripted(policy: RetryPolicy, script: Vec<Verdict>) -> (RetryOutcome, Vec<Duration>) {
+        let start = Instant::now();
+        let at = Arc::new(Mutex::new(Vec::new()));
+        let script = Arc::new(Mutex::new(script.into_iter()));
+        let shutdown = CancellationToken::new();
+        let out = run(&policy, &shutdown, |_| {
+            at.lock().unwrap().push(start.elapsed());
+            let v = script
+                .lock()
+                .unwrap()
+                .next()
+                .unwrap_or_else(|| fail("again"));
+            async move { v }
+        })
+        .await;
+        let times = at.lock().unwrap().clone();
+        (out, times)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn backoff_doubles_up_to_the_cap() {
+        let (out, times) = scripted(RetryPolicy::from_settings(&settings()), vec![]).await;
+        let secs: Vec<u64> = times.iter().map(Duration::as_secs).collect();
+        // delays 1, 2, 4, 8, 8 -> attempts at 0, 1, 3, 7, 15, 23
+        assert_eq!(secs, vec![0, 1, 3, 7, 15, 23]);
+        match out {
+            RetryOutcome::Exhausted(f, a) => {
+                assert_eq!(a.count, 6);
+                assert_eq!(f.reason, "again");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn transient_failures_then_success() {
+        let (out, times) = scripted(
+            RetryPolicy::from_settings(&settings()),
+            vec![fail("a"), fail("b"), Verdict::Publish(detail())],
+        )
+        .await;
+        assert_eq!(times.len(), 3);
+        assert!(matches!(
+            out,
+            RetryOutcome::Done(_, Attempts { count: 3, .. })
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn initial_delay_and_jitter_stay_within_bounds() {
+        let mut s = settings();
+        s.initial_delay = Duration::from_secs(5);
+        s.jitter = true;
+        let (_, times) = scripted(RetryPolicy::from_settings(&s), vec![]).await;
+        assert_eq!(times[0], Duration::from_secs(5));
+        // With jitter each delay d becomes d + [0, d): between d and 2d.
+        let nominal = [1u64, 2, 4, 8, 8];
+        for (i, w) in times.windows(2).enumerate() {
+            let gap = w[1] - w[0];
+            let d = Duration::from_secs(nominal[i]);
+            assert!(gap >= d && gap <= 2 * d, "gap {i}: {gap:?}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn elapsed_budget_ends_retries_early() {
+        let mut s = settings();
+        s.max_elapsed = Duration::from_secs(5);
+        let (out, times) = scripted(RetryPolicy::from_settings(&s), vec![]).await;
+        // attempts at 0, 1, 3; the next (at 7) would pass 5s.
+        assert_eq!(times.len(), 3);
+        assert!(matches!(out, RetryOutcome::Exhausted(..)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_after_stretches_the_delay() {
+        let slow = Verdict::Retry(ApiFailure {
+            reason: "429".into(),
+            http_status: Some(429),
+            errcode: None,
+            errmsg: None,
+            retry_after: Some(Duration::from_secs(30)),
+        });
+        let (_, times) = scripted(
+            RetryPolicy::from_settings(&settings()),
+            vec![slow, Verdict::Publish(detail())],
+        )
+        .await;
+        assert_eq!(times[1], Duration::from_secs(30));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn permanent_verdict_stops_at_once() {
+        let perm = Verdict::DeadLetter(ApiFailure {
+            reason: "permanent errcode 4".into(),
+            http_status: Some(200),
+            errcode: Some(4),
+            errmsg: None,
+            retry_after: None,
+        });
+        let (out, times) = scripted(RetryPolicy::from_settings(&settings()), vec![perm]).await;
+        assert_eq!(times.len(), 1);
+        assert!(matches!(
+            out,
+            RetryOutcome::Permanent(_, Attempts { count: 1, .. })
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_interrupts_a_backoff_wait() {
+        let policy = RetryPolicy::from_settings(&settings());
+        let shutdown = CancellationToken::new();
+        let trigger = shutdown.clone();
+        let calls = Arc::new(Mutex::new(0));
+        let c = calls.clone();
+        let out = run(&policy, &shutdown, move |_| {
+            *c.lock().unwrap() += 1;
+            // Shut down while the first failure waits for its retry.
+            trigger.cancel();
+            async { fail("x") }
+        })
+        .await;
+        assert_eq!(out, RetryOutcome::Abandoned);
+        assert_eq!(*calls.lock().unwrap(), 1);
+    }
+}

@@ -1,0 +1,251 @@
+//! The Uincall OpenAPI client: one call-detail request, its answer captured
+//! as [`ApiAnswer`] for [`crate::classify`]. The access token rides in the
+//! query string, so no error produced here may print the URL.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use reqwest::header::RETRY_AFTER;
+use secrecy::{ExposeSecret, SecretString};
+use url::Url;
+
+use crate::classify::{ApiAnswer, TransportKind};
+use crate::settings::ApiSettings;
+
+/// Access tokens by tenant, shared by all in-flight calls.
+#[derive(Clone, Default)]
+pub struct TokenStore {
+    tokens: Arc<RwLock<HashMap<String, SecretString>>>,
+}
+
+impl std::fmt::Debug for TokenStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let tenants: Vec<String> = self.tokens.read().unwrap().keys().cloned().collect();
+        f.debug_struct("TokenStore")
+            .field("tenants", &tenants)
+            .finish()
+    }
+}
+
+impl TokenStore {
+    /// Tokens from the settings, then from `tokens_dir` (one file per tenant).
+    pub fn from_settings(api: &ApiSettings) -> anyhow::Result<Self> {
+        let mut tokens: HashMap<String, SecretString> = api
+            .tokens
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        if let Some(dir) = &api.tokens_dir {
+            tokens.extend(read_tokens_dir(dir)?);
+        }
+        Ok(TokenStore {
+            tokens: Arc::new(RwLock::new(tokens)),
+        })
+    }
+
+    pub fn get(&self, tenant: &str) -> Option<SecretString> {
+        self.tokens.read().unwrap().get(tenant).cloned()
+    }
+
+    pub fn insert(&self, tenant: &str, token: SecretString) {
+        self.tokens
+            .write()
+            .unwrap()
+            .insert(tenant.to_string(), token);
+    }
+
+    pub fn tenants(&self) -> usize {
+        self.tokens.read().unwrap().len()
+    }
+}
+
+/// Reads a mounted Secret: file name = tenant_id, content = token. Hidden
+/// files (Kubernetes' `..data` links) are skipped.
+fn read_tokens_dir(dir: &Path) -> anyhow::Result<Vec<(String, SecretString)>> {
+    let mut out = Vec::new();
+    let entries = std::fs::read_dir(dir)
+        .with_context(|| format!("reading api.tokens_dir {}", dir.display()))?;
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().to_string();
+        if name.starts_with('.') || !entry.path().is_file() {
+            continue;
+        }
+        let token = std::fs::read_to_string(entry.path())
+            .with_context(|| format!("reading token file for tenant {name}"))?;
+        let token = token.trim();
+        if !token.is_empty() {
+            out.push((name, SecretString::from(token.to_string())));
+        }
+    }
+    Ok(out)
+}
+
+/// Calls `GET {base}/openapi/call/v2/detail/{session_id}`.
+#[derive(Debug, Clone)]
+pub struct UincallClient {
+    http: reqwest::Client,
+    base: Url,
+}
+
+/// One answer and how long it took.
+#[derive(Debug, Clone)]
+pub struct Timed {
+    pub answer: ApiAnswer,
+    pub latency: Duration,
+}
+
+impl UincallClient {
+    pub fn new(api: &ApiSettings) -> anyhow::Result<Self> {
+        let http = reqwest::Client::builder()
+            .timeout(api.request_timeout)
+            .connect_timeout(api.connect_timeout)
+            .pool_max_idle_per_host(api.pool_max_idle_per_host)
+            .tcp_nodelay(true)
+            .user_agent(concat!("uincall-enricher/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .context("building the HTTP client")?;
+        Ok(UincallClient {
+            http,
+            base: api.base_url.clone(),
+        })
+    }
+
+    /// The request URL. Holds the token: never log or return it.
+    fn detail_url(
+        &self,
+        session_id: &str,
+        tenant_id: &str,
+        token: &SecretString,
+        call_type: Option<i64>,
+    ) -> Url {
+        let mut url = self.base.clone();
+        {
+            let mut segments = url
+                .path_segments_mut()
+                .expect("api.base_url is validated as http(s)");
+            segments.pop_if_empty();
+            segments.extend(["openapi", "call", "v2", "detail", session_id]);
+        }
+        {
+            let mut q = url.query_pairs_mut();
+            q.append_pair("tenant_id", tenant_id);
+            q.append_pair("access_token", token.expose_secret());
+            q.append_pair("ver", "1");
+            if let Some(ct) = call_type {
+                q.append_pair("call_type", &ct.to_string());
+            }
+        }
+        url
+    }
+
+    /// Fetches the call detail. Never fails: every outcome is an answer.
+    pub async fn fetch_detail(
+        &self,
+        session_id: &str,
+        tenant_id: &str,
+        token: &SecretString,
+        call_type: Option<i64>,
+    ) -> Timed {
+        let url = self.detail_url(session_id, tenant_id, token, call_type);
+        let started = Instant::now();
+        let answer = match self.http.get(url).send().await {
+            Ok(resp) => {
+                let status = resp.status().as_u16();
+                let retry_after = resp
+                    .headers()
+                    .get(RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .map(Duration::from_secs);
+                match resp.bytes().await {
+                    Ok(body) => ApiAnswer::Http {
+                        status,
+                        retry_after,
+                        body,
+                    },
+                    Err(e) => transport(e),
+                }
+            }
+            Err(e) => transport(e),
+        };
+        Timed {
+            answer,
+            latency: started.elapsed(),
+        }
+    }
+}
+
+/// A transport error without its URL, with the cause chain.
+fn transport(err: reqwest::Error) -> ApiAnswer {
+    let kind = if err.is_timeout() {
+        TransportKind::Timeout
+    } else if err.is_connect() {
+        TransportKind::Connect
+    } else {
+        TransportKind::Other
+    };
+    let err = err.without_url();
+    let mut message = err.to_string();
+    let mut source = std::error::Error::source(&err);
+    while let Some(s) = source {
+        message.push_str(": ");
+        message.push_str(&s.to_string());
+        source = s.source();
+    }
+    ApiAnswer::Transport { kind, message }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::settings::Settings;
+
+    fn client(base: &str) -> UincallClient {
+        let mut s = Settings::load_from(None, Vec::new()).unwrap();
+        s.api.base_url = Url::parse(base).unwrap();
+        UincallClient::new(&s.api).unwrap()
+    }
+
+    #[test]
+    fn url_carries_ver_tenant_token_and_escapes_the_session_id() {
+        let token = SecretString::from("tok");
+        let url = client("https://api.example/prefix/").detail_url("a/b c", "t-1", &token, Some(5));
+        assert_eq!(
+            url.as_str(),
+            "https://api.example/prefix/openapi/call/v2/detail/a%2Fb%20c?tenant_id=t-1&access_token=tok&ver=1&call_type=5"
+        );
+    }
+
+    #[tokio::test]
+    async fn connection_errors_never_show_the_token() {
+        // Port 9 on loopback: nothing listens there.
+        let token = SecretString::from("leakme0123456789");
+        let t = client("http://127.0.0.1:9")
+            .fetch_detail("s", "t", &token, None)
+            .await;
+        match t.answer {
+            ApiAnswer::Transport { kind, message } => {
+                assert_eq!(kind, TransportKind::Connect);
+                assert!(!message.contains("leakme"), "{message}");
+                assert!(!message.contains("access_token"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn tokens_dir_is_read_skipping_hidden_files() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("tenant-a"), "tok-a\n").unwrap();
+        std::fs::write(dir.path().join("..data"), "x").unwrap();
+        let mut s = Settings::load_from(None, Vec::new()).unwrap();
+        s.api.tokens_dir = Some(dir.path().to_path_buf());
+        let store = TokenStore::from_settings(&s.api).unwrap();
+        assert_eq!(store.get("tenant-a").unwrap().expose_secret(), "tok-a");
+        assert_eq!(store.tenants(), 1);
+    }
+}
