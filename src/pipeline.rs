@@ -36,6 +36,25 @@ use crate::uincall::{TokenStore, UincallClient};
 /// How often a progress line is logged while records flow.
 const PROGRESS_EVERY: Duration = Duration::from_secs(30);
 
+/// How long the window may stay full before the partitions are paused.
+const PAUSE_AFTER: Duration = Duration::from_secs(1);
+
+/// Flow-control state of the consume loop.
+#[derive(Debug, Default)]
+struct Flow {
+    paused: bool,
+    /// Since when the in-flight window has been full.
+    full_since: Option<tokio::time::Instant>,
+}
+
+/// Sleeps until `at`, or forever when there is no deadline.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Consumer callbacks: rebalances drop the revoked partitions' trackers,
 /// librdkafka's own logs go to `tracing`.
 pub struct WorkerContext {
@@ -234,7 +253,7 @@ impl Enricher {
                 );
                 let verdict = classify(&t.answer, &self.errcodes).redact(token.expose_secret());
                 if let Verdict::Retry(f) = &verdict {
-                    debug!(attempt, reason = %f.reason, "API call failed, will retry");
+                    debug!(attempt, reason = %f.reason, "API call failed");
                 }
                 verdict
             }
@@ -518,7 +537,8 @@ impl Worker {
         // Cancelled when draining starts: no new attempts, no backoff waits.
         let stop_work = CancellationToken::new();
         let mut tasks: JoinSet<Completion> = JoinSet::new();
-        let mut paused = false;
+        let mut flow = Flow::default();
+        let pause_after = PAUSE_AFTER.min(s.kafka.max_poll_interval / 2);
         let mut fatal: Option<anyhow::Error> = None;
         let mut progress = tokio::time::interval(PROGRESS_EVERY);
         progress.tick().await;
@@ -536,17 +556,27 @@ impl Worker {
                         break;
                     }
                 }
-                msg = self.consumer.recv() => match msg {
+                // While the window is full, records wait in librdkafka's
+                // queue; polling resumes when there is room or once paused.
+                msg = self.consumer.recv(), if flow.paused || tasks.len() < s.pipeline.max_in_flight => match msg {
                     Ok(m) => {
                         let rec = InRecord::from_message(&m);
                         drop(m);
                         self.spawn(&mut tasks, rec, &stop_work);
+                        if flow.paused {
+                            // Only a partition assigned while paused delivers
+                            // now: pause it as well.
+                            self.set_paused(true, tasks.len(), &mut flow);
+                        }
                     }
                     Err(e) => warn!(error = %e, "kafka consume error"),
                 },
+                _ = sleep_until_some(flow.full_since.map(|t| t + pause_after)), if !flow.paused => {
+                    self.set_paused(true, tasks.len(), &mut flow);
+                }
                 _ = progress.tick() => self.log_progress(tasks.len()),
             }
-            self.flow_control(tasks.len(), &mut paused);
+            self.flow_control(tasks.len(), &mut flow);
         }
         stop_work.cancel();
         self.drain(&mut tasks).await;
@@ -623,36 +653,49 @@ impl Worker {
         Ok(())
     }
 
-    /// Pauses the assigned partitions while the window is full and resumes
-    /// them when it has room again; polling goes on either way.
-    fn flow_control(&self, in_flight: usize, paused: &mut bool) {
+    /// Tracks how long the window has been full, and resumes paused
+    /// partitions once the window is half empty.
+    fn flow_control(&self, in_flight: usize, flow: &mut Flow) {
         self.stats
             .in_flight
             .store(in_flight as u64, std::sync::atomic::Ordering::Relaxed);
         let max = self.settings.pipeline.max_in_flight;
-        let want_pause = in_flight >= max;
-        // Newly assigned partitions start unpaused: pause again while full.
-        if want_pause || *paused != want_pause {
-            let Ok(assignment) = self.consumer.assignment() else {
-                return;
-            };
-            let result = if want_pause {
-                self.consumer.pause(&assignment)
-            } else {
-                self.consumer.resume(&assignment)
-            };
-            if let Err(e) = result {
-                warn!(error = %e, "pause/resume failed");
-                return;
-            }
-            if *paused != want_pause {
-                debug!(paused = want_pause, in_flight, "flow control");
-            }
-            *paused = want_pause;
-            self.stats
-                .paused
-                .store(want_pause, std::sync::atomic::Ordering::Relaxed);
+        if in_flight >= max {
+            flow.full_since
+                .get_or_insert_with(tokio::time::Instant::now);
+        } else {
+            flow.full_since = None;
         }
+        if flow.paused && in_flight <= max / 2 {
+            self.set_paused(false, in_flight, flow);
+        }
+    }
+
+    /// Pauses or resumes every assigned partition. Pausing lets the consume
+    /// loop go on polling (group membership, rebalances) without taking
+    /// records; librdkafka drops what it prefetched and fetches it again on
+    /// resume, which is why the loop first just stops taking records and
+    /// pauses only when the window stays full for `PAUSE_AFTER`.
+    fn set_paused(&self, pause: bool, in_flight: usize, flow: &mut Flow) {
+        let Ok(assignment) = self.consumer.assignment() else {
+            return;
+        };
+        let result = if pause {
+            self.consumer.pause(&assignment)
+        } else {
+            self.consumer.resume(&assignment)
+        };
+        if let Err(e) = result {
+            warn!(error = %e, "pause/resume failed");
+            return;
+        }
+        if flow.paused != pause {
+            debug!(paused = pause, in_flight, "flow control");
+        }
+        flow.paused = pause;
+        self.stats
+            .paused
+            .store(pause, std::sync::atomic::Ordering::Relaxed);
     }
 
     async fn drain(&self, tasks: &mut JoinSet<Completion>) {

@@ -48,34 +48,33 @@ pub struct TansuBroker {
     child: Child,
     port: u16,
     storage: String,
+    /// Working directory of the broker (its sqlite file lives there).
+    dir: tempfile::TempDir,
 }
 
 impl TansuBroker {
-    /// A broker with in-memory storage.
+    /// A broker with sqlite storage in a fresh temporary directory.
+    ///
+    /// sqlite rather than `memory://`: tansu 0.6.0's memory engine answers a
+    /// fetch from an offset inside a record batch with the *next* batch only
+    /// (the records after that offset in its own batch are skipped), and
+    /// reports the high watermark as one past the last batch's base offset.
+    /// A consumer resuming from a committed offset would lose records there;
+    /// the sqlite engine serves both correctly.
     pub fn start() -> anyhow::Result<Self> {
-        Self::start_with_storage("memory://tansu/".to_string(), free_port())
+        Self::start_with_storage("sqlite://tansu.db".to_string(), free_port())
     }
 
     /// A broker with the given storage URL (`memory://tansu/`,
-    /// `sqlite://FILE`) on the given port.
+    /// `sqlite://FILE` relative to the broker's own directory) on `port`.
     pub fn start_with_storage(storage: String, port: u16) -> anyhow::Result<Self> {
-        let bin = tansu_binary()?;
-        let url = format!("tcp://127.0.0.1:{port}");
-        let child = Command::new(&bin)
-            .arg("broker")
-            .args(["--storage-engine", &storage])
-            .args(["--listener-url", &url])
-            .args(["--advertised-listener-url", &url])
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
+        let dir = tempfile::Builder::new().prefix("tansu-").tempdir()?;
+        let child = spawn_tansu(&storage, port, dir.path())?;
         let mut broker = TansuBroker {
             child,
             port,
             storage,
+            dir,
         };
         broker.wait_ready(Duration::from_secs(60))?;
         Ok(broker)
@@ -115,15 +114,36 @@ impl TansuBroker {
         self.port
     }
 
-    /// Kills the broker and starts it again on the same port and storage.
+    /// The broker's process id (for resource measurements).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Kills the broker (SIGKILL) and starts it again on the same port and
+    /// storage.
     pub fn restart(&mut self) -> anyhow::Result<()> {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let again = Self::start_with_storage(self.storage.clone(), self.port)?;
-        let old = std::mem::replace(self, again);
-        std::mem::forget(old);
-        Ok(())
+        self.child = spawn_tansu(&self.storage, self.port, self.dir.path())?;
+        self.wait_ready(Duration::from_secs(60))
     }
+}
+
+fn spawn_tansu(storage: &str, port: u16, dir: &std::path::Path) -> anyhow::Result<Child> {
+    let bin = tansu_binary()?;
+    let url = format!("tcp://127.0.0.1:{port}");
+    Command::new(&bin)
+        .arg("broker")
+        .args(["--storage-engine", storage])
+        .args(["--listener-url", &url])
+        .args(["--advertised-listener-url", &url])
+        .current_dir(dir)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))
 }
 
 impl Drop for TansuBroker {

@@ -1,0 +1,300 @@
+//! Spawns the real neighbours (a tansu broker process, the fake Uincall API)
+//! and the worker, in-process or as the real binary, with typed handles.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use rdkafka::Message;
+use rdkafka::message::{Header, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::util::Timeout;
+use secrecy::SecretString;
+use serde_json::Value;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use uincall_enricher::fake_api::{ERRCODE_NOT_FOUND, FakeApi, FakeApiConfig};
+use uincall_enricher::pipeline::Worker;
+use uincall_enricher::settings::Settings;
+use uincall_enricher::stats::Stats;
+use uincall_enricher::testkit::{self, TansuBroker};
+
+/// Generous bound for records to appear; a test that hits it has failed.
+pub const WAIT: Duration = Duration::from_secs(90);
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// One test's world: its own broker, topics, group, tenant and fake API.
+pub struct TestEnv {
+    pub broker: TansuBroker,
+    pub api: FakeApi,
+    pub input: String,
+    pub output: String,
+    pub dlq: String,
+    pub group: String,
+    pub tenant: String,
+    pub token: String,
+    pub partitions: i32,
+}
+
+impl TestEnv {
+    pub async fn new(name: &str, partitions: i32, latency: Duration) -> TestEnv {
+        let broker = TansuBroker::start().expect("tansu broker");
+        let n = SEQ.fetch_add(1, Ordering::Relaxed);
+        let input = format!("{name}-{n}-in");
+        let output = format!("{name}-{n}-out");
+        let dlq = format!("{name}-{n}-dlq");
+        testkit::create_topics(
+            &broker.bootstrap(),
+            &[(&input, partitions), (&output, partitions), (&dlq, 1)],
+        )
+        .await
+        .expect("topics");
+        let tenant = format!("tenant-{name}-{n}");
+        let token = format!("tok{n:03}{:x}", std::process::id()).repeat(2);
+        let api = FakeApi::start(FakeApiConfig {
+            latency,
+            tokens: HashMap::from([(tenant.clone(), token.clone())]),
+        })
+        .await
+        .expect("fake api");
+        TestEnv {
+            broker,
+            api,
+            input,
+            output,
+            dlq,
+            group: format!("{name}-{n}-group"),
+            tenant,
+            token,
+            partitions,
+        }
+    }
+
+    pub fn bootstrap(&self) -> String {
+        self.broker.bootstrap()
+    }
+
+    /// Settings with quick retries, for this test's topics and group.
+    pub fn settings(&self) -> Settings {
+        let mut s = Settings::load_from(None, Vec::new()).unwrap();
+        s.kafka.brokers = self.bootstrap();
+        s.kafka.input_topic = self.input.clone();
+        s.kafka.output_topic = self.output.clone();
+        s.kafka.dead_letter_topic = self.dlq.clone();
+        s.kafka.group_id = self.group.clone();
+        s.kafka.session_timeout = Duration::from_secs(6);
+        s.kafka.max_poll_interval = Duration::from_secs(10);
+        s.kafka.commit_interval = Duration::from_millis(500);
+        s.api.base_url = self.api.base_url().parse().unwrap();
+        s.api
+            .tokens
+            .insert(self.tenant.clone(), SecretString::from(self.token.clone()));
+        s.retry.min_delay = Duration::from_millis(10);
+        s.retry.max_delay = Duration::from_millis(50);
+        s.retry.max_attempts = 5;
+        s.retry.permanent_errcodes = vec![ERRCODE_NOT_FOUND];
+        s.pipeline.drain_timeout = Duration::from_secs(5);
+        s.validate().unwrap();
+        s
+    }
+
+    /// The same settings as environment variables, for the real binary.
+    pub fn env_vars(&self) -> Vec<(String, String)> {
+        let s = self.settings();
+        vec![
+            ("UINCALL__KAFKA__BROKERS".into(), s.kafka.brokers),
+            ("UINCALL__KAFKA__INPUT_TOPIC".into(), s.kafka.input_topic),
+            ("UINCALL__KAFKA__OUTPUT_TOPIC".into(), s.kafka.output_topic),
+            (
+                "UINCALL__KAFKA__DEAD_LETTER_TOPIC".into(),
+                s.kafka.dead_letter_topic,
+            ),
+            ("UINCALL__KAFKA__GROUP_ID".into(), s.kafka.group_id),
+            ("UINCALL__KAFKA__SESSION_TIMEOUT".into(), "6s".into()),
+            ("UINCALL__KAFKA__MAX_POLL_INTERVAL".into(), "10s".into()),
+            ("UINCALL__KAFKA__COMMIT_INTERVAL".into(), "500ms".into()),
+            ("UINCALL__API__BASE_URL".into(), self.api.base_url()),
+            (
+                format!("UINCALL__API__TOKENS__{}", self.tenant),
+                self.token.clone(),
+            ),
+            ("UINCALL__RETRY__MIN_DELAY".into(), "10ms".into()),
+            ("UINCALL__RETRY__MAX_DELAY".into(), "50ms".into()),
+            ("UINCALL__RETRY__MAX_ATTEMPTS".into(), "5".into()),
+            (
+                "UINCALL__RETRY__PERMANENT_ERRCODES".into(),
+                ERRCODE_NOT_FOUND.to_string(),
+            ),
+            ("UINCALL__PIPELINE__DRAIN_TIMEOUT".into(), "5s".into()),
+        ]
+    }
+
+    /// A call-ended event for this test's tenant.
+    pub fn event(&self, session: &str) -> (Option<Vec<u8>>, Vec<u8>) {
+        let v = serde_json::json!({"session_id": session, "tenant_id": self.tenant, "ended_at": "2026-11-23T10:00:00+08:00"});
+        (
+            Some(session.as_bytes().to_vec()),
+            v.to_string().into_bytes(),
+        )
+    }
+
+    pub async fn seed(&self, sessions: &[String]) {
+        testkit::produce(
+            &self.bootstrap(),
+            &self.input,
+            sessions.iter().map(|s| self.event(s)),
+        )
+        .await
+        .expect("seeding events");
+    }
+
+    /// Produces raw payloads (key, value, headers) to the input topic.
+    pub async fn seed_raw(&self, records: &[(Option<&str>, &[u8], &[(&str, &str)])]) {
+        let producer: FutureProducer = testkit::client_config(&self.bootstrap()).create().unwrap();
+        for (key, value, headers) in records {
+            let mut hs = OwnedHeaders::new();
+            for (k, v) in *headers {
+                hs = hs.insert(Header {
+                    key: k,
+                    value: Some(*v),
+                });
+            }
+            let mut rec = FutureRecord::<str, [u8]>::to(&self.input)
+                .payload(value)
+                .headers(hs);
+            if let Some(k) = key {
+                rec = rec.key(k);
+            }
+            producer
+                .send(rec, Timeout::After(Duration::from_secs(30)))
+                .await
+                .map_err(|(e, _)| e)
+                .unwrap();
+        }
+    }
+
+    /// Starts the worker in this process.
+    pub async fn start_worker(&self, settings: Settings) -> RunningWorker {
+        let stats = Arc::new(Stats::default());
+        let worker = Worker::build(settings, stats.clone())
+            .await
+            .expect("worker builds");
+        let stop = CancellationToken::new();
+        let handle = tokio::spawn(worker.run_until_stopped(stop.clone()));
+        RunningWorker {
+            stop,
+            handle,
+            stats,
+        }
+    }
+
+    pub async fn read_output(&self, n: usize) -> Vec<OwnedMessage> {
+        testkit::read_topic(&self.bootstrap(), &self.output, n, WAIT)
+            .await
+            .unwrap()
+    }
+
+    pub async fn read_dlq(&self, n: usize) -> Vec<OwnedMessage> {
+        testkit::read_topic(&self.bootstrap(), &self.dlq, n, WAIT)
+            .await
+            .unwrap()
+    }
+
+    /// Whether a topic holds no record.
+    pub fn is_empty(&self, topic: &str) -> bool {
+        testkit::end_offsets(&self.bootstrap(), topic)
+            .unwrap()
+            .iter()
+            .all(|&o| o == 0)
+    }
+
+    /// The offsets this test's group has committed on the input topic.
+    pub fn committed(&self) -> Vec<Option<i64>> {
+        testkit::committed_offsets(&self.bootstrap(), &self.group, &self.input).unwrap()
+    }
+
+    /// Starts the real binary (`run`) with this test's settings; its stderr
+    /// goes to `log`.
+    pub fn spawn_binary(&self, log: &PathBuf, extra_env: &[(&str, &str)]) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        Command::new(env!("CARGO_BIN_EXE_uincall-enricher"))
+            .arg("run")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .envs(self.env_vars())
+            .envs(
+                extra_env
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string())),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("worker binary starts")
+    }
+}
+
+pub struct RunningWorker {
+    pub stop: CancellationToken,
+    pub handle: JoinHandle<anyhow::Result<()>>,
+    pub stats: Arc<Stats>,
+}
+
+impl RunningWorker {
+    /// Stops like SIGTERM does and returns the worker's result.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.stop.cancel();
+        self.handle.await.expect("worker task")
+    }
+}
+
+/// Sends SIGTERM to a child process.
+pub fn sigterm(child: &Child) {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success());
+}
+
+/// The enriched-record schema shipped in docs/, compiled once.
+fn schema() -> &'static jsonschema::Validator {
+    static SCHEMA: OnceLock<jsonschema::Validator> = OnceLock::new();
+    SCHEMA.get_or_init(|| {
+        let text = include_str!("../../docs/schema/enriched-record.v1.schema.json");
+        let v: Value = serde_json::from_str(text).unwrap();
+        jsonschema::validator_for(&v).expect("the schema compiles")
+    })
+}
+
+/// Parses an enriched record and checks it against the JSON Schema.
+pub fn enriched_json(m: &OwnedMessage) -> Value {
+    let v: Value = serde_json::from_slice(m.payload().expect("payload")).expect("JSON");
+    let errors: Vec<String> = schema()
+        .iter_errors(&v)
+        .map(|e| format!("{} at {}", e, e.instance_path()))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "record does not match the schema: {errors:?}\n{v:#}"
+    );
+    v
+}
+
+pub fn header(m: &OwnedMessage, name: &str) -> Option<String> {
+    testkit::header(m, name)
+}
+
+pub fn key(m: &OwnedMessage) -> String {
+    testkit::key(m).unwrap_or_default()
+}

@@ -1,0 +1,9 @@
+//! Integration tests: the real worker against a real Kafka-protocol broker
+//! (tansu, its own process) and an HTTP server speaking the Uincall API.
+//! Each test has its own broker, topics, group and API port.
+
+mod crash;
+mod delivery;
+mod helpers;
+mod retries;
+mod secrets;
