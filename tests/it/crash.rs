@@ -63,6 +63,10 @@ async fn sigkill_mid_stream_and_restart_loses_nothing() {
     }
     let missing: Vec<&String> = sessions.iter().filter(|s| !seen.contains_key(*s)).collect();
     assert!(missing.is_empty(), "lost: {missing:?}");
+    for m in &out {
+        let v = enriched_json(m);
+        assert_eq!(v["session_id"], key(m).as_str());
+    }
     for m in &dead {
         assert_eq!(
             header(m, dlq::ERROR_CLASS).as_deref(),
