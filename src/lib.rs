@@ -17,6 +17,7 @@
 //! - [`kafka`]: librdkafka client configuration.
 //! - [`stats`]: counters shared by the worker and the demo.
 //! - [`telemetry`]: logging set-up.
+//! - [`side_port`]: `/healthz`, `/readyz`, `/metrics`.
 //! - [`shutdown`]: SIGTERM/SIGINT to a cancellation token.
 //! - [`fake_api`]: a local fake of the Uincall API (demo, tests, benchmarks).
 //! - [`demo`]: the whole pipeline on embedded defaults.
@@ -36,6 +37,7 @@ pub mod record;
 pub mod retry;
 pub mod settings;
 pub mod shutdown;
+pub mod side_port;
 pub mod stats;
 pub mod telemetry;
 pub mod testkit;

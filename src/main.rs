@@ -3,11 +3,12 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
-use tracing::error;
+use tracing::{error, info};
 
 use uincall_enricher::settings::{LogFormat, LogSettings, Settings};
-use uincall_enricher::{demo, pipeline::Worker, shutdown, stats::Stats, telemetry};
+use uincall_enricher::{demo, pipeline::Worker, shutdown, side_port, stats::Stats, telemetry};
 
 /// Enriches Uincall call-ended events from Kafka with the full call record
 /// from the Uincall OpenAPI, at least once, with a dead-letter topic.
@@ -77,7 +78,13 @@ fn main() -> ExitCode {
             runtime.block_on(async {
                 let result = async {
                     let stop = shutdown::on_signals()?;
-                    let worker = Worker::build(settings, Arc::new(Stats::default())).await?;
+                    let stats = Arc::new(Stats::default());
+                    let listen = settings.http.listen;
+                    let addr = side_port::serve(listen, stats.clone(), stop.clone())
+                        .await
+                        .with_context(|| format!("binding http.listen {listen}"))?;
+                    info!(%addr, "side port serving /healthz /readyz /metrics");
+                    let worker = Worker::build(settings, stats).await?;
                     worker.run_until_stopped(stop).await
                 }
                 .await;

@@ -6,6 +6,7 @@
 //! until the shutdown token fires, then drains, flushes, commits and leaves
 //! the group.
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -59,6 +60,7 @@ async fn sleep_until_some(at: Option<tokio::time::Instant>) {
 /// librdkafka's own logs go to `tracing`.
 pub struct WorkerContext {
     trackers: Arc<Mutex<OffsetTracker>>,
+    stats: Arc<Stats>,
 }
 
 impl ClientContext for WorkerContext {
@@ -101,8 +103,14 @@ impl ConsumerContext for WorkerContext {
 
     fn post_rebalance(&self, _: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
-            Rebalance::Assign(tpl) => info!(partitions = ?partitions(tpl), "partitions assigned"),
-            Rebalance::Revoke(_) => {}
+            Rebalance::Assign(tpl) => {
+                let assigned = partitions(tpl);
+                info!(partitions = ?assigned, "partitions assigned");
+                self.stats
+                    .assigned_partitions
+                    .store(assigned.len() as u64, Ordering::Relaxed);
+            }
+            Rebalance::Revoke(_) => self.stats.assigned_partitions.store(0, Ordering::Relaxed),
             Rebalance::Error(e) => warn!(error = %e, "rebalance failed"),
         }
     }
@@ -460,6 +468,7 @@ impl Worker {
         let consumer: StreamConsumer<WorkerContext> = kafka::consumer_config(k)
             .create_with_context(WorkerContext {
                 trackers: trackers.clone(),
+                stats: stats.clone(),
             })
             .context("creating the Kafka consumer")?;
         let consumer = Arc::new(consumer);
@@ -542,6 +551,9 @@ impl Worker {
         let mut fatal: Option<anyhow::Error> = None;
         let mut progress = tokio::time::interval(PROGRESS_EVERY);
         progress.tick().await;
+        // Wakes the loop at least once a second, so liveness reflects a
+        // loop that runs, not one that happens to have records.
+        let mut heartbeat = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
                 biased;
@@ -575,7 +587,9 @@ impl Worker {
                     self.set_paused(true, tasks.len(), &mut flow);
                 }
                 _ = progress.tick() => self.log_progress(tasks.len()),
+                _ = heartbeat.tick() => {}
             }
+            self.stats.beat();
             self.flow_control(tasks.len(), &mut flow);
         }
         stop_work.cancel();

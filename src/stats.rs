@@ -16,6 +16,10 @@ pub struct Stats {
     pub paused: AtomicBool,
     /// Offsets stored for commit (completed prefixes advanced).
     pub offsets_stored: AtomicU64,
+    /// Partitions of the input topic assigned to this worker.
+    pub assigned_partitions: AtomicU64,
+    /// When the consume loop last ran, ms since the Unix epoch (0: never).
+    pub loop_beat_ms: AtomicU64,
     dead_lettered: [AtomicU64; 4],
 }
 
@@ -39,6 +43,21 @@ impl Stats {
         ErrorClass::ALL.iter().map(|c| self.dead_lettered(*c)).sum()
     }
 
+    /// Records that the consume loop ran just now.
+    pub fn beat(&self) {
+        self.loop_beat_ms.store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// How long ago the consume loop last ran; `None` before it started.
+    pub fn since_beat(&self) -> Option<std::time::Duration> {
+        match self.loop_beat_ms.load(Ordering::Relaxed) {
+            0 => None,
+            at => Some(std::time::Duration::from_millis(
+                now_ms().saturating_sub(at),
+            )),
+        }
+    }
+
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
     }
@@ -46,4 +65,11 @@ impl Stats {
     pub fn inc(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
     }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }

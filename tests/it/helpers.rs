@@ -131,6 +131,7 @@ impl TestEnv {
                 ERRCODE_NOT_FOUND.to_string(),
             ),
             ("UINCALL__PIPELINE__DRAIN_TIMEOUT".into(), "5s".into()),
+            ("UINCALL__HTTP__LISTEN".into(), "127.0.0.1:0".into()),
         ]
     }
 

@@ -7,3 +7,4 @@ mod delivery;
 mod helpers;
 mod retries;
 mod secrets;
+mod side_port;
