@@ -45,6 +45,11 @@ fn cpu_seconds(pid: &str) -> f64 {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // `cargo bench` passes --bench; `cargo test --all-targets` does not.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("throughput: a benchmark, run it with `cargo bench --bench throughput`");
+        return Ok(());
+    }
     if let Ok(level) = std::env::var("BENCH_LOG") {
         uincall_enricher::telemetry::init(&uincall_enricher::settings::LogSettings {
             format: uincall_enricher::settings::LogFormat::Text,

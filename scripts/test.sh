@@ -20,4 +20,4 @@ bash scripts/install-tansu.sh
 
 cargo fmt --all -- --check
 cargo build --locked --all-targets
-cargo test --locked --all-targets -- --test-threads "${TEST_THREADS:-2}"
+cargo test --locked --lib --bins --tests -- --test-threads "${TEST_THREADS:-2}"
