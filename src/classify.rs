@@ -42,7 +42,8 @@ pub struct ApiFailure {
 }
 
 impl ApiFailure {
-    fn new(reason: impl Into<String>) -> Self {
+    /// A failure known only by its reason.
+    pub fn new(reason: impl Into<String>) -> Self {
         ApiFailure {
             reason: reason.into(),
             http_status: None,

@@ -23,7 +23,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
-use crate::classify::{ErrcodePolicy, Verdict, classify};
+use crate::classify::{ApiFailure, ErrcodePolicy, Verdict, classify};
 use crate::dead_letter::{DeadLetter, ErrorClass, header as dlq};
 use crate::event::{InvalidEvent, parse_event};
 use crate::kafka;
@@ -255,10 +255,7 @@ impl Enricher {
                     .client
                     .fetch_detail(&event.session_id, &event.tenant_id, token, event.call_type)
                     .await;
-                latency_us.store(
-                    t.latency.as_micros() as u64,
-                    std::sync::atomic::Ordering::Relaxed,
-                );
+                latency_us.store(t.latency.as_micros() as u64, Ordering::Relaxed);
                 let verdict = classify(&t.answer, &self.errcodes).redact(token.expose_secret());
                 if let Verdict::Retry(f) = &verdict {
                     debug!(attempt, reason = %f.reason, "API call failed");
@@ -267,27 +264,26 @@ impl Enricher {
             }
         })
         .await;
-        let failed =
-            |class: ErrorClass, f: crate::classify::ApiFailure, a: retry::Attempts| DeadLetter {
-                class,
-                reason: f.reason,
-                errcode: f.errcode,
-                errmsg: f.errmsg,
-                http_status: f.http_status,
-                attempts: a.count,
-                first_attempt_at: Some(a.first_at),
-                last_attempt_at: Some(a.last_at),
-                tenant_id: Some(event.tenant_id.clone()),
-                session_id: Some(event.session_id.clone()),
-            };
+        let failed = |class: ErrorClass, f: ApiFailure, a: &retry::Attempts| DeadLetter {
+            class,
+            reason: f.reason,
+            errcode: f.errcode,
+            errmsg: f.errmsg,
+            http_status: f.http_status,
+            attempts: a.count,
+            first_attempt_at: Some(a.first_at),
+            last_attempt_at: Some(a.last_at),
+            tenant_id: Some(event.tenant_id.clone()),
+            session_id: Some(event.session_id.clone()),
+        };
         match outcome {
             RetryOutcome::Abandoned => Ok(Disposition::Abandoned),
             RetryOutcome::Permanent(f, a) => {
-                self.dead_letter(&rec, failed(ErrorClass::PermanentError, f, a), &stop)
+                self.dead_letter(&rec, failed(ErrorClass::PermanentError, f, &a), &stop)
                     .await
             }
             RetryOutcome::Exhausted(f, a) => {
-                self.dead_letter(&rec, failed(ErrorClass::RetriesExhausted, f, a), &stop)
+                self.dead_letter(&rec, failed(ErrorClass::RetriesExhausted, f, &a), &stop)
                     .await
             }
             RetryOutcome::Done(call, attempts) => {
@@ -299,9 +295,7 @@ impl Enricher {
                     satisfaction_labels: &s.labels.satisfaction,
                     fetched_at: attempts.last_at,
                     attempts: attempts.count,
-                    api_latency: Duration::from_micros(
-                        latency_us.load(std::sync::atomic::Ordering::Relaxed),
-                    ),
+                    api_latency: Duration::from_micros(latency_us.load(Ordering::Relaxed)),
                     source: &rec.source,
                 });
                 let headers = OwnedHeaders::new()
@@ -335,18 +329,11 @@ impl Enricher {
                     Err(ProduceError::Abandoned) => Ok(Disposition::Abandoned),
                     Err(ProduceError::Fatal(e)) => Err(e).context("publishing an enriched record"),
                     Err(e @ ProduceError::Rejected(_)) => {
-                        let dl = DeadLetter {
-                            class: ErrorClass::PublishFailed,
-                            reason: e.to_string(),
-                            errcode: None,
-                            errmsg: None,
-                            http_status: None,
-                            attempts: attempts.count,
-                            first_attempt_at: Some(attempts.first_at),
-                            last_attempt_at: Some(attempts.last_at),
-                            tenant_id: Some(event.tenant_id.clone()),
-                            session_id: Some(event.session_id.clone()),
-                        };
+                        let dl = failed(
+                            ErrorClass::PublishFailed,
+                            ApiFailure::new(e.to_string()),
+                            &attempts,
+                        );
                         self.dead_letter(&rec, dl, &stop).await
                     }
                 }
@@ -632,7 +619,7 @@ impl Worker {
         );
         self.stats
             .in_flight
-            .store(tasks.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            .store(tasks.len() as u64, Ordering::Relaxed);
     }
 
     /// Marks a record done and stores the partition's new safe offset.
@@ -672,7 +659,7 @@ impl Worker {
     fn flow_control(&self, in_flight: usize, flow: &mut Flow) {
         self.stats
             .in_flight
-            .store(in_flight as u64, std::sync::atomic::Ordering::Relaxed);
+            .store(in_flight as u64, Ordering::Relaxed);
         let max = self.settings.pipeline.max_in_flight;
         if in_flight >= max {
             flow.full_since
@@ -707,9 +694,7 @@ impl Worker {
             debug!(paused = pause, in_flight, "flow control");
         }
         flow.paused = pause;
-        self.stats
-            .paused
-            .store(pause, std::sync::atomic::Ordering::Relaxed);
+        self.stats.paused.store(pause, Ordering::Relaxed);
     }
 
     async fn drain(&self, tasks: &mut JoinSet<Completion>) {

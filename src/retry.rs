@@ -63,7 +63,7 @@ pub enum RetryOutcome {
 }
 
 /// Calls `attempt` until its verdict is final, the budget is spent or
-/// `shutdown` fires. `attempt` receives the 1-based attempt number.
+/// `shutdown` fires (which ends a backoff wait at once). `attempt` receives the 1-based attempt number.
 pub async fn run<F, Fut>(
     policy: &RetryPolicy,
     shutdown: &CancellationToken,
@@ -81,12 +81,14 @@ where
     let first_at = Utc::now();
     let mut count = 0;
     loop {
+        // A call under way when shutdown starts is let finish (it is bounded
+        // by the request timeout, shorter than the drain deadline); no new
+        // call starts after it.
+        if shutdown.is_cancelled() {
+            return RetryOutcome::Abandoned;
+        }
         count += 1;
-        let verdict = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => return RetryOutcome::Abandoned,
-            v = attempt(count) => v,
-        };
+        let verdict = attempt(count).await;
         let attempts = Attempts {
             count,
             first_at,
@@ -284,5 +286,18 @@ mod tests {
         .await;
         assert_eq!(out, RetryOutcome::Abandoned);
         assert_eq!(*calls.lock().unwrap(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_under_way_at_shutdown_is_finished_and_published() {
+        let policy = RetryPolicy::from_settings(&settings());
+        let shutdown = CancellationToken::new();
+        let trigger = shutdown.clone();
+        let out = run(&policy, &shutdown, move |_| {
+            trigger.cancel();
+            async { Verdict::Publish(detail()) }
+        })
+        .await;
+        assert!(matches!(out, RetryOutcome::Done(..)));
     }
 }
