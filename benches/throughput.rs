@@ -25,6 +25,16 @@ fn arg(name: &str, default: &str) -> String {
         .unwrap_or_else(|| default.to_string())
 }
 
+/// Peak resident memory of this process in MiB (VmHWM).
+fn peak_rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
 /// User + system CPU seconds of a process (`self` or a pid).
 fn cpu_seconds(pid: &str) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -99,6 +109,9 @@ async fn main() -> anyhow::Result<()> {
     s.api.base_url = api.base_url().parse()?;
     s.api.tokens.insert("t".into(), SecretString::from("tok"));
     s.pipeline.max_in_flight = window;
+    if let Ok(pool) = std::env::var("BENCH_POOL") {
+        s.api.pool_max_idle_per_host = Some(pool.parse()?);
+    }
     if let Ok(props) = std::env::var("BENCH_KAFKA_PROPS") {
         for kv in props.split(',').filter(|p| !p.is_empty()) {
             let (k, v) = kv.split_once('=').expect("key=value");
@@ -148,7 +161,7 @@ async fn main() -> anyhow::Result<()> {
     let rate = (Stats::get(&stats.enriched) - n0) as f64 / secs;
     println!(
         "storage={storage} events={events} latency_ms={} window={window}: {:.0} enriched records/s over {:.1}s; \
-         theoretical W/L = {:.0}/s; process CPU {:.2}s ({:.2} ms per record, fake API and test harness included); broker CPU {:.2}s",
+         theoretical W/L = {:.0}/s; process CPU {:.2}s ({:.2} ms per record, fake API and test harness included); broker CPU {:.2}s; peak RSS {:.0} MiB",
         latency.as_millis(),
         rate,
         secs,
@@ -160,6 +173,7 @@ async fn main() -> anyhow::Result<()> {
         cpu,
         cpu * 1000.0 / events as f64,
         broker_cpu,
+        peak_rss_mib(),
     );
     Ok(())
 }

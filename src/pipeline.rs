@@ -469,7 +469,7 @@ impl Worker {
             );
         }
         let enricher = Arc::new(Enricher {
-            client: UincallClient::new(&settings.api)?,
+            client: UincallClient::new(&settings.api, settings.pipeline.max_in_flight)?,
             tokens,
             errcodes: ErrcodePolicy {
                 permanent: settings.retry.permanent_errcodes.iter().copied().collect(),

@@ -99,11 +99,13 @@ pub struct Timed {
 }
 
 impl UincallClient {
-    pub fn new(api: &ApiSettings) -> anyhow::Result<Self> {
+    /// `default_pool` is the keep-alive pool size when
+    /// `api.pool_max_idle_per_host` is unset (the in-flight window).
+    pub fn new(api: &ApiSettings, default_pool: usize) -> anyhow::Result<Self> {
         let http = reqwest::Client::builder()
             .timeout(api.request_timeout)
             .connect_timeout(api.connect_timeout)
-            .pool_max_idle_per_host(api.pool_max_idle_per_host)
+            .pool_max_idle_per_host(api.pool_max_idle_per_host.unwrap_or(default_pool))
             .tcp_nodelay(true)
             .user_agent(concat!("uincall-enricher/", env!("CARGO_PKG_VERSION")))
             .build()
@@ -207,7 +209,7 @@ mod tests {
     fn client(base: &str) -> UincallClient {
         let mut s = Settings::load_from(None, Vec::new()).unwrap();
         s.api.base_url = Url::parse(base).unwrap();
-        UincallClient::new(&s.api).unwrap()
+        UincallClient::new(&s.api, 8).unwrap()
     }
 
     #[test]
