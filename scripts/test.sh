@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh machine: installs what is missing (the
-# tansu broker, cargo-nextest if absent), then runs unit and integration
-# tests. Integration tests start their own tansu processes on loopback.
+# tansu broker, the Python packages of the deploy checks), then runs unit and
+# integration tests (which start their own tansu processes on loopback) and
+# the checks of the Helm chart and kustomize manifests (tests/deploy).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -18,6 +19,11 @@ fi
 
 bash scripts/install-tansu.sh
 
+# Deployment checks: Helm's SDK (no helm binary), Kubernetes schemas, pytest.
+command -v kubectl >/dev/null || { echo "kubectl (with kustomize) is required for the deploy/ checks"; exit 1; }
+python3 -m pip install --quiet --disable-pip-version-check -r tests/deploy/requirements.txt
+
 cargo fmt --all -- --check
 cargo build --locked --all-targets
 cargo test --locked --lib --bins --tests -- --test-threads "${TEST_THREADS:-2}"
+UINCALL_BIN="$PWD/target/debug/uincall-enricher" python3 -m pytest -q tests/deploy

@@ -55,6 +55,14 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
+    let code = execute(cli, &runtime);
+    // A blocking metadata request may still wait for an unreachable broker
+    // when a signal ends start-up; do not wait for it.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    code
+}
+
+fn execute(cli: Cli, runtime: &tokio::runtime::Runtime) -> ExitCode {
     match cli.command {
         Command::CheckConfig => match Settings::load(cli.config.as_deref()) {
             Ok(s) => {
@@ -84,7 +92,12 @@ fn main() -> ExitCode {
                         .await
                         .with_context(|| format!("binding http.listen {listen}"))?;
                     info!(%addr, "side port serving /healthz /readyz /metrics");
-                    let worker = Worker::build(settings, stats).await?;
+                    // A signal during start-up (broker not reachable yet) ends
+                    // the process at once: nothing was consumed.
+                    let worker = tokio::select! {
+                        w = Worker::build(settings, stats) => w?,
+                        _ = stop.cancelled() => return Ok(()),
+                    };
                     worker.run_until_stopped(stop).await
                 }
                 .await;

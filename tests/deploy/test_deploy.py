@@ -1,0 +1,216 @@
+"""The Helm chart and the kustomize manifests: Helm's own lint, rendering,
+Kubernetes schema validation, and agreement with the real binary (settings
+accepted, probe paths served, SIGTERM handled within the grace period)."""
+
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import tomllib
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import helm_python as helm
+import kubernetes_validate
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "helm" / "uincall-enricher"
+OVERLAYS = sorted(p.name for p in (ROOT / "deploy" / "overlays").iterdir())
+BINARY = os.environ.get("UINCALL_BIN", str(ROOT / "target" / "debug" / "uincall-enricher"))
+KUBE_VERSION = "1.34.0"
+# Custom resources have no schema in Kubernetes' own set.
+CRD_KINDS = {"ServiceMonitor", "PrometheusRule", "ScaledObject"}
+
+ALL_FEATURES = {
+    "tokens": {"acf528a2-d0e2-4a7b-8513-000000000000": "example-not-a-token"},
+    "serviceMonitor": {"enabled": True},
+    "prometheusRule": {"enabled": True},
+    "keda": {"enabled": True},
+    "podAnnotations": {"example.com/team": "contact-centre"},
+}
+HPA = {"hpa": {"enabled": True}, "existingSecret": "tokens-from-vault"}
+VALUE_SETS = {"defaults": {}, "all-features": ALL_FEATURES, "hpa-existing-secret": HPA}
+
+
+def chart_docs(values):
+    rendered = helm.Chart.load(CHART).render(values, name="enricher", namespace="uincall")
+    docs = []
+    for path, text in rendered.items():
+        if path.endswith(".yaml"):
+            docs += [d for d in yaml.safe_load_all(text) if d]
+    return docs
+
+
+def kustomize_docs(overlay):
+    out = subprocess.run(
+        ["kubectl", "kustomize", str(ROOT / "deploy" / "overlays" / overlay)],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def all_renderings():
+    for name, values in VALUE_SETS.items():
+        yield f"chart:{name}", chart_docs(values)
+    for overlay in OVERLAYS:
+        yield f"kustomize:{overlay}", kustomize_docs(overlay)
+
+
+RENDERINGS = dict(all_renderings())
+
+
+def one(docs, kind):
+    found = [d for d in docs if d["kind"] == kind]
+    assert len(found) == 1, f"expected one {kind}, found {len(found)}"
+    return found[0]
+
+
+def settings_text(docs):
+    return one(docs, "ConfigMap")["data"]["settings.toml"]
+
+
+@pytest.mark.parametrize("values", VALUE_SETS.values(), ids=VALUE_SETS.keys())
+def test_chart_passes_helm_lint(values):
+    report = helm.lint(CHART, values, strict=True, kube_version=f"v{KUBE_VERSION}")
+    errors = [m for m in report["messages"] if m["severity"] >= 2] + report["errors"]
+    assert not errors, report
+
+
+def test_values_schema_rejects_tokens_in_settings():
+    chart = helm.Chart.load(CHART)
+    with pytest.raises(Exception):
+        chart.validate_schema({"settings": {"kafka": {"brokers": "b:9092"}, "api": {"tokens": {"t": "x"}}}})
+    with pytest.raises(Exception):
+        chart.validate_schema({"replicaCount": "three"})
+
+
+def test_optional_features_render_their_resources():
+    kinds = {d["kind"] for d in RENDERINGS["chart:all-features"]}
+    assert {"ServiceMonitor", "PrometheusRule", "ScaledObject", "Secret"} <= kinds
+    assert "HorizontalPodAutoscaler" not in kinds
+    hpa = RENDERINGS["chart:hpa-existing-secret"]
+    assert "HorizontalPodAutoscaler" in {d["kind"] for d in hpa}
+    assert "Secret" not in {d["kind"] for d in hpa}
+    volumes = one(hpa, "Deployment")["spec"]["template"]["spec"]["volumes"]
+    assert {"name": "tokens", "secret": {"secretName": "tokens-from-vault"}} in volumes
+
+
+def test_config_change_rolls_the_pods():
+    def checksum(values):
+        dep = one(chart_docs(values), "Deployment")
+        return dep["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+    assert checksum({}) != checksum({"settings": {"kafka": {"brokers": "other:9092"}}})
+
+
+def test_standard_labels_on_every_chart_resource():
+    for doc in RENDERINGS["chart:all-features"]:
+        labels = doc["metadata"]["labels"]
+        for key in ("app.kubernetes.io/name", "app.kubernetes.io/instance",
+                    "app.kubernetes.io/version", "app.kubernetes.io/managed-by"):
+            assert key in labels, (doc["kind"], key)
+
+
+@pytest.mark.parametrize("name", RENDERINGS.keys())
+def test_manifests_validate_against_kubernetes_schemas(name):
+    for doc in RENDERINGS[name]:
+        if doc["kind"] in CRD_KINDS:
+            assert doc["apiVersion"] and doc["metadata"]["name"] and doc["spec"], doc
+            continue
+        kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("name", RENDERINGS.keys())
+def test_pod_security_and_resources(name):
+    pod = one(RENDERINGS[name], "Deployment")["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    (container,) = pod["containers"]
+    sc = container["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
+
+
+def write_settings(docs, directory):
+    path = Path(directory) / "settings.toml"
+    path.write_text(settings_text(docs))
+    return path
+
+
+@pytest.mark.parametrize("name", RENDERINGS.keys())
+def test_rendered_settings_are_accepted_by_the_binary(name):
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_settings(RENDERINGS[name], tmp)
+        # The tokens directory is the Secret's mount point in the pod.
+        env = {**os.environ, "UINCALL__API__TOKENS_DIR": tmp}
+        result = subprocess.run([BINARY, "--config", str(path), "check-config"],
+                                capture_output=True, text=True, env=env)
+        assert result.returncode == 0, result.stderr
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_status(url):
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return resp.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except OSError:
+        return None
+
+
+@pytest.mark.parametrize("name", RENDERINGS.keys())
+def test_probes_ports_and_signal_handling_match_the_binary(name):
+    docs = RENDERINGS[name]
+    settings = tomllib.loads(settings_text(docs))
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    port = {p["name"]: p["containerPort"] for p in container["ports"]}["metrics"]
+    assert settings["http"]["listen"].endswith(f":{port}"), "container port is the side port"
+    assert container["livenessProbe"]["httpGet"]["port"] == "metrics"
+    assert container["readinessProbe"]["httpGet"]["port"] == "metrics"
+    drain = float(settings["pipeline"]["drain_timeout"].rstrip("s"))
+    grace = pod["terminationGracePeriodSeconds"]
+    assert grace > drain + 10, "grace period covers drain and flush"
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert mounts["tokens"] == settings["api"]["tokens_dir"]
+    assert container["args"][-1] == f"{mounts['config']}/settings.toml"
+    assert "secret" in volumes["tokens"] and "configMap" in volumes["config"]
+
+    # The binary serves the probe paths: liveness answers 200 while it waits
+    # for a broker, readiness answers 503 (exists, not ready), and SIGTERM
+    # ends it with exit 0 well inside the grace period.
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_settings(docs, tmp)
+        local = free_port()
+        env = {**os.environ, "UINCALL__API__TOKENS_DIR": tmp,
+               "UINCALL__KAFKA__BROKERS": "127.0.0.1:1",
+               "UINCALL__HTTP__LISTEN": f"127.0.0.1:{local}"}
+        proc = subprocess.Popen([BINARY, *container["args"][:-1], str(path)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            live = f"http://127.0.0.1:{local}{container['livenessProbe']['httpGet']['path']}"
+            ready = f"http://127.0.0.1:{local}{container['readinessProbe']['httpGet']['path']}"
+            deadline = time.monotonic() + 30
+            while http_status(live) is None:
+                assert proc.poll() is None, "the binary exited"
+                assert time.monotonic() < deadline, "side port never answered"
+                time.sleep(0.05)  # poll interval while the port opens
+            assert http_status(live) == 200
+            assert http_status(ready) == 503
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=grace) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
