@@ -24,6 +24,7 @@ command -v kubectl >/dev/null || { echo "kubectl (with kustomize) is required fo
 python3 -m pip install --quiet --disable-pip-version-check -r tests/deploy/requirements.txt
 
 cargo fmt --all -- --check
+cargo clippy --locked --all-targets -- -D warnings
 cargo build --locked --all-targets
 cargo test --locked --lib --bins --tests -- --test-threads "${TEST_THREADS:-2}"
 UINCALL_BIN="$PWD/target/debug/uincall-enricher" python3 -m pytest -q tests/deploy

@@ -341,13 +341,13 @@ impl Settings {
                 "must be more than 0s and at most api.request_timeout",
             ));
         }
-        if let Some(dir) = &a.tokens_dir {
-            if !dir.is_dir() {
-                return Err(invalid(
-                    "api.tokens_dir",
-                    format!("{} is not a directory", dir.display()),
-                ));
-            }
+        if let Some(dir) = &a.tokens_dir
+            && !dir.is_dir()
+        {
+            return Err(invalid(
+                "api.tokens_dir",
+                format!("{} is not a directory", dir.display()),
+            ));
         }
         for (key, value) in [
             ("event.session_id_field", &self.event.session_id_field),

@@ -155,7 +155,7 @@ impl TestEnv {
     }
 
     /// Produces raw payloads (key, value, headers) to the input topic.
-    pub async fn seed_raw(&self, records: &[(Option<&str>, &[u8], &[(&str, &str)])]) {
+    pub async fn seed_raw(&self, records: &[RawRecord<'_>]) {
         let producer: FutureProducer = testkit::client_config(&self.bootstrap()).create().unwrap();
         for (key, value, headers) in records {
             let mut hs = OwnedHeaders::new();
@@ -244,6 +244,9 @@ impl TestEnv {
             .expect("worker binary starts")
     }
 }
+
+/// An input record as (key, value, headers).
+pub type RawRecord<'a> = (Option<&'a str>, &'a [u8], &'a [(&'a str, &'a str)]);
 
 pub struct RunningWorker {
     pub stop: CancellationToken,

@@ -10,10 +10,10 @@ async fn until_status(url: &str, want: u16) -> String {
     let mut tick = tokio::time::interval(Duration::from_millis(50));
     loop {
         tick.tick().await;
-        if let Ok(resp) = reqwest::get(url).await {
-            if resp.status().as_u16() == want {
-                return resp.text().await.unwrap();
-            }
+        if let Ok(resp) = reqwest::get(url).await
+            && resp.status().as_u16() == want
+        {
+            return resp.text().await.unwrap();
         }
         assert!(started.elapsed() < WAIT, "{url} never answered {want}");
     }
