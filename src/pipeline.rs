@@ -617,9 +617,6 @@ impl Worker {
             }
             .instrument(span),
         );
-        self.stats
-            .in_flight
-            .store(tasks.len() as u64, Ordering::Relaxed);
     }
 
     /// Marks a record done and stores the partition's new safe offset.

@@ -63,7 +63,8 @@ pub enum RetryOutcome {
 }
 
 /// Calls `attempt` until its verdict is final, the budget is spent or
-/// `shutdown` fires (which ends a backoff wait at once). `attempt` receives the 1-based attempt number.
+/// `shutdown` fires (which ends a backoff wait at once). `attempt` receives
+/// the 1-based attempt number.
 pub async fn run<F, Fut>(
     policy: &RetryPolicy,
     shutdown: &CancellationToken,
