@@ -129,16 +129,16 @@ async fn main() -> anyhow::Result<()> {
     let limit = Instant::now() + Duration::from_secs(600);
     loop {
         tick.tick().await;
-        let done = Stats::get(&stats.enriched);
+        let done = stats.enriched();
         if std::env::var_os("BENCH_TRACE").is_some() {
             eprintln!(
                 "{:.2}s consumed={} enriched={} api_calls={} in_flight={} paused={}",
                 started.elapsed().as_secs_f64(),
-                Stats::get(&stats.consumed),
+                stats.consumed(),
                 done,
-                Stats::get(&stats.api_calls),
-                Stats::get(&stats.in_flight),
-                stats.paused.load(std::sync::atomic::Ordering::Relaxed)
+                stats.api_calls(),
+                stats.in_flight(),
+                stats.is_paused()
             );
         }
         if first.is_none() && done > 0 {
@@ -155,7 +155,7 @@ async fn main() -> anyhow::Result<()> {
     run.await??;
     let (t0, n0) = first.expect("records were enriched");
     let secs = (end - t0).as_secs_f64();
-    let rate = (Stats::get(&stats.enriched) - n0) as f64 / secs;
+    let rate = (stats.enriched() - n0) as f64 / secs;
     println!(
         "storage=sqlite events={events} latency_ms={} window={window}: {:.0} enriched records/s over {:.1}s; \
          theoretical W/L = {:.0}/s; process CPU {:.2}s ({:.2} ms per record, fake API and test harness included); broker CPU {:.2}s; peak RSS {:.0} MiB",

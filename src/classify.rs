@@ -24,6 +24,17 @@ pub enum ApiAnswer {
     },
 }
 
+impl ApiAnswer {
+    /// Whether this answer says the API is unreachable or broken as a whole
+    /// (no answer, or HTTP 5xx) rather than anything about one record.
+    pub fn is_outage(&self) -> bool {
+        match self {
+            ApiAnswer::Transport { .. } => true,
+            ApiAnswer::Http { status, .. } => *status >= 500,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TransportKind {
     Timeout,
@@ -70,6 +81,12 @@ pub enum Verdict {
     Publish(Box<CallDetail>),
     Retry(ApiFailure),
     DeadLetter(ApiFailure),
+    /// The API is unusable for everyone (a systemic errcode): not this
+    /// record's failure; the call does not count as an attempt.
+    Systemic(ApiFailure),
+    /// Too many calls (HTTP 429 or a rate-limited errcode): the tenant backs
+    /// off; the call does not count as an attempt.
+    RateLimited(ApiFailure),
 }
 
 impl Verdict {
@@ -79,6 +96,8 @@ impl Verdict {
             Verdict::Publish(d) => Verdict::Publish(d),
             Verdict::Retry(f) => Verdict::Retry(f.redact(secret)),
             Verdict::DeadLetter(f) => Verdict::DeadLetter(f.redact(secret)),
+            Verdict::Systemic(f) => Verdict::Systemic(f.redact(secret)),
+            Verdict::RateLimited(f) => Verdict::RateLimited(f.redact(secret)),
         }
     }
 }
@@ -88,6 +107,18 @@ impl Verdict {
 #[derive(Debug, Clone, Default)]
 pub struct ErrcodePolicy {
     pub permanent: HashSet<i64>,
+    pub systemic: HashSet<i64>,
+    pub rate_limited: HashSet<i64>,
+}
+
+impl ErrcodePolicy {
+    pub fn from_settings(r: &crate::settings::RetrySettings) -> Self {
+        ErrcodePolicy {
+            permanent: r.permanent_errcodes.iter().copied().collect(),
+            systemic: r.systemic_errcodes.iter().copied().collect(),
+            rate_limited: r.rate_limited_errcodes.iter().copied().collect(),
+        }
+    }
 }
 
 const BODY_SNIPPET: usize = 200;
@@ -125,7 +156,11 @@ pub fn classify(answer: &ApiAnswer, policy: &ErrcodePolicy) -> Verdict {
         let mut f = ApiFailure::new(format!("HTTP {status}: {}", snippet(body)));
         f.http_status = Some(status);
         f.retry_after = retry_after;
-        return Verdict::Retry(f);
+        return if status == 429 {
+            Verdict::RateLimited(f)
+        } else {
+            Verdict::Retry(f)
+        };
     }
     let envelope: Envelope = match serde_json::from_slice(body) {
         Ok(e) => e,
@@ -147,7 +182,12 @@ pub fn classify(answer: &ApiAnswer, policy: &ErrcodePolicy) -> Verdict {
     };
     if envelope.errcode != 0 {
         let msg = envelope.errmsg.as_deref().unwrap_or("");
-        return if policy.permanent.contains(&envelope.errcode) {
+        let code = envelope.errcode;
+        return if policy.systemic.contains(&code) {
+            Verdict::Systemic(failure(format!("systemic errcode {code}: {msg}")))
+        } else if policy.rate_limited.contains(&code) {
+            Verdict::RateLimited(failure(format!("rate limited, errcode {code}: {msg}")))
+        } else if policy.permanent.contains(&code) {
             Verdict::DeadLetter(failure(format!(
                 "permanent errcode {}: {msg}",
                 envelope.errcode
@@ -178,6 +218,8 @@ mod tests {
     fn policy() -> ErrcodePolicy {
         ErrcodePolicy {
             permanent: HashSet::from([40004]),
+            systemic: HashSet::from([40001]),
+            rate_limited: HashSet::from([503]),
         }
     }
 
@@ -271,21 +313,58 @@ mod tests {
     }
 
     #[test]
+    fn systemic_and_rate_limited_errcodes_are_their_own_verdicts() {
+        let v = classify(
+            &http(200, r#"{"errcode":40001,"errmsg":"invalid access_token"}"#),
+            &policy(),
+        );
+        assert!(
+            matches!(&v, Verdict::Systemic(f) if f.reason == "systemic errcode 40001: invalid access_token" && f.errcode == Some(40001)),
+            "{v:?}"
+        );
+        let v = classify(
+            &http(200, r#"{"errcode":503,"errmsg":"频次限制"}"#),
+            &policy(),
+        );
+        assert!(
+            matches!(&v, Verdict::RateLimited(f) if f.errcode == Some(503)),
+            "{v:?}"
+        );
+    }
+
+    #[test]
+    fn outages_are_transport_errors_and_5xx_only() {
+        assert!(http(502, "").is_outage());
+        assert!(!http(429, "").is_outage());
+        assert!(!http(200, r#"{"errcode":1}"#).is_outage());
+        assert!(
+            ApiAnswer::Transport {
+                kind: TransportKind::Connect,
+                message: String::new()
+            }
+            .is_outage()
+        );
+    }
+
+    #[test]
     fn http_errors_are_retried_with_status_and_retry_after() {
-        for status in [500, 502, 503, 504, 429, 408, 404, 401] {
+        for status in [500, 502, 503, 504, 408, 404, 401] {
             let f = retry_reason(classify(&http(status, "<html>oops</html>"), &policy()));
             assert_eq!(f.http_status, Some(status));
             assert!(f.reason.starts_with(&format!("HTTP {status}")));
         }
-        let f = retry_reason(classify(
+        let v = classify(
             &ApiAnswer::Http {
                 status: 429,
                 retry_after: Some(Duration::from_secs(3)),
                 body: Bytes::new(),
             },
             &policy(),
-        ));
-        assert_eq!(f.retry_after, Some(Duration::from_secs(3)));
+        );
+        match v {
+            Verdict::RateLimited(f) => assert_eq!(f.retry_after, Some(Duration::from_secs(3))),
+            other => panic!("429 is rate limiting: {other:?}"),
+        }
     }
 
     #[test]

@@ -124,7 +124,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
             let mut tick = tokio::time::interval(Duration::from_millis(500));
             loop {
                 tick.tick().await;
-                let done = Stats::get(&stats.enriched) + stats.dead_lettered_total();
+                let done = stats.enriched() + stats.dead_lettered_total();
                 eprint!("\r  processed {done}/{total}");
             }
         }
@@ -132,8 +132,8 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     let mut waited = tokio::time::interval(Duration::from_millis(20));
     // Throughput is counted from the first record taken, after the group join.
     let mut first_taken: Option<Instant> = None;
-    while (Stats::get(&stats.enriched) + stats.dead_lettered_total()) < total as u64 {
-        if first_taken.is_none() && Stats::get(&stats.consumed) > 0 {
+    while (stats.enriched() + stats.dead_lettered_total()) < total as u64 {
+        if first_taken.is_none() && stats.consumed() > 0 {
             first_taken = Some(Instant::now());
         }
         if started.elapsed() > limit || running.is_finished() {
@@ -153,7 +153,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     let enriched = testkit::read_topic(
         &brokers,
         &output,
-        Stats::get(&stats.enriched) as usize,
+        stats.enriched() as usize,
         Duration::from_secs(30),
     )
     .await?;
@@ -190,12 +190,12 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     }
     writeln!(out, "\nsummary")?;
     writeln!(out, "  events            {total}")?;
-    writeln!(out, "  enriched          {}", Stats::get(&stats.enriched))?;
+    writeln!(out, "  enriched          {}", stats.enriched())?;
     writeln!(
         out,
         "  API calls         {} ({} retries)",
-        Stats::get(&stats.api_calls),
-        Stats::get(&stats.retries)
+        stats.api_calls(),
+        stats.retries()
     )?;
     for class in ErrorClass::ALL {
         writeln!(

@@ -11,15 +11,21 @@
 //! | `garbage-` | a body that is not JSON on the first call, then the record |
 //! | `echo500-` | HTTP 500 whose body echoes the request URL (token included), always |
 //! | `nodata-` | errcode 0 without data, always |
+//! | `ratelimited{N}-` | HTTP 429 "too many requests" for the first N calls, then the record |
 //! | anything else | the record |
 //!
 //! A wrong tenant or token gets errcode 40001 "invalid access_token".
+//!
+//! Faults can be switched on while it runs: a total outage (HTTP 503 for
+//! every call, [`FakeApi::set_outage`]) and token rotation
+//! ([`FakeApi::set_token`]). It counts calls per second of its own clock
+//! ([`FakeApi::calls_per_second`]) for rate-limit checks.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::{OriginalUri, Path, Query, State};
@@ -56,10 +62,15 @@ impl Default for FakeApiConfig {
     }
 }
 
-#[derive(Default)]
 struct Shared {
     calls: Mutex<HashMap<String, u32>>,
     total: AtomicU64,
+    /// Valid tokens by tenant (replaceable while running).
+    tokens: RwLock<HashMap<String, String>>,
+    outage: AtomicBool,
+    started: Instant,
+    /// Calls received in each second since `started`.
+    per_second: Mutex<Vec<u64>>,
 }
 
 /// A running fake; stops when dropped.
@@ -84,7 +95,14 @@ impl FakeApi {
     pub async fn start_on(addr: SocketAddr, config: FakeApiConfig) -> std::io::Result<FakeApi> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared {
+            calls: Mutex::default(),
+            total: AtomicU64::new(0),
+            tokens: RwLock::new(config.tokens.clone()),
+            outage: AtomicBool::new(false),
+            started: Instant::now(),
+            per_second: Mutex::default(),
+        });
         let app = Router::new()
             .route("/openapi/call/v2/detail/{session_id}", get(detail))
             .with_state((Arc::new(config), shared.clone()));
@@ -122,6 +140,25 @@ impl FakeApi {
     pub fn total_calls(&self) -> u64 {
         self.shared.total.load(Ordering::Relaxed)
     }
+
+    /// While on, every call gets HTTP 503 (the API is down for everyone).
+    pub fn set_outage(&self, down: bool) {
+        self.shared.outage.store(down, Ordering::Relaxed);
+    }
+
+    /// Replaces a tenant's valid token (the old one is refused from now on).
+    pub fn set_token(&self, tenant: &str, token: &str) {
+        self.shared
+            .tokens
+            .write()
+            .unwrap()
+            .insert(tenant.to_string(), token.to_string());
+    }
+
+    /// Calls received in each whole second since the fake started.
+    pub fn calls_per_second(&self) -> Vec<u64> {
+        self.shared.per_second.lock().unwrap().clone()
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -143,6 +180,14 @@ async fn detail(
     OriginalUri(uri): OriginalUri,
 ) -> Response {
     shared.total.fetch_add(1, Ordering::Relaxed);
+    {
+        let second = shared.started.elapsed().as_secs() as usize;
+        let mut per_second = shared.per_second.lock().unwrap();
+        if per_second.len() <= second {
+            per_second.resize(second + 1, 0);
+        }
+        per_second[second] += 1;
+    }
     let attempt = {
         let mut calls = shared.calls.lock().unwrap();
         let n = calls.entry(session_id.clone()).or_insert(0);
@@ -152,8 +197,11 @@ async fn detail(
     if !config.latency.is_zero() {
         tokio::time::sleep(config.latency).await;
     }
+    if shared.outage.load(Ordering::Relaxed) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "service unavailable").into_response();
+    }
     let tenant = q.tenant_id.unwrap_or_default();
-    let token_ok = match (config.tokens.get(&tenant), &q.access_token) {
+    let token_ok = match (shared.tokens.read().unwrap().get(&tenant), &q.access_token) {
         (Some(expected), Some(given)) => expected == given,
         _ => false,
     };
@@ -176,6 +224,16 @@ async fn detail(
             .unwrap_or(1);
         if attempt <= failures {
             return errcode(ERRCODE_NOT_READY, "record not ready");
+        }
+    }
+    if let Some(rest) = session_id.strip_prefix("ratelimited") {
+        let limited: u32 = rest
+            .split('-')
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(1);
+        if attempt <= limited {
+            return (StatusCode::TOO_MANY_REQUESTS, "too many requests").into_response();
         }
     }
     if session_id.starts_with("permanent-") {

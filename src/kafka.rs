@@ -30,6 +30,11 @@ pub fn consumer_config(k: &KafkaSettings) -> ClientConfig {
         .set("session.timeout.ms", millis(k.session_timeout))
         .set("max.poll.interval.ms", millis(k.max_poll_interval))
         .set("enable.partition.eof", "false");
+    if !k.properties.contains_key("statistics.interval.ms") {
+        // Lag, committed offsets and broker state for /metrics and the
+        // health checks.
+        c.set("statistics.interval.ms", "5000");
+    }
     if !k.properties.contains_key("auto.offset.reset") {
         c.set("auto.offset.reset", "earliest");
     }

@@ -9,13 +9,15 @@
 //! - [`detail`]: the API's call record, read leniently into stable types.
 //! - [`classify`]: one pure function turning an API answer into a decision.
 //! - [`retry`]: backoff, attempt and time budgets, shutdown-aware waits.
+//! - [`systemic`]: when the API fails as a whole: pause, probe, resume.
+//! - [`rate_limit`]: calls per second per tenant, back-off on "too many".
 //! - [`labels`]: decoded labels for the coded fields.
 //! - [`record`]: the enriched record and its headers.
 //! - [`dead_letter`]: the dead-letter record's headers and error classes.
 //! - [`offsets`]: per-partition tracking of the committable offset.
 //! - [`pipeline`]: the worker: consume, enrich concurrently, publish, commit.
 //! - [`kafka`]: librdkafka client configuration.
-//! - [`stats`]: counters shared by the worker and the demo.
+//! - [`stats`]: metrics and their log lines, one method per event.
 //! - [`telemetry`]: logging set-up.
 //! - [`side_port`]: `/healthz`, `/readyz`, `/metrics`.
 //! - [`shutdown`]: SIGTERM/SIGINT to a cancellation token.
@@ -33,12 +35,16 @@ pub mod kafka;
 pub mod labels;
 pub mod offsets;
 pub mod pipeline;
+#[cfg(test)]
+mod properties;
+pub mod rate_limit;
 pub mod record;
 pub mod retry;
 pub mod settings;
 pub mod shutdown;
 pub mod side_port;
 pub mod stats;
+pub mod systemic;
 pub mod telemetry;
 pub mod testkit;
 pub mod uincall;

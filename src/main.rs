@@ -88,7 +88,8 @@ fn execute(cli: Cli, runtime: &tokio::runtime::Runtime) -> ExitCode {
                     let stop = shutdown::on_signals()?;
                     let stats = Arc::new(Stats::default());
                     let listen = settings.http.listen;
-                    let addr = side_port::serve(listen, stats.clone(), stop.clone())
+                    let stall = settings.pipeline.stall_timeout;
+                    let addr = side_port::serve(listen, stats.clone(), stall, stop.clone())
                         .await
                         .with_context(|| format!("binding http.listen {listen}"))?;
                     info!(%addr, "side port serving /healthz /readyz /metrics");

@@ -28,10 +28,12 @@ use crate::dead_letter::{DeadLetter, ErrorClass, header as dlq};
 use crate::event::{InvalidEvent, parse_event};
 use crate::kafka;
 use crate::offsets::{OffsetTracker, TrackerId};
+use crate::rate_limit::RateLimits;
 use crate::record::{self, Source};
-use crate::retry::{self, RetryOutcome, RetryPolicy};
+use crate::retry::{self, Gate, RetryOutcome, RetryPolicy};
 use crate::settings::Settings;
 use crate::stats::Stats;
+use crate::systemic::{Breaker, CallOutcome, Cause, DeadLetterGate, ProbeTarget};
 use crate::uincall::{TokenStore, UincallClient};
 
 /// How often a progress line is logged while records flow.
@@ -44,6 +46,8 @@ const PAUSE_AFTER: Duration = Duration::from_secs(1);
 #[derive(Debug, Default)]
 struct Flow {
     paused: bool,
+    /// The API is in systemic failure: stay paused whatever the window.
+    systemic: bool,
     /// Since when the in-flight window has been full.
     full_since: Option<tokio::time::Instant>,
 }
@@ -71,6 +75,10 @@ impl ClientContext for WorkerContext {
     fn error(&self, error: KafkaError, reason: &str) {
         warn!(error = %error, reason, "kafka client error");
     }
+
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        self.stats.kafka_statistics(&statistics);
+    }
 }
 
 fn log_librdkafka(level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
@@ -97,6 +105,7 @@ impl ConsumerContext for WorkerContext {
         if let Rebalance::Revoke(tpl) = rebalance {
             let revoked = partitions(tpl);
             info!(partitions = ?revoked, "partitions revoked");
+            self.stats.partitions_changed(&revoked, false);
             self.trackers.lock().unwrap().revoke(revoked);
         }
     }
@@ -106,20 +115,24 @@ impl ConsumerContext for WorkerContext {
             Rebalance::Assign(tpl) => {
                 let assigned = partitions(tpl);
                 info!(partitions = ?assigned, "partitions assigned");
-                self.stats
-                    .assigned_partitions
-                    .store(assigned.len() as u64, Ordering::Relaxed);
+                self.stats.partitions_changed(&assigned, true);
             }
-            Rebalance::Revoke(_) => self.stats.assigned_partitions.store(0, Ordering::Relaxed),
+            Rebalance::Revoke(_) => {}
             Rebalance::Error(e) => warn!(error = %e, "rebalance failed"),
         }
     }
 
     fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
         match result {
-            Ok(()) => debug!(offsets = ?offsets.to_topic_map(), "offsets committed"),
+            Ok(()) => {
+                self.stats.offsets_committed(true);
+                debug!(offsets = ?offsets.to_topic_map(), "offsets committed")
+            }
             Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
-            Err(e) => warn!(error = %e, "offset commit failed; it is retried at the next interval"),
+            Err(e) => {
+                self.stats.offsets_committed(false);
+                warn!(error = %e, "offset commit failed; it is retried at the next interval")
+            }
         }
     }
 }
@@ -203,8 +216,32 @@ pub struct Enricher {
     tokens: TokenStore,
     errcodes: ErrcodePolicy,
     retry: RetryPolicy,
+    breaker: Breaker,
+    limits: RateLimits,
     producer: FutureProducer,
     stats: Arc<Stats>,
+}
+
+/// What a record waits for before each API call: the end of a systemic
+/// failure, then its tenant's rate limit.
+struct RecordGate<'a> {
+    breaker: &'a Breaker,
+    limits: &'a RateLimits,
+    tenant: &'a str,
+}
+
+impl Gate for RecordGate<'_> {
+    async fn pass(&self, shutdown: &CancellationToken) -> bool {
+        self.breaker.wait_closed(shutdown).await && self.limits.acquire(self.tenant, shutdown).await
+    }
+}
+
+fn probe_target(event: &crate::event::CallEnded) -> ProbeTarget {
+    ProbeTarget {
+        session_id: event.session_id.clone(),
+        tenant_id: event.tenant_id.clone(),
+        call_type: event.call_type,
+    }
 }
 
 impl Enricher {
@@ -243,27 +280,60 @@ impl Enricher {
             return self.dead_letter(&rec, dl, &stop).await;
         };
         let latency_us = std::sync::atomic::AtomicU64::new(0);
-        let outcome = retry::run(&self.retry, &stop, |attempt| {
-            let (latency_us, token) = (&latency_us, &token);
-            let event = &event;
-            async move {
-                Stats::inc(&self.stats.api_calls);
-                if attempt > 1 {
-                    Stats::inc(&self.stats.retries);
+        let gate = RecordGate {
+            breaker: &self.breaker,
+            limits: &self.limits,
+            tenant: &event.tenant_id,
+        };
+        let outcome = loop {
+            let outcome = retry::run(&self.retry, &stop, &gate, |attempt| {
+                let (latency_us, started_with) = (&latency_us, &token);
+                let event = &event;
+                async move {
+                    // A rotated token is used from the next call on.
+                    let token = self
+                        .tokens
+                        .get(&event.tenant_id)
+                        .unwrap_or_else(|| started_with.clone());
+                    let t = self
+                        .client
+                        .fetch_detail(&event.session_id, &event.tenant_id, &token, event.call_type)
+                        .await;
+                    latency_us.store(t.latency.as_micros() as u64, Ordering::Relaxed);
+                    let verdict = classify(&t.answer, &self.errcodes).redact(token.expose_secret());
+                    self.stats.api_call(&verdict, t.latency, attempt);
+                    self.breaker
+                        .on_call(CallOutcome::of(&t.answer, &verdict), || probe_target(event));
+                    match &verdict {
+                        Verdict::RateLimited(f) => {
+                            let wait = self.limits.limited(&event.tenant_id, f.retry_after);
+                            self.stats.api_rate_limited(&f.reason, wait);
+                        }
+                        _ => self.limits.answered(&event.tenant_id),
+                    }
+                    match verdict {
+                        // The API as a whole fails: not this record's attempt.
+                        Verdict::Retry(f) if self.breaker.is_open() => Verdict::Systemic(f),
+                        v => v,
+                    }
                 }
-                let t = self
-                    .client
-                    .fetch_detail(&event.session_id, &event.tenant_id, token, event.call_type)
-                    .await;
-                latency_us.store(t.latency.as_micros() as u64, Ordering::Relaxed);
-                let verdict = classify(&t.answer, &self.errcodes).redact(token.expose_secret());
-                if let Verdict::Retry(f) = &verdict {
-                    debug!(attempt, reason = %f.reason, "API call failed");
+            })
+            .await;
+            match &outcome {
+                RetryOutcome::Permanent(..) | RetryOutcome::Exhausted(..)
+                    if self.breaker.on_dead_letter() == DeadLetterGate::Hold =>
+                {
+                    debug!("dead letter held during systemic failure; the record starts over");
+                    if !self.breaker.wait_closed(&stop).await {
+                        return Ok(Disposition::Abandoned);
+                    }
+                    continue;
                 }
-                verdict
+                RetryOutcome::Done(..) => self.breaker.on_enriched(|| probe_target(&event)),
+                _ => {}
             }
-        })
-        .await;
+            break outcome;
+        };
         let failed = |class: ErrorClass, f: ApiFailure, a: &retry::Attempts| DeadLetter {
             class,
             reason: f.reason,
@@ -322,8 +392,7 @@ impl Enricher {
                     .await;
                 match produced {
                     Ok(()) => {
-                        Stats::inc(&self.stats.enriched);
-                        debug!(attempts = attempts.count, "enriched");
+                        self.stats.record_enriched(attempts.count);
                         Ok(Disposition::Enriched)
                     }
                     Err(ProduceError::Abandoned) => Ok(Disposition::Abandoned),
@@ -376,14 +445,7 @@ impl Enricher {
             .await
         {
             Ok(()) => {
-                self.stats.add_dead_lettered(dl.class);
-                warn!(
-                    error_class = %dl.class,
-                    reason = %dl.reason,
-                    errcode = dl.errcode,
-                    attempts = dl.attempts,
-                    "dead-lettered"
-                );
+                self.stats.record_dead_lettered(&dl);
                 Ok(Disposition::DeadLettered(dl.class))
             }
             Err(ProduceError::Abandoned) => Ok(Disposition::Abandoned),
@@ -430,6 +492,100 @@ impl Enricher {
     }
 }
 
+impl Enricher {
+    /// Follows the systemic-failure state: on entering it, logs and counts
+    /// once, probes the API with backoff until an answer shows it works,
+    /// then closes the breaker (records resume, the consume loop resumes).
+    async fn supervise_systemic(self: Arc<Self>, stop: CancellationToken) {
+        let mut state = self.breaker.subscribe();
+        loop {
+            let cause = tokio::select! {
+                _ = stop.cancelled() => return,
+                open = state.wait_for(Option::is_some) => match open {
+                    Ok(cause) => cause.clone().expect("waited for Some"),
+                    Err(_) => return,
+                },
+            };
+            let since = tokio::time::Instant::now();
+            self.stats.systemic_entered(&cause);
+            if !self.probe_until_healed(&cause, &stop).await {
+                return;
+            }
+            self.breaker.close();
+            self.stats.systemic_left(since.elapsed());
+        }
+    }
+
+    /// Calls the API about a session (one it answered before, when there
+    /// is one) with a doubling delay; `false` on shutdown.
+    async fn probe_until_healed(&self, cause: &Cause, stop: &CancellationToken) -> bool {
+        let s = &self.settings.systemic;
+        let mut delay = s.probe_min_delay;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return false,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            let target = self.breaker.probe_target();
+            let token = target.as_ref().and_then(|t| self.tokens.get(&t.tenant_id));
+            let reason = match (target, token) {
+                (Some(t), Some(token)) => {
+                    let call =
+                        self.client
+                            .fetch_detail(&t.session_id, &t.tenant_id, &token, t.call_type);
+                    let answer = tokio::select! {
+                        _ = stop.cancelled() => return false,
+                        a = call => a,
+                    };
+                    let verdict =
+                        classify(&answer.answer, &self.errcodes).redact(token.expose_secret());
+                    self.stats.api_call(&verdict, answer.latency, 0);
+                    if Breaker::heals(cause, &answer.answer, &verdict) {
+                        return true;
+                    }
+                    match verdict {
+                        Verdict::Publish(_) => "answered, but not a record".to_string(),
+                        Verdict::Retry(f)
+                        | Verdict::DeadLetter(f)
+                        | Verdict::Systemic(f)
+                        | Verdict::RateLimited(f) => f.reason,
+                    }
+                }
+                (Some(t), None) => format!("no access token for tenant {}", t.tenant_id),
+                (None, _) => "no session to probe with yet".to_string(),
+            };
+            delay = (delay * 2).min(s.probe_max_delay);
+            self.stats.probe_failed(&reason, delay);
+        }
+    }
+
+    /// Reads `api.tokens_dir` again every `api.tokens_reload_interval`.
+    async fn reload_tokens(self: Arc<Self>, stop: CancellationToken) {
+        let api = &self.settings.api;
+        let Some(dir) = &api.tokens_dir else { return };
+        let mut every = tokio::time::interval(api.tokens_reload_interval);
+        every.tick().await;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = every.tick() => {}
+            }
+            match self.tokens.reload_dir(dir) {
+                Ok(0) => {}
+                Ok(changed) => info!(
+                    changed,
+                    tenants = self.tokens.tenants(),
+                    "access tokens reloaded from api.tokens_dir"
+                ),
+                Err(e) => warn!(
+                    error = format!("{e:#}"),
+                    "reading api.tokens_dir failed; the tokens in use are kept"
+                ),
+            }
+        }
+    }
+}
+
 /// A record task's report to the consume loop.
 struct Completion {
     source: Source,
@@ -471,10 +627,10 @@ impl Worker {
         let enricher = Arc::new(Enricher {
             client: UincallClient::new(&settings.api, settings.pipeline.max_in_flight)?,
             tokens,
-            errcodes: ErrcodePolicy {
-                permanent: settings.retry.permanent_errcodes.iter().copied().collect(),
-            },
+            errcodes: ErrcodePolicy::from_settings(&settings.retry),
             retry: RetryPolicy::from_settings(&settings.retry),
+            breaker: Breaker::new(&settings.systemic),
+            limits: RateLimits::new(&settings.rate_limit),
             producer,
             stats: stats.clone(),
             settings: settings.clone(),
@@ -532,6 +688,11 @@ impl Worker {
         );
         // Cancelled when draining starts: no new attempts, no backoff waits.
         let stop_work = CancellationToken::new();
+        let mut systemic = self.enricher.breaker.subscribe();
+        let helpers = [
+            tokio::spawn(self.enricher.clone().supervise_systemic(stop_work.clone())),
+            tokio::spawn(self.enricher.clone().reload_tokens(stop_work.clone())),
+        ];
         let mut tasks: JoinSet<Completion> = JoinSet::new();
         let mut flow = Flow::default();
         let pause_after = PAUSE_AFTER.min(s.kafka.max_poll_interval / 2);
@@ -573,6 +734,12 @@ impl Worker {
                 _ = sleep_until_some(flow.full_since.map(|t| t + pause_after)), if !flow.paused => {
                     self.set_paused(true, tasks.len(), &mut flow);
                 }
+                Ok(()) = systemic.changed() => {
+                    flow.systemic = systemic.borrow_and_update().is_some();
+                    if flow.systemic {
+                        self.set_paused(true, tasks.len(), &mut flow);
+                    }
+                }
                 _ = progress.tick() => self.log_progress(tasks.len()),
                 _ = heartbeat.tick() => {}
             }
@@ -580,6 +747,9 @@ impl Worker {
             self.flow_control(tasks.len(), &mut flow);
         }
         stop_work.cancel();
+        for h in helpers {
+            let _ = h.await;
+        }
         self.drain(&mut tasks).await;
         self.finish().await;
         match fatal {
@@ -589,7 +759,7 @@ impl Worker {
     }
 
     fn spawn(&self, tasks: &mut JoinSet<Completion>, rec: InRecord, stop: &CancellationToken) {
-        Stats::inc(&self.stats.consumed);
+        self.stats.record_consumed();
         let src = &rec.source;
         let tracker = self
             .trackers
@@ -633,6 +803,7 @@ impl Worker {
             Disposition::Enriched | Disposition::DeadLettered(_) => {}
         }
         let src = &done.source;
+        self.stats.partition_moved(&src.topic, src.partition);
         let next = self.trackers.lock().unwrap().finish(
             &src.topic,
             src.partition,
@@ -643,7 +814,7 @@ impl Worker {
             let mut tpl = TopicPartitionList::new();
             tpl.add_partition_offset(&src.topic, src.partition, Offset::Offset(next))?;
             match self.consumer.store_offsets(&tpl) {
-                Ok(()) => Stats::inc(&self.stats.offsets_stored),
+                Ok(()) => self.stats.offset_stored(),
                 // The partition was revoked meanwhile: its new owner re-reads.
                 Err(e) => debug!(error = %e, partition = src.partition, "offset not stored"),
             }
@@ -654,9 +825,7 @@ impl Worker {
     /// Tracks how long the window has been full, and resumes paused
     /// partitions once the window is half empty.
     fn flow_control(&self, in_flight: usize, flow: &mut Flow) {
-        self.stats
-            .in_flight
-            .store(in_flight as u64, Ordering::Relaxed);
+        self.stats.set_in_flight(in_flight);
         let max = self.settings.pipeline.max_in_flight;
         if in_flight >= max {
             flow.full_since
@@ -664,7 +833,7 @@ impl Worker {
         } else {
             flow.full_since = None;
         }
-        if flow.paused && in_flight <= max / 2 {
+        if flow.paused && !flow.systemic && in_flight <= max / 2 {
             self.set_paused(false, in_flight, flow);
         }
     }
@@ -691,7 +860,7 @@ impl Worker {
             debug!(paused = pause, in_flight, "flow control");
         }
         flow.paused = pause;
-        self.stats.paused.store(pause, Ordering::Relaxed);
+        self.stats.set_paused(pause);
     }
 
     async fn drain(&self, tasks: &mut JoinSet<Completion>) {
@@ -742,10 +911,11 @@ impl Worker {
     fn log_progress(&self, in_flight: usize) {
         let st = &self.stats;
         info!(
-            consumed = Stats::get(&st.consumed),
-            enriched = Stats::get(&st.enriched),
+            consumed = st.consumed(),
+            enriched = st.enriched(),
             dead_lettered = st.dead_lettered_total(),
-            retries = Stats::get(&st.retries),
+            retries = st.retries(),
+            systemic_failure = st.is_systemic(),
             in_flight,
             "progress"
         );

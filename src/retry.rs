@@ -1,6 +1,11 @@
 //! Where retries happen: exponential backoff with jitter and caps (backon's
 //! schedule), an optional first delay, a limit on attempts and on elapsed
 //! time, `Retry-After` honoured, and shutdown that interrupts a wait.
+//!
+//! Before every call a record passes its [`Gate`] (the API out of systemic
+//! failure, the tenant's rate limit). Time spent at the gate, and calls whose
+//! verdict blames the API as a whole or a rate limit, do not count against
+//! the record's budget.
 
 use std::future::Future;
 use std::time::Duration;
@@ -20,6 +25,8 @@ pub struct RetryPolicy {
     pub initial_delay: Duration,
     pub max_attempts: u32,
     pub max_elapsed: Duration,
+    /// The wait after a call that did not count (systemic, rate limited).
+    pub min_delay: Duration,
     backoff: ExponentialBuilder,
 }
 
@@ -37,6 +44,7 @@ impl RetryPolicy {
             initial_delay: r.initial_delay,
             max_attempts: r.max_attempts,
             max_elapsed: r.max_elapsed,
+            min_delay: r.min_delay,
             backoff,
         }
     }
@@ -62,12 +70,31 @@ pub enum RetryOutcome {
     Abandoned,
 }
 
+/// What a record waits for before each call.
+pub trait Gate {
+    /// Waits until a call may go; `false` when shutdown came first.
+    fn pass(&self, shutdown: &CancellationToken) -> impl Future<Output = bool> + Send;
+}
+
+/// A gate that never waits.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoGate;
+
+impl Gate for NoGate {
+    async fn pass(&self, shutdown: &CancellationToken) -> bool {
+        !shutdown.is_cancelled()
+    }
+}
+
 /// Calls `attempt` until its verdict is final, the budget is spent or
 /// `shutdown` fires (which ends a backoff wait at once). `attempt` receives
-/// the 1-based attempt number.
+/// the 1-based number of the attempt it would be. A `Systemic` or
+/// `RateLimited` verdict is not counted: the record waits `min_delay` (or
+/// the `Retry-After`) and at the gate, and calls again.
 pub async fn run<F, Fut>(
     policy: &RetryPolicy,
     shutdown: &CancellationToken,
+    gate: &impl Gate,
     mut attempt: F,
 ) -> RetryOutcome
 where
@@ -81,15 +108,30 @@ where
     let mut delays = policy.backoff.build();
     let first_at = Utc::now();
     let mut count = 0;
+    // Time that does not count against `max_elapsed`.
+    let mut held = Duration::ZERO;
     loop {
+        let at_gate = Instant::now();
+        if !gate.pass(shutdown).await {
+            return RetryOutcome::Abandoned;
+        }
+        held += at_gate.elapsed();
         // A call under way when shutdown starts is let finish (it is bounded
         // by the request timeout, shorter than the drain deadline); no new
         // call starts after it.
         if shutdown.is_cancelled() {
             return RetryOutcome::Abandoned;
         }
+        let verdict = attempt(count + 1).await;
+        if let Verdict::Systemic(f) | Verdict::RateLimited(f) = &verdict {
+            let hold = Instant::now();
+            if !pause(f.retry_after.unwrap_or(policy.min_delay), shutdown).await {
+                return RetryOutcome::Abandoned;
+            }
+            held += hold.elapsed();
+            continue;
+        }
         count += 1;
-        let verdict = attempt(count).await;
         let attempts = Attempts {
             count,
             first_at,
@@ -98,7 +140,7 @@ where
         let failure = match verdict {
             Verdict::Publish(detail) => return RetryOutcome::Done(detail, attempts),
             Verdict::DeadLetter(f) => return RetryOutcome::Permanent(f, attempts),
-            Verdict::Retry(f) => f,
+            Verdict::Retry(f) | Verdict::Systemic(f) | Verdict::RateLimited(f) => f,
         };
         let Some(mut delay) = delays.next() else {
             return RetryOutcome::Exhausted(failure, attempts);
@@ -106,7 +148,7 @@ where
         if let Some(after) = failure.retry_after {
             delay = delay.max(after);
         }
-        if started.elapsed() + delay > policy.max_elapsed {
+        if started.elapsed().saturating_sub(held) + delay > policy.max_elapsed {
             return RetryOutcome::Exhausted(failure, attempts);
         }
         if !pause(delay, shutdown).await {
@@ -140,6 +182,8 @@ mod tests {
             max_elapsed: Duration::from_secs(3600),
             jitter: false,
             permanent_errcodes: vec![],
+            systemic_errcodes: vec![],
+            rate_limited_errcodes: vec![],
         }
     }
 
@@ -168,7 +212,7 @@ mod tests {
         let at = Arc::new(Mutex::new(Vec::new()));
         let script = Arc::new(Mutex::new(script.into_iter()));
         let shutdown = CancellationToken::new();
-        let out = run(&policy, &shutdown, |_| {
+        let out = run(&policy, &shutdown, &NoGate, |_| {
             at.lock().unwrap().push(start.elapsed());
             let v = script
                 .lock()
@@ -255,6 +299,75 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn systemic_and_rate_limited_calls_do_not_count_against_the_budget() {
+        let mut s = settings();
+        s.max_attempts = 2;
+        s.max_elapsed = Duration::from_secs(3);
+        let systemic = || {
+            Verdict::Systemic(ApiFailure {
+                reason: "systemic errcode 40001".into(),
+                http_status: Some(200),
+                errcode: Some(40001),
+                errmsg: None,
+                retry_after: None,
+            })
+        };
+        let limited = Verdict::RateLimited(ApiFailure {
+            reason: "HTTP 429".into(),
+            http_status: Some(429),
+            errcode: None,
+            errmsg: None,
+            retry_after: Some(Duration::from_secs(10)),
+        });
+        let mut script = vec![fail("a")];
+        script.extend((0..20).map(|_| systemic()));
+        script.push(limited);
+        script.push(Verdict::Publish(detail()));
+        let (out, times) = scripted(RetryPolicy::from_settings(&s), script).await;
+        // 23 calls over 1 + 20 + 10 s: far past max_elapsed (3 s) and
+        // max_attempts (2), yet only two calls counted.
+        assert_eq!(times.len(), 23);
+        assert_eq!(*times.last().unwrap(), Duration::from_secs(31));
+        assert!(
+            matches!(out, RetryOutcome::Done(_, Attempts { count: 2, .. })),
+            "{out:?}"
+        );
+    }
+
+    /// A gate closed for a while: the wait is not part of the budget.
+    struct ClosedFor(Duration);
+
+    impl Gate for ClosedFor {
+        async fn pass(&self, shutdown: &CancellationToken) -> bool {
+            pause(self.0, shutdown).await
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn time_at_the_gate_does_not_count_against_max_elapsed() {
+        let mut s = settings();
+        s.max_elapsed = Duration::from_secs(5);
+        let policy = RetryPolicy::from_settings(&s);
+        let shutdown = CancellationToken::new();
+        let calls = Arc::new(Mutex::new(0));
+        let c = calls.clone();
+        let out = run(
+            &policy,
+            &shutdown,
+            &ClosedFor(Duration::from_secs(60)),
+            move |_| {
+                *c.lock().unwrap() += 1;
+                async { fail("x") }
+            },
+        )
+        .await;
+        // As in elapsed_budget_ends_retries_early: three calls, though each
+        // waited a minute at the gate first.
+        assert_eq!(*calls.lock().unwrap(), 3);
+        assert!(matches!(out, RetryOutcome::Exhausted(..)));
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn permanent_verdict_stops_at_once() {
         let perm = Verdict::DeadLetter(ApiFailure {
             reason: "permanent errcode 4".into(),
@@ -278,7 +391,7 @@ mod tests {
         let trigger = shutdown.clone();
         let calls = Arc::new(Mutex::new(0));
         let c = calls.clone();
-        let out = run(&policy, &shutdown, move |_| {
+        let out = run(&policy, &shutdown, &NoGate, move |_| {
             *c.lock().unwrap() += 1;
             // Shut down while the first failure waits for its retry.
             trigger.cancel();
@@ -294,7 +407,7 @@ mod tests {
         let policy = RetryPolicy::from_settings(&settings());
         let shutdown = CancellationToken::new();
         let trigger = shutdown.clone();
-        let out = run(&policy, &shutdown, move |_| {
+        let out = run(&policy, &shutdown, &NoGate, move |_| {
             trigger.cancel();
             async { Verdict::Publish(detail()) }
         })

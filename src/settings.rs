@@ -28,6 +28,8 @@ pub struct Settings {
     pub event: EventSettings,
     pub retry: RetrySettings,
     pub pipeline: PipelineSettings,
+    pub systemic: SystemicSettings,
+    pub rate_limit: RateLimitSettings,
     pub http: HttpSettings,
     pub log: LogSettings,
     pub labels: LabelSettings,
@@ -90,6 +92,11 @@ pub struct ApiSettings {
     /// access token), e.g. a mounted Kubernetes Secret.
     #[serde(default)]
     pub tokens_dir: Option<PathBuf>,
+    /// How often `tokens_dir` is read again, so a rotated token (a replaced
+    /// Secret) is used without a restart. In-flight calls keep the token they
+    /// started with; the next call of every record uses the new one.
+    #[serde(with = "humantime_serde")]
+    pub tokens_reload_interval: Duration,
     /// Access tokens by tenant_id. Secrets: never logged or printed.
     #[serde(default, serialize_with = "redact_map")]
     pub tokens: BTreeMap<String, SecretString>,
@@ -133,6 +140,63 @@ pub struct RetrySettings {
     /// environment: a comma-separated list.
     #[serde(default, deserialize_with = "errcode_list")]
     pub permanent_errcodes: Vec<i64>,
+    /// Errcodes that say the API is unusable for everyone (an invalid or
+    /// expired token): the worker enters systemic failure instead of
+    /// retrying or dead-lettering (see `[systemic]`).
+    #[serde(default, deserialize_with = "errcode_list")]
+    pub systemic_errcodes: Vec<i64>,
+    /// Errcodes that say "too many calls": the tenant's calls back off
+    /// (`[rate_limit]`), the record is not failed and the call does not
+    /// count as an attempt. HTTP 429 is always treated this way.
+    #[serde(default, deserialize_with = "errcode_list")]
+    pub rate_limited_errcodes: Vec<i64>,
+}
+
+/// When a failure is the API as a whole rather than one record: the worker
+/// pauses consumption, dead-letters nothing because of it, reports not
+/// ready, probes the API with backoff and resumes when it answers again.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SystemicSettings {
+    /// How many of the most recent API calls are judged together.
+    pub call_window: usize,
+    /// Calls needed in the window before the failure share is judged.
+    pub min_calls: usize,
+    /// Share (0..1] of the window's calls failing with a transport error or
+    /// HTTP 5xx that means the API is down.
+    pub failure_ratio: f64,
+    /// How many of the most recent record outcomes (enriched, or
+    /// dead-lettered for an API reason) are judged together.
+    pub record_window: usize,
+    /// Outcomes needed in the window before the dead-letter share is judged.
+    pub min_records: usize,
+    /// Share of the record window that may be dead-lettered; above it the
+    /// next dead letter is held and the worker enters systemic failure
+    /// (getsentry/arroyo's DlqLimit). 1.0 turns this check off.
+    pub dead_letter_ratio: f64,
+    /// First wait before probing the API again; doubles up to `probe_max_delay`.
+    #[serde(with = "humantime_serde")]
+    pub probe_min_delay: Duration,
+    #[serde(with = "humantime_serde")]
+    pub probe_max_delay: Duration,
+}
+
+/// Calls per second to the API, per tenant and per replica.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitSettings {
+    /// Most calls per second per tenant from this replica; 0 = no limit.
+    /// The tenant's quota must cover this times the number of replicas.
+    pub per_tenant_per_second: u32,
+    /// Calls that may go at once after a quiet spell; 1 spreads calls
+    /// evenly, so no one-second span exceeds the limit by more than one.
+    pub burst: u32,
+    /// First back-off of a tenant after a rate-limited answer (when no
+    /// `Retry-After` says more); doubles per rate-limited answer in a row.
+    #[serde(with = "humantime_serde")]
+    pub backoff_min: Duration,
+    #[serde(with = "humantime_serde")]
+    pub backoff_max: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -145,6 +209,12 @@ pub struct PipelineSettings {
     /// abandoned uncommitted and re-delivered later.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// `/healthz` fails when an assigned partition has a backlog and none of
+    /// its records finished for this long (outside systemic failure, where
+    /// waiting is intended). Longer than `retry.max_elapsed` plus
+    /// `api.request_timeout`: a record retrying within its budget is no stall.
+    #[serde(with = "humantime_serde")]
+    pub stall_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -373,6 +443,69 @@ impl Settings {
         }
         if r.max_attempts == 0 {
             return Err(invalid("retry.max_attempts", "must be at least 1"));
+        }
+        for (key, ratio) in [
+            ("systemic.failure_ratio", self.systemic.failure_ratio),
+            (
+                "systemic.dead_letter_ratio",
+                self.systemic.dead_letter_ratio,
+            ),
+        ] {
+            if !(ratio > 0.0 && ratio <= 1.0) {
+                return Err(invalid(key, "must be a share in (0, 1]"));
+            }
+        }
+        let y = &self.systemic;
+        if y.call_window == 0 || y.min_calls == 0 || y.min_calls > y.call_window {
+            return Err(invalid(
+                "systemic.min_calls",
+                "must be at least 1 and at most systemic.call_window",
+            ));
+        }
+        if y.record_window == 0 || y.min_records == 0 || y.min_records > y.record_window {
+            return Err(invalid(
+                "systemic.min_records",
+                "must be at least 1 and at most systemic.record_window",
+            ));
+        }
+        if y.probe_min_delay.is_zero() || y.probe_max_delay < y.probe_min_delay {
+            return Err(invalid(
+                "systemic.probe_max_delay",
+                "must be at least systemic.probe_min_delay, which must be more than 0s",
+            ));
+        }
+        let l = &self.rate_limit;
+        if l.per_tenant_per_second > 0 && l.burst == 0 {
+            return Err(invalid("rate_limit.burst", "must be at least 1"));
+        }
+        if l.backoff_min.is_zero() || l.backoff_max < l.backoff_min {
+            return Err(invalid(
+                "rate_limit.backoff_max",
+                "must be at least rate_limit.backoff_min, which must be more than 0s",
+            ));
+        }
+        if a.tokens_reload_interval.is_zero() {
+            return Err(invalid(
+                "api.tokens_reload_interval",
+                "must be more than 0s",
+            ));
+        }
+        for (key, codes) in [
+            ("retry.systemic_errcodes", &r.systemic_errcodes),
+            ("retry.rate_limited_errcodes", &r.rate_limited_errcodes),
+        ] {
+            if let Some(c) = codes.iter().find(|c| r.permanent_errcodes.contains(c)) {
+                return Err(invalid(
+                    key,
+                    format!("errcode {c} is also in retry.permanent_errcodes"),
+                ));
+            }
+        }
+        if self.pipeline.stall_timeout <= r.max_elapsed + a.request_timeout {
+            return Err(invalid(
+                "pipeline.stall_timeout",
+                "must be longer than retry.max_elapsed plus api.request_timeout (a record retrying within its budget is not a stall)",
+            ));
         }
         if self.pipeline.max_in_flight == 0 {
             return Err(invalid("pipeline.max_in_flight", "must be at least 1"));

@@ -1,7 +1,8 @@
-//! The HTTP side port: `/healthz` (the consume loop is running),
-//! `/readyz` (partitions are assigned) and `/metrics` (Prometheus text).
+//! The HTTP side port: `/healthz` (the consume loop runs and no assigned
+//! partition with a backlog is stuck), `/readyz` (partitions assigned, a
+//! broker connected, the API not in systemic failure) and `/metrics`
+//! (OpenMetrics text, see [`crate::stats`]).
 
-use std::fmt::Write;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,17 +14,24 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use tokio_util::sync::CancellationToken;
 
-use crate::dead_letter::ErrorClass;
 use crate::stats::Stats;
 
 /// The consume loop wakes at least every second; a loop silent for this
 /// long is stuck.
 pub const LIVENESS_LIMIT: Duration = Duration::from_secs(30);
 
+#[derive(Clone)]
+struct Side {
+    stats: Arc<Stats>,
+    /// `pipeline.stall_timeout`.
+    stall_timeout: Duration,
+}
+
 /// Binds `listen` and serves until `shutdown`; returns the bound address.
 pub async fn serve(
     listen: SocketAddr,
     stats: Arc<Stats>,
+    stall_timeout: Duration,
     shutdown: CancellationToken,
 ) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
@@ -32,7 +40,10 @@ pub async fn serve(
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .with_state(stats);
+        .with_state(Side {
+            stats,
+            stall_timeout,
+        });
     tokio::spawn(async move {
         let _ = axum::serve(listener, app)
             .with_graceful_shutdown(async move { shutdown.cancelled().await })
@@ -41,110 +52,55 @@ pub async fn serve(
     Ok(addr)
 }
 
-async fn healthz(State(stats): State<Arc<Stats>>) -> impl IntoResponse {
-    match stats.since_beat() {
-        Some(d) if d <= LIVENESS_LIMIT => (StatusCode::OK, "ok\n".to_string()),
-        Some(d) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("consume loop silent for {}s\n", d.as_secs()),
-        ),
-        None => (StatusCode::OK, "starting\n".to_string()),
-    }
+fn unavailable(why: String) -> (StatusCode, String) {
+    (StatusCode::SERVICE_UNAVAILABLE, why)
 }
 
-async fn readyz(State(stats): State<Arc<Stats>>) -> impl IntoResponse {
-    let assigned = Stats::get(&stats.assigned_partitions);
-    if assigned > 0 {
+async fn healthz(State(side): State<Side>) -> impl IntoResponse {
+    let stats = &side.stats;
+    match stats.since_beat() {
+        None => return (StatusCode::OK, "starting\n".to_string()),
+        Some(d) if d > LIVENESS_LIMIT => {
+            return unavailable(format!("consume loop silent for {}s\n", d.as_secs()));
+        }
+        Some(_) => {}
+    }
+    // Waiting out a systemic failure is intended, not a stall: a restart
+    // would not help (readiness reports it).
+    if !stats.is_systemic()
+        && let Some((topic, partition, still)) = stats.stalled_partition(side.stall_timeout)
+    {
+        return unavailable(format!(
+            "stalled: {topic}/{partition} has a backlog and no record finished for {}s\n",
+            still.as_secs()
+        ));
+    }
+    (StatusCode::OK, "ok\n".to_string())
+}
+
+async fn readyz(State(side): State<Side>) -> impl IntoResponse {
+    let stats = &side.stats;
+    let assigned = stats.assigned_partitions();
+    if stats.is_systemic() {
+        unavailable("not ready: systemic failure of the API (see the log and uincall_enricher_systemic_failure)\n".to_string())
+    } else if !stats.broker_reachable() {
+        unavailable("not ready: no Kafka broker connected\n".to_string())
+    } else if assigned == 0 {
+        unavailable("not ready: no partition assigned\n".to_string())
+    } else {
         (
             StatusCode::OK,
             format!("ready: {assigned} partitions assigned\n"),
         )
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: no partition assigned\n".to_string(),
-        )
     }
 }
 
-async fn metrics(State(stats): State<Arc<Stats>>) -> impl IntoResponse {
+async fn metrics(State(side): State<Side>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        render(&stats),
-    )
-}
-
-/// Prometheus text exposition of the worker's counters.
-pub fn render(stats: &Stats) -> String {
-    let mut out = String::new();
-    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, u64)]| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for (labels, v) in samples {
-            let _ = writeln!(out, "{name}{labels} {v}");
-        }
-    };
-    let g = Stats::get;
-    metric(
-        "uincall_enricher_records_consumed_total",
-        "counter",
-        "Input records taken for processing.",
-        &[("", g(&stats.consumed))],
-    );
-    metric(
-        "uincall_enricher_records_enriched_total",
-        "counter",
-        "Enriched records acknowledged by the broker.",
-        &[("", g(&stats.enriched))],
-    );
-    let by_class: Vec<(String, u64)> = ErrorClass::ALL
-        .iter()
-        .map(|c| (format!("{{error_class=\"{c}\"}}"), stats.dead_lettered(*c)))
-        .collect();
-    let by_class: Vec<(&str, u64)> = by_class.iter().map(|(l, v)| (l.as_str(), *v)).collect();
-    metric(
-        "uincall_enricher_records_dead_lettered_total",
-        "counter",
-        "Dead letters acknowledged by the broker, by error class.",
-        &by_class,
-    );
-    metric(
-        "uincall_enricher_api_calls_total",
-        "counter",
-        "Calls to the Uincall call-detail API.",
-        &[("", g(&stats.api_calls))],
-    );
-    metric(
-        "uincall_enricher_api_retries_total",
-        "counter",
-        "API calls after the first one of a record.",
-        &[("", g(&stats.retries))],
-    );
-    metric(
-        "uincall_enricher_offsets_stored_total",
-        "counter",
-        "Times a partition's committable offset advanced.",
-        &[("", g(&stats.offsets_stored))],
-    );
-    metric(
-        "uincall_enricher_records_in_flight",
-        "gauge",
-        "Records being processed now.",
-        &[("", g(&stats.in_flight))],
-    );
-    metric(
-        "uincall_enricher_partitions_paused",
-        "gauge",
-        "1 while the assigned partitions are paused.",
-        &[(
-            "",
-            stats.paused.load(std::sync::atomic::Ordering::Relaxed) as u64,
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-    );
-    metric(
-        "uincall_enricher_partitions_assigned",
-        "gauge",
-        "Input partitions assigned to this worker.",
-        &[("", g(&stats.assigned_partitions))],
-    );
-    out
+        side.stats.encode(),
+    )
 }

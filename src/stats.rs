@@ -1,46 +1,443 @@
-//! Counters of what the worker did, shared by the pipeline, the side port
-//! and the demo summary. Each is written where the matching log line is.
+//! What the worker did, as Prometheus metrics (prometheus-client) and as log
+//! lines. Each event has one method here that writes both, with the same
+//! labels, so logs and metrics never disagree. The side port encodes the
+//! registry; the demo and the tests read the counters.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
-use crate::dead_letter::ErrorClass;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
+use tracing::{debug, error, info, warn};
 
-#[derive(Debug, Default)]
-pub struct Stats {
-    pub consumed: AtomicU64,
-    pub enriched: AtomicU64,
-    pub api_calls: AtomicU64,
-    /// API calls after the first one of a record.
-    pub retries: AtomicU64,
-    pub in_flight: AtomicU64,
-    pub paused: AtomicBool,
-    /// Offsets stored for commit (completed prefixes advanced).
-    pub offsets_stored: AtomicU64,
-    /// Partitions of the input topic assigned to this worker.
-    pub assigned_partitions: AtomicU64,
-    /// When the consume loop last ran, ms since the Unix epoch (0: never).
-    pub loop_beat_ms: AtomicU64,
-    dead_lettered: [AtomicU64; 4],
+use crate::classify::Verdict;
+use crate::dead_letter::{DeadLetter, ErrorClass};
+use crate::systemic::Cause;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClassLabel {
+    error_class: &'static str,
 }
 
-fn index(class: ErrorClass) -> usize {
-    ErrorClass::ALL
-        .iter()
-        .position(|c| *c == class)
-        .expect("listed")
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AnswerLabels {
+    /// HTTP status, or `transport` when no answer came.
+    status: String,
+    /// The envelope's errcode, or `none`.
+    errcode: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CauseLabel {
+    cause: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PartitionLabels {
+    topic: String,
+    partition: i32,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
+}
+
+/// Progress of one assigned input partition, for stall detection.
+#[derive(Debug, Clone, Copy)]
+struct Progress {
+    /// When a record of the partition last completed (or it was assigned).
+    moved_at: Instant,
+    /// Records between the committed offset and the end (librdkafka's
+    /// `consumer_lag`; -1 until known).
+    lag: i64,
+}
+
+pub struct Stats {
+    registry: Registry,
+    consumed: Counter,
+    enriched: Counter,
+    dead_lettered: Family<ClassLabel, Counter>,
+    api_calls: Family<AnswerLabels, Counter>,
+    api_latency: Histogram,
+    retries: Counter,
+    rate_limited: Counter,
+    offsets_stored: Counter,
+    commits: Family<ResultLabel, Counter>,
+    in_flight: Gauge,
+    paused: Gauge,
+    assigned: Gauge,
+    systemic: Gauge,
+    systemic_entered: Family<CauseLabel, Counter>,
+    consumer_lag: Family<PartitionLabels, Gauge>,
+    committed_offset: Family<PartitionLabels, Gauge>,
+    /// Every API call (the labelled family cannot be summed).
+    api_calls_total: AtomicU64,
+    /// Brokers the consumer is connected to (-1: not known yet).
+    brokers_up: AtomicI64,
+    /// When the consume loop last ran, ms since the Unix epoch (0: never).
+    loop_beat_ms: AtomicU64,
+    progress: Mutex<HashMap<(String, i32), Progress>>,
+}
+
+impl std::fmt::Debug for Stats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stats")
+            .field("consumed", &self.consumed())
+            .field("enriched", &self.enriched())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Buckets of the API latency histogram, in seconds (5 ms … 20 s).
+const LATENCY_BUCKETS: [f64; 14] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0,
+];
+
+impl Default for Stats {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("uincall_enricher");
+        let s = Stats {
+            consumed: Counter::default(),
+            enriched: Counter::default(),
+            dead_lettered: Family::default(),
+            api_calls: Family::default(),
+            api_latency: Histogram::new(LATENCY_BUCKETS),
+            retries: Counter::default(),
+            rate_limited: Counter::default(),
+            offsets_stored: Counter::default(),
+            commits: Family::default(),
+            in_flight: Gauge::default(),
+            paused: Gauge::default(),
+            assigned: Gauge::default(),
+            systemic: Gauge::default(),
+            systemic_entered: Family::default(),
+            consumer_lag: Family::default(),
+            committed_offset: Family::default(),
+            api_calls_total: AtomicU64::new(0),
+            brokers_up: AtomicI64::new(-1),
+            loop_beat_ms: AtomicU64::new(0),
+            progress: Mutex::new(HashMap::new()),
+            registry: Registry::default(),
+        };
+        let r = &mut registry;
+        r.register(
+            "records_consumed",
+            "Input records taken for processing",
+            s.consumed.clone(),
+        );
+        r.register(
+            "records_enriched",
+            "Enriched records acknowledged by the broker",
+            s.enriched.clone(),
+        );
+        r.register(
+            "records_dead_lettered",
+            "Dead letters acknowledged by the broker, by error class",
+            s.dead_lettered.clone(),
+        );
+        r.register(
+            "api_calls",
+            "Calls to the Uincall call-detail API, by HTTP status and errcode",
+            s.api_calls.clone(),
+        );
+        r.register_with_unit(
+            "api_call_duration",
+            "Duration of one API call, connection to last body byte",
+            Unit::Seconds,
+            s.api_latency.clone(),
+        );
+        r.register(
+            "api_retries",
+            "API calls after the first counted attempt of a record",
+            s.retries.clone(),
+        );
+        r.register(
+            "api_rate_limited",
+            "Rate-limited answers (HTTP 429 or a rate-limited errcode)",
+            s.rate_limited.clone(),
+        );
+        r.register(
+            "offsets_stored",
+            "Times a partition's committable offset advanced",
+            s.offsets_stored.clone(),
+        );
+        r.register(
+            "offset_commits",
+            "Offset commits to the group coordinator, by result",
+            s.commits.clone(),
+        );
+        r.register(
+            "records_in_flight",
+            "Records being processed now",
+            s.in_flight.clone(),
+        );
+        r.register(
+            "partitions_paused",
+            "1 while the assigned partitions are paused",
+            s.paused.clone(),
+        );
+        r.register(
+            "partitions_assigned",
+            "Input partitions assigned to this worker",
+            s.assigned.clone(),
+        );
+        r.register(
+            "systemic_failure",
+            "1 while the API is judged failing as a whole (consumption paused, not ready)",
+            s.systemic.clone(),
+        );
+        r.register(
+            "systemic_failures",
+            "Times the worker entered systemic failure, by cause",
+            s.systemic_entered.clone(),
+        );
+        r.register(
+            "consumer_lag",
+            "Records between the committed offset and the end of the partition",
+            s.consumer_lag.clone(),
+        );
+        r.register(
+            "committed_offset",
+            "Last offset committed for the partition",
+            s.committed_offset.clone(),
+        );
+        Stats { registry, ..s }
+    }
+}
+
+/// Text of one API answer for the `status` and `errcode` labels.
+fn answer_labels(verdict: &Verdict) -> AnswerLabels {
+    let (status, errcode) = match verdict {
+        Verdict::Publish(_) => (Some(200), Some(0)),
+        Verdict::Retry(f)
+        | Verdict::DeadLetter(f)
+        | Verdict::Systemic(f)
+        | Verdict::RateLimited(f) => (f.http_status, f.errcode),
+    };
+    AnswerLabels {
+        status: status.map_or_else(|| "transport".to_string(), |s| s.to_string()),
+        errcode: errcode.map_or_else(|| "none".to_string(), |c| c.to_string()),
+    }
 }
 
 impl Stats {
-    pub fn add_dead_lettered(&self, class: ErrorClass) {
-        self.dead_lettered[index(class)].fetch_add(1, Ordering::Relaxed);
+    /// The metrics in the OpenMetrics text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String");
+        out
+    }
+
+    pub fn consumed(&self) -> u64 {
+        self.consumed.get()
+    }
+
+    pub fn enriched(&self) -> u64 {
+        self.enriched.get()
+    }
+
+    pub fn api_calls(&self) -> u64 {
+        self.api_calls_total.load(Ordering::Relaxed)
+    }
+
+    pub fn retries(&self) -> u64 {
+        self.retries.get()
     }
 
     pub fn dead_lettered(&self, class: ErrorClass) -> u64 {
-        self.dead_lettered[index(class)].load(Ordering::Relaxed)
+        self.dead_lettered
+            .get_or_create(&ClassLabel {
+                error_class: class.as_str(),
+            })
+            .get()
     }
 
     pub fn dead_lettered_total(&self) -> u64 {
         ErrorClass::ALL.iter().map(|c| self.dead_lettered(*c)).sum()
+    }
+
+    pub fn record_consumed(&self) {
+        self.consumed.inc();
+    }
+
+    pub fn record_enriched(&self, attempts: u32) {
+        self.enriched.inc();
+        debug!(attempts, "enriched");
+    }
+
+    pub fn record_dead_lettered(&self, dl: &DeadLetter) {
+        self.dead_lettered
+            .get_or_create(&ClassLabel {
+                error_class: dl.class.as_str(),
+            })
+            .inc();
+        warn!(
+            error_class = %dl.class,
+            reason = %dl.reason,
+            errcode = dl.errcode,
+            attempts = dl.attempts,
+            "dead-lettered"
+        );
+    }
+
+    /// One API call: its answer (by status and errcode) and duration.
+    /// `attempt` is the record's counted attempt this call would be.
+    pub fn api_call(&self, verdict: &Verdict, latency: Duration, attempt: u32) {
+        self.api_calls.get_or_create(&answer_labels(verdict)).inc();
+        self.api_calls_total.fetch_add(1, Ordering::Relaxed);
+        self.api_latency.observe(latency.as_secs_f64());
+        if attempt > 1 {
+            self.retries.inc();
+        }
+        if let Verdict::Retry(f) = verdict {
+            debug!(attempt, reason = %f.reason, "API call failed");
+        }
+    }
+
+    pub fn api_rate_limited(&self, reason: &str, wait: Duration) {
+        self.rate_limited.inc();
+        info!(reason, wait = ?wait, "rate limited by the API: the tenant's calls back off");
+    }
+
+    pub fn systemic_entered(&self, cause: &Cause) {
+        self.systemic.set(1);
+        self.systemic_entered
+            .get_or_create(&CauseLabel {
+                cause: cause.label(),
+            })
+            .inc();
+        error!(cause = %cause, "systemic failure: consumption paused, nothing is dead-lettered for it, probing the API");
+    }
+
+    pub fn systemic_left(&self, lasted: Duration) {
+        self.systemic.set(0);
+        info!(lasted = ?lasted, "the API answers again: systemic failure over, consumption resumes");
+    }
+
+    pub fn probe_failed(&self, reason: &str, next_in: Duration) {
+        warn!(reason, next_in = ?next_in, "probe: the API still fails");
+    }
+
+    pub fn is_systemic(&self) -> bool {
+        self.systemic.get() != 0
+    }
+
+    pub fn offset_stored(&self) {
+        self.offsets_stored.inc();
+    }
+
+    pub fn offsets_committed(&self, ok: bool) {
+        let result = if ok { "ok" } else { "error" };
+        self.commits.get_or_create(&ResultLabel { result }).inc();
+    }
+
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.get().max(0) as u64
+    }
+
+    pub fn set_in_flight(&self, n: usize) {
+        self.in_flight.set(n as i64);
+    }
+
+    pub fn set_paused(&self, paused: bool) {
+        self.paused.set(paused as i64);
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.paused.get() != 0
+    }
+
+    pub fn assigned_partitions(&self) -> u64 {
+        self.assigned.get().max(0) as u64
+    }
+
+    /// Partitions assigned (`true`) or revoked.
+    pub fn partitions_changed(&self, parts: &[(String, i32)], assigned: bool) {
+        let mut progress = self.progress.lock().unwrap();
+        for (topic, partition) in parts {
+            let key = (topic.clone(), *partition);
+            if assigned {
+                progress.insert(
+                    key,
+                    Progress {
+                        moved_at: Instant::now(),
+                        lag: -1,
+                    },
+                );
+            } else {
+                progress.remove(&key);
+                let labels = PartitionLabels {
+                    topic: topic.clone(),
+                    partition: *partition,
+                };
+                self.consumer_lag.remove(&labels);
+                self.committed_offset.remove(&labels);
+            }
+        }
+        self.assigned.set(progress.len() as i64);
+    }
+
+    /// A record of the partition completed (enriched or dead-lettered).
+    pub fn partition_moved(&self, topic: &str, partition: i32) {
+        let mut progress = self.progress.lock().unwrap();
+        if let Some(p) = progress.get_mut(&(topic.to_string(), partition)) {
+            p.moved_at = Instant::now();
+        }
+    }
+
+    /// librdkafka's periodic statistics: lag and committed offsets of the
+    /// assigned partitions, and whether any broker is connected.
+    pub fn kafka_statistics(&self, s: &rdkafka::Statistics) {
+        let up = s.brokers.values().filter(|b| b.state == "UP").count();
+        self.brokers_up.store(up as i64, Ordering::Relaxed);
+        let mut progress = self.progress.lock().unwrap();
+        for (topic, t) in &s.topics {
+            for (partition, p) in &t.partitions {
+                let Some(entry) = progress.get_mut(&(topic.clone(), *partition)) else {
+                    continue;
+                };
+                let labels = PartitionLabels {
+                    topic: topic.clone(),
+                    partition: *partition,
+                };
+                if p.consumer_lag >= 0 {
+                    entry.lag = p.consumer_lag;
+                    self.consumer_lag.get_or_create(&labels).set(p.consumer_lag);
+                }
+                if p.committed_offset >= 0 {
+                    self.committed_offset
+                        .get_or_create(&labels)
+                        .set(p.committed_offset);
+                }
+            }
+        }
+    }
+
+    /// `false` once statistics show no broker connected.
+    pub fn broker_reachable(&self) -> bool {
+        self.brokers_up.load(Ordering::Relaxed) != 0
+    }
+
+    /// A partition with a backlog that has not moved for `limit`, if any.
+    pub fn stalled_partition(&self, limit: Duration) -> Option<(String, i32, Duration)> {
+        self.stalled_at(limit, Instant::now())
+    }
+
+    fn stalled_at(&self, limit: Duration, now: Instant) -> Option<(String, i32, Duration)> {
+        let progress = self.progress.lock().unwrap();
+        progress
+            .iter()
+            .map(|((t, n), p)| (t, *n, p.lag, now.saturating_duration_since(p.moved_at)))
+            .find(|(_, _, lag, still)| *lag > 0 && *still > limit)
+            .map(|(t, n, _, still)| (t.clone(), n, still))
     }
 
     /// Records that the consume loop ran just now.
@@ -49,21 +446,11 @@ impl Stats {
     }
 
     /// How long ago the consume loop last ran; `None` before it started.
-    pub fn since_beat(&self) -> Option<std::time::Duration> {
+    pub fn since_beat(&self) -> Option<Duration> {
         match self.loop_beat_ms.load(Ordering::Relaxed) {
             0 => None,
-            at => Some(std::time::Duration::from_millis(
-                now_ms().saturating_sub(at),
-            )),
+            at => Some(Duration::from_millis(now_ms().saturating_sub(at))),
         }
-    }
-
-    pub fn get(counter: &AtomicU64) -> u64 {
-        counter.load(Ordering::Relaxed)
-    }
-
-    pub fn inc(counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -72,4 +459,71 @@ fn now_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::classify::ApiFailure;
+
+    #[test]
+    fn metrics_have_units_labels_and_no_secret() {
+        let s = Stats::default();
+        s.record_consumed();
+        s.api_call(
+            &Verdict::Retry(ApiFailure {
+                reason: "errcode 10001".into(),
+                http_status: Some(200),
+                errcode: Some(10001),
+                errmsg: None,
+                retry_after: None,
+            }),
+            Duration::from_millis(30),
+            1,
+        );
+        s.api_call(
+            &Verdict::Retry(ApiFailure::new("timeout")),
+            Duration::from_secs(10),
+            2,
+        );
+        s.partitions_changed(&[("in".into(), 3)], true);
+        let text = s.encode();
+        for line in [
+            "uincall_enricher_records_consumed_total 1",
+            "uincall_enricher_api_calls_total{status=\"200\",errcode=\"10001\"} 1",
+            "uincall_enricher_api_calls_total{status=\"transport\",errcode=\"none\"} 1",
+            "uincall_enricher_api_call_duration_seconds_count 2",
+            "uincall_enricher_api_retries_total 1",
+            "uincall_enricher_partitions_assigned 1",
+            "# UNIT uincall_enricher_api_call_duration_seconds seconds",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
+        }
+        assert_eq!(s.api_calls(), 2);
+    }
+
+    #[test]
+    fn a_partition_with_backlog_and_no_progress_is_stalled() {
+        let s = Stats::default();
+        s.partitions_changed(&[("in".into(), 0), ("in".into(), 1)], true);
+        let later = Instant::now() + Duration::from_secs(120);
+        // Lag unknown: never stalled.
+        assert!(s.stalled_at(Duration::ZERO, later).is_none());
+        {
+            let mut p = s.progress.lock().unwrap();
+            p.get_mut(&("in".to_string(), 1)).unwrap().lag = 5;
+            p.get_mut(&("in".to_string(), 0)).unwrap().lag = 0;
+        }
+        let (t, n, _) = s.stalled_at(Duration::from_secs(60), later).unwrap();
+        assert_eq!((t.as_str(), n), ("in", 1));
+        assert!(s.stalled_at(Duration::from_secs(300), later).is_none());
+        s.partition_moved("in", 1);
+        assert!(
+            s.stalled_at(Duration::from_secs(60), Instant::now())
+                .is_none()
+        );
+        s.partitions_changed(&[("in".into(), 1)], false);
+        assert!(s.stalled_at(Duration::ZERO, later).is_none());
+        assert_eq!(s.assigned_partitions(), 1);
+    }
 }

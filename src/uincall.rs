@@ -60,6 +60,26 @@ impl TokenStore {
     pub fn tenants(&self) -> usize {
         self.tokens.read().unwrap().len()
     }
+
+    /// Reads `dir` again: new and changed tokens replace the old ones (a
+    /// call under way keeps the token it started with). Tokens whose file
+    /// is gone are kept: a Secret being rewritten may lack files for a
+    /// moment. Returns how many tenants got a new token.
+    pub fn reload_dir(&self, dir: &Path) -> anyhow::Result<usize> {
+        let fresh = read_tokens_dir(dir)?;
+        let mut tokens = self.tokens.write().unwrap();
+        let mut changed = 0;
+        for (tenant, token) in fresh {
+            let same = tokens
+                .get(&tenant)
+                .is_some_and(|old| old.expose_secret() == token.expose_secret());
+            if !same {
+                tokens.insert(tenant, token);
+                changed += 1;
+            }
+        }
+        Ok(changed)
+    }
 }
 
 /// Reads a mounted Secret: file name = tenant_id, content = token. Hidden
@@ -249,5 +269,15 @@ mod tests {
         let store = TokenStore::from_settings(&s.api).unwrap();
         assert_eq!(store.get("tenant-a").unwrap().expose_secret(), "tok-a");
         assert_eq!(store.tenants(), 1);
+
+        // A rotated Secret: Kubernetes swaps the `..data` link; here the
+        // file is rewritten and a tenant is added.
+        std::fs::write(dir.path().join("tenant-a"), "tok-a2").unwrap();
+        std::fs::write(dir.path().join("tenant-b"), "tok-b").unwrap();
+        let old = store.get("tenant-a").unwrap();
+        assert_eq!(store.reload_dir(dir.path()).unwrap(), 2);
+        assert_eq!(store.get("tenant-a").unwrap().expose_secret(), "tok-a2");
+        assert_eq!(old.expose_secret(), "tok-a", "a copy in use is unchanged");
+        assert_eq!(store.reload_dir(dir.path()).unwrap(), 0, "nothing new");
     }
 }

@@ -3,7 +3,6 @@ use std::time::Duration;
 
 use rdkafka::Message;
 use uincall_enricher::record::header as out_header;
-use uincall_enricher::stats::Stats;
 use uincall_enricher::testkit;
 
 use crate::helpers::*;
@@ -18,8 +17,8 @@ async fn n_events_in_n_enriched_records_out_with_the_right_content() {
     let out = env.read_output(sessions.len()).await;
     let stats = worker.stats.clone();
     worker.stop().await.expect("clean stop");
-    assert_eq!(Stats::get(&stats.enriched), sessions.len() as u64);
-    assert_eq!(Stats::get(&stats.consumed), sessions.len() as u64);
+    assert_eq!(stats.enriched(), sessions.len() as u64);
+    assert_eq!(stats.consumed(), sessions.len() as u64);
 
     let keys: BTreeSet<String> = out.iter().map(key).collect();
     assert_eq!(keys, sessions.iter().cloned().collect::<BTreeSet<_>>());

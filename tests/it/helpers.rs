@@ -99,6 +99,10 @@ impl TestEnv {
         s.retry.max_attempts = 5;
         s.retry.permanent_errcodes = vec![ERRCODE_NOT_FOUND];
         s.pipeline.drain_timeout = Duration::from_secs(5);
+        s.systemic.call_window = 20;
+        s.systemic.min_calls = 10;
+        s.systemic.probe_min_delay = Duration::from_millis(50);
+        s.systemic.probe_max_delay = Duration::from_millis(400);
         s.validate().unwrap();
         s
     }
@@ -131,6 +135,10 @@ impl TestEnv {
                 ERRCODE_NOT_FOUND.to_string(),
             ),
             ("UINCALL__PIPELINE__DRAIN_TIMEOUT".into(), "5s".into()),
+            ("UINCALL__SYSTEMIC__CALL_WINDOW".into(), "20".into()),
+            ("UINCALL__SYSTEMIC__MIN_CALLS".into(), "10".into()),
+            ("UINCALL__SYSTEMIC__PROBE_MIN_DELAY".into(), "50ms".into()),
+            ("UINCALL__SYSTEMIC__PROBE_MAX_DELAY".into(), "400ms".into()),
             ("UINCALL__HTTP__LISTEN".into(), "127.0.0.1:0".into()),
         ]
     }
@@ -259,6 +267,60 @@ impl RunningWorker {
     pub async fn stop(self) -> anyhow::Result<()> {
         self.stop.cancel();
         self.handle.await.expect("worker task")
+    }
+}
+
+/// Serves the side port of an in-process worker on a free loopback port;
+/// returns its base URL.
+pub async fn serve_side_port(worker: &RunningWorker) -> String {
+    let addr = uincall_enricher::side_port::serve(
+        "127.0.0.1:0".parse().unwrap(),
+        worker.stats.clone(),
+        Duration::from_secs(300),
+        worker.stop.clone(),
+    )
+    .await
+    .unwrap();
+    format!("http://{addr}")
+}
+
+/// Polls `url` until its status is `want` (bounded by WAIT); returns the body.
+pub async fn until_status(url: &str, want: u16) -> String {
+    let started = std::time::Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    loop {
+        tick.tick().await;
+        if let Ok(resp) = reqwest::get(url).await
+            && resp.status().as_u16() == want
+        {
+            return resp.text().await.unwrap();
+        }
+        assert!(started.elapsed() < WAIT, "{url} never answered {want}");
+    }
+}
+
+/// Polls `cond` until it holds (bounded by WAIT).
+pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let started = std::time::Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    while !cond() {
+        assert!(started.elapsed() < WAIT, "waited in vain for {what}");
+        tick.tick().await;
+    }
+}
+
+/// Waits for a child to exit, killing it and failing past `limit`.
+pub fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            panic!("the process did not exit within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

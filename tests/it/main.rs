@@ -4,6 +4,7 @@
 
 mod crash;
 mod delivery;
+mod faults;
 mod helpers;
 mod retries;
 mod secrets;

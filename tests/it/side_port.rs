@@ -4,21 +4,6 @@ use uincall_enricher::testkit;
 
 use crate::helpers::*;
 
-/// Polls `url` until its status is `want` (bounded by WAIT); returns the body.
-async fn until_status(url: &str, want: u16) -> String {
-    let started = Instant::now();
-    let mut tick = tokio::time::interval(Duration::from_millis(50));
-    loop {
-        tick.tick().await;
-        if let Ok(resp) = reqwest::get(url).await
-            && resp.status().as_u16() == want
-        {
-            return resp.text().await.unwrap();
-        }
-        assert!(started.elapsed() < WAIT, "{url} never answered {want}");
-    }
-}
-
 #[tokio::test]
 async fn side_port_serves_health_readiness_and_metrics_of_the_real_binary() {
     let env = TestEnv::new("sideport", 2, Duration::ZERO).await;
@@ -69,7 +54,7 @@ async fn side_port_serves_health_readiness_and_metrics_of_the_real_binary() {
         "{metrics}"
     );
     assert!(
-        metrics.contains("# TYPE uincall_enricher_api_calls_total counter"),
+        metrics.contains("# TYPE uincall_enricher_api_calls counter"),
         "{metrics}"
     );
     assert!(!metrics.contains(&env.token));

@@ -1,0 +1,152 @@
+//! Calls per second to the API, per tenant (a token bucket, governor's
+//! GCRA), and the back-off of a tenant after the API said "too many calls"
+//! (HTTP 429 or a rate-limited errcode). Both are per replica: the tenant's
+//! quota must cover the limit times the number of replicas.
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::settings::RateLimitSettings;
+
+/// A tenant's back-off after rate-limited answers.
+#[derive(Debug, Clone, Copy)]
+struct Backoff {
+    until: Instant,
+    /// Rate-limited answers in a row; the next back-off doubles with each.
+    streak: u32,
+}
+
+#[derive(Debug)]
+pub struct RateLimits {
+    limiter: Option<DefaultKeyedRateLimiter<String>>,
+    backoff: Mutex<HashMap<String, Backoff>>,
+    min: Duration,
+    max: Duration,
+}
+
+impl RateLimits {
+    pub fn new(s: &RateLimitSettings) -> Self {
+        let limiter = NonZeroU32::new(s.per_tenant_per_second).map(|rate| {
+            let burst = NonZeroU32::new(s.burst).unwrap_or(NonZeroU32::MIN);
+            RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst))
+        });
+        RateLimits {
+            limiter,
+            backoff: Mutex::new(HashMap::new()),
+            min: s.backoff_min,
+            max: s.backoff_max,
+        }
+    }
+
+    /// Waits until `tenant` may make a call; `false` on shutdown.
+    pub async fn acquire(&self, tenant: &str, shutdown: &CancellationToken) -> bool {
+        loop {
+            let until = self.backoff.lock().unwrap().get(tenant).map(|b| b.until);
+            match until {
+                Some(at) if at > Instant::now() => {
+                    tokio::select! {
+                        biased;
+                        _ = shutdown.cancelled() => return false,
+                        _ = tokio::time::sleep_until(at) => {}
+                    }
+                }
+                _ => break,
+            }
+        }
+        if let Some(limiter) = &self.limiter {
+            let key = tenant.to_string();
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return false,
+                _ = limiter.until_key_ready(&key) => {}
+            }
+        }
+        true
+    }
+
+    /// The API said "too many calls" for `tenant`: its calls wait for
+    /// `Retry-After`, or a back-off that doubles per such answer in a row.
+    /// Returns the wait.
+    pub fn limited(&self, tenant: &str, retry_after: Option<Duration>) -> Duration {
+        let mut map = self.backoff.lock().unwrap();
+        let now = Instant::now();
+        let entry = map.entry(tenant.to_string()).or_insert(Backoff {
+            until: now,
+            streak: 0,
+        });
+        let doubled = self
+            .min
+            .saturating_mul(1u32 << entry.streak.min(16))
+            .min(self.max);
+        let wait = retry_after.unwrap_or(doubled);
+        entry.streak = entry.streak.saturating_add(1);
+        entry.until = entry.until.max(now + wait);
+        wait
+    }
+
+    /// A call of `tenant` was not rate limited: the back-off starts over.
+    pub fn answered(&self, tenant: &str) {
+        let mut map = self.backoff.lock().unwrap();
+        if map.get(tenant).is_some_and(|b| b.until <= Instant::now()) {
+            map.remove(tenant);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> RateLimits {
+        RateLimits::new(&RateLimitSettings {
+            per_tenant_per_second: 0,
+            burst: 1,
+            backoff_min: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(5),
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn backoff_doubles_per_limited_answer_up_to_the_cap_and_resets() {
+        let l = limits();
+        let stop = CancellationToken::new();
+        let waits: Vec<u64> = (0..5).map(|_| l.limited("t", None).as_secs()).collect();
+        assert_eq!(waits, vec![1, 2, 4, 5, 5]);
+        let start = Instant::now();
+        assert!(l.acquire("t", &stop).await);
+        // The longest wait set counts: 5 s from now.
+        assert_eq!(start.elapsed(), Duration::from_secs(5));
+        l.answered("t");
+        assert_eq!(l.limited("t", None), Duration::from_secs(1), "reset");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_after_wins_and_other_tenants_are_not_slowed() {
+        let l = limits();
+        let stop = CancellationToken::new();
+        assert_eq!(
+            l.limited("a", Some(Duration::from_secs(30))),
+            Duration::from_secs(30)
+        );
+        let start = Instant::now();
+        assert!(l.acquire("b", &stop).await);
+        assert_eq!(start.elapsed(), Duration::ZERO);
+        assert!(l.acquire("a", &stop).await);
+        assert_eq!(start.elapsed(), Duration::from_secs(30));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_ends_a_backoff_wait() {
+        let l = limits();
+        let stop = CancellationToken::new();
+        l.limited("t", Some(Duration::from_secs(3600)));
+        stop.cancel();
+        assert!(!l.acquire("t", &stop).await);
+    }
+}

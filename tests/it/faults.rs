@@ -1,0 +1,260 @@
+//! The faults the worker meets in production, against a real tansu broker
+//! and the fake Uincall API: an API outage, an expired token, a rate limit,
+//! SIGTERM under load, a broker restart. Longer variants: scripts/faults.sh.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use rdkafka::Message;
+use rdkafka::message::OwnedMessage;
+
+use uincall_enricher::dead_letter::header as dlq;
+use uincall_enricher::fake_api::ERRCODE_BAD_TOKEN;
+use uincall_enricher::testkit;
+
+use crate::helpers::*;
+
+fn sessions(prefix: &str, range: std::ops::Range<usize>) -> Vec<String> {
+    range.map(|i| format!("{prefix}-{i:05}")).collect()
+}
+
+/// A duration from the environment (seconds), for the long variants.
+fn env_secs(name: &str, default: u64) -> Duration {
+    Duration::from_secs(
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default),
+    )
+}
+
+/// Waits until the API has received `more` calls beyond `from`.
+async fn api_calls_beyond(env: &TestEnv, from: u64, more: u64) {
+    wait_until("API calls", || env.api.total_calls() >= from + more).await;
+}
+
+#[tokio::test]
+async fn api_outage_pauses_without_dead_letters_and_drains_after() {
+    let env = TestEnv::new("outage", 2, Duration::ZERO).await;
+    let mut s = env.settings();
+    // Without the systemic check these records would be dead-lettered
+    // within ~100 ms of the outage: 3 attempts, 10..50 ms apart.
+    s.retry.max_attempts = 3;
+    let worker = env.start_worker(s).await;
+    let side = serve_side_port(&worker).await;
+
+    let before = sessions("before", 0..100);
+    env.seed(&before).await;
+    env.read_output(before.len()).await;
+    until_status(&format!("{side}/readyz"), 200).await;
+
+    env.api.set_outage(true);
+    let during = sessions("during", 0..200);
+    env.seed(&during).await;
+    let body = until_status(&format!("{side}/readyz"), 503).await;
+    assert!(body.contains("systemic failure"), "{body}");
+    // The outage lasts while the probe is refused a few times (and at least
+    // OUTAGE_SECS, 60 in scripts/faults.sh).
+    let calls = env.api.total_calls();
+    let outage = tokio::time::sleep(env_secs("OUTAGE_SECS", 2));
+    api_calls_beyond(&env, calls, 4).await;
+    outage.await;
+    assert!(worker.stats.is_systemic());
+    assert_eq!(worker.stats.dead_lettered_total(), 0);
+    env.api.set_outage(false);
+
+    let all: Vec<String> = before.iter().chain(&during).cloned().collect();
+    let out = env.read_output(all.len()).await;
+    let got: BTreeSet<String> = out.iter().map(key).collect();
+    assert_eq!(got, all.iter().cloned().collect(), "backlog drained");
+    until_status(&format!("{side}/readyz"), 200).await;
+    let metrics = until_status(&format!("{side}/metrics"), 200).await;
+    assert!(
+        metrics.contains("uincall_enricher_systemic_failures_total{cause=\"outage\"} 1"),
+        "{metrics}"
+    );
+    worker.stop().await.unwrap();
+    assert!(env.is_empty(&env.dlq), "nothing dead-lettered");
+}
+
+#[tokio::test]
+async fn expired_token_pauses_and_recovers_when_the_token_file_is_replaced() {
+    let env = TestEnv::new("token", 1, Duration::ZERO).await;
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join(&env.tenant);
+    std::fs::write(&token_file, &env.token).unwrap();
+    let mut s = env.settings();
+    s.api.tokens.clear();
+    s.api.tokens_dir = Some(dir.path().to_path_buf());
+    s.api.tokens_reload_interval = Duration::from_millis(100);
+    s.retry.systemic_errcodes = vec![ERRCODE_BAD_TOKEN];
+    let worker = env.start_worker(s).await;
+    let side = serve_side_port(&worker).await;
+
+    let first = sessions("first", 0..20);
+    env.seed(&first).await;
+    env.read_output(first.len()).await;
+
+    // The token expires: the API refuses it from now on.
+    let rotated = format!("{}-rotated", env.token);
+    env.api.set_token(&env.tenant, &rotated);
+    let second = sessions("second", 0..50);
+    env.seed(&second).await;
+    let body = until_status(&format!("{side}/readyz"), 503).await;
+    assert!(body.contains("systemic failure"), "{body}");
+    let calls = env.api.total_calls();
+    api_calls_beyond(&env, calls, 2).await; // the probe is refused
+    assert_eq!(worker.stats.dead_lettered_total(), 0);
+
+    // The Secret is updated: the worker reloads it and resumes.
+    std::fs::write(&token_file, &rotated).unwrap();
+    let out = env.read_output(first.len() + second.len()).await;
+    assert_eq!(
+        out.iter().map(key).collect::<BTreeSet<_>>().len(),
+        first.len() + second.len()
+    );
+    until_status(&format!("{side}/readyz"), 200).await;
+    worker.stop().await.unwrap();
+    assert!(env.is_empty(&env.dlq), "nothing dead-lettered");
+}
+
+#[tokio::test]
+async fn rate_limit_holds_calls_per_second_per_tenant() {
+    let env = TestEnv::new("ratelimit", 3, Duration::ZERO).await;
+    let mut s = env.settings();
+    let limit = 40;
+    s.rate_limit.per_tenant_per_second = limit;
+    let all = sessions("call", 0..160);
+    env.seed(&all).await;
+    let worker = env.start_worker(s).await;
+    env.read_output(all.len()).await;
+    worker.stop().await.unwrap();
+
+    let per_second = env.api.calls_per_second();
+    let most = per_second.iter().copied().max().unwrap_or(0);
+    assert!(
+        most as f64 <= limit as f64 * 1.1,
+        "a second had {most} calls, over {limit} + 10 %: {per_second:?}"
+    );
+    assert_eq!(env.api.total_calls(), all.len() as u64);
+}
+
+#[tokio::test]
+async fn rate_limited_answers_slow_the_tenant_without_failing_records() {
+    let env = TestEnv::new("limited", 1, Duration::ZERO).await;
+    let mut s = env.settings();
+    s.retry.max_attempts = 1; // any counted failure would dead-letter
+    s.rate_limit.backoff_min = Duration::from_millis(20);
+    let all: Vec<String> = (0..30).map(|i| format!("ratelimited2-{i:03}")).collect();
+    env.seed(&all).await;
+    let worker = env.start_worker(s).await;
+    let out = env.read_output(all.len()).await;
+    worker.stop().await.unwrap();
+    for m in &out {
+        let v = enriched_json(m);
+        assert_eq!(v["enrichment"]["attempts"], 1, "{}", key(m));
+        assert_eq!(env.api.calls(&key(m)), 3, "two 429s, then the record");
+    }
+    assert!(env.is_empty(&env.dlq));
+}
+
+/// Source (partition, offset) of every record on the output and
+/// dead-letter topics.
+async fn outputs_by_partition(env: &TestEnv) -> BTreeMap<i32, BTreeSet<i64>> {
+    let total = |topic: &str| -> usize {
+        testkit::end_offsets(&env.bootstrap(), topic)
+            .unwrap()
+            .iter()
+            .sum::<i64>() as usize
+    };
+    let out = env.read_output(total(&env.output)).await;
+    let dead = env.read_dlq(total(&env.dlq)).await;
+    let mut by: BTreeMap<i32, BTreeSet<i64>> = BTreeMap::new();
+    for m in &out {
+        let v = enriched_json(m);
+        let src = &v["enrichment"]["source"];
+        by.entry(src["partition"].as_i64().unwrap() as i32)
+            .or_default()
+            .insert(src["offset"].as_i64().unwrap());
+    }
+    for m in &dead {
+        let num = |h| header(m, h).unwrap().parse::<i64>().unwrap();
+        by.entry(num(dlq::SOURCE_PARTITION) as i32)
+            .or_default()
+            .insert(num(dlq::SOURCE_OFFSET));
+    }
+    by
+}
+
+#[tokio::test]
+async fn sigterm_under_load_exits_zero_and_commits_exactly_what_was_acknowledged() {
+    let env = TestEnv::new("sigterm", 3, Duration::from_millis(20)).await;
+    let all: Vec<String> = (0..3000)
+        .map(|i| match i % 10 {
+            0 => format!("transient1-{i:05}"),
+            _ => format!("call-{i:05}"),
+        })
+        .collect();
+    env.seed(&all).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = env.spawn_binary(
+        &dir.path().join("worker.log"),
+        &[("UINCALL__PIPELINE__MAX_IN_FLIGHT", "64")],
+    );
+    testkit::read_topic(&env.bootstrap(), &env.output, 500, WAIT)
+        .await
+        .unwrap();
+    sigterm(&child);
+    let status = wait_exit(&mut child, Duration::from_secs(30));
+    assert!(status.success(), "exit status {status}");
+
+    let committed = env.committed();
+    let done = outputs_by_partition(&env).await;
+    let mut processed = 0;
+    for (p, c) in committed.iter().enumerate() {
+        let offsets = done.get(&(p as i32)).cloned().unwrap_or_default();
+        // The contiguous prefix of acknowledged records...
+        let prefix = (0..).take_while(|o| offsets.contains(o)).count() as i64;
+        // ...is what was committed, and nothing past it was acknowledged.
+        assert_eq!(c.unwrap_or(0), prefix, "partition {p}: {committed:?}");
+        assert_eq!(offsets.len() as i64, prefix, "partition {p}: gaps");
+        processed += prefix;
+    }
+    assert!(
+        processed < all.len() as i64,
+        "SIGTERM came after the stream ended"
+    );
+}
+
+#[tokio::test]
+async fn broker_restart_mid_stream_loses_nothing() {
+    let mut env = TestEnv::new("restart", 3, Duration::from_millis(10)).await;
+    let all = sessions("call", 0..3000);
+    env.seed(&all).await;
+    let mut s = env.settings();
+    s.pipeline.max_in_flight = 32;
+    let worker = env.start_worker(s).await;
+    testkit::read_topic(&env.bootstrap(), &env.output, 300, WAIT)
+        .await
+        .unwrap();
+    env.broker
+        .restart()
+        .expect("tansu restarts on its sqlite file");
+    let out = testkit::read_topic_until(
+        &env.bootstrap(),
+        &env.output,
+        WAIT,
+        |m: &[OwnedMessage]| m.iter().map(key).collect::<BTreeSet<_>>().len() >= all.len(),
+    )
+    .await
+    .unwrap();
+    worker.stop().await.unwrap();
+    let got: BTreeSet<String> = out.iter().map(key).collect();
+    assert_eq!(got.len(), all.len());
+    assert!(out.iter().all(|m| m.payload().is_some()));
+    println!(
+        "broker restart: {} events, 0 lost, {} duplicates",
+        all.len(),
+        out.len() - got.len()
+    );
+}
