@@ -216,25 +216,22 @@ async fn detail(
     if !token_ok {
         return errcode(ERRCODE_BAD_TOKEN, "invalid access_token");
     }
-    if let Some(rest) = session_id.strip_prefix("transient") {
-        let failures: u32 = rest
-            .split('-')
-            .next()
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(1);
-        if attempt <= failures {
-            return errcode(ERRCODE_NOT_READY, "record not ready");
-        }
+    // `{prefix}{N}-…`: the first N calls fail.
+    let failing = |prefix: &str| {
+        session_id.strip_prefix(prefix).is_some_and(|rest| {
+            let n: u32 = rest
+                .split('-')
+                .next()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(1);
+            attempt <= n
+        })
+    };
+    if failing("transient") {
+        return errcode(ERRCODE_NOT_READY, "record not ready");
     }
-    if let Some(rest) = session_id.strip_prefix("ratelimited") {
-        let limited: u32 = rest
-            .split('-')
-            .next()
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(1);
-        if attempt <= limited {
-            return (StatusCode::TOO_MANY_REQUESTS, "too many requests").into_response();
-        }
+    if failing("ratelimited") {
+        return (StatusCode::TOO_MANY_REQUESTS, "too many requests").into_response();
     }
     if session_id.starts_with("permanent-") {
         return errcode(ERRCODE_NOT_FOUND, "session not found");

@@ -321,7 +321,8 @@ impl Enricher {
             .await;
             match &outcome {
                 RetryOutcome::Permanent(..) | RetryOutcome::Exhausted(..)
-                    if self.breaker.on_dead_letter() == DeadLetterGate::Hold =>
+                    if self.breaker.on_dead_letter(|| probe_target(&event))
+                        == DeadLetterGate::Hold =>
                 {
                     debug!("dead letter held during systemic failure; the record starts over");
                     if !self.breaker.wait_closed(&stop).await {

@@ -71,8 +71,9 @@ impl RateLimits {
     }
 
     /// The API said "too many calls" for `tenant`: its calls wait for
-    /// `Retry-After`, or a back-off that doubles per such answer in a row.
-    /// Returns the wait.
+    /// `Retry-After`, or a back-off that doubles per episode in a row. The
+    /// answers of calls that were already under way when a back-off began
+    /// belong to the same episode and do not double it. Returns the wait.
     pub fn limited(&self, tenant: &str, retry_after: Option<Duration>) -> Duration {
         let mut map = self.backoff.lock().unwrap();
         let now = Instant::now();
@@ -80,14 +81,17 @@ impl RateLimits {
             until: now,
             streak: 0,
         });
-        let doubled = self
-            .min
-            .saturating_mul(1u32 << entry.streak.min(16))
-            .min(self.max);
-        let wait = retry_after.unwrap_or(doubled);
-        entry.streak = entry.streak.saturating_add(1);
-        entry.until = entry.until.max(now + wait);
-        wait
+        if entry.until <= now {
+            let doubled = self
+                .min
+                .saturating_mul(1u32 << entry.streak.min(16))
+                .min(self.max);
+            entry.streak = entry.streak.saturating_add(1);
+            entry.until = now + retry_after.unwrap_or(doubled);
+        } else if let Some(after) = retry_after {
+            entry.until = entry.until.max(now + after);
+        }
+        entry.until - now
     }
 
     /// A call of `tenant` was not rate limited: the back-off starts over.
@@ -113,15 +117,20 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn backoff_doubles_per_limited_answer_up_to_the_cap_and_resets() {
+    async fn backoff_doubles_per_episode_up_to_the_cap_and_resets() {
         let l = limits();
         let stop = CancellationToken::new();
-        let waits: Vec<u64> = (0..5).map(|_| l.limited("t", None).as_secs()).collect();
+        let mut waits = Vec::new();
+        for _ in 0..5 {
+            let wait = l.limited("t", None);
+            // Answers of calls under way in the same episode: no doubling.
+            assert_eq!(l.limited("t", None), wait);
+            waits.push(wait.as_secs());
+            let start = Instant::now();
+            assert!(l.acquire("t", &stop).await);
+            assert_eq!(start.elapsed(), wait);
+        }
         assert_eq!(waits, vec![1, 2, 4, 5, 5]);
-        let start = Instant::now();
-        assert!(l.acquire("t", &stop).await);
-        // The longest wait set counts: 5 s from now.
-        assert_eq!(start.elapsed(), Duration::from_secs(5));
         l.answered("t");
         assert_eq!(l.limited("t", None), Duration::from_secs(1), "reset");
     }

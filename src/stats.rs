@@ -396,7 +396,11 @@ impl Stats {
     /// librdkafka's periodic statistics: lag and committed offsets of the
     /// assigned partitions, and whether any broker is connected.
     pub fn kafka_statistics(&self, s: &rdkafka::Statistics) {
-        let up = s.brokers.values().filter(|b| b.state == "UP").count();
+        let up = s
+            .brokers
+            .values()
+            .filter(|b| matches!(b.source.as_str(), "learned" | "configured") && b.state == "UP")
+            .count();
         self.brokers_up.store(up as i64, Ordering::Relaxed);
         let mut progress = self.progress.lock().unwrap();
         for (topic, t) in &s.topics {

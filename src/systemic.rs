@@ -236,11 +236,12 @@ impl Breaker {
     /// A record is about to be dead-lettered for an API reason: may it be?
     /// While open, or when this dead letter pushes the share of dead letters
     /// over `dead_letter_ratio`, it is held instead.
-    pub fn on_dead_letter(&self) -> DeadLetterGate {
+    pub fn on_dead_letter(&self, target: impl FnOnce() -> ProbeTarget) -> DeadLetterGate {
+        let mut inner = self.inner.lock().unwrap();
+        inner.last_failed = Some(target());
         if self.is_open() {
             return DeadLetterGate::Hold;
         }
-        let mut inner = self.inner.lock().unwrap();
         inner.records.push(true);
         let s = &self.settings;
         let over = inner.records.over(s.min_records, s.dead_letter_ratio);
@@ -370,9 +371,9 @@ mod tests {
         let b = Breaker::new(&settings());
         b.on_enriched(|| target("good"));
         b.on_enriched(|| target("good2"));
-        assert_eq!(b.on_dead_letter(), DeadLetterGate::Allow); // 1 of 3
-        assert_eq!(b.on_dead_letter(), DeadLetterGate::Allow); // 2 of 4 = 0.5, not over
-        assert_eq!(b.on_dead_letter(), DeadLetterGate::Hold); // 3 of 5
+        assert_eq!(b.on_dead_letter(|| target("bad")), DeadLetterGate::Allow); // 1 of 3
+        assert_eq!(b.on_dead_letter(|| target("bad")), DeadLetterGate::Allow); // 2 of 4 = 0.5, not over
+        assert_eq!(b.on_dead_letter(|| target("bad")), DeadLetterGate::Hold); // 3 of 5
         assert_eq!(
             b.cause(),
             Some(Cause::DeadLetters {
@@ -380,7 +381,11 @@ mod tests {
                 records: 5
             })
         );
-        assert_eq!(b.on_dead_letter(), DeadLetterGate::Hold, "held while open");
+        assert_eq!(
+            b.on_dead_letter(|| target("bad")),
+            DeadLetterGate::Hold,
+            "held while open"
+        );
         assert_eq!(b.probe_target(), Some(target("good2")));
     }
 
@@ -390,7 +395,7 @@ mod tests {
         s.dead_letter_ratio = 1.0;
         let b = Breaker::new(&s);
         for _ in 0..50 {
-            assert_eq!(b.on_dead_letter(), DeadLetterGate::Allow);
+            assert_eq!(b.on_dead_letter(|| target("bad")), DeadLetterGate::Allow);
         }
     }
 

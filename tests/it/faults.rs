@@ -77,43 +77,89 @@ async fn api_outage_pauses_without_dead_letters_and_drains_after() {
     assert!(env.is_empty(&env.dlq), "nothing dead-lettered");
 }
 
+/// Tokens in a directory, as a mounted Secret, read again every 100 ms.
+struct TokensDir {
+    dir: tempfile::TempDir,
+    file: std::path::PathBuf,
+}
+
+impl TokensDir {
+    fn new(env: &TestEnv) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join(&env.tenant);
+        std::fs::write(&file, &env.token).unwrap();
+        TokensDir { dir, file }
+    }
+
+    fn settings(&self, env: &TestEnv) -> uincall_enricher::settings::Settings {
+        let mut s = env.settings();
+        s.api.tokens.clear();
+        s.api.tokens_dir = Some(self.dir.path().to_path_buf());
+        s.api.tokens_reload_interval = Duration::from_millis(100);
+        s
+    }
+
+    /// The Secret is rewritten with a new token.
+    fn replace(&self, token: &str) {
+        std::fs::write(&self.file, token).unwrap();
+    }
+
+    /// 20 events enriched, then the API stops accepting the token and 50
+    /// more events arrive; returns when `/readyz` reports the systemic
+    /// failure.
+    async fn expire_mid_stream(&self, env: &TestEnv, worker: &RunningWorker) -> Expired {
+        let side = serve_side_port(worker).await;
+        let first = sessions("first", 0..20);
+        env.seed(&first).await;
+        env.read_output(first.len()).await;
+        let rotated = format!("{}-rotated", env.token);
+        env.api.set_token(&env.tenant, &rotated);
+        let second = sessions("second", 0..50);
+        env.seed(&second).await;
+        let body = until_status(&format!("{side}/readyz"), 503).await;
+        assert!(body.contains("systemic failure"), "{body}");
+        Expired {
+            first,
+            second,
+            rotated,
+            readyz: format!("{side}/readyz"),
+        }
+    }
+}
+
+struct Expired {
+    first: Vec<String>,
+    second: Vec<String>,
+    /// The token the API wants now.
+    rotated: String,
+    readyz: String,
+}
+
 #[tokio::test]
 async fn expired_token_pauses_and_recovers_when_the_token_file_is_replaced() {
     let env = TestEnv::new("token", 1, Duration::ZERO).await;
-    let dir = tempfile::tempdir().unwrap();
-    let token_file = dir.path().join(&env.tenant);
-    std::fs::write(&token_file, &env.token).unwrap();
-    let mut s = env.settings();
-    s.api.tokens.clear();
-    s.api.tokens_dir = Some(dir.path().to_path_buf());
-    s.api.tokens_reload_interval = Duration::from_millis(100);
+    let tokens = TokensDir::new(&env);
+    let mut s = tokens.settings(&env);
     s.retry.systemic_errcodes = vec![ERRCODE_BAD_TOKEN];
     let worker = env.start_worker(s).await;
-    let side = serve_side_port(&worker).await;
-
-    let first = sessions("first", 0..20);
-    env.seed(&first).await;
-    env.read_output(first.len()).await;
-
-    // The token expires: the API refuses it from now on.
-    let rotated = format!("{}-rotated", env.token);
-    env.api.set_token(&env.tenant, &rotated);
-    let second = sessions("second", 0..50);
-    env.seed(&second).await;
-    let body = until_status(&format!("{side}/readyz"), 503).await;
-    assert!(body.contains("systemic failure"), "{body}");
+    let Expired {
+        first,
+        second,
+        rotated,
+        readyz,
+    } = tokens.expire_mid_stream(&env, &worker).await;
     let calls = env.api.total_calls();
     api_calls_beyond(&env, calls, 2).await; // the probe is refused
     assert_eq!(worker.stats.dead_lettered_total(), 0);
 
     // The Secret is updated: the worker reloads it and resumes.
-    std::fs::write(&token_file, &rotated).unwrap();
+    tokens.replace(&rotated);
     let out = env.read_output(first.len() + second.len()).await;
     assert_eq!(
         out.iter().map(key).collect::<BTreeSet<_>>().len(),
         first.len() + second.len()
     );
-    until_status(&format!("{side}/readyz"), 200).await;
+    until_status(&readyz, 200).await;
     worker.stop().await.unwrap();
     assert!(env.is_empty(&env.dlq), "nothing dead-lettered");
 }
@@ -257,4 +303,46 @@ async fn broker_restart_mid_stream_loses_nothing() {
         all.len(),
         out.len() - got.len()
     );
+}
+
+#[tokio::test]
+async fn dead_letter_ratio_stops_a_flood_when_an_unlisted_errcode_fails_every_record() {
+    let env = TestEnv::new("dlqratio", 1, Duration::ZERO).await;
+    let tokens = TokensDir::new(&env);
+    let mut s = tokens.settings(&env);
+    // The token errcode is not listed as systemic: records fail one by one.
+    s.retry.max_attempts = 2;
+    s.systemic.record_window = 20;
+    s.systemic.min_records = 10;
+    s.systemic.dead_letter_ratio = 0.5;
+    let worker = env.start_worker(s).await;
+    let Expired {
+        first,
+        second,
+        rotated,
+        readyz,
+    } = tokens.expire_mid_stream(&env, &worker).await;
+    // 20 enriched outcomes in the window: the 11th dead letter would pass
+    // half of it, so exactly 10 were written.
+    let dead = env.read_dlq(10).await;
+    let calls = env.api.total_calls();
+    api_calls_beyond(&env, calls, 2).await; // the probe is refused
+    assert_eq!(worker.stats.dead_lettered_total(), 10);
+
+    tokens.replace(&rotated);
+    let out = env
+        .read_output(first.len() + second.len() - dead.len())
+        .await;
+    until_status(&readyz, 200).await;
+    worker.stop().await.unwrap();
+    let enriched: BTreeSet<String> = out.iter().map(key).collect();
+    let dead: BTreeSet<String> = dead.iter().map(key).collect();
+    assert_eq!(enriched.len() + dead.len(), first.len() + second.len());
+    assert!(enriched.is_disjoint(&dead));
+    for m in &env.read_dlq(10).await {
+        assert_eq!(
+            header(m, dlq::ERROR_CLASS).as_deref(),
+            Some("retries_exhausted")
+        );
+    }
 }
