@@ -41,6 +41,18 @@ pub fn consumer_config(k: &KafkaSettings) -> ClientConfig {
     c
 }
 
+/// The replay's consumer: assigned partitions, progress committed by the
+/// replay itself only for acknowledged re-submissions.
+pub fn replay_consumer_config(k: &KafkaSettings, group: &str) -> ClientConfig {
+    let mut c = base(k);
+    c.set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("enable.partition.eof", "false");
+    c
+}
+
 /// Producer: idempotent, acknowledged by all in-sync replicas.
 pub fn producer_config(k: &KafkaSettings) -> ClientConfig {
     let mut c = base(k);

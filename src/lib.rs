@@ -16,6 +16,7 @@
 //! - [`dead_letter`]: the dead-letter record's headers and error classes.
 //! - [`offsets`]: per-partition tracking of the committable offset.
 //! - [`pipeline`]: the worker: consume, enrich concurrently, publish, commit.
+//! - [`replay`]: dead letters back to the input topic (or enriched directly).
 //! - [`kafka`]: librdkafka client configuration.
 //! - [`stats`]: metrics and their log lines, one method per event.
 //! - [`telemetry`]: logging set-up.
@@ -39,6 +40,7 @@ pub mod pipeline;
 mod properties;
 pub mod rate_limit;
 pub mod record;
+pub mod replay;
 pub mod retry;
 pub mod settings;
 pub mod shutdown;

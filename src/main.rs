@@ -39,6 +39,13 @@ enum Command {
     Run,
     /// Validate the settings and print them with secrets redacted.
     CheckConfig,
+    /// Re-submit dead letters (after fixing their cause): back to the input
+    /// topic, or enriched directly with --direct. Filters select which;
+    /// --dry-run shows what they select. Stops at the dead-letter topic's
+    /// end as of the start; progress is committed under its own group, so a
+    /// rerun continues. Exit code 1 when a re-submission failed, 130 when
+    /// interrupted.
+    Replay(Box<uincall_enricher::replay::ReplayArgs>),
     /// Run the whole pipeline on embedded defaults: an in-process Kafka
     /// cluster, a local fake Uincall API and sample events.
     Demo {
@@ -110,6 +117,38 @@ fn execute(cli: Cli, runtime: &tokio::runtime::Runtime) -> ExitCode {
                     }
                 }
             })
+        }
+        Command::Replay(args) => {
+            let settings = match Settings::load(cli.config.as_deref()) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            telemetry::init(&settings.log);
+            let dry_run = args.dry_run;
+            let result = runtime.block_on(async {
+                let stop = shutdown::on_signals()?;
+                uincall_enricher::replay::run(settings, *args, stop).await
+            });
+            match result {
+                Ok(summary) => {
+                    print!("{}", summary.render(dry_run));
+                    if summary.failed > 0 {
+                        ExitCode::FAILURE
+                    } else if summary.interrupted {
+                        ExitCode::from(130)
+                    } else {
+                        ExitCode::SUCCESS
+                    }
+                }
+                Err(e) => {
+                    error!(error = format!("{e:#}"), "replay failed");
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
         }
         Command::Demo {
             events,

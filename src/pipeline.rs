@@ -19,7 +19,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use secrecy::ExposeSecret;
-use tokio::task::JoinSet;
+use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
@@ -245,7 +245,42 @@ fn probe_target(event: &crate::event::CallEnded) -> ProbeTarget {
 }
 
 impl Enricher {
-    async fn process(
+    /// The API client, tokens, policies and the producer, from the settings.
+    pub fn build(settings: Arc<Settings>, stats: Arc<Stats>) -> anyhow::Result<Enricher> {
+        let producer: FutureProducer = kafka::producer_config(&settings.kafka)
+            .create()
+            .context("creating the Kafka producer")?;
+        let tokens = TokenStore::from_settings(&settings.api)?;
+        if tokens.tenants() == 0 {
+            warn!(
+                "no access tokens are configured: every event will be dead-lettered as invalid_event"
+            );
+        }
+        Ok(Enricher {
+            client: UincallClient::new(&settings.api, settings.pipeline.max_in_flight)?,
+            tokens,
+            errcodes: ErrcodePolicy::from_settings(&settings.retry),
+            retry: RetryPolicy::from_settings(&settings.retry),
+            breaker: Breaker::new(&settings.systemic),
+            limits: RateLimits::new(&settings.rate_limit),
+            producer,
+            stats,
+            settings,
+        })
+    }
+
+    /// Starts what runs beside the record tasks until `stop`: the
+    /// systemic-failure probe and the token reload.
+    pub fn start_helpers(self: &Arc<Self>, stop: &CancellationToken) -> [JoinHandle<()>; 2] {
+        [
+            tokio::spawn(self.clone().supervise_systemic(stop.clone())),
+            tokio::spawn(self.clone().reload_tokens(stop.clone())),
+        ]
+    }
+
+    /// Enriches one record and publishes it, or dead-letters it; returns
+    /// once the broker acknowledged either (or shutdown came first).
+    pub async fn process(
         &self,
         rec: InRecord,
         stop: CancellationToken,
@@ -616,26 +651,7 @@ impl Worker {
             })
             .context("creating the Kafka consumer")?;
         let consumer = Arc::new(consumer);
-        let producer: FutureProducer = kafka::producer_config(k)
-            .create()
-            .context("creating the Kafka producer")?;
-        let tokens = TokenStore::from_settings(&settings.api)?;
-        if tokens.tenants() == 0 {
-            warn!(
-                "no access tokens are configured: every event will be dead-lettered as invalid_event"
-            );
-        }
-        let enricher = Arc::new(Enricher {
-            client: UincallClient::new(&settings.api, settings.pipeline.max_in_flight)?,
-            tokens,
-            errcodes: ErrcodePolicy::from_settings(&settings.retry),
-            retry: RetryPolicy::from_settings(&settings.retry),
-            breaker: Breaker::new(&settings.systemic),
-            limits: RateLimits::new(&settings.rate_limit),
-            producer,
-            stats: stats.clone(),
-            settings: settings.clone(),
-        });
+        let enricher = Arc::new(Enricher::build(settings.clone(), stats.clone())?);
         let worker = Worker {
             settings,
             consumer,
@@ -690,10 +706,7 @@ impl Worker {
         // Cancelled when draining starts: no new attempts, no backoff waits.
         let stop_work = CancellationToken::new();
         let mut systemic = self.enricher.breaker.subscribe();
-        let helpers = [
-            tokio::spawn(self.enricher.clone().supervise_systemic(stop_work.clone())),
-            tokio::spawn(self.enricher.clone().reload_tokens(stop_work.clone())),
-        ];
+        let helpers = self.enricher.start_helpers(&stop_work);
         let mut tasks: JoinSet<Completion> = JoinSet::new();
         let mut flow = Flow::default();
         let pause_after = PAUSE_AFTER.min(s.kafka.max_poll_interval / 2);

@@ -105,7 +105,8 @@ async fn sigkill_five_times_mid_stream_and_restart_loses_nothing() {
             .await
             .unwrap();
     sigterm(&child);
-    assert!(child.wait().unwrap().success(), "SIGTERM ends with exit 0");
+    let status = wait_exit(&mut child, WAIT).await;
+    assert!(status.success(), "SIGTERM ends with exit 0: {status}");
 
     let mut seen: HashMap<String, usize> = HashMap::new();
     for m in out.iter().chain(dead.iter()) {

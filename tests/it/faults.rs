@@ -251,7 +251,7 @@ async fn sigterm_under_load_exits_zero_and_commits_exactly_what_was_acknowledged
         .await
         .unwrap();
     sigterm(&child);
-    let status = wait_exit(&mut child, Duration::from_secs(30));
+    let status = wait_exit(&mut child, Duration::from_secs(30)).await;
     assert!(status.success(), "exit status {status}");
 
     let committed = env.committed();

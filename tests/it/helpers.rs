@@ -164,6 +164,11 @@ impl TestEnv {
 
     /// Produces raw payloads (key, value, headers) to the input topic.
     pub async fn seed_raw(&self, records: &[RawRecord<'_>]) {
+        self.produce_raw(&self.input, records).await
+    }
+
+    /// Produces raw payloads (key, value, headers) to `topic`.
+    pub async fn produce_raw(&self, topic: &str, records: &[RawRecord<'_>]) {
         let producer: FutureProducer = testkit::client_config(&self.bootstrap()).create().unwrap();
         for (key, value, headers) in records {
             let mut hs = OwnedHeaders::new();
@@ -173,7 +178,7 @@ impl TestEnv {
                     value: Some(*v),
                 });
             }
-            let mut rec = FutureRecord::<str, [u8]>::to(&self.input)
+            let mut rec = FutureRecord::<str, [u8]>::to(topic)
                 .payload(value)
                 .headers(hs);
             if let Some(k) = key {
@@ -230,13 +235,51 @@ impl TestEnv {
     /// Starts the real binary (`run`) with this test's settings; its stderr
     /// goes to `log`.
     pub fn spawn_binary(&self, log: &PathBuf, extra_env: &[(&str, &str)]) -> Child {
+        self.spawn_command(&["run"], log, extra_env, Stdio::null())
+    }
+
+    /// Runs `uincall-enricher replay ARGS` to its end; returns the exit
+    /// code and what it printed on stdout (the summary). The wait does not
+    /// block this test's runtime, which serves the fake API.
+    pub async fn replay(&self, args: &[&str]) -> (i32, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut all = vec!["replay"];
+        all.extend_from_slice(args);
+        let child = self.spawn_command(&all, &dir.path().join("replay.log"), &[], Stdio::piped());
+        let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+            .await
+            .unwrap()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        let code = out.status.code().unwrap_or(-1);
+        if code != 0 && code != 1 {
+            let log = std::fs::read_to_string(dir.path().join("replay.log")).unwrap_or_default();
+            panic!("replay {args:?} exited {code}:\n{stdout}\n{log}");
+        }
+        (code, stdout)
+    }
+
+    /// Starts `uincall-enricher replay ARGS` in the background.
+    pub fn spawn_replay(&self, args: &[&str], log: &PathBuf) -> Child {
+        let mut all = vec!["replay"];
+        all.extend_from_slice(args);
+        self.spawn_command(&all, log, &[], Stdio::null())
+    }
+
+    fn spawn_command(
+        &self,
+        args: &[&str],
+        log: &PathBuf,
+        extra_env: &[(&str, &str)],
+        stdout: Stdio,
+    ) -> Child {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(log)
             .unwrap();
         Command::new(env!("CARGO_BIN_EXE_uincall-enricher"))
-            .arg("run")
+            .args(args)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .envs(self.env_vars())
@@ -246,7 +289,7 @@ impl TestEnv {
                     .map(|(k, v)| (k.to_string(), v.to_string())),
             )
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(stdout)
             .stderr(log)
             .spawn()
             .expect("worker binary starts")
@@ -268,6 +311,18 @@ impl RunningWorker {
         self.stop.cancel();
         self.handle.await.expect("worker task")
     }
+}
+
+/// A number from a summary line such as `  replayed   12`.
+pub fn summary_count(summary: &str, label: &str) -> u64 {
+    summary
+        .lines()
+        .find_map(|l| {
+            let l = l.trim();
+            let rest = l.strip_prefix(label)?;
+            rest.trim().parse().ok()
+        })
+        .unwrap_or_else(|| panic!("no `{label}` in the summary:\n{summary}"))
 }
 
 /// Serves the side port of an in-process worker on a free loopback port;
@@ -309,9 +364,11 @@ pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
-/// Waits for a child to exit, killing it and failing past `limit`.
-pub fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+/// Waits for a child to exit, killing it and failing past `limit`. Polls
+/// without blocking this test's runtime (it serves the fake API).
+pub async fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
     let started = std::time::Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
     loop {
         if let Some(status) = child.try_wait().unwrap() {
             return status;
@@ -320,7 +377,7 @@ pub fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus
             let _ = child.kill();
             panic!("the process did not exit within {limit:?}");
         }
-        std::thread::sleep(Duration::from_millis(20));
+        tick.tick().await;
     }
 }
 

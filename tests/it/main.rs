@@ -6,6 +6,7 @@ mod crash;
 mod delivery;
 mod faults;
 mod helpers;
+mod replay;
 mod retries;
 mod secrets;
 mod side_port;

@@ -20,7 +20,7 @@ async fn the_token_never_appears_in_logs_or_dead_letter_headers() {
     let dead = env.read_dlq(1).await;
     env.read_output(1).await;
     sigterm(&child);
-    let status = child.wait().unwrap();
+    let status = wait_exit(&mut child, WAIT).await;
     assert!(status.success(), "worker exit: {status}");
 
     let m = &dead[0];

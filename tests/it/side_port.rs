@@ -60,5 +60,5 @@ async fn side_port_serves_health_readiness_and_metrics_of_the_real_binary() {
     assert!(!metrics.contains(&env.token));
 
     sigterm(&child);
-    assert!(child.wait().unwrap().success());
+    assert!(wait_exit(&mut child, WAIT).await.success());
 }
