@@ -1,4 +1,8 @@
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use rdkafka::message::OwnedMessage;
 use std::time::Duration;
 
 use uincall_enricher::dead_letter::header as dlq;
@@ -47,6 +51,27 @@ async fn restart_delay() {
     tokio::time::sleep(Duration::from_secs(SESSION_TIMEOUT_SECS + 3)).await;
 }
 
+/// Reads `topic` from the start until `distinct` keys were seen (bounded by
+/// `limit`), publishing the number of records read so far in `read`.
+async fn read_distinct(
+    bootstrap: String,
+    topic: String,
+    distinct: usize,
+    limit: Duration,
+    read: Arc<AtomicUsize>,
+) -> Vec<OwnedMessage> {
+    let mut keys = HashSet::new();
+    testkit::read_topic_until(&bootstrap, &topic, limit, |msgs| {
+        for m in &msgs[read.load(Ordering::Relaxed).min(msgs.len())..] {
+            keys.insert(key(m));
+        }
+        read.store(msgs.len(), Ordering::Relaxed);
+        keys.len() >= distinct
+    })
+    .await
+    .unwrap()
+}
+
 /// Kills the worker with SIGKILL five times at random moments while records
 /// flow (10 % of the events answered with transient errcodes first, 1 %
 /// permanent), restarts it each time, and checks that every input session
@@ -86,11 +111,26 @@ async fn sigkill_five_times_mid_stream_and_restart_loses_nothing() {
     // Generous for the long variant too: ~200 records/s is far below what
     // the worker does here.
     let limit = WAIT + Duration::from_millis(total as u64 * 5);
+    let permanent = sessions
+        .iter()
+        .filter(|s| s.starts_with("permanent-"))
+        .count();
+    // One reader follows the output topic for the whole test (re-reading
+    // it from the start at every kill loads the broker too much at 50 000).
+    let read = Arc::new(AtomicUsize::new(0));
+    let output = tokio::spawn(read_distinct(
+        env.bootstrap(),
+        env.output.clone(),
+        total - permanent,
+        limit * 7,
+        read.clone(),
+    ));
     for kill_after in kills {
         let mut child = env.spawn_binary(&log, &window);
-        testkit::read_topic(&env.bootstrap(), &env.output, kill_after, limit)
-            .await
-            .unwrap();
+        wait_until_within("enriched records before the kill", limit, || {
+            read.load(Ordering::Relaxed) >= kill_after
+        })
+        .await;
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
         restart_delay().await;
@@ -102,21 +142,15 @@ async fn sigkill_five_times_mid_stream_and_restart_loses_nothing() {
     );
 
     let mut child = env.spawn_binary(&log, &window);
-    let done =
-        |out: &[rdkafka::message::OwnedMessage]| out.iter().map(key).collect::<BTreeSet<_>>().len();
-    let permanent = sessions
-        .iter()
-        .filter(|s| s.starts_with("permanent-"))
-        .count();
-    let out = testkit::read_topic_until(&env.bootstrap(), &env.output, limit, |m| {
-        done(m) >= total - permanent
-    })
-    .await
-    .unwrap();
-    let dead =
-        testkit::read_topic_until(&env.bootstrap(), &env.dlq, limit, |m| done(m) >= permanent)
-            .await
-            .unwrap();
+    let out = output.await.unwrap();
+    let dead = read_distinct(
+        env.bootstrap(),
+        env.dlq.clone(),
+        permanent,
+        limit,
+        Arc::default(),
+    )
+    .await;
     sigterm(&child);
     let status = wait_exit(&mut child, WAIT).await;
     assert!(status.success(), "SIGTERM ends with exit 0: {status}");

@@ -355,11 +355,16 @@ pub async fn until_status(url: &str, want: u16) -> String {
 }
 
 /// Polls `cond` until it holds (bounded by WAIT).
-pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+pub async fn wait_until(what: &str, cond: impl FnMut() -> bool) {
+    wait_until_within(what, WAIT, cond).await
+}
+
+/// Polls `cond` until it holds (bounded by `limit`).
+pub async fn wait_until_within(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
     let started = std::time::Instant::now();
     let mut tick = tokio::time::interval(Duration::from_millis(20));
     while !cond() {
-        assert!(started.elapsed() < WAIT, "waited in vain for {what}");
+        assert!(started.elapsed() < limit, "waited in vain for {what}");
         tick.tick().await;
     }
 }
