@@ -562,7 +562,8 @@ impl Enricher {
                 _ = stop.cancelled() => return false,
                 _ = tokio::time::sleep(delay) => {}
             }
-            let target = self.breaker.probe_target();
+            let target = self.breaker.probe_target(cause);
+            let known_good = self.breaker.has_good();
             let token = target.as_ref().and_then(|t| self.tokens.get(&t.tenant_id));
             let reason = match (target, token) {
                 (Some(t), Some(token)) => {
@@ -576,7 +577,7 @@ impl Enricher {
                     let verdict =
                         classify(&answer.answer, &self.errcodes).redact(token.expose_secret());
                     self.stats.api_call(&verdict, answer.latency, 0);
-                    if Breaker::heals(cause, &answer.answer, &verdict) {
+                    if Breaker::heals(cause, &answer.answer, &verdict, known_good) {
                         return true;
                     }
                     match verdict {

@@ -87,7 +87,8 @@ impl RateLimits {
                 .saturating_mul(1u32 << entry.streak.min(16))
                 .min(self.max);
             entry.streak = entry.streak.saturating_add(1);
-            entry.until = now + retry_after.unwrap_or(doubled);
+            // `Retry-After` wins, but no less than `backoff_min`.
+            entry.until = now + retry_after.map_or(doubled, |a| a.max(self.min));
         } else if let Some(after) = retry_after {
             entry.until = entry.until.max(now + after);
         }

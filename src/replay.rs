@@ -178,6 +178,62 @@ impl Filter {
         })
     }
 
+    /// The replay group when `--group` is not given:
+    /// `<kafka.group_id>.replay`, plus a digest of the filters when any is
+    /// set. A run with other filters then starts from the beginning instead
+    /// of after the records an earlier run skipped; the same filters
+    /// continue where they stopped.
+    pub fn default_group(&self, group_id: &str) -> String {
+        let mut parts: Vec<String> = Vec::new();
+        let mut add = |name: &str, mut values: Vec<String>| {
+            if !values.is_empty() {
+                values.sort();
+                parts.push(format!("{name}={}", values.join(",")));
+            }
+        };
+        add("class", self.error_classes.clone());
+        add("reason", self.reason_contains.iter().cloned().collect());
+        add(
+            "errcode",
+            self.errcodes.iter().map(i64::to_string).collect(),
+        );
+        add("tenant", self.tenants.clone());
+        add(
+            "after",
+            self.failed_after.iter().map(|t| t.to_rfc3339()).collect(),
+        );
+        add(
+            "before",
+            self.failed_before.iter().map(|t| t.to_rfc3339()).collect(),
+        );
+        add(
+            "partition",
+            self.source_partitions.iter().map(i32::to_string).collect(),
+        );
+        add(
+            "offsets",
+            self.source_offsets
+                .iter()
+                .map(|(a, b)| format!("{a}..{b}"))
+                .collect(),
+        );
+        add(
+            "sessions",
+            self.sessions.iter().flatten().cloned().collect(),
+        );
+        if parts.is_empty() {
+            return format!("{group_id}.replay");
+        }
+        // FNV-1a: stable across builds and platforms.
+        let digest = parts
+            .join(";")
+            .bytes()
+            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+            });
+        format!("{group_id}.replay.{digest:016x}")
+    }
+
     /// Whether the dead letter passes every filter that is set.
     pub fn matches(&self, f: &Failure) -> bool {
         fn any_of<T: PartialEq>(allowed: &[T], v: Option<T>) -> bool {
@@ -270,6 +326,10 @@ const SAMPLE: usize = 10;
 /// How one matched record ended.
 enum Resubmitted {
     Acknowledged,
+    /// With `--direct`: the record failed again and its new dead letter was
+    /// acknowledged (it is done: the next run sees the new dead letter).
+    DeadLetteredAgain(String),
+    /// Nothing reached the broker: the record stays uncommitted.
     Failed(String),
     /// Shutdown came first: not committed, replayed by the next run.
     Abandoned,
@@ -291,7 +351,7 @@ pub async fn run(
     let group = args
         .group
         .clone()
-        .unwrap_or_else(|| format!("{}.replay", k.group_id));
+        .unwrap_or_else(|| filter.default_group(&k.group_id));
     let consumer: StreamConsumer = kafka::replay_consumer_config(k, &group)
         .create()
         .context("creating the replay consumer")?;
@@ -331,8 +391,7 @@ pub async fn run(
         .rate
         .map(|r| RateLimiter::direct(Quota::per_second(r).allow_burst(NonZeroU32::MIN)));
     let bar = progress_bar(total as u64);
-    let mut trackers: HashMap<i32, PartitionTracker> = HashMap::new();
-    let mut to_commit: HashMap<i32, i64> = HashMap::new();
+    let mut progress = Progress::default();
     let mut in_flight = FuturesUnordered::new();
     let mut started: u64 = 0;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -350,21 +409,21 @@ pub async fn run(
                 break;
             }
             Some((partition, offset, result)) = in_flight.next() => {
-                match result {
-                    Resubmitted::Acknowledged => summary.replayed += 1,
-                    Resubmitted::Failed(why) => {
-                        summary.failed += 1;
-                        warn!(partition, offset, reason = %why, "replay failed");
-                    }
-                    Resubmitted::Abandoned => continue,
+                if ended(&mut summary, partition, offset, result) {
+                    progress.done(partition, offset);
+                    // Committed as it goes (asynchronously), so a killed run
+                    // re-submits at most about the window again.
+                    commit(&consumer, &topic, &mut progress.pending, CommitMode::Async);
                 }
-                done(&mut trackers, &mut to_commit, partition, offset);
-                // Committed as it goes (asynchronously), so a killed run
-                // re-submits at most about the window again.
-                commit(&consumer, &topic, &mut to_commit, CommitMode::Async);
             }
             msg = consumer.recv(), if taking => {
-                let m = msg.context("reading the dead-letter topic")?;
+                let m = match msg {
+                    Ok(m) => m,
+                    Err(e) => {
+                        warn!(error = %e, "reading the dead-letter topic failed; retrying");
+                        continue;
+                    }
+                };
                 let (partition, offset) = (m.partition(), m.offset());
                 let end = positions[&partition].1;
                 if offset + 1 >= end {
@@ -375,11 +434,11 @@ pub async fn run(
                 }
                 bar.inc(1);
                 summary.read += 1;
-                trackers.entry(partition).or_default().start(offset);
+                progress.start(partition, offset);
                 let failure = failure_of(&m);
                 if !filter.matches(&failure) {
                     summary.skipped_by_filter += 1;
-                    done(&mut trackers, &mut to_commit, partition, offset);
+                    progress.done(partition, offset);
                     continue;
                 }
                 summary.matched += 1;
@@ -392,12 +451,12 @@ pub async fn run(
                         replays = failure.replay_count(),
                         "not replayed again: the loop guard (--max-replays) stops it"
                     );
-                    done(&mut trackers, &mut to_commit, partition, offset);
+                    progress.done(partition, offset);
                     continue;
                 }
                 if args.dry_run {
                     note_match(&mut summary, &failure, partition, offset);
-                    done(&mut trackers, &mut to_commit, partition, offset);
+                    progress.done(partition, offset);
                     continue;
                 }
                 if let Some(l) = &limiter {
@@ -419,8 +478,20 @@ pub async fn run(
                 });
             }
             _ = tick.tick() => {
+                // A partition whose last records cannot be fetched (deleted
+                // by retention meanwhile) ends when the position reaches
+                // the end.
+                if let Ok(assigned) = consumer.position() {
+                    for e in assigned.elements() {
+                        if let Offset::Offset(o) = e.offset()
+                            && o >= positions[&e.partition()].1
+                        {
+                            open.remove(&e.partition());
+                        }
+                    }
+                }
                 if !args.dry_run {
-                    commit(&consumer, &topic, &mut to_commit, CommitMode::Async);
+                    commit(&consumer, &topic, &mut progress.pending, CommitMode::Async);
                 }
                 if bar.is_hidden() && last_log.elapsed() >= Duration::from_secs(5) {
                     last_log = Instant::now();
@@ -432,15 +503,15 @@ pub async fn run(
     // Interrupted: what is in flight finishes (the producer acknowledges or
     // times out) so its progress can be committed.
     while let Some((partition, offset, result)) = in_flight.next().await {
-        match result {
-            Resubmitted::Acknowledged => summary.replayed += 1,
-            Resubmitted::Failed(_) => summary.failed += 1,
-            Resubmitted::Abandoned => continue,
+        if ended(&mut summary, partition, offset, result) {
+            progress.done(partition, offset);
         }
-        done(&mut trackers, &mut to_commit, partition, offset);
     }
     if !args.dry_run {
-        commit(&consumer, &topic, &mut to_commit, CommitMode::Sync);
+        // Every partition's latest position once more, synchronously: an
+        // asynchronous commit that failed is made good here.
+        let mut all = progress.latest.clone();
+        commit(&consumer, &topic, &mut all, CommitMode::Sync);
     }
     bar.finish_and_clear();
     helper_stop.cancel();
@@ -450,14 +521,53 @@ pub async fn run(
     Ok(summary)
 }
 
-fn done(
-    trackers: &mut HashMap<i32, PartitionTracker>,
-    to_commit: &mut HashMap<i32, i64>,
-    partition: i32,
-    offset: i64,
-) {
-    if let Some(next) = trackers.get_mut(&partition).and_then(|t| t.finish(offset)) {
-        to_commit.insert(partition, next);
+/// Counts how a re-submission ended; `true` when the record is done (its
+/// offset may be committed).
+fn ended(summary: &mut Summary, partition: i32, offset: i64, result: Resubmitted) -> bool {
+    match result {
+        Resubmitted::Acknowledged => {
+            summary.replayed += 1;
+            true
+        }
+        Resubmitted::DeadLetteredAgain(why) => {
+            summary.failed += 1;
+            warn!(partition, offset, reason = %why, "replayed record failed again");
+            true
+        }
+        Resubmitted::Failed(why) => {
+            summary.failed += 1;
+            warn!(partition, offset, reason = %why, "replay failed; the record stays uncommitted");
+            false
+        }
+        Resubmitted::Abandoned => false,
+    }
+}
+
+/// The replay group's positions: per partition, the contiguous prefix of
+/// records that are done.
+#[derive(Default)]
+struct Progress {
+    trackers: HashMap<i32, PartitionTracker>,
+    /// Positions that advanced since the last commit.
+    pending: HashMap<i32, i64>,
+    /// The latest position of every partition.
+    latest: HashMap<i32, i64>,
+}
+
+impl Progress {
+    fn start(&mut self, partition: i32, offset: i64) {
+        self.trackers.entry(partition).or_default().start(offset);
+    }
+
+    fn done(&mut self, partition: i32, offset: i64) {
+        if let Some(next) = self
+            .trackers
+            .get_mut(&partition)
+            .and_then(|t| t.finish(offset))
+        {
+            self.pending.insert(partition, next);
+            self.latest.insert(partition, next);
+        }
     }
 }
 
@@ -625,7 +735,7 @@ impl Target {
             Target::Direct(enricher) => match enricher.process(rec, stop).await {
                 Ok(Disposition::Enriched) => Resubmitted::Acknowledged,
                 Ok(Disposition::DeadLettered(class)) => {
-                    Resubmitted::Failed(format!("dead-lettered again ({class})"))
+                    Resubmitted::DeadLetteredAgain(format!("dead-lettered again ({class})"))
                 }
                 Ok(Disposition::Abandoned) => Resubmitted::Abandoned,
                 Err(e) => Resubmitted::Failed(format!("{e:#}")),
@@ -844,6 +954,31 @@ mod tests {
             ..Default::default()
         };
         assert!(!f.matches(&failure(&[(dlq::ERROR_CLASS, "invalid_event")])));
+    }
+
+    #[test]
+    fn the_default_group_follows_the_filters() {
+        let none = Filter::default();
+        assert_eq!(none.default_group("g"), "g.replay");
+        let a = Filter {
+            tenants: vec!["t2".into(), "t1".into()],
+            ..Default::default()
+        };
+        let b = Filter {
+            tenants: vec!["t1".into(), "t2".into()],
+            ..Default::default()
+        };
+        let c = Filter {
+            tenants: vec!["t1".into()],
+            ..Default::default()
+        };
+        assert!(a.default_group("g").starts_with("g.replay."));
+        assert_eq!(
+            a.default_group("g"),
+            b.default_group("g"),
+            "order does not matter"
+        );
+        assert_ne!(a.default_group("g"), c.default_group("g"));
     }
 
     #[test]

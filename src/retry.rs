@@ -125,7 +125,9 @@ where
         let verdict = attempt(count + 1).await;
         if let Verdict::Systemic(f) | Verdict::RateLimited(f) = &verdict {
             let hold = Instant::now();
-            if !pause(f.retry_after.unwrap_or(policy.min_delay), shutdown).await {
+            // At least `min_delay`: a `Retry-After: 0` must not spin.
+            let wait = f.retry_after.unwrap_or_default().max(policy.min_delay);
+            if !pause(wait, shutdown).await {
                 return RetryOutcome::Abandoned;
             }
             held += hold.elapsed();

@@ -318,6 +318,10 @@ impl Stats {
     }
 
     pub fn systemic_left(&self, lasted: Duration) {
+        // Waiting was intended: stall detection starts afresh.
+        for p in self.progress.lock().unwrap().values_mut() {
+            p.moved_at = Instant::now();
+        }
         self.systemic.set(0);
         info!(lasted = ?lasted, "the API answers again: systemic failure over, consumption resumes");
     }

@@ -256,20 +256,34 @@ impl Breaker {
         DeadLetterGate::Allow
     }
 
-    /// The session the probe should ask about.
-    pub fn probe_target(&self) -> Option<ProbeTarget> {
+    /// The session the probe should ask about: for a systemic errcode the
+    /// one that got it (a token is per tenant), otherwise one the API
+    /// answered with a record before, else the last failing one.
+    pub fn probe_target(&self, cause: &Cause) -> Option<ProbeTarget> {
         let inner = self.inner.lock().unwrap();
-        inner
-            .last_good
-            .clone()
-            .or_else(|| inner.last_failed.clone())
+        let (first, second) = match cause {
+            Cause::Errcode(_) => (&inner.last_failed, &inner.last_good),
+            _ => (&inner.last_good, &inner.last_failed),
+        };
+        first.clone().or_else(|| second.clone())
+    }
+
+    /// Whether any record was enriched since start.
+    pub fn has_good(&self) -> bool {
+        self.inner.lock().unwrap().last_good.is_some()
     }
 
     /// Whether a probe's answer shows the API works again for `cause`.
-    pub fn heals(cause: &Cause, answer: &ApiAnswer, verdict: &Verdict) -> bool {
+    /// `known_good` says whether the probe asked about a session the API
+    /// answered with a record before.
+    pub fn heals(cause: &Cause, answer: &ApiAnswer, verdict: &Verdict, known_good: bool) -> bool {
         match cause {
-            // Only a record proves that records can be enriched again.
-            Cause::DeadLetters { .. } => matches!(verdict, Verdict::Publish(_)),
+            // A record for a session that had one proves that records can be
+            // enriched again. With no such session (nothing enriched since
+            // start), an answer that is no outage must do: the records may
+            // simply all be bad, and waiting for ever would wedge the worker.
+            Cause::DeadLetters { .. } if known_good => matches!(verdict, Verdict::Publish(_)),
+            Cause::DeadLetters { .. } => CallOutcome::of(answer, verdict) == CallOutcome::Answered,
             Cause::Outage { .. } | Cause::Errcode(_) => {
                 CallOutcome::of(answer, verdict) == CallOutcome::Answered
             }
@@ -344,7 +358,10 @@ mod tests {
                 calls: 5
             })
         );
-        assert_eq!(b.probe_target(), Some(target("down")));
+        assert_eq!(
+            b.probe_target(b.cause().as_ref().unwrap()),
+            Some(target("down"))
+        );
     }
 
     #[test]
@@ -386,7 +403,12 @@ mod tests {
             DeadLetterGate::Hold,
             "held while open"
         );
-        assert_eq!(b.probe_target(), Some(target("good2")));
+        assert_eq!(
+            b.probe_target(b.cause().as_ref().unwrap()),
+            Some(target("good2"))
+        );
+        // A systemic errcode (a tenant's token) is probed with its session.
+        assert_eq!(b.probe_target(&Cause::Errcode(1)), Some(target("bad")));
     }
 
     #[test]
@@ -417,14 +439,21 @@ mod tests {
             failed: 5,
             calls: 5,
         };
-        assert!(Breaker::heals(&down, &answered, &retry));
-        assert!(!Breaker::heals(&down, &outage, &retry));
-        assert!(!Breaker::heals(&Cause::Errcode(1), &answered, &systemic));
+        assert!(Breaker::heals(&down, &answered, &retry, true));
+        assert!(!Breaker::heals(&down, &outage, &retry, true));
+        assert!(!Breaker::heals(
+            &Cause::Errcode(1),
+            &answered,
+            &systemic,
+            true
+        ));
         let dl = Cause::DeadLetters {
             dead: 3,
             records: 5,
         };
-        assert!(!Breaker::heals(&dl, &answered, &retry));
+        assert!(!Breaker::heals(&dl, &answered, &retry, true));
+        assert!(Breaker::heals(&dl, &answered, &retry, false), "no wedge");
+        assert!(!Breaker::heals(&dl, &outage, &retry, false));
     }
 
     #[tokio::test]
