@@ -56,12 +56,15 @@ async fn api_outage_pauses_without_dead_letters_and_drains_after() {
     // The outage lasts while the probe is refused a few times (and at least
     // OUTAGE_SECS, 60 in scripts/faults.sh).
     let calls = env.api.total_calls();
+    let began = std::time::Instant::now();
     let outage = tokio::time::sleep(env_secs("OUTAGE_SECS", 2));
     api_calls_beyond(&env, calls, 4).await;
     outage.await;
     assert!(worker.stats.is_systemic());
     assert_eq!(worker.stats.dead_lettered_total(), 0);
     env.api.set_outage(false);
+    let lasted = began.elapsed();
+    let refused = env.api.total_calls() - calls;
 
     let all: Vec<String> = before.iter().chain(&during).cloned().collect();
     let out = env.read_output(all.len()).await;
@@ -75,6 +78,12 @@ async fn api_outage_pauses_without_dead_letters_and_drains_after() {
     );
     worker.stop().await.unwrap();
     assert!(env.is_empty(&env.dlq), "nothing dead-lettered");
+    println!(
+        "API outage: in systemic failure for {:.1} s with {refused} API calls (the probe), {} events arrived during the outage, 0 dead letters, {} enriched after",
+        lasted.as_secs_f64(),
+        during.len(),
+        all.len()
+    );
 }
 
 /// Tokens in a directory, as a mounted Secret, read again every 100 ms.
@@ -183,6 +192,7 @@ async fn rate_limit_holds_calls_per_second_per_tenant() {
         "a second had {most} calls, over {limit} + 10 %: {per_second:?}"
     );
     assert_eq!(env.api.total_calls(), all.len() as u64);
+    println!("rate limit {limit}/s: calls per second {per_second:?}");
 }
 
 #[tokio::test]
