@@ -69,6 +69,21 @@ fn main() -> ExitCode {
     code
 }
 
+/// Loads the settings and sets up logging from them; bad settings are
+/// reported on stderr with exit code 2.
+fn load_for_logging(config: Option<&std::path::Path>) -> Result<Settings, ExitCode> {
+    match Settings::load(config) {
+        Ok(s) => {
+            telemetry::init(&s.log);
+            Ok(s)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            Err(ExitCode::from(2))
+        }
+    }
+}
+
 fn execute(cli: Cli, runtime: &tokio::runtime::Runtime) -> ExitCode {
     match cli.command {
         Command::CheckConfig => match Settings::load(cli.config.as_deref()) {
@@ -82,14 +97,10 @@ fn execute(cli: Cli, runtime: &tokio::runtime::Runtime) -> ExitCode {
             }
         },
         Command::Run => {
-            let settings = match Settings::load(cli.config.as_deref()) {
+            let settings = match load_for_logging(cli.config.as_deref()) {
                 Ok(s) => s,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    return ExitCode::from(2);
-                }
+                Err(code) => return code,
             };
-            telemetry::init(&settings.log);
             runtime.block_on(async {
                 let result = async {
                     let stop = shutdown::on_signals()?;
@@ -119,14 +130,10 @@ fn execute(cli: Cli, runtime: &tokio::runtime::Runtime) -> ExitCode {
             })
         }
         Command::Replay(args) => {
-            let settings = match Settings::load(cli.config.as_deref()) {
+            let settings = match load_for_logging(cli.config.as_deref()) {
                 Ok(s) => s,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    return ExitCode::from(2);
-                }
+                Err(code) => return code,
             };
-            telemetry::init(&settings.log);
             let dry_run = args.dry_run;
             let result = runtime.block_on(async {
                 let stop = shutdown::on_signals()?;
