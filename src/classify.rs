@@ -90,6 +90,17 @@ pub enum Verdict {
 }
 
 impl Verdict {
+    /// The failure, for every verdict but `Publish`.
+    pub fn failure(&self) -> Option<&ApiFailure> {
+        match self {
+            Verdict::Publish(_) => None,
+            Verdict::Retry(f)
+            | Verdict::DeadLetter(f)
+            | Verdict::Systemic(f)
+            | Verdict::RateLimited(f) => Some(f),
+        }
+    }
+
     /// Removes `secret` from the failure texts, whatever the server echoed.
     pub fn redact(self, secret: &str) -> Self {
         match self {

@@ -580,13 +580,10 @@ impl Enricher {
                     if Breaker::heals(cause, &answer.answer, &verdict, known_good) {
                         return true;
                     }
-                    match verdict {
-                        Verdict::Publish(_) => "answered, but not a record".to_string(),
-                        Verdict::Retry(f)
-                        | Verdict::DeadLetter(f)
-                        | Verdict::Systemic(f)
-                        | Verdict::RateLimited(f) => f.reason,
-                    }
+                    verdict.failure().map_or_else(
+                        || "answered, but not a record".to_string(),
+                        |f| f.reason.clone(),
+                    )
                 }
                 (Some(t), None) => format!("no access token for tenant {}", t.tenant_id),
                 (None, _) => "no session to probe with yet".to_string(),

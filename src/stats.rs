@@ -214,12 +214,9 @@ impl Default for Stats {
 
 /// Text of one API answer for the `status` and `errcode` labels.
 fn answer_labels(verdict: &Verdict) -> AnswerLabels {
-    let (status, errcode) = match verdict {
-        Verdict::Publish(_) => (Some(200), Some(0)),
-        Verdict::Retry(f)
-        | Verdict::DeadLetter(f)
-        | Verdict::Systemic(f)
-        | Verdict::RateLimited(f) => (f.http_status, f.errcode),
+    let (status, errcode) = match verdict.failure() {
+        None => (Some(200), Some(0)),
+        Some(f) => (f.http_status, f.errcode),
     };
     AnswerLabels {
         status: status.map_or_else(|| "transport".to_string(), |s| s.to_string()),
