@@ -18,7 +18,7 @@ use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
-use secrecy::ExposeSecret;
+use secrecy::{ExposeSecret, SecretString};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
@@ -34,7 +34,7 @@ use crate::retry::{self, Gate, RetryOutcome, RetryPolicy};
 use crate::settings::Settings;
 use crate::stats::Stats;
 use crate::systemic::{Breaker, CallOutcome, Cause, DeadLetterGate, ProbeTarget};
-use crate::uincall::{TokenStore, UincallClient};
+use crate::uincall::{Timed, TokenStore, UincallClient};
 
 /// How often a progress line is logged while records flow.
 const PROGRESS_EVERY: Duration = Duration::from_secs(30);
@@ -167,6 +167,22 @@ impl InRecord {
                 timestamp_ms: m.timestamp().to_millis(),
             },
         }
+    }
+}
+
+impl InRecord {
+    /// The record's own headers for producing it again: any `dlq.*` of an
+    /// earlier failure dropped.
+    pub fn headers_without_dlq(&self) -> OwnedHeaders {
+        self.headers
+            .iter()
+            .filter(|(k, _)| !k.starts_with(dlq::PREFIX))
+            .fold(OwnedHeaders::new(), |hs, (k, v)| {
+                hs.insert(Header {
+                    key: k,
+                    value: v.as_deref(),
+                })
+            })
     }
 }
 
@@ -330,13 +346,16 @@ impl Enricher {
                         .tokens
                         .get(&event.tenant_id)
                         .unwrap_or_else(|| started_with.clone());
-                    let t = self
-                        .client
-                        .fetch_detail(&event.session_id, &event.tenant_id, &token, event.call_type)
+                    let (t, verdict) = self
+                        .call(
+                            &event.session_id,
+                            &event.tenant_id,
+                            event.call_type,
+                            &token,
+                            attempt,
+                        )
                         .await;
                     latency_us.store(t.latency.as_micros() as u64, Ordering::Relaxed);
-                    let verdict = classify(&t.answer, &self.errcodes).redact(token.expose_secret());
-                    self.stats.api_call(&verdict, t.latency, attempt);
                     self.breaker
                         .on_call(CallOutcome::of(&t.answer, &verdict), || probe_target(event));
                     match &verdict {
@@ -454,15 +473,7 @@ impl Enricher {
         stop: &CancellationToken,
     ) -> Result<Disposition, anyhow::Error> {
         let s = &self.settings;
-        let mut headers = OwnedHeaders::new();
-        for (k, v) in &rec.headers {
-            if !k.starts_with(dlq::PREFIX) {
-                headers = headers.insert(Header {
-                    key: k,
-                    value: v.as_deref(),
-                });
-            }
-        }
+        let mut headers = rec.headers_without_dlq();
         for (k, v) in dl.headers(&rec.source, &s.kafka.group_id, Utc::now()) {
             headers = headers.insert(Header {
                 key: k,
@@ -529,6 +540,26 @@ impl Enricher {
 }
 
 impl Enricher {
+    /// One call-detail request, classified with the token removed from
+    /// every text, and counted; `attempt` is the record's attempt it would
+    /// be (0 for a probe).
+    async fn call(
+        &self,
+        session_id: &str,
+        tenant_id: &str,
+        call_type: Option<i64>,
+        token: &SecretString,
+        attempt: u32,
+    ) -> (Timed, Verdict) {
+        let timed = self
+            .client
+            .fetch_detail(session_id, tenant_id, token, call_type)
+            .await;
+        let verdict = classify(&timed.answer, &self.errcodes).redact(token.expose_secret());
+        self.stats.api_call(&verdict, timed.latency, attempt);
+        (timed, verdict)
+    }
+
     /// Follows the systemic-failure state: on entering it, logs and counts
     /// once, probes the API with backoff until an answer shows it works,
     /// then closes the breaker (records resume, the consume loop resumes).
@@ -567,16 +598,10 @@ impl Enricher {
             let token = target.as_ref().and_then(|t| self.tokens.get(&t.tenant_id));
             let reason = match (target, token) {
                 (Some(t), Some(token)) => {
-                    let call =
-                        self.client
-                            .fetch_detail(&t.session_id, &t.tenant_id, &token, t.call_type);
-                    let answer = tokio::select! {
+                    let (answer, verdict) = tokio::select! {
                         _ = stop.cancelled() => return false,
-                        a = call => a,
+                        a = self.call(&t.session_id, &t.tenant_id, t.call_type, &token, 0) => a,
                     };
-                    let verdict =
-                        classify(&answer.answer, &self.errcodes).redact(token.expose_secret());
-                    self.stats.api_call(&verdict, answer.latency, 0);
                     if Breaker::heals(cause, &answer.answer, &verdict, known_good) {
                         return true;
                     }

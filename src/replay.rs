@@ -26,7 +26,7 @@ use futures::stream::FuturesUnordered;
 use governor::{Quota, RateLimiter};
 use indicatif::{ProgressBar, ProgressStyle};
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
+use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 use rdkafka::{Offset, TopicPartitionList};
@@ -745,16 +745,9 @@ impl Target {
                 topic,
                 timeout,
             } => {
-                let mut headers = OwnedHeaders::new();
-                for (k, v) in &rec.headers {
-                    headers = headers.insert(Header {
-                        key: k,
-                        value: v.as_deref(),
-                    });
-                }
                 let mut r = FutureRecord::<[u8], [u8]>::to(topic)
                     .payload(rec.payload.as_deref().unwrap_or_default())
-                    .headers(headers);
+                    .headers(rec.headers_without_dlq());
                 if let Some(k) = &rec.key {
                     r = r.key(k);
                 }
