@@ -71,6 +71,26 @@ struct Shared {
     started: Instant,
     /// Calls received in each second since `started`.
     per_second: Mutex<Vec<u64>>,
+    /// Calls being answered now, and the most there ever were at once.
+    concurrent: AtomicU64,
+    max_concurrent: AtomicU64,
+}
+
+/// Counts a call as concurrent while it is being answered.
+struct Answering<'a>(&'a Shared);
+
+impl<'a> Answering<'a> {
+    fn enter(shared: &'a Shared) -> Self {
+        let now = shared.concurrent.fetch_add(1, Ordering::SeqCst) + 1;
+        shared.max_concurrent.fetch_max(now, Ordering::SeqCst);
+        Answering(shared)
+    }
+}
+
+impl Drop for Answering<'_> {
+    fn drop(&mut self) {
+        self.0.concurrent.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// A running fake; stops when dropped.
@@ -102,6 +122,8 @@ impl FakeApi {
             outage: AtomicBool::new(false),
             started: Instant::now(),
             per_second: Mutex::default(),
+            concurrent: AtomicU64::new(0),
+            max_concurrent: AtomicU64::new(0),
         });
         let app = Router::new()
             .route("/openapi/call/v2/detail/{session_id}", get(detail))
@@ -155,6 +177,11 @@ impl FakeApi {
             .insert(tenant.to_string(), token.to_string());
     }
 
+    /// The most calls that were being answered at the same time.
+    pub fn max_concurrent_calls(&self) -> u64 {
+        self.shared.max_concurrent.load(Ordering::SeqCst)
+    }
+
     /// Calls received in each whole second since the fake started.
     pub fn calls_per_second(&self) -> Vec<u64> {
         self.shared.per_second.lock().unwrap().clone()
@@ -180,6 +207,7 @@ async fn detail(
     OriginalUri(uri): OriginalUri,
 ) -> Response {
     shared.total.fetch_add(1, Ordering::Relaxed);
+    let _answering = Answering::enter(&shared);
     {
         let second = shared.started.elapsed().as_secs() as usize;
         let mut per_second = shared.per_second.lock().unwrap();

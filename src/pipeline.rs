@@ -19,6 +19,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use secrecy::{ExposeSecret, SecretString};
+use tokio::sync::Semaphore;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
@@ -236,6 +237,9 @@ pub struct Enricher {
     limits: RateLimits,
     producer: FutureProducer,
     stats: Arc<Stats>,
+    /// `pipeline.max_in_flight` permits: records between their first API
+    /// call and their verdict (retries and waits at the gate included).
+    enriching: Semaphore,
 }
 
 /// What a record waits for before each API call: the end of a systemic
@@ -250,6 +254,14 @@ impl Gate for RecordGate<'_> {
     async fn pass(&self, shutdown: &CancellationToken) -> bool {
         self.breaker.wait_closed(shutdown).await && self.limits.acquire(self.tenant, shutdown).await
     }
+}
+
+/// Records the worker holds between consume and acknowledgement for a
+/// window of `max_in_flight`: that many being enriched, and as many again
+/// whose enriched record (or dead letter) waits for the broker's
+/// acknowledgement, so the API calls go on while the broker writes.
+pub fn admitted_limit(max_in_flight: usize) -> usize {
+    max_in_flight.saturating_mul(2)
 }
 
 fn probe_target(event: &crate::event::CallEnded) -> ProbeTarget {
@@ -281,6 +293,7 @@ impl Enricher {
             limits: RateLimits::new(&settings.rate_limit),
             producer,
             stats,
+            enriching: Semaphore::new(settings.pipeline.max_in_flight),
             settings,
         })
     }
@@ -336,6 +349,10 @@ impl Enricher {
             limits: &self.limits,
             tenant: &event.tenant_id,
         };
+        let slot = tokio::select! {
+            slot = self.enriching.acquire() => slot.expect("the semaphore is never closed"),
+            _ = stop.cancelled() => return Ok(Disposition::Abandoned),
+        };
         let outcome = loop {
             let outcome = retry::run(&self.retry, &stop, &gate, |attempt| {
                 let (latency_us, started_with) = (&latency_us, &token);
@@ -389,6 +406,8 @@ impl Enricher {
             }
             break outcome;
         };
+        // The next record's calls start while this one is published.
+        drop(slot);
         let failed = |class: ErrorClass, f: ApiFailure, a: &retry::Attempts| DeadLetter {
             class,
             reason: f.reason,
@@ -755,7 +774,7 @@ impl Worker {
                 }
                 // While the window is full, records wait in librdkafka's
                 // queue; polling resumes when there is room or once paused.
-                msg = self.consumer.recv(), if flow.paused || tasks.len() < s.pipeline.max_in_flight => match msg {
+                msg = self.consumer.recv(), if flow.paused || tasks.len() < admitted_limit(s.pipeline.max_in_flight) => match msg {
                     Ok(m) => {
                         let rec = InRecord::from_message(&m);
                         drop(m);
@@ -863,7 +882,7 @@ impl Worker {
     /// partitions once the window is half empty.
     fn flow_control(&self, in_flight: usize, flow: &mut Flow) {
         self.stats.set_in_flight(in_flight);
-        let max = self.settings.pipeline.max_in_flight;
+        let max = admitted_limit(self.settings.pipeline.max_in_flight);
         if in_flight >= max {
             flow.full_since
                 .get_or_insert_with(tokio::time::Instant::now);

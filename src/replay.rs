@@ -98,7 +98,8 @@ pub struct ReplayArgs {
     /// (default: `<kafka.group_id>.replay`).
     #[arg(long, value_name = "ID")]
     pub group: Option<String>,
-    /// Re-submissions awaiting acknowledgement at once.
+    /// Re-submissions awaiting acknowledgement at once (with `--direct`,
+    /// API calls also stay within `pipeline.max_in_flight`).
     #[arg(long, default_value_t = 64, value_name = "N")]
     pub window: usize,
 }

@@ -202,8 +202,10 @@ pub struct RateLimitSettings {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PipelineSettings {
-    /// Records being enriched at once, over all assigned partitions. When it
-    /// is reached the partitions are paused (polling goes on).
+    /// Records being enriched at once (API calls, with their retries and
+    /// waits), over all assigned partitions; as many again may wait for the
+    /// broker's acknowledgement. When both are full the partitions are
+    /// paused (polling goes on).
     pub max_in_flight: usize,
     /// On SIGTERM, how long in-flight records may take to finish; the rest is
     /// abandoned uncommitted and re-delivered later.

@@ -175,7 +175,7 @@ impl Default for Stats {
         );
         r.register(
             "records_in_flight",
-            "Records being processed now",
+            "Records between consume and acknowledgement now (at most twice pipeline.max_in_flight)",
             s.in_flight.clone(),
         );
         r.register(

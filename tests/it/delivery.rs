@@ -70,3 +70,22 @@ async fn clean_stop_commits_exactly_what_was_processed() {
     }
     assert_eq!(env.committed(), expected);
 }
+
+#[tokio::test]
+async fn api_calls_stay_within_the_window_while_the_broker_acknowledges() {
+    // 40 ms per answer and 300 records: with room for twice the window
+    // between consume and acknowledgement, the API must still never see
+    // more than `max_in_flight` calls at once, and does see that many.
+    let env = TestEnv::new("window", 3, Duration::from_millis(40)).await;
+    let sessions: Vec<String> = (0..300).map(|i| format!("call-{i:03}")).collect();
+    env.seed(&sessions).await;
+    let mut s = env.settings();
+    s.pipeline.max_in_flight = 8;
+    let worker = env.start_worker(s).await;
+
+    let out = env.read_output(sessions.len()).await;
+    worker.stop().await.expect("clean stop");
+    let keys: BTreeSet<String> = out.iter().map(key).collect();
+    assert_eq!(keys.len(), sessions.len());
+    assert_eq!(env.api.max_concurrent_calls(), 8);
+}
