@@ -207,7 +207,7 @@ pub fn classify(answer: &ApiAnswer, policy: &ErrcodePolicy) -> Verdict {
             Verdict::Retry(failure(format!("errcode {}: {msg}", envelope.errcode)))
         };
     }
-    match CallDetail::from_data(&envelope.data) {
+    match envelope.detail() {
         Ok(Some(detail)) => Verdict::Publish(Box::new(detail)),
         Ok(None) => Verdict::Retry(failure("errcode 0 but no record yet".to_string())),
         Err(e) => Verdict::DeadLetter(failure(format!("record does not fit the model: {e}"))),

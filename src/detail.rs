@@ -6,6 +6,7 @@
 //! leniently into one type, and every unknown field is kept as it came.
 
 use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 /// The answer envelope: `errcode` 0 means success.
@@ -15,8 +16,19 @@ pub struct Envelope {
     pub errcode: i64,
     #[serde(default, deserialize_with = "lenient::string")]
     pub errmsg: Option<String>,
+    /// Kept as text and read straight into [`CallDetail`]: no
+    /// intermediate tree.
     #[serde(default)]
-    pub data: Value,
+    pub data: Option<Box<RawValue>>,
+}
+
+impl Envelope {
+    /// The record in `data`; `None` means "no record yet".
+    pub fn detail(&self) -> Result<Option<CallDetail>, serde_json::Error> {
+        self.data
+            .as_deref()
+            .map_or(Ok(None), |d| CallDetail::from_json(d.get()))
+    }
 }
 
 /// One call (呼叫会话记录).
@@ -135,33 +147,52 @@ pub struct CallFragment {
 }
 
 impl CallDetail {
-    /// Reads `data` from the envelope. The spec calls it an object array and
-    /// shows an object: both are accepted. `None` means "no record yet".
-    pub fn from_data(data: &Value) -> Result<Option<CallDetail>, serde_json::Error> {
-        let object = match data {
-            Value::Object(m) if m.is_empty() => return Ok(None),
-            Value::Object(_) => data,
-            Value::Array(items) => match items.first() {
+    /// Reads the envelope's `data`, given as JSON text. The spec calls it
+    /// an object array and shows an object: both are accepted. `None` means
+    /// "no record yet" (`{}`, `[]`, `null`, `""`).
+    pub fn from_json(data: &str) -> Result<Option<CallDetail>, serde_json::Error> {
+        let text = data.trim();
+        let object = match text.as_bytes().first() {
+            Some(b'{') if is_empty_object(text) => return Ok(None),
+            Some(b'{') => text,
+            Some(b'[') => match serde_json::from_str::<Vec<&RawValue>>(text)?.first() {
                 None => return Ok(None),
-                Some(first) => first,
+                Some(first) => return CallDetail::from_object(first.get()).map(Some),
             },
-            Value::Null => return Ok(None),
-            Value::String(s) if s.is_empty() => return Ok(None),
-            other => {
+            Some(b'n') | None => return Ok(None),
+            Some(b'"') if text == "\"\"" => return Ok(None),
+            _ => {
+                let v: Value = serde_json::from_str(text)?;
                 return Err(serde::de::Error::custom(format!(
                     "data is a {}, not an object",
-                    kind(other)
+                    kind(&v)
                 )));
             }
         };
-        let mut detail: CallDetail = serde_json::from_value(object.clone())?;
+        CallDetail::from_object(object).map(Some)
+    }
+
+    /// [`CallDetail::from_json`] for a value already parsed.
+    pub fn from_data(data: &Value) -> Result<Option<CallDetail>, serde_json::Error> {
+        CallDetail::from_json(&data.to_string())
+    }
+
+    fn from_object(text: &str) -> Result<CallDetail, serde_json::Error> {
+        let mut detail: CallDetail = serde_json::from_str(text)?;
         for f in &mut detail.lists {
             if f.customer_name.is_none() {
                 f.customer_name = f.truename.clone();
             }
         }
-        Ok(Some(detail))
+        Ok(detail)
     }
+}
+
+/// `{}` with any whitespace inside.
+fn is_empty_object(text: &str) -> bool {
+    text.strip_prefix('{')
+        .and_then(|rest| rest.strip_suffix('}'))
+        .is_some_and(|inside| inside.trim().is_empty())
 }
 
 fn kind(v: &Value) -> &'static str {
@@ -295,7 +326,7 @@ mod tests {
     fn parses_the_spec_example() {
         let env: Envelope = serde_json::from_str(SPEC_EXAMPLE).unwrap();
         assert_eq!(env.errcode, 0);
-        let d = CallDetail::from_data(&env.data).unwrap().unwrap();
+        let d = env.detail().unwrap().unwrap();
         assert_eq!(
             d.session_id.as_deref(),
             Some("676dxxxx-xxxx-xxxx-xxxx-xxxxxxxxb334")

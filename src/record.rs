@@ -142,7 +142,7 @@ mod tests {
         let env: Envelope =
             serde_json::from_str(include_str!("../tests/fixtures/spec_example_response.json"))
                 .unwrap();
-        CallDetail::from_data(&env.data).unwrap().unwrap()
+        env.detail().unwrap().unwrap()
     }
 
     #[test]

@@ -1,0 +1,914 @@
+//! The benchmark sweep (docs/benchmarks.md): the worker binary, in its own
+//! process, against a real tansu broker and the fake Uincall API, for each
+//! in-flight window × API latency, beside the raw pipeline limit measured on
+//! the same broker in the same run.
+//!
+//!   cargo bench --bench sweep -- [--windows 1,16,64,256,1024]
+//!       [--latencies-ms 0,50,200] [--max-events 100000] [--seconds 15]
+//!
+//! Each point: N events seeded (enough for about `--seconds` at the expected
+//! rate, at most `--max-events`), the worker started on them, and then
+//! - throughput: enriched records/s between the 5th and the 95th percentile
+//!   of arrivals on the output topic (group join and the tail excluded);
+//! - CPU: the worker's user + system seconds over the same stretch, per
+//!   1 000 records (also the broker's and this process's, which serves the
+//!   fake API);
+//! - latency: with the backlog gone, events produced at half the measured
+//!   rate for `--paced-seconds`; event sent → enriched record read back;
+//! - peak RSS of the worker (VmHWM).
+//!
+//! `SWEEP_WORKER_BIN=PATH` measures another build of the worker instead;
+//! `SWEEP_WORKER_LOG=LEVEL` sets its log level (default `warn`; the logs
+//! are written beside the results).
+//!
+//! The raw limit runs the same measurement on a consume + produce loop with
+//! no HTTP call (this binary started with `--raw-pipe`): the worker's Kafka
+//! client settings, at most as many records between consume and
+//! acknowledgement as the worker allows, and an enriched record of the fake
+//! API's shape as the payload.
+
+use std::collections::HashMap;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::util::Timeout;
+use rdkafka::{Message, Offset, TopicPartitionList};
+use tokio::sync::mpsc;
+use uincall_enricher::detail::CallDetail;
+use uincall_enricher::fake_api::{self, FakeApi, FakeApiConfig};
+use uincall_enricher::offsets::OffsetTracker;
+use uincall_enricher::settings::Settings;
+use uincall_enricher::testkit::{self, TansuBroker};
+use uincall_enricher::{kafka, record};
+
+const PARTITIONS: i32 = 6;
+const TENANT: &str = "t";
+const TOKEN: &str = "bench-token";
+/// How long a point may go without a new record on its output topic.
+const IDLE_LIMIT: Duration = Duration::from_secs(120);
+
+#[derive(Parser, Debug)]
+#[command(about = "Throughput, latency, CPU and memory of the worker against its limits")]
+struct Args {
+    /// In-flight windows (`pipeline.max_in_flight`) to measure.
+    #[arg(long, value_delimiter = ',', default_values_t = [1, 16, 64, 256, 1024])]
+    windows: Vec<usize>,
+    /// Fake API latencies to measure, in milliseconds.
+    #[arg(long = "latencies-ms", value_delimiter = ',', default_values_t = [0, 50, 200])]
+    latencies_ms: Vec<u64>,
+    /// Most events seeded for one point.
+    #[arg(long, default_value_t = 100_000)]
+    max_events: usize,
+    /// Fewest events seeded for one point.
+    #[arg(long, default_value_t = 100)]
+    min_events: usize,
+    /// Target length of a point's backlog run at the expected rate.
+    #[arg(long, default_value_t = 15.0)]
+    seconds: f64,
+    /// Length of a point's latency run (events at half the measured rate).
+    #[arg(long, default_value_t = 8.0)]
+    paced_seconds: f64,
+    /// Directory for results.csv, results.md, throughput.svg and the logs.
+    #[arg(long, default_value = "target/sweep")]
+    out: PathBuf,
+    /// Skip the raw consume + produce runs (ratios are then to W/L only).
+    #[arg(long)]
+    no_raw: bool,
+    /// A librdkafka property for the worker and the raw pipe alike
+    /// (`kafka.properties`); repeatable.
+    #[arg(long = "kafka-property", value_name = "KEY=VALUE", value_parser = key_value)]
+    kafka_properties: Vec<(String, String)>,
+    /// tansu storage engine: `memory`, or `sqlite` (slows down as its
+    /// tables grow: docs/benchmarks.md).
+    #[arg(long, default_value = "memory", value_parser = ["memory", "sqlite"])]
+    storage: String,
+    /// Passed by `cargo bench`.
+    #[arg(long, hide = true)]
+    bench: bool,
+    /// Internal: run the raw pipe (BROKERS INPUT OUTPUT GROUP LIMIT [KEY=VALUE]...).
+    #[arg(long, hide = true, num_args = 5.., allow_hyphen_values = true)]
+    raw_pipe: Option<Vec<String>>,
+}
+
+fn key_value(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("`{s}` is not KEY=VALUE"))
+}
+
+/// What one run measured.
+#[derive(Debug, Clone, Default)]
+struct Measured {
+    events: usize,
+    rate: f64,
+    cpu_ms_per_1000: f64,
+    /// CPU seconds per second over the measured stretch.
+    cpu_cores: f64,
+    broker_cpu_cores: f64,
+    harness_cpu_cores: f64,
+    peak_rss_mib: f64,
+    latency_p50_ms: f64,
+    latency_p99_ms: f64,
+    latency_samples: usize,
+}
+
+#[derive(Debug, Clone)]
+struct Point {
+    window: usize,
+    latency_ms: u64,
+    worker: Measured,
+    raw: Option<Measured>,
+}
+
+impl Point {
+    fn w_over_l(&self) -> f64 {
+        if self.latency_ms == 0 {
+            f64::INFINITY
+        } else {
+            self.window as f64 * 1000.0 / self.latency_ms as f64
+        }
+    }
+
+    fn limit(&self) -> f64 {
+        self.raw
+            .as_ref()
+            .map_or(self.w_over_l(), |r| r.rate.min(self.w_over_l()))
+    }
+}
+
+/// What to start for a run.
+enum Subject<'a> {
+    Worker { window: usize, api: &'a FakeApi },
+    Raw { limit: usize },
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    if let Some(raw) = &args.raw_pipe {
+        return rt.block_on(raw_pipe(raw));
+    }
+    if !args.bench {
+        println!("sweep: a benchmark, run it with `cargo bench --bench sweep`");
+        return Ok(());
+    }
+    rt.block_on(sweep(args))
+}
+
+async fn sweep(args: Args) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&args.out)?;
+    let broker = match args.storage.as_str() {
+        "memory" => {
+            TansuBroker::start_with_storage("memory://tansu/".into(), testkit::free_port())?
+        }
+        _ => TansuBroker::start()?,
+    };
+    let bootstrap = broker.bootstrap();
+    eprintln!(
+        "broker {bootstrap} (tansu, {} storage), results in {}",
+        args.storage,
+        args.out.display()
+    );
+    let mut apis = HashMap::new();
+    for &l in &args.latencies_ms {
+        let api = FakeApi::start(FakeApiConfig {
+            latency: Duration::from_millis(l),
+            tokens: [(TENANT.to_string(), TOKEN.to_string())].into(),
+        })
+        .await?;
+        apis.insert(l, api);
+    }
+    let ctx = Ctx {
+        bootstrap: &bootstrap,
+        broker_pid: broker.pid(),
+        args: &args,
+    };
+
+    let mut raw: HashMap<usize, Measured> = HashMap::new();
+    if !args.no_raw {
+        for &w in &args.windows {
+            let limit = in_flight_limit(w);
+            let expected = (limit as f64 * 1000.0 / 20.0).min(6000.0);
+            let m = ctx
+                .run(&format!("raw-w{w}"), expected, Subject::Raw { limit })
+                .await
+                .with_context(|| format!("raw pipe, window {w}"))?;
+            eprintln!("raw  window {w:>4}: {}", m.summary());
+            raw.insert(w, m);
+        }
+    }
+
+    let mut points = Vec::new();
+    for &l in &args.latencies_ms {
+        for &w in &args.windows {
+            let w_over_l = if l == 0 {
+                f64::INFINITY
+            } else {
+                w as f64 * 1000.0 / l as f64
+            };
+            let expected = raw.get(&w).map_or(6000.0, |r| r.rate).min(w_over_l);
+            let m = ctx
+                .run(
+                    &format!("w{w}-l{l}"),
+                    expected,
+                    Subject::Worker {
+                        window: w,
+                        api: &apis[&l],
+                    },
+                )
+                .await
+                .with_context(|| format!("worker, window {w}, latency {l} ms"))?;
+            let p = Point {
+                window: w,
+                latency_ms: l,
+                worker: m,
+                raw: raw.get(&w).cloned(),
+            };
+            eprintln!(
+                "worker window {w:>4} latency {l:>3} ms: {} ({:.0} % of the limit)",
+                p.worker.summary(),
+                100.0 * p.worker.rate / p.limit()
+            );
+            points.push(p);
+        }
+    }
+    write_results(&args.out, &points)?;
+    plot(
+        &args.out.join("throughput.svg"),
+        &points,
+        &args.latencies_ms,
+    )?;
+    print!("{}", std::fs::read_to_string(args.out.join("results.md"))?);
+    Ok(())
+}
+
+/// The worker binary: this build's, or `SWEEP_WORKER_BIN` (another build,
+/// to compare two versions on the same broker and machine).
+fn worker_binary() -> PathBuf {
+    std::env::var_os("SWEEP_WORKER_BIN")
+        .map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_uincall-enricher")), PathBuf::from)
+}
+
+/// Records the worker holds between consume and acknowledgement.
+fn in_flight_limit(window: usize) -> usize {
+    uincall_enricher::pipeline::admitted_limit(window)
+}
+
+struct Ctx<'a> {
+    bootstrap: &'a str,
+    broker_pid: u32,
+    args: &'a Args,
+}
+
+impl Ctx<'_> {
+    /// Seeds a point's input topic, starts the subject on it and measures.
+    async fn run(
+        &self,
+        tag: &str,
+        expected_rate: f64,
+        subject: Subject<'_>,
+    ) -> anyhow::Result<Measured> {
+        let (input, output, dlq) = (
+            format!("{tag}-in"),
+            format!("{tag}-out"),
+            format!("{tag}-dlq"),
+        );
+        testkit::create_topics(
+            self.bootstrap,
+            &[(&input, PARTITIONS), (&output, PARTITIONS), (&dlq, 1)],
+        )
+        .await?;
+        let n = ((expected_rate * self.args.seconds) as usize)
+            .clamp(self.args.min_events, self.args.max_events);
+        testkit::produce(
+            self.bootstrap,
+            &input,
+            (0..n).map(|i| event(&format!("{tag}-{i:07}"))),
+        )
+        .await?;
+
+        let reader = Reader::start(self.bootstrap, &output)?;
+        let log = std::fs::File::create(self.args.out.join(format!("{tag}.log")))?;
+        let group = format!("{tag}-group");
+        let mut child = match &subject {
+            Subject::Worker { window, api } => Command::new(worker_binary())
+                .arg("--config")
+                .arg(self.properties_file(tag)?)
+                .arg("run")
+                .envs([
+                    ("UINCALL__KAFKA__BROKERS", self.bootstrap.to_string()),
+                    ("UINCALL__KAFKA__INPUT_TOPIC", input.clone()),
+                    ("UINCALL__KAFKA__OUTPUT_TOPIC", output.clone()),
+                    ("UINCALL__KAFKA__DEAD_LETTER_TOPIC", dlq.clone()),
+                    ("UINCALL__KAFKA__GROUP_ID", group.clone()),
+                    ("UINCALL__API__BASE_URL", api.base_url()),
+                    (
+                        &format!("UINCALL__API__TOKENS__{TENANT}"),
+                        TOKEN.to_string(),
+                    ),
+                    ("UINCALL__PIPELINE__MAX_IN_FLIGHT", window.to_string()),
+                    ("UINCALL__HTTP__LISTEN", "127.0.0.1:0".to_string()),
+                    (
+                        "UINCALL__LOG__LEVEL",
+                        std::env::var("SWEEP_WORKER_LOG").unwrap_or_else(|_| "warn".into()),
+                    ),
+                ])
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .stdin(Stdio::null())
+                .spawn()?,
+            Subject::Raw { limit } => Command::new(std::env::current_exe()?)
+                .arg("--raw-pipe")
+                .args([self.bootstrap, &input, &output, &group, &limit.to_string()])
+                .args(
+                    self.args
+                        .kafka_properties
+                        .iter()
+                        .map(|(k, v)| format!("{k}={v}")),
+                )
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .stdin(Stdio::null())
+                .spawn()?,
+        };
+        let result = self.measure(&mut child, reader, &input, n).await;
+        stop(&mut child);
+        result
+    }
+
+    /// A settings file with `--kafka-property` as `kafka.properties`.
+    fn properties_file(&self, tag: &str) -> anyhow::Result<PathBuf> {
+        let props: toml::Table = self
+            .args
+            .kafka_properties
+            .iter()
+            .map(|(k, v)| (k.clone(), toml::Value::String(v.clone())))
+            .collect();
+        let mut kafka = toml::Table::new();
+        kafka.insert("properties".into(), toml::Value::Table(props));
+        let mut root = toml::Table::new();
+        root.insert("kafka".into(), toml::Value::Table(kafka));
+        let path = self.args.out.join(format!("{tag}.toml"));
+        std::fs::write(&path, toml::to_string(&root)?)?;
+        Ok(path)
+    }
+
+    async fn measure(
+        &self,
+        child: &mut Child,
+        mut reader: Reader,
+        input: &str,
+        n: usize,
+    ) -> anyhow::Result<Measured> {
+        let pid = child.id().to_string();
+        let broker = self.broker_pid.to_string();
+        let (n5, n95) = ((n / 20).max(1), (n * 19 / 20).max(2));
+        let sample = || {
+            (
+                Instant::now(),
+                cpu_seconds(&pid),
+                cpu_seconds(&broker),
+                cpu_seconds("self"),
+            )
+        };
+        let mut at5 = None;
+        let mut at95 = None;
+        let mut seen = 0;
+        while seen < n {
+            let Some(_) = reader.next(child).await? else {
+                bail!("no output for {IDLE_LIMIT:?} after {seen} of {n} records");
+            };
+            seen += 1;
+            if seen == n5 {
+                at5 = Some(sample());
+            }
+            if seen == n95 {
+                at95 = Some(sample());
+            }
+        }
+        let ((t0, c0, b0, h0), (t1, c1, b1, h1)) = (at5.unwrap(), at95.unwrap());
+        let records = (n95 - n5) as f64;
+        let secs = (t1 - t0).as_secs_f64();
+        let rate = records / secs;
+        let mut m = Measured {
+            events: n,
+            rate,
+            cpu_ms_per_1000: (c1 - c0) * 1000.0 * 1000.0 / records,
+            cpu_cores: (c1 - c0) / secs,
+            broker_cpu_cores: (b1 - b0) / secs,
+            harness_cpu_cores: (h1 - h0) / secs,
+            ..Measured::default()
+        };
+
+        // Latency below saturation: events at half the measured rate.
+        let paced_rate = (rate / 2.0).max(0.5);
+        let count = ((paced_rate * self.args.paced_seconds) as usize).clamp(20, 20_000);
+        let sent: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+        let pacer = tokio::spawn(pace(
+            self.bootstrap.to_string(),
+            input.to_string(),
+            count,
+            paced_rate,
+            sent.clone(),
+        ));
+        let mut latencies = Vec::with_capacity(count);
+        while latencies.len() < count {
+            let Some((key, at)) = reader.next(child).await? else {
+                bail!("no output for {IDLE_LIMIT:?} in the latency run");
+            };
+            if let Some(t) = sent.lock().unwrap().remove(&key) {
+                latencies.push((at - t).as_secs_f64() * 1000.0);
+            }
+        }
+        pacer.await??;
+        latencies.sort_by(f64::total_cmp);
+        m.latency_p50_ms = percentile(&latencies, 0.50);
+        m.latency_p99_ms = percentile(&latencies, 0.99);
+        m.latency_samples = latencies.len();
+        m.peak_rss_mib = peak_rss_mib(&pid);
+        Ok(m)
+    }
+}
+
+fn event(session: &str) -> (Option<Vec<u8>>, Vec<u8>) {
+    let v = serde_json::json!({"session_id": session, "tenant_id": TENANT});
+    (
+        Some(session.as_bytes().to_vec()),
+        v.to_string().into_bytes(),
+    )
+}
+
+/// Produces `count` events at `rate` per second, noting when each was sent.
+async fn pace(
+    bootstrap: String,
+    topic: String,
+    count: usize,
+    rate: f64,
+    sent: Arc<Mutex<HashMap<String, Instant>>>,
+) -> anyhow::Result<()> {
+    let producer: FutureProducer = testkit::client_config(&bootstrap)
+        .set("linger.ms", "5")
+        .create()?;
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut acks = FuturesUnordered::new();
+    for i in 0..count {
+        tick.tick().await;
+        let (key, payload) = event(&format!("{topic}-paced-{i:07}"));
+        let key = String::from_utf8(key.unwrap())?;
+        sent.lock().unwrap().insert(key.clone(), Instant::now());
+        let producer = producer.clone();
+        let topic = topic.clone();
+        acks.push(async move {
+            producer
+                .send(
+                    FutureRecord::to(&topic).key(&key).payload(&payload),
+                    Timeout::After(Duration::from_secs(30)),
+                )
+                .await
+                .map_err(|(e, _)| e)
+        });
+        while let Some(Some(r)) = futures::FutureExt::now_or_never(acks.next()) {
+            r?;
+        }
+    }
+    while let Some(r) = acks.next().await {
+        r?;
+    }
+    Ok(())
+}
+
+/// Reads a topic from the beginning on its own thread: each record's key
+/// and when it was read.
+struct Reader {
+    rx: mpsc::UnboundedReceiver<(String, Instant)>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Reader {
+    fn start(bootstrap: &str, topic: &str) -> anyhow::Result<Reader> {
+        let consumer: BaseConsumer = testkit::client_config(bootstrap)
+            .set("group.id", format!("{topic}-reader"))
+            .set("enable.auto.commit", "false")
+            .set("fetch.wait.max.ms", "20")
+            .create()?;
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..PARTITIONS {
+            tpl.add_partition_offset(topic, p, Offset::Beginning)?;
+        }
+        consumer.assign(&tpl)?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                match consumer.poll(Duration::from_millis(100)) {
+                    Some(Ok(m)) => {
+                        let at = Instant::now();
+                        let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
+                        if tx.send((key, at)).is_err() {
+                            return;
+                        }
+                    }
+                    Some(Err(e)) => eprintln!("reader: {e}"),
+                    None => {}
+                }
+            }
+        });
+        Ok(Reader {
+            rx,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// The next record read, or `None` after `IDLE_LIMIT` without one; an
+    /// error when the subject exited.
+    async fn next(&mut self, child: &mut Child) -> anyhow::Result<Option<(String, Instant)>> {
+        let deadline = Instant::now() + IDLE_LIMIT;
+        loop {
+            match tokio::time::timeout(Duration::from_secs(1), self.rx.recv()).await {
+                Ok(Some(r)) => return Ok(Some(r)),
+                Ok(None) => bail!("the reader stopped"),
+                Err(_) => {
+                    if let Some(status) = child.try_wait()? {
+                        bail!("the process under test exited: {status}");
+                    }
+                    if Instant::now() > deadline {
+                        return Ok(None);
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// SIGTERM, then SIGKILL if it has not exited within 30 s.
+fn stop(child: &mut Child) {
+    let _ = Command::new("kill").arg(child.id().to_string()).status();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i]
+}
+
+/// User + system CPU seconds of a process (`self` or a pid).
+fn cpu_seconds(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of stat(5), in clock ticks.
+    (ticks(11) + ticks(12)) / clock_ticks_per_second()
+}
+
+fn clock_ticks_per_second() -> f64 {
+    let out = Command::new("getconf").arg("CLK_TCK").output();
+    out.ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// Peak resident memory of a process in MiB (VmHWM).
+fn peak_rss_mib(pid: &str) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+impl Measured {
+    fn summary(&self) -> String {
+        format!(
+            "{} events, {:.0} records/s, {:.0} ms CPU per 1 000 ({:.2} cores; broker {:.2}, fake API + harness {:.2}), \
+             latency p50 {:.1} ms p99 {:.1} ms ({} samples), peak RSS {:.1} MiB",
+            self.events,
+            self.rate,
+            self.cpu_ms_per_1000,
+            self.cpu_cores,
+            self.broker_cpu_cores,
+            self.harness_cpu_cores,
+            self.latency_p50_ms,
+            self.latency_p99_ms,
+            self.latency_samples,
+            self.peak_rss_mib
+        )
+    }
+}
+
+fn write_results(dir: &Path, points: &[Point]) -> anyhow::Result<()> {
+    let mut csv = std::fs::File::create(dir.join("results.csv"))?;
+    writeln!(
+        csv,
+        "latency_ms,window,events,records_per_s,w_over_l,raw_records_per_s,ratio_to_limit,\
+         p50_ms,p99_ms,cpu_ms_per_1000,raw_cpu_ms_per_1000,worker_cores,broker_cores,harness_cores,peak_rss_mib,raw_peak_rss_mib"
+    )?;
+    let mut md = machine();
+    md.push_str(
+        "| API latency | window | events | records/s | W/L | raw limit | ratio to min | p50 | p99 | worker CPU / 1 000 | raw CPU / 1 000 | cores: worker / broker / API | peak RSS |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for p in points {
+        let w = &p.worker;
+        let raw_rate = p.raw.as_ref().map(|r| r.rate);
+        let raw_cpu = p.raw.as_ref().map(|r| r.cpu_ms_per_1000);
+        writeln!(
+            csv,
+            "{},{},{},{:.1},{:.1},{},{:.3},{:.1},{:.1},{:.1},{},{:.2},{:.2},{:.2},{:.1},{}",
+            p.latency_ms,
+            p.window,
+            w.events,
+            w.rate,
+            p.w_over_l(),
+            raw_rate.map_or(String::new(), |r| format!("{r:.1}")),
+            w.rate / p.limit(),
+            w.latency_p50_ms,
+            w.latency_p99_ms,
+            w.cpu_ms_per_1000,
+            raw_cpu.map_or(String::new(), |r| format!("{r:.1}")),
+            w.cpu_cores,
+            w.broker_cpu_cores,
+            w.harness_cpu_cores,
+            w.peak_rss_mib,
+            p.raw
+                .as_ref()
+                .map_or(String::new(), |r| format!("{:.1}", r.peak_rss_mib)),
+        )?;
+        md.push_str(&format!(
+            "| {} ms | {} | {} | {:.0} | {} | {} | {:.0} % | {:.0} ms | {:.0} ms | {:.0} ms | {} | {:.2} / {:.2} / {:.2} | {:.0} MiB |\n",
+            p.latency_ms,
+            p.window,
+            w.events,
+            w.rate,
+            if p.latency_ms == 0 { "∞".to_string() } else { format!("{:.0}", p.w_over_l()) },
+            raw_rate.map_or("—".to_string(), |r| format!("{r:.0}")),
+            100.0 * w.rate / p.limit(),
+            w.latency_p50_ms,
+            w.latency_p99_ms,
+            w.cpu_ms_per_1000,
+            raw_cpu.map_or("—".to_string(), |r| format!("{r:.0} ms")),
+            w.cpu_cores,
+            w.broker_cpu_cores,
+            w.harness_cpu_cores,
+            w.peak_rss_mib,
+        ));
+    }
+    std::fs::write(dir.join("results.md"), md)?;
+    Ok(())
+}
+
+/// The machine and versions the figures were measured on.
+fn machine() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|m| m.trim_start_matches([' ', '\t', ':']).to_string())
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let memory = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0 / 1024.0);
+    let output = |cmd: &str, args: &[&str]| {
+        Command::new(cmd)
+            .args(args)
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default()
+    };
+    let tansu = testkit::tansu_binary()
+        .ok()
+        .map(|t| output(&t.to_string_lossy(), &["--version"]))
+        .unwrap_or_default();
+    format!(
+        "Machine: {cores} cores ({model}), {memory:.0} GiB; {}; broker {tansu}; commit {}\n\n",
+        output("uname", &["-sr"]),
+        output("git", &["rev-parse", "--short", "HEAD"]),
+    )
+}
+
+/// Throughput against window, one line per latency, with W/L and the raw
+/// limit as dashed lines.
+fn plot(path: &Path, points: &[Point], latencies: &[u64]) -> anyhow::Result<()> {
+    use plotters::prelude::*;
+    let max_rate = points
+        .iter()
+        .flat_map(|p| [p.worker.rate, p.raw.as_ref().map_or(0.0, |r| r.rate)])
+        .fold(1.0, f64::max);
+    let windows: Vec<usize> = {
+        let mut w: Vec<usize> = points.iter().map(|p| p.window).collect();
+        w.sort_unstable();
+        w.dedup();
+        w
+    };
+    let (lo, hi) = (
+        *windows.first().unwrap_or(&1) as f64,
+        *windows.last().unwrap_or(&1024) as f64,
+    );
+    let root = SVGBackend::new(path, (900, 560)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "enriched records/s against in-flight window",
+            ("sans-serif", 22),
+        )
+        .margin(16)
+        .x_label_area_size(44)
+        .y_label_area_size(64)
+        .build_cartesian_2d(
+            (lo.max(1.0) * 0.8..hi * 1.25).log_scale(),
+            (1.0..max_rate * 2.0).log_scale(),
+        )?;
+    chart
+        .configure_mesh()
+        .x_desc("pipeline.max_in_flight (log scale)")
+        .y_desc("records/s (log scale)")
+        .y_label_formatter(&|y| format!("{y:.0}"))
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .draw()?;
+    let colours = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK];
+    for (i, &l) in latencies.iter().enumerate() {
+        let colour = colours[i % colours.len()];
+        let series: Vec<(f64, f64)> = points
+            .iter()
+            .filter(|p| p.latency_ms == l)
+            .map(|p| (p.window as f64, p.worker.rate))
+            .collect();
+        chart
+            .draw_series(LineSeries::new(series.clone(), colour.stroke_width(2)))?
+            .label(format!("worker, API latency {l} ms"))
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 18, y)], colour.stroke_width(2)));
+        chart.draw_series(series.iter().map(|&xy| Circle::new(xy, 4, colour.filled())))?;
+        if l > 0 {
+            let ideal: Vec<(f64, f64)> = windows
+                .iter()
+                .map(|&w| (w as f64, (w as f64 * 1000.0 / l as f64).min(max_rate * 2.0)))
+                .collect();
+            chart
+                .draw_series(DashedLineSeries::new(
+                    ideal,
+                    6,
+                    4,
+                    colour.mix(0.5).stroke_width(1),
+                ))?
+                .label(format!("W/L at {l} ms"))
+                .legend(move |(x, y)| PathElement::new([(x, y), (x + 18, y)], colour.mix(0.5)));
+        }
+    }
+    let raw: Vec<(f64, f64)> = windows
+        .iter()
+        .filter_map(|&w| {
+            points
+                .iter()
+                .find(|p| p.window == w)
+                .and_then(|p| p.raw.as_ref())
+                .map(|r| (w as f64, r.rate))
+        })
+        .collect();
+    if !raw.is_empty() {
+        chart
+            .draw_series(DashedLineSeries::new(raw, 3, 3, BLACK.stroke_width(2)))?
+            .label("raw consume + produce (no HTTP)")
+            .legend(|(x, y)| PathElement::new([(x, y), (x + 18, y)], BLACK.stroke_width(2)));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
+/// The raw pipeline: consume, produce an enriched-sized record, store the
+/// offset once acknowledged; the worker's Kafka settings, no HTTP.
+async fn raw_pipe(args: &[String]) -> anyhow::Result<()> {
+    let [brokers, input, output, group, limit, properties @ ..] = args else {
+        bail!("--raw-pipe BROKERS INPUT OUTPUT GROUP LIMIT [KEY=VALUE]...");
+    };
+    let limit: usize = limit.parse()?;
+    let mut k = Settings::load_from(None, Vec::new())?.kafka;
+    k.brokers = brokers.clone();
+    k.group_id = group.clone();
+    for p in properties {
+        let (key, value) = key_value(p).map_err(anyhow::Error::msg)?;
+        k.properties.insert(key, value);
+    }
+    let consumer: StreamConsumer = kafka::consumer_config(&k).create()?;
+    let producer: FutureProducer = kafka::producer_config(&k).create()?;
+    consumer.subscribe(&[input])?;
+    let payload = sample_enriched();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut tracker = OffsetTracker::default();
+    let mut pending = FuturesUnordered::new();
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            Some((p, o, id, sent)) = pending.next(), if !pending.is_empty() => {
+                let () = sent?;
+                if let Some(next) = tracker.finish(input, p, o, id) {
+                    let mut tpl = TopicPartitionList::new();
+                    tpl.add_partition_offset(input, p, Offset::Offset(next))?;
+                    consumer.store_offsets(&tpl)?;
+                }
+            }
+            m = consumer.recv(), if pending.len() < limit => {
+                let m = m?;
+                let (p, o) = (m.partition(), m.offset());
+                let id = tracker.start(input, p, o);
+                let key = m.key().unwrap_or_default().to_vec();
+                let (producer, payload, output) = (producer.clone(), payload.clone(), output.clone());
+                pending.push(async move {
+                    let sent = producer
+                        .send(
+                            FutureRecord::to(&output).key(&key).payload(payload.as_slice()),
+                            Timeout::After(Duration::from_secs(30)),
+                        )
+                        .await
+                        .map(|_| ())
+                        .map_err(|(e, _)| anyhow::Error::new(e));
+                    (p, o, id, sent)
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// An enriched record as the worker writes it for a fake API answer.
+fn sample_enriched() -> Arc<Vec<u8>> {
+    let data = fake_api::sample_record("raw-0000000", true, None);
+    let call = CallDetail::from_data(&data)
+        .expect("the fake API's record parses")
+        .expect("the fake API's record has data");
+    let event = serde_json::json!({"session_id": "raw-0000000", "tenant_id": TENANT});
+    let source = record::Source {
+        topic: "in".into(),
+        partition: 0,
+        offset: 0,
+        timestamp_ms: Some(0),
+    };
+    Arc::new(record::to_json(&record::Inputs {
+        session_id: "raw-0000000",
+        tenant_id: TENANT,
+        event: &event,
+        call: &call,
+        satisfaction_labels: &Default::default(),
+        fetched_at: chrono::Utc::now(),
+        attempts: 1,
+        api_latency: Duration::ZERO,
+        source: &source,
+    }))
+}
