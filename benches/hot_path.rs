@@ -17,10 +17,6 @@ use uincall_enricher::fake_api::sample_record;
 use uincall_enricher::record::{self, Source};
 use uincall_enricher::settings::Settings;
 
-/// The worker's allocator (src/main.rs), so the figures are the worker's.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 struct Fixture {
     settings: Settings,
     policy: ErrcodePolicy,

@@ -10,13 +10,6 @@ use tracing::{error, info};
 use uincall_enricher::settings::{LogFormat, LogSettings, Settings};
 use uincall_enricher::{demo, pipeline::Worker, shutdown, side_port, stats::Stats, telemetry};
 
-/// mimalloc rather than the system allocator: a record's JSON makes many
-/// small allocations across the runtime's threads, where glibc's malloc
-/// spent a quarter of the worker's CPU and kept more memory resident
-/// (docs/benchmarks.md).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Enriches Uincall call-ended events from Kafka with the full call record
 /// from the Uincall OpenAPI, at least once, with a dead-letter topic.
 ///
