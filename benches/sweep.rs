@@ -257,8 +257,10 @@ async fn sweep(args: Args) -> anyhow::Result<()> {
 /// The worker binary: this build's, or `SWEEP_WORKER_BIN` (another build,
 /// to compare two versions on the same broker and machine).
 fn worker_binary() -> PathBuf {
-    std::env::var_os("SWEEP_WORKER_BIN")
-        .map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_uincall-enricher")), PathBuf::from)
+    std::env::var_os("SWEEP_WORKER_BIN").map_or_else(
+        || PathBuf::from(env!("CARGO_BIN_EXE_uincall-enricher")),
+        PathBuf::from,
+    )
 }
 
 /// Records the worker holds between consume and acknowledgement.
