@@ -47,6 +47,7 @@ use tokio::sync::mpsc;
 use uincall_enricher::detail::CallDetail;
 use uincall_enricher::fake_api::{self, FakeApi, FakeApiConfig};
 use uincall_enricher::offsets::OffsetTracker;
+use uincall_enricher::pipeline::admitted_limit;
 use uincall_enricher::settings::Settings;
 use uincall_enricher::testkit::{self, TansuBroker};
 use uincall_enricher::{kafka, record};
@@ -130,13 +131,18 @@ struct Point {
     raw: Option<Measured>,
 }
 
+/// The theoretical rate of `window` calls at once, each `latency_ms` long.
+fn w_over_l(window: usize, latency_ms: u64) -> f64 {
+    if latency_ms == 0 {
+        f64::INFINITY
+    } else {
+        window as f64 * 1000.0 / latency_ms as f64
+    }
+}
+
 impl Point {
     fn w_over_l(&self) -> f64 {
-        if self.latency_ms == 0 {
-            f64::INFINITY
-        } else {
-            self.window as f64 * 1000.0 / self.latency_ms as f64
-        }
+        w_over_l(self.window, self.latency_ms)
     }
 
     fn limit(&self) -> f64 {
@@ -199,7 +205,7 @@ async fn sweep(args: Args) -> anyhow::Result<()> {
     let mut raw: HashMap<usize, Measured> = HashMap::new();
     if !args.no_raw {
         for &w in &args.windows {
-            let limit = in_flight_limit(w);
+            let limit = admitted_limit(w);
             let expected = (limit as f64 * 1000.0 / 20.0).min(6000.0);
             let m = ctx
                 .run(&format!("raw-w{w}"), expected, Subject::Raw { limit })
@@ -213,12 +219,7 @@ async fn sweep(args: Args) -> anyhow::Result<()> {
     let mut points = Vec::new();
     for &l in &args.latencies_ms {
         for &w in &args.windows {
-            let w_over_l = if l == 0 {
-                f64::INFINITY
-            } else {
-                w as f64 * 1000.0 / l as f64
-            };
-            let expected = raw.get(&w).map_or(6000.0, |r| r.rate).min(w_over_l);
+            let expected = raw.get(&w).map_or(6000.0, |r| r.rate).min(w_over_l(w, l));
             let m = ctx
                 .run(
                     &format!("w{w}-l{l}"),
@@ -261,11 +262,6 @@ fn worker_binary() -> PathBuf {
         || PathBuf::from(env!("CARGO_BIN_EXE_uincall-enricher")),
         PathBuf::from,
     )
-}
-
-/// Records the worker holds between consume and acknowledgement.
-fn in_flight_limit(window: usize) -> usize {
-    uincall_enricher::pipeline::admitted_limit(window)
 }
 
 struct Ctx<'a> {
@@ -608,22 +604,32 @@ fn cpu_seconds(pid: &str) -> f64 {
     (ticks(11) + ticks(12)) / clock_ticks_per_second()
 }
 
+/// Asked once: the samples are taken while the subject runs, and a
+/// `getconf` each time would be this process's CPU inside the stretch.
 fn clock_ticks_per_second() -> f64 {
-    let out = Command::new("getconf").arg("CLK_TCK").output();
-    out.ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        let out = Command::new("getconf").arg("CLK_TCK").output();
+        out.ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(100.0)
+    })
+}
+
+/// A `NAME: N kB` line of a /proc file, in MiB.
+fn proc_mib(path: &str, name: &str) -> Option<f64> {
+    std::fs::read_to_string(path)
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
 }
 
 /// Peak resident memory of a process in MiB (VmHWM).
 fn peak_rss_mib(pid: &str) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
+    proc_mib(&format!("/proc/{pid}/status"), "VmHWM").unwrap_or(0.0)
 }
 
 impl Measured {
@@ -715,12 +721,7 @@ fn machine() -> String {
         .map(|m| m.trim_start_matches([' ', '\t', ':']).to_string())
         .unwrap_or_default();
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let memory = std::fs::read_to_string("/proc/meminfo")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0 / 1024.0);
+    let memory = proc_mib("/proc/meminfo", "MemTotal").map_or(0.0, |mib| mib / 1024.0);
     let output = |cmd: &str, args: &[&str]| {
         Command::new(cmd)
             .args(args)
@@ -795,7 +796,7 @@ fn plot(path: &Path, points: &[Point], latencies: &[u64]) -> anyhow::Result<()> 
         if l > 0 {
             let ideal: Vec<(f64, f64)> = windows
                 .iter()
-                .map(|&w| (w as f64, (w as f64 * 1000.0 / l as f64).min(max_rate * 2.0)))
+                .map(|&w| (w as f64, w_over_l(w, l).min(max_rate * 2.0)))
                 .collect();
             chart
                 .draw_series(DashedLineSeries::new(
