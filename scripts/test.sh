@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
-# The whole test suite on a fresh machine: installs what is missing (the
-# tansu broker, the Python packages of the deploy checks), then runs unit and
-# integration tests (which start their own tansu processes on loopback) and
-# the checks of the Helm chart and kustomize manifests (tests/deploy).
+# The whole test suite on a fresh machine: installs what is missing (Java and
+# Maven, Apache Kafka's jars into a cache outside the repository, the Python
+# packages of the deploy checks), then runs unit and integration tests (the
+# integration tests start one Apache Kafka broker for the run, and a
+# three-node cluster for the broker-fault tests, on loopback) and the checks
+# of the Helm chart and kustomize manifests (tests/deploy).
+#
+# KAFKA_BOOTSTRAP=host:port runs the broker tests against an existing cluster
+# instead (the broker-fault tests still start their own).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -17,7 +22,8 @@ if [ -n "${missing:-}" ]; then
   apt-get update -qq && apt-get install -y -qq build-essential perl >/dev/null
 fi
 
-bash scripts/install-tansu.sh
+KAFKA_LIB="$(bash scripts/install-kafka.sh)"
+export KAFKA_LIB
 
 # Deployment checks: Helm's SDK (no helm binary), Kubernetes schemas, pytest.
 command -v kubectl >/dev/null || { echo "kubectl (with kustomize) is required for the deploy/ checks"; exit 1; }

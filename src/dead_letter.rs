@@ -26,6 +26,25 @@ pub mod header {
     pub const TENANT_ID: &str = "dlq.tenant_id";
     pub const SESSION_ID: &str = "dlq.session_id";
     pub const ENRICHER: &str = "dlq.enricher";
+    /// Present when the topic refused the whole dead letter: the value was
+    /// cut to this many bytes and the original headers left out.
+    pub const TRUNCATED_TO: &str = "dlq.truncated_to";
+    /// The original value's size in bytes, with `dlq.truncated_to`.
+    pub const ORIGINAL_SIZE: &str = "dlq.original_size";
+}
+
+/// The value sizes to try, in order, when the dead-letter topic refuses a
+/// dead letter of `len` bytes: a quarter of the topic's limit when known,
+/// then halving, down to no value at all (the headers still say what
+/// failed and where the original is: `dlq.source_*`).
+pub fn truncated_sizes(len: usize, max_message_bytes: Option<usize>) -> Vec<usize> {
+    let first = max_message_bytes.map_or(len / 2, |m| (m / 4).min(len / 2));
+    let mut sizes: Vec<usize> =
+        std::iter::successors(Some(first), |&n| (n > 0).then_some(n / 2)).collect();
+    if sizes.last() != Some(&0) {
+        sizes.push(0);
+    }
+    sizes
 }
 
 /// Why a record was dead-lettered; the value of `dlq.error_class`.
@@ -147,6 +166,16 @@ impl DeadLetter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn truncated_sizes_shrink_to_nothing() {
+        assert_eq!(truncated_sizes(100, None), vec![50, 25, 12, 6, 3, 1, 0]);
+        assert_eq!(
+            truncated_sizes(1 << 20, Some(4096)),
+            vec![1024, 512, 256, 128, 64, 32, 16, 8, 4, 2, 1, 0]
+        );
+        assert_eq!(truncated_sizes(0, None), vec![0]);
+    }
 
     #[test]
     fn headers_hold_each_value_and_not_the_offset_in_the_partition() {

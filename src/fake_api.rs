@@ -12,6 +12,8 @@
 //! | `echo500-` | HTTP 500 whose body echoes the request URL (token included), always |
 //! | `nodata-` | errcode 0 without data, always |
 //! | `ratelimited{N}-` | HTTP 429 "too many requests" for the first N calls, then the record |
+//! | `slow{MS}-` | the record, MS milliseconds later than the configured latency |
+//! | `bulky{KIB}-` | the record with an extra field `padding` of KIB kibibytes |
 //! | anything else | the record |
 //!
 //! A wrong tenant or token gets errcode 40001 "invalid access_token".
@@ -222,8 +224,9 @@ async fn detail(
         *n += 1;
         *n
     };
-    if !config.latency.is_zero() {
-        tokio::time::sleep(config.latency).await;
+    let slow = Duration::from_millis(prefix_number(&session_id, "slow").unwrap_or(0));
+    if !(config.latency + slow).is_zero() {
+        tokio::time::sleep(config.latency + slow).await;
     }
     if shared.outage.load(Ordering::Relaxed) {
         return (StatusCode::SERVICE_UNAVAILABLE, "service unavailable").into_response();
@@ -274,12 +277,26 @@ async fn detail(
         return axum::Json(json!({"errcode": 0, "errmsg": "success"})).into_response();
     }
     let with_ver = q.ver.as_deref() == Some("1");
+    let mut data = sample_record(&session_id, with_ver, q.call_type.as_deref());
+    if let Some(kib) = prefix_number(&session_id, "bulky") {
+        data["padding"] = Value::String("x".repeat(kib as usize * 1024));
+    }
     axum::Json(json!({
         "errcode": 0,
         "errmsg": "success",
-        "data": sample_record(&session_id, with_ver, q.call_type.as_deref()),
+        "data": data,
     }))
     .into_response()
+}
+
+/// N of a session id `{prefix}{N}-…`.
+fn prefix_number(session_id: &str, prefix: &str) -> Option<u64> {
+    session_id
+        .strip_prefix(prefix)?
+        .split('-')
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// A record shaped like the spec's example, varied by the session id.

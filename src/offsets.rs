@@ -1,9 +1,19 @@
 //! Per-partition offset tracking: records finish out of order, but the offset
 //! stored for commit is always the lowest one not yet finished, so a crash
 //! re-delivers and never skips.
+//!
+//! [`Assignment`] is the shared form the worker uses: the record tasks
+//! finish their records (and store the new position themselves, so finished
+//! work is stored even when the consume loop is busy or shutting down), the
+//! rebalance callback drains and forgets revoked partitions, and the loop
+//! settles idle partitions at the consumer's position.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
 
 /// One partition's records in flight.
 #[derive(Debug, Default)]
@@ -49,6 +59,18 @@ impl PartitionTracker {
     pub fn in_flight(&self) -> usize {
         self.pending.len()
     }
+
+    /// With nothing pending, the consumer's `position` (past transaction
+    /// markers and compacted gaps that deliver no record) becomes the
+    /// position to commit. Returns it when it advanced.
+    pub fn settle(&mut self, position: i64) -> Option<i64> {
+        if !self.pending.is_empty() || self.reported.is_some_and(|r| r >= position) {
+            return None;
+        }
+        self.reported = Some(position);
+        self.next_after_seen = Some(self.next_after_seen.map_or(position, |n| n.max(position)));
+        Some(position)
+    }
 }
 
 /// Identifies a partition's tracker across rebalances: a completion that
@@ -57,27 +79,78 @@ pub type TrackerId = u64;
 
 static NEXT_TRACKER: AtomicU64 = AtomicU64::new(1);
 
+/// One assigned partition: its tracker, and the token that cancels its
+/// records when it is revoked.
+#[derive(Debug)]
+struct Owned {
+    id: TrackerId,
+    tracker: PartitionTracker,
+    cancel: CancellationToken,
+}
+
 /// The trackers of all currently assigned partitions.
 #[derive(Debug, Default)]
 pub struct OffsetTracker {
-    partitions: HashMap<(String, i32), (TrackerId, PartitionTracker)>,
+    partitions: HashMap<(String, i32), Owned>,
+}
+
+/// What a record task holds: which tracker it belongs to, and the token
+/// that is cancelled when its partition is revoked (or the worker stops).
+#[derive(Debug, Clone)]
+pub struct Ticket {
+    pub id: TrackerId,
+    pub cancel: CancellationToken,
 }
 
 impl OffsetTracker {
-    /// Records that `offset` started; creates the partition's tracker on the
-    /// first record after an assignment.
-    pub fn start(&mut self, topic: &str, partition: i32, offset: i64) -> TrackerId {
-        let (id, tracker) = self
-            .partitions
+    fn owned(&mut self, topic: &str, partition: i32, parent: &CancellationToken) -> &mut Owned {
+        self.partitions
             .entry((topic.to_string(), partition))
-            .or_insert_with(|| {
-                (
-                    NEXT_TRACKER.fetch_add(1, Ordering::Relaxed),
-                    PartitionTracker::default(),
-                )
-            });
-        tracker.start(offset);
-        *id
+            .or_insert_with(|| Owned {
+                id: NEXT_TRACKER.fetch_add(1, Ordering::Relaxed),
+                tracker: PartitionTracker::default(),
+                cancel: parent.child_token(),
+            })
+    }
+
+    /// Records that `offset` started; creates the partition's tracker on the
+    /// first record after an assignment, its token a child of `parent`.
+    pub fn start(
+        &mut self,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        parent: &CancellationToken,
+    ) -> Ticket {
+        let owned = self.owned(topic, partition, parent);
+        owned.tracker.start(offset);
+        Ticket {
+            id: owned.id,
+            cancel: owned.cancel.clone(),
+        }
+    }
+
+    /// Settles a partition with nothing pending at the consumer's
+    /// `position` ([`PartitionTracker::settle`]).
+    pub fn settle(
+        &mut self,
+        topic: &str,
+        partition: i32,
+        position: i64,
+        parent: &CancellationToken,
+    ) -> Option<i64> {
+        self.owned(topic, partition, parent)
+            .tracker
+            .settle(position)
+    }
+
+    /// Records in flight in the given partitions.
+    pub fn in_flight_of(&self, partitions: &[(String, i32)]) -> usize {
+        partitions
+            .iter()
+            .filter_map(|k| self.partitions.get(k))
+            .map(|o| o.tracker.in_flight())
+            .sum()
     }
 
     /// Records that `offset` finished; returns the position to store when it
@@ -91,20 +164,123 @@ impl OffsetTracker {
         id: TrackerId,
     ) -> Option<i64> {
         match self.partitions.get_mut(&(topic.to_string(), partition)) {
-            Some((current, tracker)) if *current == id => tracker.finish(offset),
+            Some(owned) if owned.id == id => owned.tracker.finish(offset),
             _ => None,
         }
     }
 
-    /// Drops the trackers of revoked partitions.
-    pub fn revoke(&mut self, revoked: impl IntoIterator<Item = (String, i32)>) {
-        for key in revoked {
-            self.partitions.remove(&key);
+    /// Drops the trackers of revoked partitions and cancels their records;
+    /// returns how many were cancelled.
+    pub fn revoke<'a>(&mut self, revoked: impl IntoIterator<Item = &'a (String, i32)>) -> usize {
+        revoked
+            .into_iter()
+            .filter_map(|key| self.partitions.remove(key))
+            .map(|owned| {
+                owned.cancel.cancel();
+                owned.tracker.in_flight()
+            })
+            .sum()
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.partitions
+            .values()
+            .map(|o| o.tracker.in_flight())
+            .sum()
+    }
+}
+
+/// How a revocation went: records that finished within the drain, and
+/// records cancelled (re-delivered to the partition's next owner).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Revoked {
+    pub drained: usize,
+    pub cancelled: usize,
+}
+
+/// The [`OffsetTracker`] shared by the consume loop, the record tasks and
+/// the rebalance callback.
+#[derive(Debug, Default)]
+pub struct Assignment {
+    tracker: Mutex<OffsetTracker>,
+    /// Notified whenever a record finishes (a revocation waits on it).
+    finished: Condvar,
+}
+
+impl Assignment {
+    pub fn start(
+        &self,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        parent: &CancellationToken,
+    ) -> Ticket {
+        self.tracker
+            .lock()
+            .unwrap()
+            .start(topic, partition, offset, parent)
+    }
+
+    /// Finishes a record; when the partition's safe position advanced,
+    /// `store` is called with it while the lock is held, so a revocation
+    /// cannot come between the decision and the store.
+    pub fn finish<E>(
+        &self,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        id: TrackerId,
+        store: impl FnOnce(i64) -> Result<(), E>,
+    ) -> Option<Result<(), E>> {
+        let mut tracker = self.tracker.lock().unwrap();
+        let next = tracker.finish(topic, partition, offset, id);
+        self.finished.notify_all();
+        next.map(store)
+    }
+
+    /// Settles idle partitions at the consumer's positions (see
+    /// [`PartitionTracker::settle`]), storing each new one with `store`
+    /// under the lock.
+    pub fn settle<E>(
+        &self,
+        positions: impl IntoIterator<Item = (String, i32, i64)>,
+        parent: &CancellationToken,
+        mut store: impl FnMut(&str, i32, i64) -> Result<(), E>,
+    ) -> Result<usize, E> {
+        let mut tracker = self.tracker.lock().unwrap();
+        let mut stored = 0;
+        for (topic, partition, position) in positions {
+            if let Some(p) = tracker.settle(&topic, partition, position, parent) {
+                store(&topic, partition, p)?;
+                stored += 1;
+            }
+        }
+        Ok(stored)
+    }
+
+    /// Waits up to `drain` for the revoked partitions' records to finish
+    /// (each finished one stores its position meanwhile), then forgets the
+    /// partitions and cancels what is still in flight there.
+    pub fn revoke(&self, revoked: &[(String, i32)], drain: Duration) -> Revoked {
+        let deadline = Instant::now() + drain;
+        let mut tracker = self.tracker.lock().unwrap();
+        let before = tracker.in_flight_of(revoked);
+        while tracker.in_flight_of(revoked) > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            tracker = self.finished.wait_timeout(tracker, left).unwrap().0;
+        }
+        let cancelled = tracker.revoke(revoked);
+        Revoked {
+            drained: before - cancelled,
+            cancelled,
         }
     }
 
     pub fn in_flight(&self) -> usize {
-        self.partitions.values().map(|(_, t)| t.in_flight()).sum()
+        self.tracker.lock().unwrap().in_flight()
     }
 }
 
@@ -192,14 +368,92 @@ mod tests {
     }
 
     #[test]
-    fn late_completion_after_revoke_is_ignored() {
+    fn late_completion_after_revoke_is_ignored_and_its_record_cancelled() {
+        let stop = CancellationToken::new();
         let mut all = OffsetTracker::default();
-        let old = all.start("in", 0, 5);
-        all.revoke([("in".to_string(), 0)]);
-        let new = all.start("in", 0, 3); // re-assigned, re-delivered from 3
-        assert_ne!(old, new);
-        assert_eq!(all.finish("in", 0, 5, old), None);
-        assert_eq!(all.finish("in", 0, 3, new), Some(4));
-        assert_eq!(all.finish("in", 1, 0, new), None);
+        let old = all.start("in", 0, 5, &stop);
+        assert_eq!(all.revoke(&[("in".to_string(), 0)]), 1);
+        assert!(old.cancel.is_cancelled());
+        let new = all.start("in", 0, 3, &stop); // re-assigned, re-delivered from 3
+        assert_ne!(old.id, new.id);
+        assert!(!new.cancel.is_cancelled());
+        assert_eq!(all.finish("in", 0, 5, old.id), None);
+        assert_eq!(all.finish("in", 0, 3, new.id), Some(4));
+        assert_eq!(all.finish("in", 1, 0, new.id), None);
+        stop.cancel();
+        assert!(
+            new.cancel.is_cancelled(),
+            "stopping cancels every partition"
+        );
+    }
+
+    #[test]
+    fn an_idle_partition_settles_at_the_position_past_a_transaction_marker() {
+        let mut t = PartitionTracker::default();
+        t.start(7);
+        assert_eq!(t.settle(9), None, "a record is pending");
+        assert_eq!(t.finish(7), Some(8));
+        // The commit marker at 8: the consumer's position is 9.
+        assert_eq!(t.settle(9), Some(9));
+        assert_eq!(t.settle(9), None, "reported once");
+        assert_eq!(t.settle(8), None, "never backwards");
+        t.start(9);
+        assert_eq!(t.finish(9), Some(10));
+    }
+
+    #[test]
+    fn a_partition_that_delivered_nothing_settles_at_the_position() {
+        let stop = CancellationToken::new();
+        let mut all = OffsetTracker::default();
+        assert_eq!(all.settle("in", 2, 41, &stop), Some(41));
+        assert_eq!(all.settle("in", 2, 41, &stop), None);
+    }
+
+    #[test]
+    fn revoke_with_no_drain_cancels_only_the_revoked_partition() {
+        let stop = CancellationToken::new();
+        let shared = Assignment::default();
+        let a = shared.start("in", 0, 0, &stop);
+        let b = shared.start("in", 0, 1, &stop);
+        let other = shared.start("in", 1, 0, &stop);
+        let revoked = shared.revoke(&[("in".to_string(), 0)], Duration::ZERO);
+        assert_eq!(
+            revoked,
+            Revoked {
+                drained: 0,
+                cancelled: 2
+            }
+        );
+        assert!(a.cancel.is_cancelled() && b.cancel.is_cancelled());
+        assert!(!other.cancel.is_cancelled());
+        assert_eq!(shared.in_flight(), 1);
+        let late = shared.finish("in", 0, 0, a.id, |_| Err("stored a revoked partition"));
+        assert!(late.is_none());
+    }
+
+    #[test]
+    fn revoke_waits_for_records_that_finish_within_the_drain() {
+        let stop = CancellationToken::new();
+        let shared = std::sync::Arc::new(Assignment::default());
+        let a = shared.start("in", 0, 0, &stop);
+        let b = shared.start("in", 0, 1, &stop);
+        let stored = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let finisher = {
+            let (shared, stored) = (shared.clone(), stored.clone());
+            std::thread::spawn(move || {
+                for (offset, t) in [(1, b), (0, a)] {
+                    let _ = shared.finish("in", 0, offset, t.id, |p| {
+                        stored.lock().unwrap().push(p);
+                        Ok::<_, ()>(())
+                    });
+                }
+            })
+        };
+        // Ends as soon as both finished: a broken wait would run the whole
+        // minute and cancel them.
+        let revoked = shared.revoke(&[("in".to_string(), 0)], Duration::from_secs(60));
+        finisher.join().unwrap();
+        assert_eq!(revoked.cancelled, 0);
+        assert_eq!(*stored.lock().unwrap(), vec![2]);
     }
 }

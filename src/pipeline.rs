@@ -6,8 +6,8 @@
 //! until the shutdown token fires, then drains, flushes, commits and leaves
 //! the group.
 
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -25,10 +25,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::classify::{ApiFailure, ErrcodePolicy, Verdict, classify};
-use crate::dead_letter::{DeadLetter, ErrorClass, header as dlq};
+use crate::dead_letter::{self, DeadLetter, ErrorClass, header as dlq};
 use crate::event::{InvalidEvent, parse_event};
 use crate::kafka;
-use crate::offsets::{OffsetTracker, TrackerId};
+use crate::offsets::{Assignment, Ticket};
 use crate::rate_limit::RateLimits;
 use crate::record::{self, Source};
 use crate::retry::{self, Gate, RetryOutcome, RetryPolicy};
@@ -61,11 +61,30 @@ async fn sleep_until_some(at: Option<tokio::time::Instant>) {
     }
 }
 
-/// Consumer callbacks: rebalances drop the revoked partitions' trackers,
-/// librdkafka's own logs go to `tracing`.
+/// Consumer callbacks: a revocation drains the revoked partitions' records
+/// for `pipeline.revoke_drain`, then cancels and forgets them; an assigned
+/// partition takes the consume loop's pause state; librdkafka's own logs go
+/// to `tracing`.
 pub struct WorkerContext {
-    trackers: Arc<Mutex<OffsetTracker>>,
+    assignment: Arc<Assignment>,
     stats: Arc<Stats>,
+    /// The consume loop's pause state, for partitions assigned meanwhile
+    /// (librdkafka keeps an application pause across a revocation).
+    paused: AtomicBool,
+    revoke_drain: Duration,
+}
+
+/// Runs `f`, which blocks, without stalling the runtime: on a
+/// multi-threaded runtime's worker the other tasks move to other threads.
+/// `None` on a current-thread runtime, where blocking would stop the very
+/// tasks being waited for.
+fn blocking<T>(f: impl FnOnce() -> T) -> Option<T> {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(RuntimeFlavor::CurrentThread) => None,
+        Ok(_) => Some(tokio::task::block_in_place(f)),
+        Err(_) => Some(f()),
+    }
 }
 
 impl ClientContext for WorkerContext {
@@ -105,17 +124,38 @@ impl ConsumerContext for WorkerContext {
     fn pre_rebalance(&self, _: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
             let revoked = partitions(tpl);
-            info!(partitions = ?revoked, "partitions revoked");
+            // Records that finish within the drain store their offsets
+            // (committed with the revocation); the rest are cancelled.
+            let done = blocking(|| self.assignment.revoke(&revoked, self.revoke_drain))
+                .unwrap_or_else(|| self.assignment.revoke(&revoked, Duration::ZERO));
+            info!(
+                partitions = ?revoked,
+                drained = done.drained,
+                cancelled = done.cancelled,
+                "partitions revoked"
+            );
             self.stats.partitions_changed(&revoked, false);
-            self.trackers.lock().unwrap().revoke(revoked);
         }
     }
 
-    fn post_rebalance(&self, _: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(
+        &self,
+        consumer: &rdkafka::consumer::BaseConsumer<Self>,
+        rebalance: &Rebalance<'_>,
+    ) {
         match rebalance {
             Rebalance::Assign(tpl) => {
                 let assigned = partitions(tpl);
-                info!(partitions = ?assigned, "partitions assigned");
+                let paused = self.paused.load(Ordering::SeqCst);
+                info!(partitions = ?assigned, paused, "partitions assigned");
+                let applied = if paused {
+                    consumer.pause(tpl)
+                } else {
+                    consumer.resume(tpl)
+                };
+                if let Err(e) = applied {
+                    warn!(error = %e, "setting the pause state of assigned partitions failed");
+                }
                 self.stats.partitions_changed(&assigned, true);
             }
             Rebalance::Revoke(_) => {}
@@ -198,7 +238,7 @@ pub enum Disposition {
 
 /// A produce that did not get an acknowledgement.
 #[derive(Debug, thiserror::Error)]
-enum ProduceError {
+pub(crate) enum ProduceError {
     /// The broker refuses this record (e.g. too large): it never will take it.
     #[error("the broker refused the record: {0}")]
     Rejected(KafkaError),
@@ -209,20 +249,34 @@ enum ProduceError {
     Abandoned,
 }
 
-fn produce_error_kind(e: &KafkaError) -> Option<bool> {
-    // Some(true) = rejected record, Some(false) = fatal, None = retry.
-    let code = e.rdkafka_error_code()?;
+/// What to do about a produce error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ProducePolicy {
+    /// The broker may take it later (timeouts, leader changes, a corrupt
+    /// batch on the wire).
+    Retry,
+    /// The broker refuses this record and always will (too large, invalid).
+    Reject,
+    /// The producer cannot go on (authorisation, idempotence state).
+    Fatal,
+}
+
+pub(crate) fn produce_policy(e: &KafkaError) -> ProducePolicy {
     use RDKafkaErrorCode as C;
-    match code {
-        C::MessageSizeTooLarge | C::InvalidMessageSize | C::InvalidMessage | C::InvalidRecord => {
-            Some(true)
+    match e.rdkafka_error_code() {
+        Some(C::MessageSizeTooLarge | C::InvalidMessageSize | C::InvalidRecord) => {
+            ProducePolicy::Reject
         }
-        C::Fatal
-        | C::TopicAuthorizationFailed
-        | C::ClusterAuthorizationFailed
-        | C::InvalidProducerIdMapping
-        | C::UnsupportedForMessageFormat => Some(false),
-        _ => None,
+        Some(
+            C::Fatal
+            | C::TopicAuthorizationFailed
+            | C::ClusterAuthorizationFailed
+            | C::InvalidProducerIdMapping
+            | C::UnsupportedForMessageFormat,
+        ) => ProducePolicy::Fatal,
+        // CORRUPT_MESSAGE (InvalidMessage) included: a batch damaged in
+        // transit is sent again.
+        _ => ProducePolicy::Retry,
     }
 }
 
@@ -236,6 +290,9 @@ pub struct Enricher {
     breaker: Breaker,
     limits: RateLimits,
     producer: FutureProducer,
+    /// The smallest `max.message.bytes` of the output and dead-letter
+    /// topics, when the cluster told it.
+    max_message_bytes: Option<usize>,
     stats: Arc<Stats>,
     /// `pipeline.max_in_flight` permits: records between their first API
     /// call and their verdict (retries and waits at the gate included).
@@ -273,9 +330,13 @@ fn probe_target(event: &crate::event::CallEnded) -> ProbeTarget {
 }
 
 impl Enricher {
-    /// The API client, tokens, policies and the producer, from the settings.
-    pub fn build(settings: Arc<Settings>, stats: Arc<Stats>) -> anyhow::Result<Enricher> {
-        let producer: FutureProducer = kafka::producer_config(&settings.kafka)
+    /// The API client, tokens, policies and the producer, from the settings;
+    /// the producer's batches sized to the output and dead-letter topics'
+    /// `max.message.bytes` when the cluster tells it.
+    pub async fn build(settings: Arc<Settings>, stats: Arc<Stats>) -> anyhow::Result<Enricher> {
+        let k = &settings.kafka;
+        let max_bytes = kafka::max_message_bytes(k, &[&k.output_topic, &k.dead_letter_topic]).await;
+        let producer: FutureProducer = kafka::producer_config(k, max_bytes)
             .create()
             .context("creating the Kafka producer")?;
         let tokens = TokenStore::from_settings(&settings.api)?;
@@ -292,6 +353,7 @@ impl Enricher {
             breaker: Breaker::new(&settings.systemic),
             limits: RateLimits::new(&settings.rate_limit),
             producer,
+            max_message_bytes: max_bytes,
             stats,
             enriching: Semaphore::new(settings.pipeline.max_in_flight),
             settings,
@@ -485,6 +547,9 @@ impl Enricher {
     }
 
     /// Publishes the original bytes with the failure in `dlq.*` headers.
+    /// When the topic refuses it (too large once the headers are added), a
+    /// smaller one follows: the value cut, the original headers left out,
+    /// `dlq.truncated_to` and `dlq.original_size` saying so.
     async fn dead_letter(
         &self,
         rec: &InRecord,
@@ -492,24 +557,38 @@ impl Enricher {
         stop: &CancellationToken,
     ) -> Result<Disposition, anyhow::Error> {
         let s = &self.settings;
-        let mut headers = rec.headers_without_dlq();
-        for (k, v) in dl.headers(&rec.source, &s.kafka.group_id, Utc::now()) {
-            headers = headers.insert(Header {
-                key: k,
-                value: Some(v.as_bytes()),
-            });
-        }
+        let dlq_headers = dl.headers(&rec.source, &s.kafka.group_id, Utc::now());
+        let with = |headers: OwnedHeaders, extra: &[(&str, String)]| {
+            dlq_headers
+                .iter()
+                .map(|(k, v)| (*k, v))
+                .chain(extra.iter().map(|(k, v)| (*k, v)))
+                .fold(headers, |hs, (k, v)| {
+                    hs.insert(Header {
+                        key: k,
+                        value: Some(v.as_bytes()),
+                    })
+                })
+        };
         let payload = rec.payload.as_deref().unwrap_or_default();
-        match self
-            .produce(
-                &s.kafka.dead_letter_topic,
-                rec.key.as_deref(),
-                payload,
-                &headers,
-                stop,
-            )
-            .await
-        {
+        let (topic, key) = (&s.kafka.dead_letter_topic, rec.key.as_deref());
+        let full = with(rec.headers_without_dlq(), &[]);
+        let mut result = self.produce(topic, key, payload, &full, stop).await;
+        for size in dead_letter::truncated_sizes(payload.len(), self.max_message_bytes) {
+            let Err(ProduceError::Rejected(e)) = &result else {
+                break;
+            };
+            warn!(error = %e, original_size = payload.len(), truncated_to = size, "the dead-letter topic refused the dead letter; writing it truncated");
+            let extra = [
+                (dlq::TRUNCATED_TO, size.to_string()),
+                (dlq::ORIGINAL_SIZE, payload.len().to_string()),
+            ];
+            let headers = with(OwnedHeaders::new(), &extra);
+            result = self
+                .produce(topic, key, &payload[..size], &headers, stop)
+                .await;
+        }
+        match result {
             Ok(()) => {
                 self.stats.record_dead_lettered(&dl);
                 Ok(Disposition::DeadLettered(dl.class))
@@ -544,10 +623,12 @@ impl Enricher {
                 Ok(_) => return Ok(()),
                 Err((e, _)) => e,
             };
-            match produce_error_kind(&err) {
-                Some(true) => return Err(ProduceError::Rejected(err)),
-                Some(false) => return Err(ProduceError::Fatal(err)),
-                None => warn!(topic, error = %err, retry_in = ?delay, "produce failed, retrying"),
+            match produce_policy(&err) {
+                ProducePolicy::Reject => return Err(ProduceError::Rejected(err)),
+                ProducePolicy::Fatal => return Err(ProduceError::Fatal(err)),
+                ProducePolicy::Retry => {
+                    warn!(topic, error = %err, retry_in = ?delay, "produce failed, retrying")
+                }
             }
             tokio::select! {
                 _ = stop.cancelled() => return Err(ProduceError::Abandoned),
@@ -664,19 +745,16 @@ impl Enricher {
     }
 }
 
-/// A record task's report to the consume loop.
-struct Completion {
-    source: Source,
-    tracker: TrackerId,
-    result: Result<Disposition, anyhow::Error>,
-}
+/// A record task's report to the consume loop (its offset is already
+/// stored by then).
+type Completion = Result<Disposition, anyhow::Error>;
 
 /// The enrichment worker.
 pub struct Worker {
     settings: Arc<Settings>,
     consumer: Arc<StreamConsumer<WorkerContext>>,
     enricher: Arc<Enricher>,
-    trackers: Arc<Mutex<OffsetTracker>>,
+    assignment: Arc<Assignment>,
     stats: Arc<Stats>,
 }
 
@@ -685,20 +763,22 @@ impl Worker {
     pub async fn build(settings: Settings, stats: Arc<Stats>) -> anyhow::Result<Worker> {
         let settings = Arc::new(settings);
         let k = &settings.kafka;
-        let trackers = Arc::new(Mutex::new(OffsetTracker::default()));
+        let assignment = Arc::new(Assignment::default());
         let consumer: StreamConsumer<WorkerContext> = kafka::consumer_config(k)
             .create_with_context(WorkerContext {
-                trackers: trackers.clone(),
+                assignment: assignment.clone(),
                 stats: stats.clone(),
+                paused: AtomicBool::new(false),
+                revoke_drain: settings.pipeline.revoke_drain,
             })
             .context("creating the Kafka consumer")?;
         let consumer = Arc::new(consumer);
-        let enricher = Arc::new(Enricher::build(settings.clone(), stats.clone())?);
+        let enricher = Arc::new(Enricher::build(settings.clone(), stats.clone()).await?);
         let worker = Worker {
             settings,
             consumer,
             enricher,
-            trackers,
+            assignment,
             stats,
         };
         worker.check_topics().await?;
@@ -766,7 +846,7 @@ impl Worker {
                     break;
                 }
                 Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
-                    if let Err(e) = self.complete(joined) {
+                    if let Err(e) = complete(joined) {
                         error!(error = format!("{e:#}"), "fatal error, stopping the worker");
                         fatal = Some(e);
                         break;
@@ -779,11 +859,6 @@ impl Worker {
                         let rec = InRecord::from_message(&m);
                         drop(m);
                         self.spawn(&mut tasks, rec, &stop_work);
-                        if flow.paused {
-                            // Only a partition assigned while paused delivers
-                            // now: pause it as well.
-                            self.set_paused(true, tasks.len(), &mut flow);
-                        }
                     }
                     Err(e) => warn!(error = %e, "kafka consume error"),
                 },
@@ -797,7 +872,7 @@ impl Worker {
                     }
                 }
                 _ = progress.tick() => self.log_progress(tasks.len()),
-                _ = heartbeat.tick() => {}
+                _ = heartbeat.tick() => self.settle_idle_partitions(&stop_work),
             }
             self.stats.beat();
             self.flow_control(tasks.len(), &mut flow);
@@ -817,11 +892,9 @@ impl Worker {
     fn spawn(&self, tasks: &mut JoinSet<Completion>, rec: InRecord, stop: &CancellationToken) {
         self.stats.record_consumed();
         let src = &rec.source;
-        let tracker = self
-            .trackers
-            .lock()
-            .unwrap()
-            .start(&src.topic, src.partition, src.offset);
+        let ticket = self
+            .assignment
+            .start(&src.topic, src.partition, src.offset, stop);
         let span = info_span!(
             "record",
             partition = src.partition,
@@ -830,52 +903,57 @@ impl Worker {
             tenant_id = tracing::field::Empty,
         );
         let enricher = self.enricher.clone();
-        let stop = stop.clone();
+        let (assignment, consumer, stats) = (
+            self.assignment.clone(),
+            self.consumer.clone(),
+            self.stats.clone(),
+        );
         tasks.spawn(
             async move {
                 let source = rec.source.clone();
-                let result = enricher.process(rec, stop).await;
-                Completion {
-                    source,
-                    tracker,
+                let result = enricher.process(rec, ticket.cancel.clone()).await;
+                if matches!(
                     result,
+                    Ok(Disposition::Enriched | Disposition::DeadLettered(_))
+                ) {
+                    store_finished(&assignment, &consumer, &stats, &source, &ticket);
                 }
+                result
             }
             .instrument(span),
         );
     }
 
-    /// Marks a record done and stores the partition's new safe offset.
-    fn complete(&self, joined: Result<Completion, tokio::task::JoinError>) -> anyhow::Result<()> {
-        let done = match joined {
-            Ok(c) => c,
-            // An aborted task is an abandoned record; a panic is a bug that
-            // must not advance the offset: stop and let the record re-deliver.
-            Err(e) if e.is_cancelled() => return Ok(()),
-            Err(e) => bail!("a record task panicked: {e}"),
+    /// Stores the consumer's position for partitions with nothing in
+    /// flight: past transaction markers (which deliver no record), so a
+    /// transactionally written input shows no lag once all is done.
+    fn settle_idle_partitions(&self, stop: &CancellationToken) {
+        let Ok(positions) = self.consumer.position() else {
+            return;
         };
-        match done.result? {
-            Disposition::Abandoned => return Ok(()),
-            Disposition::Enriched | Disposition::DeadLettered(_) => {}
-        }
-        let src = &done.source;
-        self.stats.partition_moved(&src.topic, src.partition);
-        let next = self.trackers.lock().unwrap().finish(
-            &src.topic,
-            src.partition,
-            src.offset,
-            done.tracker,
-        );
-        if let Some(next) = next {
-            let mut tpl = TopicPartitionList::new();
-            tpl.add_partition_offset(&src.topic, src.partition, Offset::Offset(next))?;
-            match self.consumer.store_offsets(&tpl) {
-                Ok(()) => self.stats.offset_stored(),
-                // The partition was revoked meanwhile: its new owner re-reads.
-                Err(e) => debug!(error = %e, partition = src.partition, "offset not stored"),
+        let positions = positions
+            .elements()
+            .into_iter()
+            .filter_map(|e| match e.offset() {
+                Offset::Offset(o) => Some((e.topic().to_string(), e.partition(), o)),
+                _ => None,
+            });
+        let stored = self
+            .assignment
+            .settle(positions, stop, |topic, partition, next| {
+                store_offset(&self.consumer, topic, partition, next)
+            });
+        match stored {
+            Ok(0) => {}
+            Ok(n) => {
+                debug!(
+                    partitions = n,
+                    "idle partitions settled at the consumer position"
+                );
+                self.stats.offset_stored()
             }
+            Err(e) => debug!(error = %e, "idle position not stored"),
         }
-        Ok(())
     }
 
     /// Tracks how long the window has been full, and resumes paused
@@ -894,7 +972,8 @@ impl Worker {
         }
     }
 
-    /// Pauses or resumes every assigned partition. Pausing lets the consume
+    /// Pauses or resumes every assigned partition (and, through the
+    /// context, those assigned later). Pausing lets the consume
     /// loop go on polling (group membership, rebalances) without taking
     /// records; librdkafka drops what it prefetched and fetches it again on
     /// resume, which is why the loop first just stops taking records and
@@ -916,6 +995,10 @@ impl Worker {
             debug!(paused = pause, in_flight, "flow control");
         }
         flow.paused = pause;
+        self.consumer
+            .context()
+            .paused
+            .store(pause, Ordering::SeqCst);
         self.stats.set_paused(pause);
     }
 
@@ -925,13 +1008,14 @@ impl Worker {
         while !tasks.is_empty() {
             tokio::select! {
                 _ = &mut deadline => {
+                    // Finished records stored their offsets already.
                     warn!(abandoned = tasks.len(), "drain deadline reached; abandoned records will be re-delivered");
                     tasks.abort_all();
                     while tasks.join_next().await.is_some() {}
                     break;
                 }
                 Some(joined) = tasks.join_next() => {
-                    if let Err(e) = self.complete(joined) {
+                    if let Err(e) = complete(joined) {
                         error!(error = format!("{e:#}"), "error while draining");
                     }
                 }
@@ -975,5 +1059,47 @@ impl Worker {
             in_flight,
             "progress"
         );
+    }
+}
+
+/// Stores a finished record's partition position when it advanced.
+fn store_finished(
+    assignment: &Assignment,
+    consumer: &StreamConsumer<WorkerContext>,
+    stats: &Stats,
+    src: &Source,
+    ticket: &Ticket,
+) {
+    stats.partition_moved(&src.topic, src.partition);
+    let stored = assignment.finish(&src.topic, src.partition, src.offset, ticket.id, |next| {
+        store_offset(consumer, &src.topic, src.partition, next)
+    });
+    match stored {
+        None => {}
+        Some(Ok(())) => stats.offset_stored(),
+        // The partition was revoked meanwhile: its new owner re-reads.
+        Some(Err(e)) => debug!(error = %e, partition = src.partition, "offset not stored"),
+    }
+}
+
+fn store_offset(
+    consumer: &StreamConsumer<WorkerContext>,
+    topic: &str,
+    partition: i32,
+    next: i64,
+) -> KafkaResult<()> {
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, Offset::Offset(next))?;
+    consumer.store_offsets(&tpl)
+}
+
+/// A record task's end, as the consume loop sees it: an aborted task is an
+/// abandoned record; a panic is a bug that must not advance the offset, and
+/// a fatal error stops the worker (the record is re-delivered).
+fn complete(joined: Result<Completion, tokio::task::JoinError>) -> anyhow::Result<()> {
+    match joined {
+        Ok(result) => result.map(|_| ()),
+        Err(e) if e.is_cancelled() => Ok(()),
+        Err(e) => bail!("a record task panicked: {e}"),
     }
 }

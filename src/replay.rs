@@ -385,7 +385,7 @@ pub async fn run(
     }
     consumer.assign(&tpl)?;
 
-    let target = Target::new(&settings, &args)?;
+    let target = Target::new(&settings, &args).await?;
     let helper_stop = stop.child_token();
     let helpers = target.start_helpers(&helper_stop);
     let limiter = args
@@ -707,16 +707,17 @@ enum Target {
 }
 
 impl Target {
-    fn new(settings: &Arc<Settings>, args: &ReplayArgs) -> anyhow::Result<Target> {
+    async fn new(settings: &Arc<Settings>, args: &ReplayArgs) -> anyhow::Result<Target> {
         if args.direct {
             let stats = Arc::new(Stats::default());
-            return Ok(Target::Direct(Arc::new(Enricher::build(
-                settings.clone(),
-                stats,
-            )?)));
+            return Ok(Target::Direct(Arc::new(
+                Enricher::build(settings.clone(), stats).await?,
+            )));
         }
+        let k = &settings.kafka;
+        let max_bytes = kafka::max_message_bytes(k, &[&k.input_topic]).await;
         Ok(Target::Input {
-            producer: kafka::producer_config(&settings.kafka)
+            producer: kafka::producer_config(k, max_bytes)
                 .create()
                 .context("creating the Kafka producer")?,
             topic: settings.kafka.input_topic.clone(),

@@ -35,6 +35,15 @@ pub struct Settings {
     pub labels: LabelSettings,
 }
 
+/// The consumer group protocol (`kafka.group_protocol`).
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum GroupProtocol {
+    #[default]
+    Classic,
+    Consumer,
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaSettings {
@@ -48,7 +57,19 @@ pub struct KafkaSettings {
     pub output_topic: String,
     /// Topic receiving what could not be enriched, with the reason in headers.
     pub dead_letter_topic: String,
-    /// Group session timeout; a worker silent for this long loses its partitions.
+    /// Consumer group protocol: `classic` (the rebalance protocol every
+    /// broker speaks; the worker uses the cooperative-sticky assignor) or
+    /// `consumer` (KIP-848, Kafka 4.0+: the broker assigns, no stop-the-world
+    /// rebalances; session timeout and heartbeat are set broker side).
+    #[serde(default)]
+    pub group_protocol: GroupProtocol,
+    /// This replica's client id in broker logs, quotas and group listings.
+    /// Unset: `uincall-enricher-` followed by `$HOSTNAME` (the pod name on
+    /// Kubernetes).
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// Group session timeout (classic protocol); a worker silent for this
+    /// long loses its partitions.
     #[serde(with = "humantime_serde")]
     pub session_timeout: Duration,
     /// Longest gap between two polls before the group evicts the worker. The
@@ -211,6 +232,12 @@ pub struct PipelineSettings {
     /// abandoned uncommitted and re-delivered later.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// When partitions are revoked (a rebalance), how long their in-flight
+    /// records may take to finish so their offsets are committed; the rest
+    /// is cancelled and re-delivered to the partition's next owner. The
+    /// rebalance waits for it: keep it short.
+    #[serde(with = "humantime_serde")]
+    pub revoke_drain: Duration,
     /// `/healthz` fails when an assigned partition has a backlog and none of
     /// its records finished for this long (outside systemic failure, where
     /// waiting is intended). Longer than `retry.max_elapsed` plus
@@ -393,6 +420,22 @@ impl Settings {
         }
         if k.max_poll_interval < Duration::from_secs(1) {
             return Err(invalid("kafka.max_poll_interval", "must be at least 1s"));
+        }
+        if self.pipeline.revoke_drain >= k.max_poll_interval {
+            return Err(invalid(
+                "pipeline.revoke_drain",
+                "must be shorter than kafka.max_poll_interval",
+            ));
+        }
+        if k.group_protocol == GroupProtocol::Consumer
+            && let Some(key) = ["partition.assignment.strategy", "heartbeat.interval.ms"]
+                .into_iter()
+                .find(|p| k.properties.contains_key(*p))
+        {
+            return Err(invalid(
+                &format!("kafka.properties.{key}"),
+                "is not supported with kafka.group_protocol = \"consumer\" (set broker side)",
+            ));
         }
         if k.session_timeout < Duration::from_secs(1) {
             return Err(invalid("kafka.session_timeout", "must be at least 1s"));

@@ -1,12 +1,15 @@
-//! Real neighbours for tests and benchmarks: a tansu broker in its own
-//! process, topic creation, producing events and reading topics back.
+//! Real neighbours for tests and benchmarks: Apache Kafka brokers in their
+//! own processes (KRaft, from the jars `scripts/install-kafka.sh` fetches),
+//! topic creation, producing events and reading topics back.
 //!
-//! `scripts/install-tansu.sh` installs the broker; `TANSU_BIN` may point at
-//! another binary.
+//! `KAFKA_BOOTSTRAP=host:port` points [`shared_bootstrap`] at an existing
+//! cluster instead of starting one; `KAFKA_LIB` names the jar directory.
 
-use std::net::TcpListener;
-use std::path::PathBuf;
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -19,20 +22,28 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 use rdkafka::{Message, Offset, TopicPartitionList};
 
-/// Where the tansu binary is: `TANSU_BIN`, then `PATH`, then `~/.cargo/bin`.
-pub fn tansu_binary() -> anyhow::Result<PathBuf> {
-    if let Ok(p) = std::env::var("TANSU_BIN") {
-        return Ok(PathBuf::from(p));
-    }
-    let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).map(|d| d.join("tansu")).collect())
-        .unwrap_or_default();
-    if let Some(home) = std::env::var_os("HOME") {
-        candidates.push(PathBuf::from(home).join(".cargo/bin/tansu"));
-    }
-    candidates.into_iter().find(|p| p.is_file()).context(
-        "the tansu broker is not installed: run scripts/install-tansu.sh (or set TANSU_BIN)",
-    )
+/// The directory holding the broker's jars: `KAFKA_LIB`, else what
+/// `scripts/install-kafka.sh` prints (it fetches them on first use).
+pub fn kafka_lib() -> anyhow::Result<PathBuf> {
+    static LIB: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    LIB.get_or_init(|| {
+        if let Some(p) = std::env::var_os("KAFKA_LIB") {
+            return Ok(PathBuf::from(p));
+        }
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/install-kafka.sh");
+        let out = Command::new("bash")
+            .arg(&script)
+            .stdin(Stdio::null())
+            .stderr(Stdio::inherit())
+            .output()
+            .map_err(|e| format!("running {}: {e}", script.display()))?;
+        if !out.status.success() {
+            return Err(format!("{} failed: {}", script.display(), out.status));
+        }
+        Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+    })
+    .clone()
+    .map_err(anyhow::Error::msg)
 }
 
 /// An unused loopback port.
@@ -43,114 +54,379 @@ pub fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
-/// A tansu broker process on loopback; killed when dropped.
-pub struct TansuBroker {
-    child: Child,
-    port: u16,
-    storage: String,
-    /// Working directory of the broker (its sqlite file lives there).
-    dir: tempfile::TempDir,
+/// Starts broker processes from one thread that lives as long as this
+/// process, each with `PR_SET_PDEATHSIG`: a test run that is killed, or a
+/// shared broker that is never dropped, takes its brokers with it.
+fn spawn_owned(mut command: Command) -> std::io::Result<Child> {
+    type Request = (Command, mpsc::Sender<std::io::Result<Child>>);
+    static SPAWNER: OnceLock<std::sync::Mutex<mpsc::Sender<Request>>> = OnceLock::new();
+    let spawner = SPAWNER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<Request>();
+        std::thread::Builder::new()
+            .name("broker-spawner".into())
+            .spawn(move || {
+                for (mut command, reply) in rx {
+                    let _ = reply.send(command.spawn());
+                }
+                // Never returns while the process lives: the channel's
+                // sender is a static.
+            })
+            .expect("a spawner thread");
+        std::sync::Mutex::new(tx)
+    });
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe and touches no memory of ours.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let (reply, answer) = mpsc::channel();
+    spawner
+        .lock()
+        .unwrap()
+        .send((command, reply))
+        .expect("the spawner thread runs");
+    answer.recv().expect("the spawner answers")
 }
 
-impl TansuBroker {
-    /// A broker with sqlite storage in a fresh temporary directory.
-    ///
-    /// sqlite rather than `memory://`: tansu 0.6.0's memory engine answers a
-    /// fetch from an offset inside a record batch with the *next* batch only
-    /// (the records after that offset in its own batch are skipped), and
-    /// reports the high watermark as one past the last batch's base offset.
-    /// A consumer resuming from a committed offset would lose records there;
-    /// the sqlite engine serves both correctly.
-    pub fn start() -> anyhow::Result<Self> {
-        Self::start_with_storage("sqlite://tansu.db".to_string(), free_port())
+/// One node of a [`KafkaCluster`]: broker and controller in one process.
+struct KafkaNode {
+    id: u32,
+    port: u16,
+    controller_port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl KafkaNode {
+    fn properties(&self, voters: &str, nodes: usize) -> String {
+        let replicas = nodes.min(3);
+        let min_isr = if nodes >= 3 { 2 } else { 1 };
+        format!(
+            "process.roles=broker,controller\n\
+             node.id={id}\n\
+             controller.quorum.voters={voters}\n\
+             listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{cport}\n\
+             advertised.listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{cport}\n\
+             inter.broker.listener.name=PLAINTEXT\n\
+             controller.listener.names=CONTROLLER\n\
+             listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT\n\
+             log.dirs={logs}\n\
+             num.partitions=1\n\
+             default.replication.factor={replicas}\n\
+             min.insync.replicas={min_isr}\n\
+             offsets.topic.replication.factor={replicas}\n\
+             offsets.topic.num.partitions=6\n\
+             transaction.state.log.replication.factor={replicas}\n\
+             transaction.state.log.min.isr={min_isr}\n\
+             transaction.state.log.num.partitions=6\n\
+             share.coordinator.state.topic.replication.factor={replicas}\n\
+             share.coordinator.state.topic.min.isr={min_isr}\n\
+             group.initial.rebalance.delay.ms=0\n\
+             group.consumer.session.timeout.ms=10000\n\
+             group.consumer.min.session.timeout.ms=3000\n\
+             group.consumer.heartbeat.interval.ms=1000\n\
+             group.consumer.min.heartbeat.interval.ms=500\n\
+             auto.create.topics.enable=false\n",
+            id = self.id,
+            port = self.port,
+            cport = self.controller_port,
+            logs = self.dir.join("data").display(),
+        )
     }
 
-    /// A broker with the given storage URL (`memory://tansu/`,
-    /// `sqlite://FILE` relative to the broker's own directory) on `port`.
-    pub fn start_with_storage(storage: String, port: u16) -> anyhow::Result<Self> {
-        let dir = tempfile::Builder::new().prefix("tansu-").tempdir()?;
-        let child = spawn_tansu(&storage, port, dir.path())?;
-        let mut broker = TansuBroker {
-            child,
-            port,
-            storage,
-            dir,
-        };
-        broker.wait_ready(Duration::from_secs(60))?;
-        Ok(broker)
+    fn start(&mut self, lib: &Path) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("broker.log"))?;
+        let mut java = Command::new("java");
+        java.args([
+            "-Xms128m",
+            "-Xmx768m",
+            "-XX:+UseG1GC",
+            "-XX:TieredStopAtLevel=1",
+        ])
+        .arg(format!(
+            "-Dlog4j2.configurationFile={}",
+            self.dir.join("log4j2.properties").display()
+        ))
+        .arg("-cp")
+        .arg(lib.join("*"))
+        .arg("kafka.Kafka")
+        .arg(self.dir.join("server.properties"))
+        .current_dir(&self.dir)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+        self.child = Some(spawn_owned(java).context("starting java (Java 17+ is required)")?);
+        Ok(())
     }
 
-    /// Waits until the broker answers a metadata request (polling a real
-    /// readiness condition, bounded by `limit`).
+    /// Waits until the client port accepts connections (the broker opens
+    /// it only once it can serve).
     fn wait_ready(&mut self, limit: Duration) -> anyhow::Result<()> {
         let started = Instant::now();
-        let consumer: BaseConsumer = client_config(&self.bootstrap()).create()?;
         loop {
-            if let Some(status) = self.child.try_wait()? {
-                bail!("tansu exited during start-up: {status}");
-            }
-            if consumer
-                .fetch_metadata(None, Timeout::After(Duration::from_secs(2)))
-                .is_ok()
+            if let Some(child) = self.child.as_mut()
+                && let Some(status) = child.try_wait()?
             {
+                let log = std::fs::read_to_string(self.dir.join("broker.log")).unwrap_or_default();
+                let tail: String = log.lines().rev().take(20).collect::<Vec<_>>().join("\n");
+                bail!(
+                    "broker {} exited during start-up: {status}\n{tail}",
+                    self.id
+                );
+            }
+            let addr = ([127, 0, 0, 1], self.port).into();
+            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
                 return Ok(());
             }
             if started.elapsed() > limit {
                 bail!(
-                    "tansu did not answer on port {} within {limit:?}",
+                    "broker {} did not open port {} within {limit:?}",
+                    self.id,
                     self.port
                 );
             }
             // Poll interval while the port is not open yet.
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(Duration::from_millis(100));
         }
     }
 
+    fn signal(&mut self, signal: &str) -> anyhow::Result<()> {
+        let Some(child) = self.child.as_ref() else {
+            return Ok(());
+        };
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &child.id().to_string()])
+            .status()?;
+        if !status.success() {
+            bail!("kill -{signal} broker {} failed", self.id);
+        }
+        Ok(())
+    }
+
+    /// Stops the node (SIGTERM: a controlled shutdown that moves its
+    /// leaderships; SIGKILL: a crash) and waits for the process to end.
+    fn stop(&mut self, signal: &str) -> anyhow::Result<()> {
+        self.signal(signal)?;
+        if let Some(mut child) = self.child.take() {
+            child.wait()?;
+        }
+        Ok(())
+    }
+}
+
+/// Apache Kafka in KRaft mode: one or more nodes, each broker and controller
+/// in one JVM, on loopback ports, in a temporary directory; stopped when
+/// dropped.
+pub struct KafkaCluster {
+    nodes: Vec<KafkaNode>,
+    lib: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+const LOG4J2: &str = "status = error
+appender.err.type = Console
+appender.err.name = STDERR
+appender.err.target = SYSTEM_ERR
+appender.err.layout.type = PatternLayout
+appender.err.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = WARN
+rootLogger.appenderRef.err.ref = STDERR
+";
+
+impl KafkaCluster {
+    /// Formats and starts `nodes` nodes (1, or 3 with replication 3 and
+    /// `min.insync.replicas` 2) and waits until each serves clients.
+    pub fn start(nodes: usize) -> anyhow::Result<KafkaCluster> {
+        let lib = kafka_lib()?;
+        let dir = tempfile::Builder::new().prefix("kafka-").tempdir()?;
+        let mut list: Vec<KafkaNode> = (1..=nodes as u32)
+            .map(|id| KafkaNode {
+                id,
+                port: free_port(),
+                controller_port: free_port(),
+                dir: dir.path().join(format!("node-{id}")),
+                child: None,
+            })
+            .collect();
+        let voters = list
+            .iter()
+            .map(|n| format!("{}@127.0.0.1:{}", n.id, n.controller_port))
+            .collect::<Vec<_>>()
+            .join(",");
+        let cluster_id = storage_tool(&lib, &["random-uuid"])?;
+        for node in &mut list {
+            std::fs::create_dir_all(&node.dir)?;
+            std::fs::write(node.dir.join("log4j2.properties"), LOG4J2)?;
+            let props = node.dir.join("server.properties");
+            std::fs::write(&props, node.properties(&voters, nodes))?;
+            storage_tool(
+                &lib,
+                &[
+                    "format",
+                    "-t",
+                    cluster_id.trim(),
+                    "-c",
+                    &props.to_string_lossy(),
+                ],
+            )?;
+        }
+        for node in &mut list {
+            node.start(&lib)?;
+        }
+        let mut cluster = KafkaCluster {
+            nodes: list,
+            lib,
+            _dir: dir,
+        };
+        for node in &mut cluster.nodes {
+            node.wait_ready(Duration::from_secs(120))?;
+        }
+        cluster.wait_for_brokers(nodes, Duration::from_secs(120))?;
+        Ok(cluster)
+    }
+
+    /// All nodes' client addresses, comma separated.
     pub fn bootstrap(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        self.nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
-    pub fn port(&self) -> u16 {
-        self.port
+    pub fn len(&self) -> usize {
+        self.nodes.len()
     }
 
-    /// The broker's process id (for resource measurements).
-    pub fn pid(&self) -> u32 {
-        self.child.id()
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
     }
 
-    /// Kills the broker (SIGKILL) and starts it again on the same port and
-    /// storage.
-    pub fn restart(&mut self) -> anyhow::Result<()> {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        self.child = spawn_tansu(&self.storage, self.port, self.dir.path())?;
-        self.wait_ready(Duration::from_secs(60))
+    /// The JVM's process id of node `i` (0-based), while it runs.
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.nodes[i].child.as_ref().map(Child::id)
+    }
+
+    /// Stops node `i` (0-based) with `signal` (`TERM` or `KILL`) and waits
+    /// for its process to end.
+    pub fn stop_node(&mut self, i: usize, signal: &str) -> anyhow::Result<()> {
+        self.nodes[i].stop(signal)
+    }
+
+    /// Starts node `i` again on its data and waits until it serves clients
+    /// and every partition has all its replicas in sync again.
+    pub fn start_node(&mut self, i: usize) -> anyhow::Result<()> {
+        let lib = self.lib.clone();
+        let node = &mut self.nodes[i];
+        node.start(&lib)?;
+        node.wait_ready(Duration::from_secs(120))?;
+        self.wait_for_brokers(self.nodes.len(), Duration::from_secs(120))?;
+        self.wait_in_sync(Duration::from_secs(120))
+    }
+
+    /// Waits until the metadata lists `count` brokers.
+    fn wait_for_brokers(&self, count: usize, limit: Duration) -> anyhow::Result<()> {
+        let consumer: BaseConsumer = client_config(&self.bootstrap()).create()?;
+        poll_until(limit, "brokers in the metadata", || {
+            consumer
+                .fetch_metadata(None, Timeout::After(Duration::from_secs(5)))
+                .is_ok_and(|md| md.brokers().len() == count)
+        })
+    }
+
+    /// Waits until every partition of every topic has all its replicas in
+    /// sync (what an operator waits for before restarting the next broker).
+    pub fn wait_in_sync(&self, limit: Duration) -> anyhow::Result<()> {
+        let consumer: BaseConsumer = client_config(&self.bootstrap()).create()?;
+        poll_until(limit, "all replicas in sync", || {
+            consumer
+                .fetch_metadata(None, Timeout::After(Duration::from_secs(5)))
+                .is_ok_and(|md| {
+                    md.topics().iter().all(|t| {
+                        t.partitions().iter().all(|p| {
+                            p.error().is_none()
+                                && p.leader() >= 0
+                                && p.isr().len() == p.replicas().len()
+                        })
+                    })
+                })
+        })
     }
 }
 
-fn spawn_tansu(storage: &str, port: u16, dir: &std::path::Path) -> anyhow::Result<Child> {
-    let bin = tansu_binary()?;
-    let url = format!("tcp://127.0.0.1:{port}");
-    Command::new(&bin)
-        .arg("broker")
-        .args(["--storage-engine", storage])
-        .args(["--listener-url", &url])
-        .args(["--advertised-listener-url", &url])
-        .current_dir(dir)
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .with_context(|| format!("starting {}", bin.display()))
-}
-
-impl Drop for TansuBroker {
+impl Drop for KafkaCluster {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        for node in &mut self.nodes {
+            let _ = node.stop("KILL");
+        }
     }
+}
+
+fn storage_tool(lib: &Path, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new("java")
+        .arg("-cp")
+        .arg(lib.join("*"))
+        .arg("kafka.tools.StorageTool")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .context("running kafka.tools.StorageTool (Java 17+ is required)")?;
+    if !out.status.success() {
+        bail!(
+            "kafka.tools.StorageTool {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).to_string())
+}
+
+/// Polls `cond` (a real readiness condition) until it holds, or fails after `limit`.
+fn poll_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) -> anyhow::Result<()> {
+    let started = Instant::now();
+    while !cond() {
+        if started.elapsed() > limit {
+            bail!("waited {limit:?} in vain for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(())
+}
+
+/// The broker shared by every test of this process: `KAFKA_BOOTSTRAP` when
+/// set, else a single-node cluster started on first use and stopped when
+/// the process ends.
+pub fn shared_bootstrap() -> String {
+    static SHARED: OnceLock<String> = OnceLock::new();
+    SHARED
+        .get_or_init(|| {
+            if let Ok(b) = std::env::var("KAFKA_BOOTSTRAP")
+                && !b.trim().is_empty()
+            {
+                return b;
+            }
+            let cluster = KafkaCluster::start(1).expect("an Apache Kafka broker starts");
+            let bootstrap = cluster.bootstrap();
+            // Lives as long as the process; its JVM dies with it.
+            std::mem::forget(cluster);
+            bootstrap
+        })
+        .clone()
+}
+
+/// How many replicas a new topic gets on this cluster: 3 where there are
+/// three brokers or more, else 1.
+pub fn replication_for(bootstrap: &str) -> anyhow::Result<i32> {
+    let consumer: BaseConsumer = client_config(bootstrap).create()?;
+    let md = consumer.fetch_metadata(None, Timeout::After(Duration::from_secs(10)))?;
+    Ok(if md.brokers().len() >= 3 { 3 } else { 1 })
 }
 
 /// A client configuration for test helpers.
@@ -161,23 +437,65 @@ pub fn client_config(bootstrap: &str) -> ClientConfig {
     c
 }
 
-/// Creates topics with the given partition counts (replication 1).
+/// Creates topics with the given partition counts (replication 3 on a
+/// cluster of three or more brokers, else 1).
 pub async fn create_topics(bootstrap: &str, topics: &[(&str, i32)]) -> anyhow::Result<()> {
+    let specs: Vec<TopicSpec> = topics
+        .iter()
+        .map(|&(name, partitions)| TopicSpec {
+            name,
+            partitions,
+            config: &[],
+        })
+        .collect();
+    create_topics_with(bootstrap, &specs).await
+}
+
+/// A topic to create, with topic-level configuration (e.g.
+/// `max.message.bytes`).
+pub struct TopicSpec<'a> {
+    pub name: &'a str,
+    pub partitions: i32,
+    pub config: &'a [(&'a str, &'a str)],
+}
+
+/// Creates topics as specified; waits until their leaders are known.
+pub async fn create_topics_with(bootstrap: &str, topics: &[TopicSpec<'_>]) -> anyhow::Result<()> {
     let admin: AdminClient<DefaultClientContext> = client_config(bootstrap).create()?;
+    let replication = replication_for(bootstrap)?;
     let new: Vec<NewTopic> = topics
         .iter()
-        .map(|(name, parts)| NewTopic::new(name, *parts, TopicReplication::Fixed(1)))
+        .map(|t| {
+            t.config.iter().fold(
+                NewTopic::new(t.name, t.partitions, TopicReplication::Fixed(replication)),
+                |n, (k, v)| n.set(k, v),
+            )
+        })
         .collect();
     let results = admin
         .create_topics(
             &new,
-            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
         )
         .await?;
     for r in results {
         if let Err((topic, code)) = r {
             bail!("creating topic {topic}: {code}");
         }
+    }
+    let consumer: BaseConsumer = client_config(bootstrap).create()?;
+    for t in topics {
+        poll_until(Duration::from_secs(60), "the new topic's leaders", || {
+            consumer
+                .fetch_metadata(Some(t.name), Timeout::After(Duration::from_secs(5)))
+                .is_ok_and(|md| {
+                    md.topics().iter().any(|mt| {
+                        mt.error().is_none()
+                            && mt.partitions().len() == t.partitions as usize
+                            && mt.partitions().iter().all(|p| p.leader() >= 0)
+                    })
+                })
+        })?;
     }
     Ok(())
 }

@@ -1,5 +1,7 @@
-//! Spawns the real neighbours (a tansu broker process, the fake Uincall API)
-//! and the worker, in-process or as the real binary, with typed handles.
+//! Spawns the real neighbours (Apache Kafka in its own process, the fake
+//! Uincall API) and the worker, in-process or as the real binary, with typed
+//! handles. Tests share one broker (`testkit::shared_bootstrap`) with their
+//! own topics and group; broker-fault tests start their own cluster.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -21,16 +23,19 @@ use uincall_enricher::fake_api::{ERRCODE_NOT_FOUND, FakeApi, FakeApiConfig};
 use uincall_enricher::pipeline::Worker;
 use uincall_enricher::settings::Settings;
 use uincall_enricher::stats::Stats;
-use uincall_enricher::testkit::{self, TansuBroker};
+use uincall_enricher::testkit::{self, KafkaCluster, TopicSpec};
 
 /// Generous bound for records to appear; a test that hits it has failed.
 pub const WAIT: Duration = Duration::from_secs(90);
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
-/// One test's world: its own broker, topics, group, tenant and fake API.
+/// One test's world: its own topics, group, tenant and fake API, on the
+/// shared broker or a cluster of its own.
 pub struct TestEnv {
-    pub broker: TansuBroker,
+    bootstrap: String,
+    /// A cluster of this test's own (broker faults), when it has one.
+    pub cluster: Option<KafkaCluster>,
     pub api: FakeApi,
     pub input: String,
     pub output: String,
@@ -42,20 +47,74 @@ pub struct TestEnv {
 }
 
 impl TestEnv {
+    /// On the broker shared by this test run.
     pub async fn new(name: &str, partitions: i32, latency: Duration) -> TestEnv {
-        let broker = TansuBroker::start().expect("tansu broker");
-        let n = SEQ.fetch_add(1, Ordering::Relaxed);
+        Self::build(name, partitions, latency, None, &[]).await
+    }
+
+    /// On a cluster of this test's own.
+    pub async fn on_cluster(
+        name: &str,
+        partitions: i32,
+        latency: Duration,
+        cluster: KafkaCluster,
+    ) -> TestEnv {
+        Self::build(name, partitions, latency, Some(cluster), &[]).await
+    }
+
+    /// On the shared broker, with topic-level configuration for the output
+    /// and dead-letter topics (e.g. `max.message.bytes`).
+    pub async fn with_output_config(
+        name: &str,
+        partitions: i32,
+        latency: Duration,
+        config: &[(&str, &str)],
+    ) -> TestEnv {
+        Self::build(name, partitions, latency, None, config).await
+    }
+
+    async fn build(
+        name: &str,
+        partitions: i32,
+        latency: Duration,
+        cluster: Option<KafkaCluster>,
+        output_config: &[(&str, &str)],
+    ) -> TestEnv {
+        let bootstrap = match &cluster {
+            Some(c) => c.bootstrap(),
+            None => testkit::shared_bootstrap(),
+        };
+        // Unique across runs too: KAFKA_BOOTSTRAP may name a cluster that
+        // keeps earlier runs' topics.
+        let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+        let n = format!("{seq}-{}-{}", std::process::id(), run_stamp());
         let input = format!("{name}-{n}-in");
         let output = format!("{name}-{n}-out");
         let dlq = format!("{name}-{n}-dlq");
-        testkit::create_topics(
-            &broker.bootstrap(),
-            &[(&input, partitions), (&output, partitions), (&dlq, 1)],
+        testkit::create_topics_with(
+            &bootstrap,
+            &[
+                TopicSpec {
+                    name: &input,
+                    partitions,
+                    config: &[],
+                },
+                TopicSpec {
+                    name: &output,
+                    partitions,
+                    config: output_config,
+                },
+                TopicSpec {
+                    name: &dlq,
+                    partitions: 1,
+                    config: output_config,
+                },
+            ],
         )
         .await
         .expect("topics");
         let tenant = format!("tenant-{name}-{n}");
-        let token = format!("tok{n:03}{:x}", std::process::id()).repeat(2);
+        let token = format!("tok{seq:03}{:x}", std::process::id()).repeat(2);
         let api = FakeApi::start(FakeApiConfig {
             latency,
             tokens: HashMap::from([(tenant.clone(), token.clone())]),
@@ -63,7 +122,8 @@ impl TestEnv {
         .await
         .expect("fake api");
         TestEnv {
-            broker,
+            bootstrap,
+            cluster,
             api,
             input,
             output,
@@ -76,7 +136,7 @@ impl TestEnv {
     }
 
     pub fn bootstrap(&self) -> String {
-        self.broker.bootstrap()
+        self.bootstrap.clone()
     }
 
     /// Settings with quick retries, for this test's topics and group.
@@ -294,6 +354,17 @@ impl TestEnv {
             .spawn()
             .expect("worker binary starts")
     }
+}
+
+/// Seconds since the epoch at this process's first call: tells runs apart.
+fn run_stamp() -> u64 {
+    static STAMP: OnceLock<u64> = OnceLock::new();
+    *STAMP.get_or_init(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    })
 }
 
 /// An input record as (key, value, headers).

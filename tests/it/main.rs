@@ -1,7 +1,9 @@
-//! Integration tests: the real worker against a real Kafka-protocol broker
-//! (tansu, its own process) and an HTTP server speaking the Uincall API.
-//! Each test has its own broker, topics, group and API port.
+//! Integration tests: the real worker against Apache Kafka (its own JVM
+//! process, KRaft) and an HTTP server speaking the Uincall API. Tests share
+//! one broker per run with their own topics, group and API port; the
+//! broker-fault tests start a three-node cluster of their own.
 
+mod brokers;
 mod crash;
 mod delivery;
 mod faults;

@@ -1,0 +1,1 @@
+//! Broker faults on a three-node Apache Kafka cluster.
