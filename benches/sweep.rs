@@ -1,18 +1,21 @@
 //! The benchmark sweep (docs/benchmarks.md): the worker binary, in its own
-//! process, against a real tansu broker and the fake Uincall API, for each
-//! in-flight window × API latency, beside the raw pipeline limit measured on
-//! the same broker in the same run.
+//! process, against a real Apache Kafka broker (one KRaft node in its own
+//! JVM, `testkit::KafkaCluster`) and the fake Uincall API (in its own
+//! process too), for each in-flight window × API latency, beside the raw
+//! pipeline limit measured on the same broker in the same run.
 //!
 //!   cargo bench --bench sweep -- [--windows 1,16,64,256,1024]
 //!       [--latencies-ms 0,50,200] [--max-events 100000] [--seconds 15]
 //!
 //! Each point: N events seeded (enough for about `--seconds` at the expected
-//! rate, at most `--max-events`), the worker started on them, and then
+//! rate, at most `--max-events`), the fake API and the worker started on
+//! them, and then
 //! - throughput: enriched records/s between the 5th and the 95th percentile
 //!   of arrivals on the output topic (group join and the tail excluded);
 //! - CPU: the worker's user + system seconds over the same stretch, per
-//!   1 000 records (also the broker's and this process's, which serves the
-//!   fake API);
+//!   1 000 records; also, as cores (CPU seconds per second), the worker's,
+//!   the broker's JVM, the fake API's process and this harness process
+//!   (which seeds, paces and reads back);
 //! - latency: with the backlog gone, events produced at half the measured
 //!   rate for `--paced-seconds`; event sent → enriched record read back;
 //! - peak RSS of the worker (VmHWM).
@@ -26,9 +29,16 @@
 //! client settings, at most as many records between consume and
 //! acknowledgement as the worker allows, and an enriched record of the fake
 //! API's shape as the payload.
+//!
+//! The fake API is this binary started with `--fake-api --latency-ms N`, one
+//! process per point: it prints its address on stdout and serves until
+//! SIGTERM, or until its stdin closes (the sweep is gone). Every child of
+//! the sweep is stopped when the sweep leaves a point, fails, is
+//! interrupted (SIGINT, SIGTERM), or dies (`PR_SET_PDEATHSIG`).
 
 use std::collections::HashMap;
-use std::io::Write as _;
+use std::io::{BufRead as _, Write as _};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -43,13 +53,15 @@ use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 use rdkafka::{Message, Offset, TopicPartitionList};
+use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use uincall_enricher::detail::CallDetail;
 use uincall_enricher::fake_api::{self, FakeApi, FakeApiConfig};
 use uincall_enricher::offsets::OffsetTracker;
 use uincall_enricher::pipeline::admitted_limit;
 use uincall_enricher::settings::Settings;
-use uincall_enricher::testkit::{self, TansuBroker};
+use uincall_enricher::testkit::{self, KafkaCluster};
 use uincall_enricher::{kafka, record};
 
 const PARTITIONS: i32 = 6;
@@ -57,6 +69,8 @@ const TENANT: &str = "t";
 const TOKEN: &str = "bench-token";
 /// How long a point may go without a new record on its output topic.
 const IDLE_LIMIT: Duration = Duration::from_secs(120);
+/// The key of the records that show the reader is fetching (`Reader::wait_ready`).
+const PROBE: &str = "sweep-reader-probe";
 
 #[derive(Parser, Debug)]
 #[command(about = "Throughput, latency, CPU and memory of the worker against its limits")]
@@ -89,16 +103,18 @@ struct Args {
     /// (`kafka.properties`); repeatable.
     #[arg(long = "kafka-property", value_name = "KEY=VALUE", value_parser = key_value)]
     kafka_properties: Vec<(String, String)>,
-    /// tansu storage engine: `memory`, or `sqlite` (slows down as its
-    /// tables grow: docs/benchmarks.md).
-    #[arg(long, default_value = "memory", value_parser = ["memory", "sqlite"])]
-    storage: String,
     /// Passed by `cargo bench`.
     #[arg(long, hide = true)]
     bench: bool,
     /// Internal: run the raw pipe (BROKERS INPUT OUTPUT GROUP LIMIT [KEY=VALUE]...).
     #[arg(long, hide = true, num_args = 5.., allow_hyphen_values = true)]
     raw_pipe: Option<Vec<String>>,
+    /// Internal: serve the fake Uincall API (prints its address on stdout).
+    #[arg(long, hide = true)]
+    fake_api: bool,
+    /// Internal: the fake API's latency in milliseconds, with `--fake-api`.
+    #[arg(long = "latency-ms", hide = true, default_value_t = 0)]
+    latency_ms: u64,
 }
 
 fn key_value(s: &str) -> Result<(String, String), String> {
@@ -116,6 +132,9 @@ struct Measured {
     /// CPU seconds per second over the measured stretch.
     cpu_cores: f64,
     broker_cpu_cores: f64,
+    /// The fake API's process (none in a raw run).
+    api_cpu_cores: Option<f64>,
+    /// This process: seeding, pacing and reading back.
     harness_cpu_cores: f64,
     peak_rss_mib: f64,
     latency_p50_ms: f64,
@@ -153,8 +172,8 @@ impl Point {
 }
 
 /// What to start for a run.
-enum Subject<'a> {
-    Worker { window: usize, api: &'a FakeApi },
+enum Subject {
+    Worker { window: usize, latency_ms: u64 },
     Raw { limit: usize },
 }
 
@@ -166,39 +185,39 @@ fn main() -> anyhow::Result<()> {
     if let Some(raw) = &args.raw_pipe {
         return rt.block_on(raw_pipe(raw));
     }
+    if args.fake_api {
+        return rt.block_on(serve_fake_api(args.latency_ms));
+    }
     if !args.bench {
         println!("sweep: a benchmark, run it with `cargo bench --bench sweep`");
         return Ok(());
     }
-    rt.block_on(sweep(args))
+    rt.block_on(async {
+        // Interrupted, the sweep is dropped: its children and the broker
+        // are stopped on the way out.
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        tokio::select! {
+            r = sweep(args) => r,
+            _ = term.recv() => bail!("terminated"),
+            _ = int.recv() => bail!("interrupted"),
+        }
+    })
 }
 
 async fn sweep(args: Args) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.out)?;
-    let broker = match args.storage.as_str() {
-        "memory" => {
-            TansuBroker::start_with_storage("memory://tansu/".into(), testkit::free_port())?
-        }
-        _ => TansuBroker::start()?,
-    };
+    let broker = KafkaCluster::start(1).context("starting the Apache Kafka broker")?;
     let bootstrap = broker.bootstrap();
+    let broker_pid = broker.pid(0).context("the broker's JVM is not running")?;
     eprintln!(
-        "broker {bootstrap} (tansu, {} storage), results in {}",
-        args.storage,
+        "broker {bootstrap} ({}, one KRaft node, JVM pid {broker_pid}), results in {}",
+        kafka_version(),
         args.out.display()
     );
-    let mut apis = HashMap::new();
-    for &l in &args.latencies_ms {
-        let api = FakeApi::start(FakeApiConfig {
-            latency: Duration::from_millis(l),
-            tokens: [(TENANT.to_string(), TOKEN.to_string())].into(),
-        })
-        .await?;
-        apis.insert(l, api);
-    }
     let ctx = Ctx {
         bootstrap: &bootstrap,
-        broker_pid: broker.pid(),
+        broker_pid,
         args: &args,
     };
 
@@ -226,7 +245,7 @@ async fn sweep(args: Args) -> anyhow::Result<()> {
                     expected,
                     Subject::Worker {
                         window: w,
-                        api: &apis[&l],
+                        latency_ms: l,
                     },
                 )
                 .await
@@ -276,7 +295,7 @@ impl Ctx<'_> {
         &self,
         tag: &str,
         expected_rate: f64,
-        subject: Subject<'_>,
+        subject: Subject,
     ) -> anyhow::Result<Measured> {
         let (input, output, dlq) = (
             format!("{tag}-in"),
@@ -297,53 +316,108 @@ impl Ctx<'_> {
         )
         .await?;
 
-        let reader = Reader::start(self.bootstrap, &output)?;
+        let mut reader = Reader::start(self.bootstrap, &output)?;
+        reader.wait_ready(self.bootstrap, &output).await?;
         let log = std::fs::File::create(self.args.out.join(format!("{tag}.log")))?;
         let group = format!("{tag}-group");
-        let mut child = match &subject {
-            Subject::Worker { window, api } => Command::new(worker_binary())
-                .arg("--config")
-                .arg(self.properties_file(tag)?)
-                .arg("run")
-                .envs([
-                    ("UINCALL__KAFKA__BROKERS", self.bootstrap.to_string()),
-                    ("UINCALL__KAFKA__INPUT_TOPIC", input.clone()),
-                    ("UINCALL__KAFKA__OUTPUT_TOPIC", output.clone()),
-                    ("UINCALL__KAFKA__DEAD_LETTER_TOPIC", dlq.clone()),
-                    ("UINCALL__KAFKA__GROUP_ID", group.clone()),
-                    ("UINCALL__API__BASE_URL", api.base_url()),
-                    (
-                        &format!("UINCALL__API__TOKENS__{TENANT}"),
-                        TOKEN.to_string(),
-                    ),
-                    ("UINCALL__PIPELINE__MAX_IN_FLIGHT", window.to_string()),
-                    ("UINCALL__HTTP__LISTEN", "127.0.0.1:0".to_string()),
-                    (
-                        "UINCALL__LOG__LEVEL",
-                        std::env::var("SWEEP_WORKER_LOG").unwrap_or_else(|_| "warn".into()),
-                    ),
-                ])
-                .stdout(log.try_clone()?)
-                .stderr(log)
-                .stdin(Stdio::null())
-                .spawn()?,
-            Subject::Raw { limit } => Command::new(std::env::current_exe()?)
-                .arg("--raw-pipe")
-                .args([self.bootstrap, &input, &output, &group, &limit.to_string()])
-                .args(
-                    self.args
-                        .kafka_properties
-                        .iter()
-                        .map(|(k, v)| format!("{k}={v}")),
-                )
-                .stdout(log.try_clone()?)
-                .stderr(log)
-                .stdin(Stdio::null())
-                .spawn()?,
+        let (api, base_url) = match &subject {
+            Subject::Worker { latency_ms, .. } => {
+                let (api, base_url) = self.start_fake_api(tag, *latency_ms).await?;
+                (Some(api), base_url)
+            }
+            Subject::Raw { .. } => (None, String::new()),
         };
-        let result = self.measure(&mut child, reader, &input, n).await;
-        stop(&mut child);
+        let mut command = match &subject {
+            Subject::Worker { window, .. } => {
+                let mut c = Command::new(worker_binary());
+                c.arg("--config")
+                    .arg(self.properties_file(tag)?)
+                    .arg("run")
+                    .envs([
+                        ("UINCALL__KAFKA__BROKERS", self.bootstrap.to_string()),
+                        ("UINCALL__KAFKA__INPUT_TOPIC", input.clone()),
+                        ("UINCALL__KAFKA__OUTPUT_TOPIC", output.clone()),
+                        ("UINCALL__KAFKA__DEAD_LETTER_TOPIC", dlq.clone()),
+                        ("UINCALL__KAFKA__GROUP_ID", group.clone()),
+                        ("UINCALL__API__BASE_URL", base_url),
+                        (
+                            &format!("UINCALL__API__TOKENS__{TENANT}"),
+                            TOKEN.to_string(),
+                        ),
+                        ("UINCALL__PIPELINE__MAX_IN_FLIGHT", window.to_string()),
+                        ("UINCALL__HTTP__LISTEN", "127.0.0.1:0".to_string()),
+                        (
+                            "UINCALL__LOG__LEVEL",
+                            std::env::var("SWEEP_WORKER_LOG").unwrap_or_else(|_| "warn".into()),
+                        ),
+                    ]);
+                c
+            }
+            Subject::Raw { limit } => {
+                let mut c = Command::new(std::env::current_exe()?);
+                c.arg("--raw-pipe")
+                    .args([self.bootstrap, &input, &output, &group, &limit.to_string()])
+                    .args(
+                        self.args
+                            .kafka_properties
+                            .iter()
+                            .map(|(k, v)| format!("{k}={v}")),
+                    );
+                c
+            }
+        };
+        command
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .stdin(Stdio::null());
+        let what = match &subject {
+            Subject::Worker { .. } => "the worker",
+            Subject::Raw { .. } => "the raw pipe",
+        };
+        let mut running = Running {
+            subject: Proc::spawn(what, command)?,
+            api,
+        };
+        let result = self.measure(&mut running, reader, &input, n).await;
+        // The subject first, then the API it calls.
+        running.stop();
         result
+    }
+
+    /// Starts the fake Uincall API in its own process (this binary with
+    /// `--fake-api`) and reads the address it serves on; returns it with
+    /// its base URL.
+    async fn start_fake_api(&self, tag: &str, latency_ms: u64) -> anyhow::Result<(Proc, String)> {
+        let log_path = self.args.out.join(format!("{tag}-api.log"));
+        let mut command = Command::new(std::env::current_exe()?);
+        command
+            .args(["--fake-api", "--latency-ms", &latency_ms.to_string()])
+            // Held open by `Proc`: the fake API exits when it closes.
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log_path)?);
+        let mut api = Proc::spawn("the fake API", command)?;
+        let stdout = api.child.stdout.take().context("the fake API's stdout")?;
+        // On a time-out `api` is dropped, which kills the process and ends
+        // this blocking read.
+        let line = tokio::time::timeout(
+            Duration::from_secs(30),
+            tokio::task::spawn_blocking(move || {
+                let mut line = String::new();
+                std::io::BufReader::new(stdout)
+                    .read_line(&mut line)
+                    .map(|_| line)
+            }),
+        )
+        .await
+        .context("the fake API printed no address within 30 s")???;
+        let addr: SocketAddr = line.trim().parse().with_context(|| {
+            format!(
+                "the fake API printed {line:?}, not its address (see {})",
+                log_path.display()
+            )
+        })?;
+        Ok((api, format!("http://{addr}")))
     }
 
     /// A settings file with `--kafka-property` as `kafka.properties`.
@@ -365,19 +439,21 @@ impl Ctx<'_> {
 
     async fn measure(
         &self,
-        child: &mut Child,
+        running: &mut Running,
         mut reader: Reader,
         input: &str,
         n: usize,
     ) -> anyhow::Result<Measured> {
-        let pid = child.id().to_string();
+        let pid = running.subject.pid().to_string();
         let broker = self.broker_pid.to_string();
+        let api = running.api.as_ref().map(|a| a.pid().to_string());
         let (n5, n95) = ((n / 20).max(1), (n * 19 / 20).max(2));
         let sample = || {
             (
                 Instant::now(),
                 cpu_seconds(&pid),
                 cpu_seconds(&broker),
+                api.as_deref().map(cpu_seconds),
                 cpu_seconds("self"),
             )
         };
@@ -385,7 +461,7 @@ impl Ctx<'_> {
         let mut at95 = None;
         let mut seen = 0;
         while seen < n {
-            let Some(_) = reader.next(child).await? else {
+            let Some(_) = reader.next(running).await? else {
                 bail!("no output for {IDLE_LIMIT:?} after {seen} of {n} records");
             };
             seen += 1;
@@ -396,7 +472,7 @@ impl Ctx<'_> {
                 at95 = Some(sample());
             }
         }
-        let ((t0, c0, b0, h0), (t1, c1, b1, h1)) = (at5.unwrap(), at95.unwrap());
+        let ((t0, c0, b0, a0, h0), (t1, c1, b1, a1, h1)) = (at5.unwrap(), at95.unwrap());
         let records = (n95 - n5) as f64;
         let secs = (t1 - t0).as_secs_f64();
         let rate = records / secs;
@@ -406,6 +482,7 @@ impl Ctx<'_> {
             cpu_ms_per_1000: (c1 - c0) * 1000.0 * 1000.0 / records,
             cpu_cores: (c1 - c0) / secs,
             broker_cpu_cores: (b1 - b0) / secs,
+            api_cpu_cores: a0.zip(a1).map(|(a0, a1)| (a1 - a0) / secs),
             harness_cpu_cores: (h1 - h0) / secs,
             ..Measured::default()
         };
@@ -423,7 +500,7 @@ impl Ctx<'_> {
         ));
         let mut latencies = Vec::with_capacity(count);
         while latencies.len() < count {
-            let Some((key, at)) = reader.next(child).await? else {
+            let Some((key, at)) = reader.next(running).await? else {
                 bail!("no output for {IDLE_LIMIT:?} in the latency run");
             };
             if let Some(t) = sent.lock().unwrap().remove(&key) {
@@ -533,18 +610,50 @@ impl Reader {
         })
     }
 
+    /// Waits until the reader is fetching every partition: a probe record
+    /// written to each, before the subject starts, has come back. Without
+    /// it a subject that writes its output fast (the raw pipe, with the
+    /// group coordinator warm) can be done before the reader has fetched
+    /// at all, and its output is then read as one burst: seen with Apache
+    /// Kafka, a raw run at about 4 000 records/s measured at 67 000 to
+    /// 290 000, with its CPU over a few milliseconds.
+    async fn wait_ready(&mut self, bootstrap: &str, topic: &str) -> anyhow::Result<()> {
+        let producer: FutureProducer = testkit::client_config(bootstrap).create()?;
+        for p in 0..PARTITIONS {
+            producer
+                .send(
+                    FutureRecord::to(topic)
+                        .partition(p)
+                        .key(PROBE)
+                        .payload("{}"),
+                    Timeout::After(Duration::from_secs(30)),
+                )
+                .await
+                .map_err(|(e, _)| e)?;
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let mut probes = 0;
+        while probes < PARTITIONS {
+            match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                Ok(Some((key, _))) if key == PROBE => probes += 1,
+                Ok(Some((key, _))) => bail!("{topic} has {key:?} before the subject started"),
+                Ok(None) => bail!("the reader stopped"),
+                Err(_) => bail!("the reader read {probes} of {PARTITIONS} probes within 60 s"),
+            }
+        }
+        Ok(())
+    }
+
     /// The next record read, or `None` after `IDLE_LIMIT` without one; an
-    /// error when the subject exited.
-    async fn next(&mut self, child: &mut Child) -> anyhow::Result<Option<(String, Instant)>> {
+    /// error when the subject or the fake API exited.
+    async fn next(&mut self, running: &mut Running) -> anyhow::Result<Option<(String, Instant)>> {
         let deadline = Instant::now() + IDLE_LIMIT;
         loop {
             match tokio::time::timeout(Duration::from_secs(1), self.rx.recv()).await {
                 Ok(Some(r)) => return Ok(Some(r)),
                 Ok(None) => bail!("the reader stopped"),
                 Err(_) => {
-                    if let Some(status) = child.try_wait()? {
-                        bail!("the process under test exited: {status}");
-                    }
+                    running.check()?;
                     if Instant::now() > deadline {
                         return Ok(None);
                     }
@@ -563,18 +672,127 @@ impl Drop for Reader {
     }
 }
 
-/// SIGTERM, then SIGKILL if it has not exited within 30 s.
-fn stop(child: &mut Child) {
-    let _ = Command::new("kill").arg(child.id().to_string()).status();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
+/// A child process of the sweep (the worker, the raw pipe or the fake API):
+/// stopped when dropped, so on every path out of a point, an error and an
+/// interrupted sweep included; killed by the kernel (`PR_SET_PDEATHSIG`)
+/// when the sweep dies without unwinding.
+struct Proc {
+    what: &'static str,
+    child: Child,
+}
+
+impl Proc {
+    fn spawn(what: &'static str, mut command: Command) -> anyhow::Result<Proc> {
+        use std::os::unix::process::CommandExt;
+        let parent = std::process::id() as libc::pid_t;
+        // SAFETY: prctl and getppid are async-signal-safe, and the closure
+        // neither allocates nor touches memory of ours.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The sweep died before the prctl: no signal would come.
+                if libc::getppid() != parent {
+                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+                }
+                Ok(())
+            });
+        }
+        let child = command
+            .spawn()
+            .with_context(|| format!("starting {what}"))?;
+        Ok(Proc { what, child })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// An error when the process has exited.
+    fn check(&mut self) -> anyhow::Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            bail!("{} exited: {status}", self.what);
+        }
+        Ok(())
+    }
+
+    /// SIGTERM, then SIGKILL if it has not exited within 30 s.
+    fn stop(&mut self) {
+        if !matches!(self.child.try_wait(), Ok(None)) {
             return;
         }
-        std::thread::sleep(Duration::from_millis(50));
+        // SAFETY: a plain syscall; the child is not reaped yet, so its pid
+        // is still its own.
+        unsafe {
+            libc::kill(self.pid() as libc::pid_t, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        eprintln!("{} did not stop within 30 s of SIGTERM: killed", self.what);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
-    let _ = child.kill();
-    let _ = child.wait();
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The processes of one run: the subject and, for the worker, the fake API.
+struct Running {
+    subject: Proc,
+    api: Option<Proc>,
+}
+
+impl Running {
+    /// An error when either has exited.
+    fn check(&mut self) -> anyhow::Result<()> {
+        self.subject.check()?;
+        if let Some(api) = &mut self.api {
+            api.check()?;
+        }
+        Ok(())
+    }
+
+    /// Stops the subject, then the fake API.
+    fn stop(&mut self) {
+        self.subject.stop();
+        if let Some(api) = &mut self.api {
+            api.stop();
+        }
+    }
+}
+
+/// `--fake-api`: serves the fake Uincall API with `latency_ms` and the
+/// bench tenant's token, prints its address on stdout and serves until
+/// SIGTERM or until stdin closes (the sweep holds it open).
+async fn serve_fake_api(latency_ms: u64) -> anyhow::Result<()> {
+    let mut term = signal(SignalKind::terminate())?;
+    let api = FakeApi::start(FakeApiConfig {
+        latency: Duration::from_millis(latency_ms),
+        tokens: [(TENANT.to_string(), TOKEN.to_string())].into(),
+    })
+    .await?;
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{}", api.addr())?;
+        out.flush()?;
+    }
+    std::thread::spawn(|| {
+        let _ = std::io::copy(&mut std::io::stdin().lock(), &mut std::io::sink());
+        std::process::exit(0);
+    });
+    term.recv().await;
+    drop(api);
+    Ok(())
 }
 
 fn percentile(sorted: &[f64], q: f64) -> f64 {
@@ -635,13 +853,15 @@ fn peak_rss_mib(pid: &str) -> f64 {
 impl Measured {
     fn summary(&self) -> String {
         format!(
-            "{} events, {:.0} records/s, {:.0} ms CPU per 1 000 ({:.2} cores; broker {:.2}, fake API + harness {:.2}), \
+            "{} events, {:.0} records/s, {:.0} ms CPU per 1 000 ({:.2} cores; broker {:.2}, fake API {}, harness {:.2}), \
              latency p50 {:.1} ms p99 {:.1} ms ({} samples), peak RSS {:.1} MiB",
             self.events,
             self.rate,
             self.cpu_ms_per_1000,
             self.cpu_cores,
             self.broker_cpu_cores,
+            self.api_cpu_cores
+                .map_or("—".to_string(), |c| format!("{c:.2}")),
             self.harness_cpu_cores,
             self.latency_p50_ms,
             self.latency_p99_ms,
@@ -656,11 +876,11 @@ fn write_results(dir: &Path, points: &[Point]) -> anyhow::Result<()> {
     writeln!(
         csv,
         "latency_ms,window,events,records_per_s,w_over_l,raw_records_per_s,ratio_to_limit,\
-         p50_ms,p99_ms,cpu_ms_per_1000,raw_cpu_ms_per_1000,worker_cores,broker_cores,harness_cores,peak_rss_mib,raw_peak_rss_mib"
+         p50_ms,p99_ms,cpu_ms_per_1000,raw_cpu_ms_per_1000,worker_cores,broker_cores,api_cores,harness_cores,peak_rss_mib,raw_peak_rss_mib"
     )?;
     let mut md = machine();
     md.push_str(
-        "| API latency | window | events | records/s | W/L | raw limit | ratio to min | p50 | p99 | worker CPU / 1 000 | raw CPU / 1 000 | cores: worker / broker / API | peak RSS |\n\
+        "| API latency | window | events | records/s | W/L | raw limit | ratio to min | p50 | p99 | worker CPU / 1 000 | raw CPU / 1 000 | cores: worker / broker / API / harness | peak RSS |\n\
          |---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for p in points {
@@ -669,7 +889,7 @@ fn write_results(dir: &Path, points: &[Point]) -> anyhow::Result<()> {
         let raw_cpu = p.raw.as_ref().map(|r| r.cpu_ms_per_1000);
         writeln!(
             csv,
-            "{},{},{},{:.1},{:.1},{},{:.3},{:.1},{:.1},{:.1},{},{:.2},{:.2},{:.2},{:.1},{}",
+            "{},{},{},{:.1},{:.1},{},{:.3},{:.1},{:.1},{:.1},{},{:.2},{:.2},{},{:.2},{:.1},{}",
             p.latency_ms,
             p.window,
             w.events,
@@ -683,6 +903,7 @@ fn write_results(dir: &Path, points: &[Point]) -> anyhow::Result<()> {
             raw_cpu.map_or(String::new(), |r| format!("{r:.1}")),
             w.cpu_cores,
             w.broker_cpu_cores,
+            w.api_cpu_cores.map_or(String::new(), |c| format!("{c:.2}")),
             w.harness_cpu_cores,
             w.peak_rss_mib,
             p.raw
@@ -690,7 +911,7 @@ fn write_results(dir: &Path, points: &[Point]) -> anyhow::Result<()> {
                 .map_or(String::new(), |r| format!("{:.1}", r.peak_rss_mib)),
         )?;
         md.push_str(&format!(
-            "| {} ms | {} | {} | {:.0} | {} | {} | {:.0} % | {:.0} ms | {:.0} ms | {:.0} ms | {} | {:.2} / {:.2} / {:.2} | {:.0} MiB |\n",
+            "| {} ms | {} | {} | {:.0} | {} | {} | {:.0} % | {:.0} ms | {:.0} ms | {:.0} ms | {} | {:.2} / {:.2} / {} / {:.2} | {:.0} MiB |\n",
             p.latency_ms,
             p.window,
             w.events,
@@ -704,6 +925,8 @@ fn write_results(dir: &Path, points: &[Point]) -> anyhow::Result<()> {
             raw_cpu.map_or("—".to_string(), |r| format!("{r:.0} ms")),
             w.cpu_cores,
             w.broker_cpu_cores,
+            w.api_cpu_cores
+                .map_or("—".to_string(), |c| format!("{c:.2}")),
             w.harness_cpu_cores,
             w.peak_rss_mib,
         ));
@@ -730,15 +953,29 @@ fn machine() -> String {
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
             .unwrap_or_default()
     };
-    let tansu = testkit::tansu_binary()
-        .ok()
-        .map(|t| output(&t.to_string_lossy(), &["--version"]))
-        .unwrap_or_default();
     format!(
-        "Machine: {cores} cores ({model}), {memory:.0} GiB; {}; broker {tansu}; commit {}\n\n",
+        "Machine: {cores} cores ({model}), {memory:.0} GiB; {}; broker {} (one KRaft node); commit {}\n\n",
         output("uname", &["-sr"]),
+        kafka_version(),
         output("git", &["rev-parse", "--short", "HEAD"]),
     )
+}
+
+/// "Apache Kafka VERSION", the version read from the broker's jar
+/// (`kafka_SCALA-VERSION.jar` in `testkit::kafka_lib`).
+fn kafka_version() -> String {
+    let version = testkit::kafka_lib()
+        .ok()
+        .and_then(|lib| std::fs::read_dir(lib).ok())
+        .and_then(|entries| {
+            entries.filter_map(Result::ok).find_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let (_, version) = name.strip_prefix("kafka_")?.split_once('-')?;
+                version.strip_suffix(".jar").map(str::to_string)
+            })
+        })
+        .unwrap_or_else(|| "(version unknown)".to_string());
+    format!("Apache Kafka {version}")
 }
 
 /// Throughput against window, one line per latency, with W/L and the raw
@@ -850,11 +1087,13 @@ async fn raw_pipe(args: &[String]) -> anyhow::Result<()> {
         k.properties.insert(key, value);
     }
     let consumer: StreamConsumer = kafka::consumer_config(&k).create()?;
-    let producer: FutureProducer = kafka::producer_config(&k).create()?;
+    let producer: FutureProducer = kafka::producer_config(&k, None).create()?;
     consumer.subscribe(&[input])?;
     let payload = sample_enriched();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut tracker = OffsetTracker::default();
+    // Never cancelled: the raw pipe has no rebalance handling.
+    let records = CancellationToken::new();
     let mut pending = FuturesUnordered::new();
     loop {
         tokio::select! {
@@ -870,7 +1109,7 @@ async fn raw_pipe(args: &[String]) -> anyhow::Result<()> {
             m = consumer.recv(), if pending.len() < limit => {
                 let m = m?;
                 let (p, o) = (m.partition(), m.offset());
-                let id = tracker.start(input, p, o);
+                let id = tracker.start(input, p, o, &records).id;
                 let key = m.key().unwrap_or_default().to_vec();
                 let (producer, payload, output) = (producer.clone(), payload.clone(), output.clone());
                 pending.push(async move {

@@ -145,24 +145,24 @@ impl KafkaNode {
             .append(true)
             .open(self.dir.join("broker.log"))?;
         let mut java = Command::new("java");
-        java.args([
-            "-Xms128m",
-            "-Xmx768m",
-            "-XX:+UseG1GC",
-            "-XX:TieredStopAtLevel=1",
-        ])
-        .arg(format!(
-            "-Dlog4j2.configurationFile={}",
-            self.dir.join("log4j2.properties").display()
-        ))
-        .arg("-cp")
-        .arg(lib.join("*"))
-        .arg("kafka.Kafka")
-        .arg(self.dir.join("server.properties"))
-        .current_dir(&self.dir)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log);
+        // Tests start many JVMs on two cores: the quick compiler only. A
+        // benchmark that reports the broker's CPU sets KAFKA_JVM_FLAGS to
+        // production-like flags instead.
+        let flags = std::env::var("KAFKA_JVM_FLAGS")
+            .unwrap_or_else(|_| "-Xms128m -Xmx768m -XX:+UseG1GC -XX:TieredStopAtLevel=1".into());
+        java.args(flags.split_whitespace())
+            .arg(format!(
+                "-Dlog4j2.configurationFile={}",
+                self.dir.join("log4j2.properties").display()
+            ))
+            .arg("-cp")
+            .arg(lib.join("*"))
+            .arg("kafka.Kafka")
+            .arg(self.dir.join("server.properties"))
+            .current_dir(&self.dir)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
         self.child = Some(spawn_owned(java).context("starting java (Java 17+ is required)")?);
         Ok(())
     }
@@ -567,7 +567,9 @@ pub async fn read_topic_until(
     while !done(&out) {
         match tokio::time::timeout_at(deadline, consumer.recv()).await {
             Ok(Ok(m)) => out.push(m.detach()),
-            Ok(Err(e)) => bail!("reading {topic}: {e}"),
+            // Broker restarts surface as errors the consumer recovers from;
+            // the time limit bounds a reader that never does.
+            Ok(Err(e)) => eprintln!("reading {topic}: {e} (going on)"),
             Err(_) => bail!(
                 "read {} records from {topic} before the time limit",
                 out.len()

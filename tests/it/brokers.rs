@@ -1,1 +1,63 @@
-//! Broker faults on a three-node Apache Kafka cluster.
+//! Broker faults on a three-node Apache Kafka cluster (replication 3,
+//! `min.insync.replicas` 2): each broker restarted in turn under load, as
+//! broker maintenance does, then one killed outright.
+
+use std::time::Duration;
+
+use uincall_enricher::pipeline::admitted_limit;
+use uincall_enricher::testkit::KafkaCluster;
+
+use crate::helpers::*;
+
+/// (e) Two workers enrich while each of the three brokers is stopped
+/// (SIGTERM, a controlled shutdown) and started again, waiting for every
+/// replica to be back in sync before the next, then one broker is SIGKILLed
+/// and restarted: every event enriched, no lag at the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_restart_of_three_brokers_and_a_crash_lose_nothing() {
+    let cluster = tokio::task::spawn_blocking(|| KafkaCluster::start(3))
+        .await
+        .unwrap()
+        .expect("a three-node cluster starts");
+    let mut env = TestEnv::on_cluster("brokers", 6, Duration::from_millis(20), cluster).await;
+    let total = std::env::var("FAULT_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2500usize);
+    let all: Vec<String> = (0..total).map(|i| format!("call-{i:06}")).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let follower = env.follow();
+    // Load for the whole maintenance: ~100 events a second.
+    let load = env.spawn_load(all.clone(), 100);
+    let window = [("UINCALL__PIPELINE__MAX_IN_FLIGHT", "8")];
+    let a = env.spawn_replica("a", dir.path(), &window);
+    let b = env.spawn_replica("b", dir.path(), &window);
+    follower.until_distinct(200).await;
+
+    let mut cluster = env.cluster.take().unwrap();
+    for (i, signal) in [(0, "TERM"), (1, "TERM"), (2, "TERM"), (1, "KILL")] {
+        let before = follower.distinct();
+        cluster = tokio::task::spawn_blocking(move || {
+            cluster.stop_node(i, signal)?;
+            cluster.start_node(i)?;
+            anyhow::Ok(cluster)
+        })
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("broker {i} after SIG{signal}: {e:#}"));
+        // The workers go on after each restart.
+        follower.until_distinct((before + 50).min(all.len())).await;
+    }
+    env.cluster = Some(cluster);
+    load.await.unwrap();
+    let duplicates = follower.finish(&all).await;
+    a.stop().await;
+    b.stop().await;
+    env.until_no_lag().await;
+    let bound = 4 * 2 * admitted_limit(8);
+    println!(
+        "broker maintenance: {} events, 3 brokers restarted in turn and one killed, 0 lost, {duplicates} duplicates (bound {bound})",
+        all.len()
+    );
+    assert!(duplicates <= bound, "{duplicates} duplicates > {bound}");
+}

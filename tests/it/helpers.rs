@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use rdkafka::Message;
@@ -159,6 +159,7 @@ impl TestEnv {
         s.retry.max_attempts = 5;
         s.retry.permanent_errcodes = vec![ERRCODE_NOT_FOUND];
         s.pipeline.drain_timeout = Duration::from_secs(5);
+        s.pipeline.revoke_drain = Duration::from_secs(3);
         s.systemic.call_window = 20;
         s.systemic.min_calls = 10;
         s.systemic.probe_min_delay = Duration::from_millis(50);
@@ -195,6 +196,7 @@ impl TestEnv {
                 ERRCODE_NOT_FOUND.to_string(),
             ),
             ("UINCALL__PIPELINE__DRAIN_TIMEOUT".into(), "5s".into()),
+            ("UINCALL__PIPELINE__REVOKE_DRAIN".into(), "3s".into()),
             ("UINCALL__SYSTEMIC__CALL_WINDOW".into(), "20".into()),
             ("UINCALL__SYSTEMIC__MIN_CALLS".into(), "10".into()),
             ("UINCALL__SYSTEMIC__PROBE_MIN_DELAY".into(), "50ms".into()),
@@ -496,4 +498,206 @@ pub fn header(m: &OwnedMessage, name: &str) -> Option<String> {
 
 pub fn key(m: &OwnedMessage) -> String {
     testkit::key(m).unwrap_or_default()
+}
+
+/// A worker binary of a group, with its own side port.
+pub struct Replica {
+    pub name: String,
+    pub child: Child,
+    pub side: String,
+}
+
+impl Replica {
+    /// `/readyz`: the status and the number of partitions it reports as
+    /// assigned (0 when not ready).
+    pub async fn readiness(&self) -> (u16, usize) {
+        let Ok(resp) = reqwest::get(format!("{}/readyz", self.side)).await else {
+            return (0, 0);
+        };
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap_or_default();
+        let n = text
+            .strip_prefix("ready: ")
+            .and_then(|t| t.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        (status, n)
+    }
+
+    /// A metric's value from `/metrics` (`name` with its labels, as printed).
+    pub async fn metric(&self, name: &str) -> Option<f64> {
+        let text = reqwest::get(format!("{}/metrics", self.side))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    /// SIGTERM, then waits for exit 0.
+    pub async fn stop(mut self) {
+        sigterm(&self.child);
+        let status = wait_exit(&mut self.child, WAIT).await;
+        assert!(status.success(), "replica {} exited {status}", self.name);
+    }
+
+    /// Sends a signal (`STOP`, `CONT`, `KILL`).
+    pub fn signal(&self, signal: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .expect("kill runs")
+            .success();
+        assert!(ok, "kill -{signal} {}", self.name);
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl TestEnv {
+    /// Starts a worker binary in this test's group, its stderr in
+    /// `dir/NAME.log`, its side port on a free loopback port.
+    pub fn spawn_replica(
+        &self,
+        name: &str,
+        dir: &std::path::Path,
+        extra_env: &[(&str, &str)],
+    ) -> Replica {
+        let listen = format!("127.0.0.1:{}", testkit::free_port());
+        let client_id = format!("{}-{name}", self.group);
+        let mut env: Vec<(&str, &str)> = vec![
+            ("UINCALL__HTTP__LISTEN", &listen),
+            ("UINCALL__KAFKA__CLIENT_ID", &client_id),
+        ];
+        env.extend_from_slice(extra_env);
+        let child = self.spawn_binary(&dir.join(format!("{name}.log")), &env);
+        Replica {
+            name: name.to_string(),
+            child,
+            side: format!("http://{listen}"),
+        }
+    }
+
+    /// Per partition of the input topic: end offset minus committed offset.
+    pub fn lag(&self) -> Vec<i64> {
+        let end = testkit::end_offsets(&self.bootstrap(), &self.input).unwrap();
+        let committed = self.committed();
+        end.iter()
+            .zip(committed)
+            .map(|(e, c)| e - c.unwrap_or(0))
+            .collect()
+    }
+
+    /// Waits until every input partition's committed offset is its end
+    /// offset (transaction markers included).
+    pub async fn until_no_lag(&self) {
+        let started = std::time::Instant::now();
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            tick.tick().await;
+            let lag = self.lag();
+            if lag.iter().all(|&l| l == 0) {
+                return;
+            }
+            assert!(started.elapsed() < WAIT, "lag stays at {lag:?}");
+        }
+    }
+
+    /// Produces events for `sessions` paced at `per_second` in the
+    /// background (load that lasts while the group changes).
+    pub fn spawn_load(&self, sessions: Vec<String>, per_second: usize) -> JoinHandle<()> {
+        let records: Vec<_> = sessions.iter().map(|s| self.event(s)).collect();
+        let (bootstrap, topic) = (self.bootstrap(), self.input.clone());
+        tokio::spawn(async move {
+            // One batch every 20 ms.
+            let per_tick = (per_second / 50).max(1);
+            let mut tick = tokio::time::interval(Duration::from_millis(20));
+            for chunk in records.chunks(per_tick) {
+                tick.tick().await;
+                testkit::produce(&bootstrap, &topic, chunk.to_vec())
+                    .await
+                    .expect("load produced");
+            }
+        })
+    }
+
+    /// Follows the output and dead-letter topics in the background.
+    pub fn follow(&self) -> Follower {
+        let seen: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+        let stop = CancellationToken::new();
+        let tasks = [self.output.clone(), self.dlq.clone()].map(|topic| {
+            let (bootstrap, seen, stop) = (self.bootstrap(), seen.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut counted = 0;
+                let _ = testkit::read_topic_until(&bootstrap, &topic, WAIT * 20, |msgs| {
+                    let mut seen = seen.lock().unwrap();
+                    for m in &msgs[counted..] {
+                        *seen.entry(key(m)).or_default() += 1;
+                    }
+                    counted = msgs.len();
+                    stop.is_cancelled()
+                })
+                .await;
+            })
+        });
+        Follower { seen, stop, tasks }
+    }
+}
+
+/// Keys seen on the output and dead-letter topics, with how often.
+pub struct Follower {
+    seen: Arc<Mutex<HashMap<String, usize>>>,
+    stop: CancellationToken,
+    tasks: [JoinHandle<()>; 2],
+}
+
+impl Follower {
+    pub fn distinct(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+
+    /// Waits until `n` distinct keys were seen.
+    pub async fn until_distinct(&self, n: usize) {
+        wait_until(&format!("{n} distinct sessions out"), || {
+            self.distinct() >= n
+        })
+        .await
+    }
+
+    /// Stops following once every session in `all` was seen; returns the
+    /// number of duplicates (records beyond the first per session).
+    pub async fn finish(self, all: &[String]) -> usize {
+        self.until_distinct(all.len()).await;
+        // One more record after the stop flag, at most: the reader checks it
+        // per record. Records already read are counted.
+        self.stop.cancel();
+        let seen = self.seen.lock().unwrap().clone();
+        let missing: Vec<&String> = all.iter().filter(|s| !seen.contains_key(*s)).collect();
+        assert!(missing.is_empty(), "lost: {missing:?}");
+        for t in self.tasks {
+            t.abort();
+        }
+        seen.values().map(|n| n - 1).sum()
+    }
+}
+
+/// Polls an async condition until it holds (bounded by WAIT).
+pub async fn wait_until_async<F, Fut>(what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = std::time::Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    while !cond().await {
+        assert!(started.elapsed() < WAIT, "waited in vain for {what}");
+        tick.tick().await;
+    }
 }

@@ -7,6 +7,7 @@ mod brokers;
 mod crash;
 mod delivery;
 mod faults;
+mod group;
 mod helpers;
 mod replay;
 mod retries;

@@ -1,0 +1,445 @@
+//! The worker's life in a consumer group on Apache Kafka: scale-out and
+//! scale-in under load, a rolling restart, partitions that come back after
+//! being revoked while paused, a worker frozen past its session timeout,
+//! and input written compressed and by transactional producers. Classic
+//! (cooperative-sticky) and KIP-848 (`group.protocol=consumer`) groups both
+//! where the protocol matters.
+
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::util::Timeout;
+use uincall_enricher::pipeline::admitted_limit;
+use uincall_enricher::testkit;
+
+use crate::helpers::*;
+
+/// The window of each replica in these tests.
+const WINDOW: usize = 8;
+
+fn sessions(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}-{i:06}")).collect()
+}
+
+/// The events of the CI run, or `FAULT_EVENTS` (scripts/faults.sh).
+fn events(ci: usize) -> usize {
+    std::env::var("FAULT_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(ci, |n: usize| n.max(ci))
+}
+
+fn protocol_env(protocol: &str) -> Vec<(&'static str, &'static str)> {
+    let protocol = match protocol {
+        "classic" => "classic",
+        _ => "consumer",
+    };
+    vec![
+        ("UINCALL__KAFKA__GROUP_PROTOCOL", protocol),
+        ("UINCALL__PIPELINE__MAX_IN_FLIGHT", "8"),
+    ]
+}
+
+/// Waits until the replicas' `/readyz` reports add up to `partitions`
+/// assigned partitions with every replica in `busy` holding some (ready,
+/// 200) and every other one holding none (503).
+async fn until_assigned(replicas: &[&Replica], busy: usize, partitions: usize) {
+    let started = std::time::Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tick.tick().await;
+        let mut states = Vec::new();
+        for r in replicas {
+            states.push(r.readiness().await);
+        }
+        let total: usize = states.iter().map(|s| s.1).sum();
+        let ready = states.iter().filter(|s| s.0 == 200 && s.1 > 0).count();
+        let idle_unready = states.iter().all(|s| s.1 > 0 || s.0 == 503);
+        if total == partitions && ready == busy && idle_unready {
+            return;
+        }
+        assert!(
+            started.elapsed() < WAIT,
+            "assignment never settled: {states:?} (want {partitions} over {busy} ready replicas)"
+        );
+    }
+}
+
+/// (a) One worker under load, scaled out to three and back to one: nothing
+/// lost, duplicates within what was in flight, no lag at the end, and
+/// `/readyz` tells who holds partitions at each step.
+async fn scale_out_and_in(protocol: &str) {
+    let env = TestEnv::new(&format!("scale-{protocol}"), 6, Duration::from_millis(20)).await;
+    let all = sessions("call", events(3000));
+    let dir = tempfile::tempdir().unwrap();
+    let follower = env.follow();
+    let load = env.spawn_load(all.clone(), 150);
+    let penv = protocol_env(protocol);
+    let a = env.spawn_replica("a", dir.path(), &penv);
+    until_assigned(&[&a], 1, 6).await;
+    follower.until_distinct(200).await;
+
+    let b = env.spawn_replica("b", dir.path(), &penv);
+    let c = env.spawn_replica("c", dir.path(), &penv);
+    until_assigned(&[&a, &b, &c], 3, 6).await;
+    let before = follower.distinct();
+    follower.until_distinct((before + 300).min(all.len())).await;
+
+    b.stop().await;
+    c.stop().await;
+    until_assigned(&[&a], 1, 6).await;
+    load.await.unwrap();
+    let duplicates = follower.finish(&all).await;
+    a.stop().await;
+    env.until_no_lag().await;
+    // Four group changes; at most the admitted records of every replica
+    // involved in each are re-delivered.
+    let bound = 4 * 3 * admitted_limit(WINDOW);
+    println!(
+        "scale 1→3→1 ({protocol}): {} events, 0 lost, {duplicates} duplicates (bound {bound})",
+        all.len()
+    );
+    assert!(duplicates <= bound, "{duplicates} duplicates > {bound}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scale_out_to_three_and_back_classic() {
+    scale_out_and_in("classic").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scale_out_to_three_and_back_kip848() {
+    scale_out_and_in("consumer").await
+}
+
+/// (b) Three replicas under load, each SIGTERMed in turn and replaced, as a
+/// rolling update does.
+async fn rolling_restart(protocol: &str) {
+    let env = TestEnv::new(&format!("rolling-{protocol}"), 6, Duration::from_millis(20)).await;
+    let all = sessions("call", events(3000));
+    let dir = tempfile::tempdir().unwrap();
+    let follower = env.follow();
+    let load = env.spawn_load(all.clone(), 150);
+    let penv = protocol_env(protocol);
+    let mut replicas: Vec<Replica> = ["a", "b", "c"]
+        .iter()
+        .map(|n| env.spawn_replica(n, dir.path(), &penv))
+        .collect();
+    until_assigned(&replicas.iter().collect::<Vec<_>>(), 3, 6).await;
+    for (i, name) in ["a2", "b2", "c2"].into_iter().enumerate() {
+        let before = follower.distinct();
+        follower.until_distinct((before + 100).min(all.len())).await;
+        let old = std::mem::replace(&mut replicas[i], env.spawn_replica(name, dir.path(), &penv));
+        old.stop().await;
+        until_assigned(&replicas.iter().collect::<Vec<_>>(), 3, 6).await;
+    }
+    load.await.unwrap();
+    let duplicates = follower.finish(&all).await;
+    for r in replicas {
+        r.stop().await;
+    }
+    env.until_no_lag().await;
+    // Each restart is two group changes among three replicas.
+    let bound = 3 * 2 * 3 * admitted_limit(WINDOW);
+    println!(
+        "rolling restart ({protocol}): {} events, 0 lost, {duplicates} duplicates (bound {bound})",
+        all.len()
+    );
+    assert!(duplicates <= bound, "{duplicates} duplicates > {bound}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_restart_of_three_replicas_classic() {
+    rolling_restart("classic").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_restart_of_three_replicas_kip848() {
+    rolling_restart("consumer").await
+}
+
+/// Produces one event per session to each partition in turn.
+async fn produce_round_robin(env: &TestEnv, sessions: &[String]) {
+    let producer: FutureProducer = testkit::client_config(&env.bootstrap()).create().unwrap();
+    for (i, s) in sessions.iter().enumerate() {
+        let (key, value) = env.event(s);
+        let rec = FutureRecord::<[u8], [u8]>::to(&env.input)
+            .partition(i as i32 % env.partitions)
+            .key(key.as_deref().unwrap())
+            .payload(&value);
+        producer
+            .send(rec, Timeout::After(Duration::from_secs(30)))
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+}
+
+/// (c) A worker pauses its partitions (here for an API outage, which keeps
+/// them paused for as long as the test needs); some move to a second worker
+/// and come back when it leaves, after the first worker resumed. New events
+/// on every partition must then be enriched: a partition revoked while
+/// paused must not come back paused (librdkafka keeps an application pause
+/// on the partition across the revocation).
+async fn revoke_while_paused(protocol: &str) {
+    let env = TestEnv::new(&format!("paused-{protocol}"), 6, Duration::ZERO).await;
+    let dir = tempfile::tempdir().unwrap();
+    let follower = env.follow();
+    let penv = protocol_env(protocol);
+    let a = env.spawn_replica("a", dir.path(), &penv);
+    let first = sessions("first", 60);
+    produce_round_robin(&env, &first).await;
+    follower.until_distinct(first.len()).await;
+
+    env.api.set_outage(true);
+    let during = sessions("during", 30);
+    produce_round_robin(&env, &during).await;
+    let paused = "uincall_enricher_partitions_paused";
+    let assigned = "uincall_enricher_partitions_assigned";
+    wait_until_async("the first worker pauses its partitions", || async {
+        a.metric(paused).await == Some(1.0)
+    })
+    .await;
+    let b = env.spawn_replica("b", dir.path(), &penv);
+    wait_until_async("the second worker takes half the partitions", || async {
+        a.metric(assigned).await == Some(3.0) && b.metric(assigned).await == Some(3.0)
+    })
+    .await;
+    env.api.set_outage(false);
+    wait_until_async("the first worker resumes", || async {
+        a.metric(paused).await == Some(0.0)
+    })
+    .await;
+    follower.until_distinct(first.len() + during.len()).await;
+    b.stop().await;
+    until_assigned(&[&a], 1, 6).await;
+
+    let fresh = sessions("call", 60);
+    produce_round_robin(&env, &fresh).await;
+    let all: Vec<String> = first.iter().chain(&during).chain(&fresh).cloned().collect();
+    let duplicates = follower.finish(&all).await;
+    a.stop().await;
+    env.until_no_lag().await;
+    println!("revoke while paused ({protocol}): 0 lost, {duplicates} duplicates");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_revoked_while_paused_deliver_when_they_come_back_classic() {
+    revoke_while_paused("classic").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_revoked_while_paused_deliver_when_they_come_back_kip848() {
+    revoke_while_paused("consumer").await
+}
+
+/// (d) A worker frozen (SIGSTOP) past its session timeout loses its
+/// partitions to the other; when it thaws, its late completions must not
+/// move any committed offset backwards.
+async fn frozen_worker(protocol: &str) {
+    let env = TestEnv::new(&format!("frozen-{protocol}"), 6, Duration::from_millis(20)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut all = sessions("call", 1500);
+    // Slow records keep the frozen worker's window busy.
+    all.extend(sessions("slow1000", 60));
+    let follower = env.follow();
+    let load = env.spawn_load(all.clone(), 200);
+    let penv = protocol_env(protocol);
+    let a = env.spawn_replica("a", dir.path(), &penv);
+    let b = env.spawn_replica("b", dir.path(), &penv);
+    until_assigned(&[&a, &b], 2, 6).await;
+    follower.until_distinct(300).await;
+
+    a.signal("STOP");
+    // The session times out (6 s classic, 10 s broker side for KIP-848).
+    wait_until_async("the other worker takes every partition", || async {
+        b.readiness().await == (200, 6)
+    })
+    .await;
+    let floor = env.committed();
+    a.signal("CONT");
+    let mut highest = floor.clone();
+    let check = |now: Vec<Option<i64>>, highest: &mut Vec<Option<i64>>| {
+        for (p, (n, h)) in now.iter().zip(highest.iter_mut()).enumerate() {
+            assert!(
+                n >= h,
+                "partition {p}: committed went back from {h:?} to {n:?}"
+            );
+            *h = *n;
+        }
+    };
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    while follower.distinct() < all.len() {
+        tick.tick().await;
+        check(env.committed(), &mut highest);
+    }
+    load.await.unwrap();
+    let duplicates = follower.finish(&all).await;
+    a.stop().await;
+    b.stop().await;
+    check(env.committed(), &mut highest);
+    env.until_no_lag().await;
+    println!(
+        "frozen worker ({protocol}): 0 lost, {duplicates} duplicates, committed never went back"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_frozen_past_its_session_commits_nothing_late_classic() {
+    frozen_worker("classic").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_frozen_past_its_session_commits_nothing_late_kip848() {
+    frozen_worker("consumer").await
+}
+
+/// Sends `sessions` with a producer configured by `config`, in one
+/// transaction when it has a `transactional.id` (committed or aborted).
+async fn produce_with(env: &TestEnv, sessions: &[String], config: &[(&str, &str)], commit: bool) {
+    let mut c: ClientConfig = testkit::client_config(&env.bootstrap());
+    for (k, v) in config {
+        c.set(*k, *v);
+    }
+    let transactional = config.iter().any(|(k, _)| *k == "transactional.id");
+    let producer: FutureProducer = c.create().unwrap();
+    let t = Timeout::After(Duration::from_secs(30));
+    if transactional {
+        producer.init_transactions(t).unwrap();
+        producer.begin_transaction().unwrap();
+    }
+    for s in sessions {
+        let (key, value) = env.event(s);
+        let rec = FutureRecord::<[u8], [u8]>::to(&env.input)
+            .key(key.as_deref().unwrap())
+            .payload(&value);
+        producer.send(rec, t).await.map_err(|(e, _)| e).unwrap();
+    }
+    if transactional {
+        if commit {
+            producer.commit_transaction(t).unwrap();
+        } else {
+            producer.abort_transaction(t).unwrap();
+        }
+    }
+}
+
+/// (g) Input written with every compression codec and by transactional
+/// producers: every committed event is enriched, no aborted one is, and
+/// the committed offsets reach the end of each partition (past the commit
+/// markers, which deliver no record).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compressed_and_transactional_input_is_enriched_and_leaves_no_lag() {
+    let env = TestEnv::new("codecs", 3, Duration::ZERO).await;
+    let aborted = sessions("aborted", 30);
+    produce_with(
+        &env,
+        &aborted,
+        &[("transactional.id", "codecs-aborted")],
+        false,
+    )
+    .await;
+    let mut all = Vec::new();
+    for codec in ["gzip", "snappy", "lz4", "zstd"] {
+        let batch = sessions(codec, 100);
+        produce_with(
+            &env,
+            &batch,
+            &[("compression.type", codec), ("linger.ms", "20")],
+            true,
+        )
+        .await;
+        all.extend(batch);
+    }
+    // Last: a committed transaction, so each partition ends on a marker.
+    let txn = sessions("txn", 90);
+    produce_with(
+        &env,
+        &txn,
+        &[("transactional.id", "codecs-committed")],
+        true,
+    )
+    .await;
+    all.extend(txn);
+
+    let worker = env.start_worker(env.settings()).await;
+    let out = env.read_output(all.len()).await;
+    env.until_no_lag().await;
+    worker.stop().await.unwrap();
+    let keys: std::collections::BTreeSet<String> = out.iter().map(key).collect();
+    assert_eq!(keys.len(), all.len());
+    assert!(
+        aborted.iter().all(|s| !keys.contains(s)),
+        "an aborted event was enriched"
+    );
+    assert!(env.is_empty(&env.dlq));
+    for m in &out {
+        enriched_json(m);
+    }
+}
+
+/// Output and dead-letter topics that take at most 16 KiB per batch: valid
+/// records batched together are not refused for their neighbour, a record
+/// too large is dead-lettered alone, and a dead letter too large for its
+/// topic is written truncated instead of stopping the worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_too_large_for_their_topic_never_stop_the_worker_or_take_neighbours_along() {
+    use uincall_enricher::dead_letter::header as dlq;
+    let env = TestEnv::with_output_config(
+        "toolarge",
+        2,
+        Duration::ZERO,
+        &[("max.message.bytes", "16384")],
+    )
+    .await;
+    let mut events: Vec<(Option<Vec<u8>>, Vec<u8>)> =
+        sessions("call", 400).iter().map(|s| env.event(s)).collect();
+    // An enriched record of over 64 KiB.
+    events.push(env.event("bulky64-000001"));
+    // An event of 40 KiB for an unknown tenant: its dead letter is too large.
+    let big = serde_json::json!({
+        "session_id": "big-000001",
+        "tenant_id": "nobody",
+        "padding": "y".repeat(40 * 1024),
+    })
+    .to_string()
+    .into_bytes();
+    events.push((Some(b"big-000001".to_vec()), big.clone()));
+    testkit::produce(&env.bootstrap(), &env.input, events)
+        .await
+        .unwrap();
+
+    let worker = env.start_worker(env.settings()).await;
+    let out = env.read_output(400).await;
+    let dead = env.read_dlq(2).await;
+    env.until_no_lag().await;
+    worker
+        .stop()
+        .await
+        .expect("the worker did not stop on its own");
+    assert_eq!(out.len(), 400, "valid records refused with a neighbour");
+    let by_key = |k: &str| dead.iter().find(|m| key(m) == k).unwrap();
+    let bulky = by_key("bulky64-000001");
+    assert_eq!(
+        header(bulky, dlq::ERROR_CLASS).as_deref(),
+        Some("publish_failed")
+    );
+    assert_eq!(header(bulky, dlq::TRUNCATED_TO), None);
+    let truncated = by_key("big-000001");
+    assert_eq!(
+        header(truncated, dlq::ERROR_CLASS).as_deref(),
+        Some("invalid_event")
+    );
+    let kept: usize = header(truncated, dlq::TRUNCATED_TO)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        header(truncated, dlq::ORIGINAL_SIZE),
+        Some(big.len().to_string())
+    );
+    use rdkafka::Message;
+    assert_eq!(truncated.payload().unwrap(), &big[..kept]);
+    assert!(kept > 0 && kept < 16384);
+}
