@@ -24,7 +24,8 @@
 //! - [`shutdown`]: SIGTERM/SIGINT to a cancellation token.
 //! - [`fake_api`]: a local fake of the Uincall API (demo, tests, benchmarks).
 //! - [`demo`]: the whole pipeline on embedded defaults.
-//! - [`testkit`]: a real tansu broker process and topic helpers for tests.
+//! - [`testkit`]: Apache Kafka brokers in their own processes and topic
+//!   helpers, for tests and benchmarks.
 
 pub mod classify;
 pub mod dead_letter;

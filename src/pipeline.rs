@@ -121,14 +121,26 @@ fn partitions(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
 }
 
 impl ConsumerContext for WorkerContext {
-    fn pre_rebalance(&self, _: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn pre_rebalance(
+        &self,
+        consumer: &rdkafka::consumer::BaseConsumer<Self>,
+        rebalance: &Rebalance<'_>,
+    ) {
         if let Rebalance::Revoke(tpl) = rebalance {
             let revoked = partitions(tpl);
             // Records that finish within the drain store their offsets
-            // (committed with the revocation); the rest are cancelled.
-            let done = blocking(|| self.assignment.revoke(&revoked, self.revoke_drain))
+            // (committed with the revocation); the rest are cancelled. A
+            // lost assignment (session timed out) commits nothing: no drain.
+            let lost = consumer.assignment_lost();
+            let drain = if lost {
+                Duration::ZERO
+            } else {
+                self.revoke_drain
+            };
+            let done = blocking(|| self.assignment.revoke(&revoked, drain))
                 .unwrap_or_else(|| self.assignment.revoke(&revoked, Duration::ZERO));
             info!(
+                lost,
                 partitions = ?revoked,
                 drained = done.drained,
                 cancelled = done.cancelled,

@@ -20,7 +20,7 @@ async fn rolling_restart_of_three_brokers_and_a_crash_lose_nothing() {
         .unwrap()
         .expect("a three-node cluster starts");
     let mut env = TestEnv::on_cluster("brokers", 6, Duration::from_millis(20), cluster).await;
-    let total = std::env::var("FAULT_EVENTS")
+    let total = std::env::var("BROKER_EVENTS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(2500usize);

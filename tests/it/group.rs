@@ -22,9 +22,9 @@ fn sessions(prefix: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{prefix}-{i:06}")).collect()
 }
 
-/// The events of the CI run, or `FAULT_EVENTS` (scripts/faults.sh).
+/// The events of the CI run, or `GROUP_EVENTS` when larger.
 fn events(ci: usize) -> usize {
-    std::env::var("FAULT_EVENTS")
+    std::env::var("GROUP_EVENTS")
         .ok()
         .and_then(|v| v.parse().ok())
         .map_or(ci, |n: usize| n.max(ci))

@@ -1,4 +1,4 @@
-//! `uincall-enricher replay` (the real binary) against a tansu broker and the
+//! `uincall-enricher replay` (the real binary) against Apache Kafka and the
 //! fake Uincall API.
 
 use std::collections::{BTreeMap, BTreeSet};
