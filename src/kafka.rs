@@ -64,6 +64,11 @@ pub fn consumer_config(k: &KafkaSettings) -> ClientConfig {
     if !k.properties.contains_key("auto.offset.reset") {
         c.set("auto.offset.reset", "earliest");
     }
+    if !k.properties.contains_key("queued.max.messages.kbytes") {
+        // Read-ahead beyond the window only hides fetch latency; librdkafka's
+        // 64 MiB default is resident memory on a backlog.
+        c.set("queued.max.messages.kbytes", "16384");
+    }
     c
 }
 

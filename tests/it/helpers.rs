@@ -675,8 +675,8 @@ impl Follower {
     /// number of duplicates (records beyond the first per session).
     pub async fn finish(self, all: &[String]) -> usize {
         self.until_distinct(all.len()).await;
-        // One more record after the stop flag, at most: the reader checks it
-        // per record. Records already read are counted.
+        // Counted: what was read until now. The readers stop at their next
+        // record, or are aborted below.
         self.stop.cancel();
         let seen = self.seen.lock().unwrap().clone();
         let missing: Vec<&String> = all.iter().filter(|s| !seen.contains_key(*s)).collect();
