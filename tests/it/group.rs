@@ -15,6 +15,22 @@ use uincall_enricher::testkit;
 
 use crate::helpers::*;
 
+/// One test per consumer group protocol: classic (cooperative-sticky) and
+/// KIP-848 (`consumer`).
+macro_rules! per_protocol {
+    ($scenario:ident: $classic:ident, $kip848:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $classic() {
+            $scenario("classic").await
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $kip848() {
+            $scenario("consumer").await
+        }
+    };
+}
+
 /// The window of each replica in these tests.
 const WINDOW: usize = 8;
 
@@ -103,15 +119,7 @@ async fn scale_out_and_in(protocol: &str) {
     assert!(duplicates <= bound, "{duplicates} duplicates > {bound}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn scale_out_to_three_and_back_classic() {
-    scale_out_and_in("classic").await
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn scale_out_to_three_and_back_kip848() {
-    scale_out_and_in("consumer").await
-}
+per_protocol!(scale_out_and_in: scale_out_to_three_and_back_classic, scale_out_to_three_and_back_kip848);
 
 /// (b) Three replicas under load, each SIGTERMed in turn and replaced, as a
 /// rolling update does.
@@ -149,15 +157,7 @@ async fn rolling_restart(protocol: &str) {
     assert!(duplicates <= bound, "{duplicates} duplicates > {bound}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rolling_restart_of_three_replicas_classic() {
-    rolling_restart("classic").await
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rolling_restart_of_three_replicas_kip848() {
-    rolling_restart("consumer").await
-}
+per_protocol!(rolling_restart: rolling_restart_of_three_replicas_classic, rolling_restart_of_three_replicas_kip848);
 
 /// Produces one event per session to each partition in turn.
 async fn produce_round_robin(env: &TestEnv, sessions: &[String]) {
@@ -224,15 +224,7 @@ async fn revoke_while_paused(protocol: &str) {
     println!("revoke while paused ({protocol}): 0 lost, {duplicates} duplicates");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn partitions_revoked_while_paused_deliver_when_they_come_back_classic() {
-    revoke_while_paused("classic").await
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn partitions_revoked_while_paused_deliver_when_they_come_back_kip848() {
-    revoke_while_paused("consumer").await
-}
+per_protocol!(revoke_while_paused: partitions_revoked_while_paused_deliver_when_they_come_back_classic, partitions_revoked_while_paused_deliver_when_they_come_back_kip848);
 
 /// (d) A worker frozen (SIGSTOP) past its session timeout loses its
 /// partitions to the other; when it thaws, its late completions must not
@@ -285,15 +277,7 @@ async fn frozen_worker(protocol: &str) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_frozen_past_its_session_commits_nothing_late_classic() {
-    frozen_worker("classic").await
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_frozen_past_its_session_commits_nothing_late_kip848() {
-    frozen_worker("consumer").await
-}
+per_protocol!(frozen_worker: a_worker_frozen_past_its_session_commits_nothing_late_classic, a_worker_frozen_past_its_session_commits_nothing_late_kip848);
 
 /// Sends `sessions` with a producer configured by `config`, in one
 /// transaction when it has a `transactional.id` (committed or aborted).
