@@ -138,3 +138,53 @@ pub async fn max_message_bytes(k: &KafkaSettings, topics: &[&str]) -> Option<usi
         .filter_map(|r| r.get("max.message.bytes")?.value.as_deref()?.parse().ok())
         .min()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::settings::Settings;
+
+    fn kafka(pairs: &[(&str, &str)]) -> KafkaSettings {
+        let env: Vec<(String, String)> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Settings::load_from(None, env).unwrap().kafka
+    }
+
+    #[test]
+    fn classic_groups_use_the_cooperative_sticky_assignor() {
+        let c = consumer_config(&kafka(&[]));
+        assert_eq!(
+            c.get("partition.assignment.strategy"),
+            Some("cooperative-sticky")
+        );
+        assert_eq!(c.get("session.timeout.ms"), Some("45000"));
+        assert_eq!(c.get("group.protocol"), None);
+        assert_eq!(c.get("queued.max.messages.kbytes"), Some("16384"));
+    }
+
+    #[test]
+    fn kip848_groups_leave_session_and_assignor_to_the_broker() {
+        let c = consumer_config(&kafka(&[("UINCALL__KAFKA__GROUP_PROTOCOL", "consumer")]));
+        assert_eq!(c.get("group.protocol"), Some("consumer"));
+        assert_eq!(c.get("session.timeout.ms"), None);
+        assert_eq!(c.get("partition.assignment.strategy"), None);
+    }
+
+    #[test]
+    fn client_id_is_the_setting_or_names_the_host() {
+        let k = kafka(&[("UINCALL__KAFKA__CLIENT_ID", "enricher-7")]);
+        assert_eq!(client_id(&k), "enricher-7");
+        assert!(client_id(&kafka(&[])).starts_with("uincall-enricher"));
+    }
+
+    #[test]
+    fn batches_never_exceed_the_topics_limit() {
+        let c = producer_config(&kafka(&[]), Some(16384));
+        assert_eq!(c.get("message.max.bytes"), Some("16384"));
+        assert_eq!(c.get("batch.size"), Some("15360"));
+        let c = producer_config(&kafka(&[]), None);
+        assert_eq!(c.get("batch.size"), None);
+    }
+}

@@ -1115,3 +1115,21 @@ fn complete(joined: Result<Completion, tokio::task::JoinError>) -> anyhow::Resul
         Err(e) => bail!("a record task panicked: {e}"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn produce_errors_map_to_retry_reject_or_fatal() {
+        let policy = |code| produce_policy(&KafkaError::MessageProduction(code));
+        use RDKafkaErrorCode as C;
+        // CORRUPT_MESSAGE: a batch damaged on the wire is sent again.
+        assert_eq!(policy(C::InvalidMessage), ProducePolicy::Retry);
+        assert_eq!(policy(C::MessageTimedOut), ProducePolicy::Retry);
+        assert_eq!(policy(C::NotLeaderForPartition), ProducePolicy::Retry);
+        assert_eq!(policy(C::MessageSizeTooLarge), ProducePolicy::Reject);
+        assert_eq!(policy(C::InvalidRecord), ProducePolicy::Reject);
+        assert_eq!(policy(C::TopicAuthorizationFailed), ProducePolicy::Fatal);
+    }
+}

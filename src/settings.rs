@@ -635,6 +635,35 @@ mod tests {
     }
 
     #[test]
+    fn group_settings_that_cannot_work_name_the_key() {
+        let err = Settings::load_from(None, env(&[("UINCALL__PIPELINE__REVOKE_DRAIN", "400s")]))
+            .unwrap_err();
+        assert!(err.to_string().contains("pipeline.revoke_drain"), "{err}");
+        let err = Settings::load_from(None, env(&[("UINCALL__KAFKA__GROUP_PROTOCOL", "eager")]))
+            .unwrap_err();
+        assert!(err.to_string().contains("group_protocol"), "{err}");
+        let err = Settings::load_from(
+            None,
+            env(&[
+                ("UINCALL__KAFKA__GROUP_PROTOCOL", "consumer"),
+                (
+                    "UINCALL__KAFKA__PROPERTIES__PARTITION_ASSIGNMENT_STRATEGY",
+                    "range",
+                ),
+            ]),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("kafka.properties.partition.assignment.strategy"),
+            "{err}"
+        );
+        let s = Settings::load_from(None, env(&[("UINCALL__KAFKA__GROUP_PROTOCOL", "consumer")]))
+            .unwrap();
+        assert_eq!(s.kafka.group_protocol, GroupProtocol::Consumer);
+    }
+
+    #[test]
     fn redacted_output_hides_tokens_and_loads_back() {
         let s = Settings::load_from(
             None,
