@@ -82,41 +82,84 @@ async fn until_assigned(replicas: &[&Replica], busy: usize, partitions: usize) {
     }
 }
 
+/// A group under load: 6 partitions, 3 000 events (or `GROUP_EVENTS`)
+/// produced at 150/s in the background, the output and dead-letter topics
+/// followed, replicas of the given protocol.
+struct UnderLoad {
+    env: TestEnv,
+    all: Vec<String>,
+    dir: tempfile::TempDir,
+    follower: Follower,
+    load: tokio::task::JoinHandle<()>,
+    penv: Vec<(&'static str, &'static str)>,
+}
+
+impl UnderLoad {
+    async fn start(name: &str, protocol: &str) -> UnderLoad {
+        let env = TestEnv::new(&format!("{name}-{protocol}"), 6, Duration::from_millis(20)).await;
+        let all = sessions("call", events(3000));
+        let follower = env.follow();
+        let load = env.spawn_load(all.clone(), 150);
+        UnderLoad {
+            env,
+            all,
+            dir: tempfile::tempdir().unwrap(),
+            follower,
+            load,
+            penv: protocol_env(protocol),
+        }
+    }
+
+    fn replica(&self, name: &str) -> Replica {
+        self.env.spawn_replica(name, self.dir.path(), &self.penv)
+    }
+
+    /// Waits until `more` sessions beyond those seen so far are out (or
+    /// all of them).
+    async fn progress(&self, more: usize) {
+        let want = (self.follower.distinct() + more).min(self.all.len());
+        self.follower.until_distinct(want).await;
+    }
+
+    /// Waits for the whole load to be out, stops `replicas`, checks no lag
+    /// and that duplicates stay within `bound`; prints the figures.
+    async fn finish(self, replicas: Vec<Replica>, bound: usize, what: &str) {
+        self.load.await.unwrap();
+        let duplicates = self.follower.finish(&self.all).await;
+        for r in replicas {
+            r.stop().await;
+        }
+        self.env.until_no_lag().await;
+        println!(
+            "{what}: {} events, 0 lost, {duplicates} duplicates (bound {bound})",
+            self.all.len()
+        );
+        assert!(duplicates <= bound, "{duplicates} duplicates > {bound}");
+    }
+}
+
 /// (a) One worker under load, scaled out to three and back to one: nothing
 /// lost, duplicates within what was in flight, no lag at the end, and
 /// `/readyz` tells who holds partitions at each step.
 async fn scale_out_and_in(protocol: &str) {
-    let env = TestEnv::new(&format!("scale-{protocol}"), 6, Duration::from_millis(20)).await;
-    let all = sessions("call", events(3000));
-    let dir = tempfile::tempdir().unwrap();
-    let follower = env.follow();
-    let load = env.spawn_load(all.clone(), 150);
-    let penv = protocol_env(protocol);
-    let a = env.spawn_replica("a", dir.path(), &penv);
+    let group = UnderLoad::start("scale", protocol).await;
+    let a = group.replica("a");
     until_assigned(&[&a], 1, 6).await;
-    follower.until_distinct(200).await;
+    group.progress(200).await;
 
-    let b = env.spawn_replica("b", dir.path(), &penv);
-    let c = env.spawn_replica("c", dir.path(), &penv);
+    let b = group.replica("b");
+    let c = group.replica("c");
     until_assigned(&[&a, &b, &c], 3, 6).await;
-    let before = follower.distinct();
-    follower.until_distinct((before + 300).min(all.len())).await;
+    group.progress(300).await;
 
     b.stop().await;
     c.stop().await;
     until_assigned(&[&a], 1, 6).await;
-    load.await.unwrap();
-    let duplicates = follower.finish(&all).await;
-    a.stop().await;
-    env.until_no_lag().await;
     // Four group changes; at most the admitted records of every replica
     // involved in each are re-delivered.
     let bound = 4 * 3 * admitted_limit(WINDOW);
-    println!(
-        "scale 1→3→1 ({protocol}): {} events, 0 lost, {duplicates} duplicates (bound {bound})",
-        all.len()
-    );
-    assert!(duplicates <= bound, "{duplicates} duplicates > {bound}");
+    let what = format!("scale 1→3→1 ({protocol})");
+    group.finish(vec![a], bound, &what).await;
 }
 
 per_protocol!(scale_out_and_in: scale_out_to_three_and_back_classic, scale_out_to_three_and_back_kip848);
@@ -124,37 +167,19 @@ per_protocol!(scale_out_and_in: scale_out_to_three_and_back_classic, scale_out_t
 /// (b) Three replicas under load, each SIGTERMed in turn and replaced, as a
 /// rolling update does.
 async fn rolling_restart(protocol: &str) {
-    let env = TestEnv::new(&format!("rolling-{protocol}"), 6, Duration::from_millis(20)).await;
-    let all = sessions("call", events(3000));
-    let dir = tempfile::tempdir().unwrap();
-    let follower = env.follow();
-    let load = env.spawn_load(all.clone(), 150);
-    let penv = protocol_env(protocol);
-    let mut replicas: Vec<Replica> = ["a", "b", "c"]
-        .iter()
-        .map(|n| env.spawn_replica(n, dir.path(), &penv))
-        .collect();
+    let group = UnderLoad::start("rolling", protocol).await;
+    let mut replicas: Vec<Replica> = ["a", "b", "c"].map(|n| group.replica(n)).into();
     until_assigned(&replicas.iter().collect::<Vec<_>>(), 3, 6).await;
     for (i, name) in ["a2", "b2", "c2"].into_iter().enumerate() {
-        let before = follower.distinct();
-        follower.until_distinct((before + 100).min(all.len())).await;
-        let old = std::mem::replace(&mut replicas[i], env.spawn_replica(name, dir.path(), &penv));
+        group.progress(100).await;
+        let old = std::mem::replace(&mut replicas[i], group.replica(name));
         old.stop().await;
         until_assigned(&replicas.iter().collect::<Vec<_>>(), 3, 6).await;
     }
-    load.await.unwrap();
-    let duplicates = follower.finish(&all).await;
-    for r in replicas {
-        r.stop().await;
-    }
-    env.until_no_lag().await;
     // Each restart is two group changes among three replicas.
     let bound = 3 * 2 * 3 * admitted_limit(WINDOW);
-    println!(
-        "rolling restart ({protocol}): {} events, 0 lost, {duplicates} duplicates (bound {bound})",
-        all.len()
-    );
-    assert!(duplicates <= bound, "{duplicates} duplicates > {bound}");
+    let what = format!("rolling restart ({protocol})");
+    group.finish(replicas, bound, &what).await;
 }
 
 per_protocol!(rolling_restart: rolling_restart_of_three_replicas_classic, rolling_restart_of_three_replicas_kip848);
