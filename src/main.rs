@@ -142,7 +142,7 @@ fn execute(cli: Cli, runtime: &tokio::runtime::Runtime) -> ExitCode {
             match result {
                 Ok(summary) => {
                     print!("{}", summary.render(dry_run));
-                    if summary.failed > 0 {
+                    if summary.failed > 0 || summary.skipped_truncated > 0 {
                         ExitCode::FAILURE
                     } else if summary.interrupted {
                         ExitCode::from(130)

@@ -281,6 +281,10 @@ pub struct Summary {
     pub replayed: u64,
     pub skipped_by_filter: u64,
     pub skipped_by_loop_guard: u64,
+    /// Selected dead letters that hold only the start of the original value
+    /// (`dlq.truncated_to`): not replayable, reported with where the
+    /// original is.
+    pub skipped_truncated: u64,
     /// Re-submissions that failed (with `--direct`: dead-lettered again).
     pub failed: u64,
     /// Stopped by a signal before the end.
@@ -302,6 +306,7 @@ impl Summary {
         }
         line("skipped by filter", self.skipped_by_filter);
         line("skipped by loop guard", self.skipped_by_loop_guard);
+        line("skipped, truncated", self.skipped_truncated);
         if !dry_run {
             line("failed", self.failed);
         }
@@ -451,6 +456,24 @@ pub async fn run(
                         session_id = failure.get(dlq::SESSION_ID).unwrap_or("-"),
                         replays = failure.replay_count(),
                         "not replayed again: the loop guard (--max-replays) stops it"
+                    );
+                    progress.done(partition, offset);
+                    continue;
+                }
+                if let Some(kept) = failure.get(dlq::TRUNCATED_TO) {
+                    summary.skipped_truncated += 1;
+                    warn!(
+                        partition,
+                        offset,
+                        kept_bytes = kept,
+                        original_bytes = failure.get(dlq::ORIGINAL_SIZE).unwrap_or("-"),
+                        original = format!(
+                            "{}/{}@{}",
+                            failure.get(dlq::SOURCE_TOPIC).unwrap_or("-"),
+                            failure.get(dlq::SOURCE_PARTITION).unwrap_or("-"),
+                            failure.get(dlq::SOURCE_OFFSET).unwrap_or("-")
+                        ),
+                        "not replayed: the dead letter holds only the start of the original; it is on the input topic at the source offset while retention lasts"
                     );
                     progress.done(partition, offset);
                     continue;
@@ -611,6 +634,30 @@ fn note_match(summary: &mut Summary, f: &Failure, partition: i32, offset: i64) {
     }
 }
 
+/// The group's committed offsets, asked again while the group's coordinator
+/// is still being found or loaded (a new group on a new cluster answers
+/// NOT_COORDINATOR for a moment), for up to 30 s.
+fn committed_offsets(
+    consumer: &StreamConsumer,
+    tpl: &TopicPartitionList,
+) -> rdkafka::error::KafkaResult<TopicPartitionList> {
+    use rdkafka::error::{KafkaError, RDKafkaErrorCode as C};
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match consumer.committed_offsets(tpl.clone(), Timeout::After(Duration::from_secs(10))) {
+            Err(KafkaError::MetadataFetch(
+                C::NotCoordinator | C::CoordinatorLoadInProgress | C::CoordinatorNotAvailable,
+            )) if Instant::now() + delay < deadline => {
+                warn!(retry_in = ?delay, "the group coordinator is not ready yet; asking again");
+                std::thread::sleep(delay);
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+            result => return result,
+        }
+    }
+}
+
 /// Where each partition of `topic` starts (the group's committed offset,
 /// else the beginning) and ends (the high watermark now).
 fn start_and_end(
@@ -632,7 +679,7 @@ fn start_and_end(
     for p in 0..parts {
         tpl.add_partition(topic, p);
     }
-    let committed = consumer.committed_offsets(tpl, timeout)?;
+    let committed = committed_offsets(consumer, &tpl)?;
     let mut out = HashMap::new();
     for p in 0..parts {
         let (low, high) = consumer.fetch_watermarks(topic, p, timeout)?;

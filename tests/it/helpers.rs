@@ -314,7 +314,8 @@ impl TestEnv {
             .unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout).to_string();
         let code = out.status.code().unwrap_or(-1);
-        if code != 0 && code != 1 {
+        // Exit 1 with no summary: the run itself failed.
+        if (code != 0 && code != 1) || stdout.is_empty() {
             let log = std::fs::read_to_string(dir.path().join("replay.log")).unwrap_or_default();
             panic!("replay {args:?} exited {code}:\n{stdout}\n{log}");
         }

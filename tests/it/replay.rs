@@ -319,3 +319,29 @@ async fn loop_guard_stops_a_record_that_keeps_failing_and_direct_enriches_the_re
     assert_eq!(summary_count(&summary, "replayed"), 0);
     assert_eq!(ends(&env)[2], vec![5], "not dead-lettered a fourth time");
 }
+
+#[tokio::test]
+async fn a_truncated_dead_letter_is_reported_with_its_source_not_replayed() {
+    let env = TestEnv::new("replaytrunc", 1, Duration::ZERO).await;
+    let input = env.input.clone();
+    let headers = [
+        (dlq::ERROR_CLASS, "invalid_event"),
+        (dlq::REASON, "unknown tenant nobody"),
+        (dlq::TRUNCATED_TO, "12"),
+        (dlq::ORIGINAL_SIZE, "40960"),
+        (dlq::SOURCE_TOPIC, input.as_str()),
+        (dlq::SOURCE_PARTITION, "0"),
+        (dlq::SOURCE_OFFSET, "7"),
+    ];
+    let value = br#"{"session_id"#;
+    env.produce_raw(&env.dlq, &[(Some("big-1"), &value[..12], &headers)])
+        .await;
+    let (code, summary) = env.replay(&[]).await;
+    assert_eq!(code, 1, "{summary}");
+    assert_eq!(summary_count(&summary, "skipped, truncated"), 1);
+    assert_eq!(summary_count(&summary, "replayed"), 0);
+    assert!(
+        env.is_empty(&env.input),
+        "a truncated value was re-submitted"
+    );
+}
