@@ -199,16 +199,12 @@ impl KafkaNode {
     }
 
     fn signal(&mut self, signal: &str) -> anyhow::Result<()> {
-        let Some(child) = self.child.as_ref() else {
-            return Ok(());
-        };
-        let status = Command::new("kill")
-            .args([&format!("-{signal}"), &child.id().to_string()])
-            .status()?;
-        if !status.success() {
-            bail!("kill -{signal} broker {} failed", self.id);
+        match self.child.as_ref() {
+            Some(child) => {
+                send_signal(child, signal).with_context(|| format!("signalling broker {}", self.id))
+            }
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Stops the node (SIGTERM: a controlled shutdown that moves its
@@ -220,6 +216,18 @@ impl KafkaNode {
         }
         Ok(())
     }
+}
+
+/// Sends `signal` (`TERM`, `KILL`, `STOP`, `CONT`) to a child process.
+pub fn send_signal(child: &Child, signal: &str) -> anyhow::Result<()> {
+    let status = Command::new("kill")
+        .args([&format!("-{signal}"), &child.id().to_string()])
+        .status()
+        .context("running kill")?;
+    if !status.success() {
+        bail!("kill -{signal} {} failed", child.id());
+    }
+    Ok(())
 }
 
 /// Apache Kafka in KRaft mode: one or more nodes, each broker and controller
@@ -300,14 +308,6 @@ impl KafkaCluster {
             .map(|n| format!("127.0.0.1:{}", n.port))
             .collect::<Vec<_>>()
             .join(",")
-    }
-
-    pub fn len(&self) -> usize {
-        self.nodes.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.nodes.is_empty()
     }
 
     /// The JVM's process id of node `i` (0-based), while it runs.

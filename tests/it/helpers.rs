@@ -462,11 +462,7 @@ pub async fn wait_exit(child: &mut Child, limit: Duration) -> std::process::Exit
 
 /// Sends SIGTERM to a child process.
 pub fn sigterm(child: &Child) {
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill runs");
-    assert!(status.success());
+    testkit::send_signal(child, "TERM").unwrap();
 }
 
 /// The enriched-record schema shipped in docs/, compiled once.
@@ -546,12 +542,8 @@ impl Replica {
 
     /// Sends a signal (`STOP`, `CONT`, `KILL`).
     pub fn signal(&self, signal: &str) {
-        let ok = Command::new("kill")
-            .args([&format!("-{signal}"), &self.child.id().to_string()])
-            .status()
-            .expect("kill runs")
-            .success();
-        assert!(ok, "kill -{signal} {}", self.name);
+        testkit::send_signal(&self.child, signal)
+            .unwrap_or_else(|e| panic!("replica {}: {e:#}", self.name));
     }
 }
 
