@@ -294,6 +294,68 @@ fn invalid(key: &str, message: impl Into<String>) -> SettingsError {
     }
 }
 
+/// One rule: `Ok` when `holds`, else the key with what its value must be.
+fn check(holds: bool, key: &str, message: impl Into<String>) -> Result<(), SettingsError> {
+    if holds {
+        Ok(())
+    } else {
+        Err(invalid(key, message))
+    }
+}
+
+fn not_empty(key: &str, value: &str) -> Result<(), SettingsError> {
+    check(!value.trim().is_empty(), key, "must not be empty")
+}
+
+fn more_than_zero(key: &str, value: Duration) -> Result<(), SettingsError> {
+    check(!value.is_zero(), key, "must be more than 0s")
+}
+
+/// `value` at least `floor`; the message writes the floor as in the
+/// settings (`1s`, `100ms`).
+fn at_least(key: &str, value: Duration, floor: Duration) -> Result<(), SettingsError> {
+    check(
+        value >= floor,
+        key,
+        format!("must be at least {}", humantime::format_duration(floor)),
+    )
+}
+
+/// A share in (0, 1]; NaN is not one.
+fn share(key: &str, value: f64) -> Result<(), SettingsError> {
+    check(
+        value > 0.0 && value <= 1.0,
+        key,
+        "must be a share in (0, 1]",
+    )
+}
+
+/// A back-off range: the first delay more than 0s, the largest at least the
+/// first. The error names the largest.
+fn delay_range(
+    (min_key, min): (&str, Duration),
+    (max_key, max): (&str, Duration),
+) -> Result<(), SettingsError> {
+    check(
+        !min.is_zero() && max >= min,
+        max_key,
+        format!("must be at least {min_key}, which must be more than 0s"),
+    )
+}
+
+/// How many entries of a window are needed before it is judged: at least 1
+/// and at most the window. The error names the count.
+fn within_window(
+    (count_key, count): (&str, usize),
+    (window_key, window): (&str, usize),
+) -> Result<(), SettingsError> {
+    check(
+        window != 0 && count != 0 && count <= window,
+        count_key,
+        format!("must be at least 1 and at most {window_key}"),
+    )
+}
+
 fn redact_map<S: Serializer>(
     map: &BTreeMap<String, SecretString>,
     serializer: S,
@@ -372,200 +434,248 @@ impl Settings {
         self.kafka.brokers = self.kafka.brokers.trim().to_string();
     }
 
-    /// Checks relations between values; the error names the key.
+    /// Checks the poll interval against the pipeline's drains, then every
+    /// section, then the stall timeout against the retry budget; the error
+    /// names the key. A poll interval too short for the drain is reported as
+    /// such even when it is also below the kafka section's 1s floor.
     pub fn validate(&self) -> Result<(), SettingsError> {
-        let k = &self.kafka;
+        let (k, p) = (&self.kafka, &self.pipeline);
+        check(
+            k.max_poll_interval > p.drain_timeout,
+            "kafka.max_poll_interval",
+            "must be longer than pipeline.drain_timeout",
+        )?;
+        check(
+            p.revoke_drain < k.max_poll_interval,
+            "pipeline.revoke_drain",
+            "must be shorter than kafka.max_poll_interval",
+        )?;
+        self.kafka.validate()?;
+        self.api.validate()?;
+        self.event.validate()?;
+        self.retry.validate()?;
+        self.systemic.validate()?;
+        self.rate_limit.validate()?;
+        check(
+            p.stall_timeout > self.retry.max_elapsed + self.api.request_timeout,
+            "pipeline.stall_timeout",
+            "must be longer than retry.max_elapsed plus api.request_timeout (a record retrying within its budget is not a stall)",
+        )?;
+        self.pipeline.validate()?;
+        self.log.validate()
+    }
+
+    /// The effective settings as TOML, secrets replaced by `[redacted]`.
+    pub fn to_redacted_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("settings serialise to TOML")
+    }
+}
+
+/// librdkafka properties the worker sets itself.
+const RESERVED_PROPERTIES: [&str; 5] = [
+    "group.id",
+    "bootstrap.servers",
+    "enable.auto.offset.store",
+    "enable.idempotence",
+    "acks",
+];
+
+/// librdkafka properties the broker decides under the `consumer` protocol.
+const CLASSIC_ONLY_PROPERTIES: [&str; 2] =
+    ["partition.assignment.strategy", "heartbeat.interval.ms"];
+
+impl KafkaSettings {
+    /// Names and topics set and distinct, no property the worker or the
+    /// group protocol owns, timeouts above their floors.
+    pub fn validate(&self) -> Result<(), SettingsError> {
         for (key, value) in [
-            ("kafka.brokers", &k.brokers),
-            ("kafka.group_id", &k.group_id),
-            ("kafka.input_topic", &k.input_topic),
-            ("kafka.output_topic", &k.output_topic),
-            ("kafka.dead_letter_topic", &k.dead_letter_topic),
+            ("kafka.brokers", &self.brokers),
+            ("kafka.group_id", &self.group_id),
+            ("kafka.input_topic", &self.input_topic),
+            ("kafka.output_topic", &self.output_topic),
+            ("kafka.dead_letter_topic", &self.dead_letter_topic),
         ] {
-            if value.trim().is_empty() {
-                return Err(invalid(key, "must not be empty"));
-            }
+            not_empty(key, value)?;
         }
-        if k.output_topic == k.input_topic {
+        check(
+            self.output_topic != self.input_topic,
+            "kafka.output_topic",
+            "must differ from kafka.input_topic",
+        )?;
+        check(
+            self.dead_letter_topic != self.input_topic
+                && self.dead_letter_topic != self.output_topic,
+            "kafka.dead_letter_topic",
+            "must differ from the input and output topics",
+        )?;
+        if let Some(p) = self.first_property(&RESERVED_PROPERTIES) {
             return Err(invalid(
-                "kafka.output_topic",
-                "must differ from kafka.input_topic",
+                &format!("kafka.properties.{p}"),
+                "is set by the worker itself and cannot be overridden",
             ));
         }
-        if k.dead_letter_topic == k.input_topic || k.dead_letter_topic == k.output_topic {
-            return Err(invalid(
-                "kafka.dead_letter_topic",
-                "must differ from the input and output topics",
-            ));
-        }
-        for reserved in [
-            "group.id",
-            "bootstrap.servers",
-            "enable.auto.offset.store",
-            "enable.idempotence",
-            "acks",
-        ] {
-            if k.properties.contains_key(reserved) {
-                return Err(invalid(
-                    &format!("kafka.properties.{reserved}"),
-                    "is set by the worker itself and cannot be overridden",
-                ));
-            }
-        }
-        if k.max_poll_interval <= self.pipeline.drain_timeout {
-            return Err(invalid(
-                "kafka.max_poll_interval",
-                "must be longer than pipeline.drain_timeout",
-            ));
-        }
-        if k.max_poll_interval < Duration::from_secs(1) {
-            return Err(invalid("kafka.max_poll_interval", "must be at least 1s"));
-        }
-        if self.pipeline.revoke_drain >= k.max_poll_interval {
-            return Err(invalid(
-                "pipeline.revoke_drain",
-                "must be shorter than kafka.max_poll_interval",
-            ));
-        }
-        if k.group_protocol == GroupProtocol::Consumer
-            && let Some(key) = ["partition.assignment.strategy", "heartbeat.interval.ms"]
-                .into_iter()
-                .find(|p| k.properties.contains_key(*p))
+        at_least(
+            "kafka.max_poll_interval",
+            self.max_poll_interval,
+            Duration::from_secs(1),
+        )?;
+        if self.group_protocol == GroupProtocol::Consumer
+            && let Some(p) = self.first_property(&CLASSIC_ONLY_PROPERTIES)
         {
             return Err(invalid(
-                &format!("kafka.properties.{key}"),
+                &format!("kafka.properties.{p}"),
                 "is not supported with kafka.group_protocol = \"consumer\" (set broker side)",
             ));
         }
-        if k.session_timeout < Duration::from_secs(1) {
-            return Err(invalid("kafka.session_timeout", "must be at least 1s"));
-        }
-        if k.produce_timeout < Duration::from_millis(100) {
-            return Err(invalid("kafka.produce_timeout", "must be at least 100ms"));
-        }
-        let a = &self.api;
-        if !matches!(a.base_url.scheme(), "http" | "https") {
-            return Err(invalid("api.base_url", "must be an http or https URL"));
-        }
-        if a.request_timeout.is_zero() {
-            return Err(invalid("api.request_timeout", "must be more than 0s"));
-        }
-        if a.connect_timeout.is_zero() || a.connect_timeout > a.request_timeout {
-            return Err(invalid(
-                "api.connect_timeout",
-                "must be more than 0s and at most api.request_timeout",
-            ));
-        }
-        if let Some(dir) = &a.tokens_dir
-            && !dir.is_dir()
-        {
-            return Err(invalid(
+        at_least(
+            "kafka.session_timeout",
+            self.session_timeout,
+            Duration::from_secs(1),
+        )?;
+        at_least(
+            "kafka.produce_timeout",
+            self.produce_timeout,
+            Duration::from_millis(100),
+        )
+    }
+
+    /// The first of `names` set in `properties`.
+    fn first_property(&self, names: &[&'static str]) -> Option<&'static str> {
+        names
+            .iter()
+            .copied()
+            .find(|p| self.properties.contains_key(*p))
+    }
+}
+
+impl ApiSettings {
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        check(
+            matches!(self.base_url.scheme(), "http" | "https"),
+            "api.base_url",
+            "must be an http or https URL",
+        )?;
+        more_than_zero("api.request_timeout", self.request_timeout)?;
+        check(
+            !self.connect_timeout.is_zero() && self.connect_timeout <= self.request_timeout,
+            "api.connect_timeout",
+            "must be more than 0s and at most api.request_timeout",
+        )?;
+        if let Some(dir) = &self.tokens_dir {
+            check(
+                dir.is_dir(),
                 "api.tokens_dir",
                 format!("{} is not a directory", dir.display()),
-            ));
+            )?;
         }
+        more_than_zero("api.tokens_reload_interval", self.tokens_reload_interval)
+    }
+}
+
+impl EventSettings {
+    /// Every field is a name or a dotted path without empty steps.
+    pub fn validate(&self) -> Result<(), SettingsError> {
         for (key, value) in [
-            ("event.session_id_field", &self.event.session_id_field),
-            ("event.tenant_id_field", &self.event.tenant_id_field),
-            ("event.call_type_field", &self.event.call_type_field),
+            ("event.session_id_field", &self.session_id_field),
+            ("event.tenant_id_field", &self.tenant_id_field),
+            ("event.call_type_field", &self.call_type_field),
         ] {
-            if value.split('.').any(str::is_empty) {
-                return Err(invalid(key, "must be a field name or dotted path"));
-            }
+            check(
+                !value.split('.').any(str::is_empty),
+                key,
+                "must be a field name or dotted path",
+            )?;
         }
-        let r = &self.retry;
-        if r.min_delay.is_zero() {
-            return Err(invalid("retry.min_delay", "must be more than 0s"));
-        }
-        if r.max_delay < r.min_delay {
-            return Err(invalid(
-                "retry.max_delay",
-                "must be at least retry.min_delay",
-            ));
-        }
-        if !(r.factor >= 1.0 && r.factor.is_finite()) {
-            return Err(invalid("retry.factor", "must be a number of at least 1"));
-        }
-        if r.max_attempts == 0 {
-            return Err(invalid("retry.max_attempts", "must be at least 1"));
-        }
-        for (key, ratio) in [
-            ("systemic.failure_ratio", self.systemic.failure_ratio),
-            (
-                "systemic.dead_letter_ratio",
-                self.systemic.dead_letter_ratio,
-            ),
-        ] {
-            if !(ratio > 0.0 && ratio <= 1.0) {
-                return Err(invalid(key, "must be a share in (0, 1]"));
-            }
-        }
-        let y = &self.systemic;
-        if y.call_window == 0 || y.min_calls == 0 || y.min_calls > y.call_window {
-            return Err(invalid(
-                "systemic.min_calls",
-                "must be at least 1 and at most systemic.call_window",
-            ));
-        }
-        if y.record_window == 0 || y.min_records == 0 || y.min_records > y.record_window {
-            return Err(invalid(
-                "systemic.min_records",
-                "must be at least 1 and at most systemic.record_window",
-            ));
-        }
-        if y.probe_min_delay.is_zero() || y.probe_max_delay < y.probe_min_delay {
-            return Err(invalid(
-                "systemic.probe_max_delay",
-                "must be at least systemic.probe_min_delay, which must be more than 0s",
-            ));
-        }
-        let l = &self.rate_limit;
-        if l.per_tenant_per_second > 0 && l.burst == 0 {
-            return Err(invalid("rate_limit.burst", "must be at least 1"));
-        }
-        if l.backoff_min.is_zero() || l.backoff_max < l.backoff_min {
-            return Err(invalid(
-                "rate_limit.backoff_max",
-                "must be at least rate_limit.backoff_min, which must be more than 0s",
-            ));
-        }
-        if a.tokens_reload_interval.is_zero() {
-            return Err(invalid(
-                "api.tokens_reload_interval",
-                "must be more than 0s",
-            ));
-        }
+        Ok(())
+    }
+}
+
+impl RetrySettings {
+    /// A usable backoff, and no errcode in two lists: a systemic or
+    /// rate-limited errcode is never also permanent.
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        more_than_zero("retry.min_delay", self.min_delay)?;
+        check(
+            self.max_delay >= self.min_delay,
+            "retry.max_delay",
+            "must be at least retry.min_delay",
+        )?;
+        check(
+            self.factor >= 1.0 && self.factor.is_finite(),
+            "retry.factor",
+            "must be a number of at least 1",
+        )?;
+        check(
+            self.max_attempts > 0,
+            "retry.max_attempts",
+            "must be at least 1",
+        )?;
         for (key, codes) in [
-            ("retry.systemic_errcodes", &r.systemic_errcodes),
-            ("retry.rate_limited_errcodes", &r.rate_limited_errcodes),
+            ("retry.systemic_errcodes", &self.systemic_errcodes),
+            ("retry.rate_limited_errcodes", &self.rate_limited_errcodes),
         ] {
-            if let Some(c) = codes.iter().find(|c| r.permanent_errcodes.contains(c)) {
+            if let Some(c) = codes.iter().find(|c| self.permanent_errcodes.contains(c)) {
                 return Err(invalid(
                     key,
                     format!("errcode {c} is also in retry.permanent_errcodes"),
                 ));
             }
         }
-        if self.pipeline.stall_timeout <= r.max_elapsed + a.request_timeout {
-            return Err(invalid(
-                "pipeline.stall_timeout",
-                "must be longer than retry.max_elapsed plus api.request_timeout (a record retrying within its budget is not a stall)",
-            ));
-        }
-        if self.pipeline.max_in_flight == 0 {
-            return Err(invalid("pipeline.max_in_flight", "must be at least 1"));
-        }
-        if self.log.level.trim().is_empty()
-            || tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err()
-        {
-            return Err(invalid("log.level", "is not a valid tracing filter"));
-        }
         Ok(())
     }
+}
 
-    /// The effective settings as TOML, secrets replaced by `[redacted]`.
-    pub fn to_redacted_toml(&self) -> String {
-        toml::to_string_pretty(self).expect("settings serialise to TOML")
+impl SystemicSettings {
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        share("systemic.failure_ratio", self.failure_ratio)?;
+        share("systemic.dead_letter_ratio", self.dead_letter_ratio)?;
+        within_window(
+            ("systemic.min_calls", self.min_calls),
+            ("systemic.call_window", self.call_window),
+        )?;
+        within_window(
+            ("systemic.min_records", self.min_records),
+            ("systemic.record_window", self.record_window),
+        )?;
+        delay_range(
+            ("systemic.probe_min_delay", self.probe_min_delay),
+            ("systemic.probe_max_delay", self.probe_max_delay),
+        )
+    }
+}
+
+impl RateLimitSettings {
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        check(
+            self.per_tenant_per_second == 0 || self.burst > 0,
+            "rate_limit.burst",
+            "must be at least 1",
+        )?;
+        delay_range(
+            ("rate_limit.backoff_min", self.backoff_min),
+            ("rate_limit.backoff_max", self.backoff_max),
+        )
+    }
+}
+
+impl PipelineSettings {
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        check(
+            self.max_in_flight > 0,
+            "pipeline.max_in_flight",
+            "must be at least 1",
+        )
+    }
+}
+
+impl LogSettings {
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        check(
+            !self.level.trim().is_empty()
+                && tracing_subscriber::EnvFilter::try_new(&self.level).is_ok(),
+            "log.level",
+            "is not a valid tracing filter",
+        )
     }
 }
 
@@ -578,6 +688,119 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    fn defaults() -> Settings {
+        Settings::load_from(None, env(&[])).unwrap()
+    }
+
+    /// The key and message of an invalid setting.
+    fn rejected(result: Result<(), SettingsError>) -> (String, String) {
+        match result {
+            Err(SettingsError::Invalid { key, message }) => (key, message),
+            other => panic!("expected an invalid setting, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn each_section_validates_itself_and_names_its_key() {
+        let s = defaults();
+        let mut kafka = s.kafka.clone();
+        kafka.dead_letter_topic = kafka.output_topic.clone();
+        assert_eq!(rejected(kafka.validate()).0, "kafka.dead_letter_topic");
+        let mut api = s.api.clone();
+        api.connect_timeout = api.request_timeout + Duration::from_secs(1);
+        assert_eq!(rejected(api.validate()).0, "api.connect_timeout");
+        let mut event = s.event.clone();
+        event.tenant_id_field = "data.".into();
+        assert_eq!(rejected(event.validate()).0, "event.tenant_id_field");
+        let mut retry = s.retry.clone();
+        retry.permanent_errcodes = vec![40001];
+        retry.rate_limited_errcodes = vec![40001];
+        assert_eq!(
+            rejected(retry.validate()),
+            (
+                "retry.rate_limited_errcodes".into(),
+                "errcode 40001 is also in retry.permanent_errcodes".into()
+            )
+        );
+        let mut systemic = s.systemic.clone();
+        systemic.min_records = systemic.record_window + 1;
+        assert_eq!(rejected(systemic.validate()).0, "systemic.min_records");
+        let mut rate_limit = s.rate_limit.clone();
+        rate_limit.per_tenant_per_second = 10;
+        rate_limit.burst = 0;
+        assert_eq!(rejected(rate_limit.validate()).0, "rate_limit.burst");
+        let mut pipeline = s.pipeline.clone();
+        pipeline.max_in_flight = 0;
+        assert_eq!(rejected(pipeline.validate()).0, "pipeline.max_in_flight");
+        let mut log = s.log.clone();
+        log.level = " ".into();
+        assert_eq!(rejected(log.validate()).0, "log.level");
+    }
+
+    #[test]
+    fn shared_rules_keep_their_messages() {
+        let s = defaults();
+        let mut kafka = s.kafka.clone();
+        kafka.produce_timeout = Duration::from_millis(99);
+        assert_eq!(
+            rejected(kafka.validate()),
+            (
+                "kafka.produce_timeout".into(),
+                "must be at least 100ms".into()
+            )
+        );
+        kafka.produce_timeout = Duration::from_millis(100);
+        kafka.session_timeout = Duration::from_millis(999);
+        assert_eq!(
+            rejected(kafka.validate()),
+            ("kafka.session_timeout".into(), "must be at least 1s".into())
+        );
+        let mut systemic = s.systemic.clone();
+        systemic.dead_letter_ratio = f64::NAN;
+        assert_eq!(
+            rejected(systemic.validate()),
+            (
+                "systemic.dead_letter_ratio".into(),
+                "must be a share in (0, 1]".into()
+            )
+        );
+        systemic.dead_letter_ratio = 1.0;
+        systemic.probe_min_delay = Duration::ZERO;
+        assert_eq!(
+            rejected(systemic.validate()),
+            (
+                "systemic.probe_max_delay".into(),
+                "must be at least systemic.probe_min_delay, which must be more than 0s".into()
+            )
+        );
+        let mut rate_limit = s.rate_limit.clone();
+        rate_limit.backoff_max = rate_limit.backoff_min / 2;
+        assert_eq!(
+            rejected(rate_limit.validate()),
+            (
+                "rate_limit.backoff_max".into(),
+                "must be at least rate_limit.backoff_min, which must be more than 0s".into()
+            )
+        );
+    }
+
+    #[test]
+    fn rules_across_sections_name_their_key() {
+        let mut s = defaults();
+        // Below the kafka section's 1s floor too: the drain is what it is too short for.
+        s.kafka.max_poll_interval = Duration::from_millis(500);
+        assert_eq!(
+            rejected(s.validate()),
+            (
+                "kafka.max_poll_interval".into(),
+                "must be longer than pipeline.drain_timeout".into()
+            )
+        );
+        let mut s = defaults();
+        s.pipeline.stall_timeout = s.retry.max_elapsed;
+        assert_eq!(rejected(s.validate()).0, "pipeline.stall_timeout");
     }
 
     #[test]
