@@ -102,7 +102,6 @@ const LATENCY_BUCKETS: [f64; 14] = [
 
 impl Default for Stats {
     fn default() -> Self {
-        let mut registry = Registry::with_prefix("uincall_enricher");
         let s = Stats {
             consumed: Counter::default(),
             enriched: Counter::default(),
@@ -126,89 +125,121 @@ impl Default for Stats {
             progress: Mutex::new(HashMap::new()),
             registry: Registry::default(),
         };
-        let r = &mut registry;
+        let mut registry = Registry::with_prefix("uincall_enricher");
+        s.register_records(&mut registry);
+        s.register_api(&mut registry);
+        s.register_consumer(&mut registry);
+        s.register_systemic(&mut registry);
+        s.register_partitions(&mut registry);
+        Stats { registry, ..s }
+    }
+}
+
+/// Registration of the metrics, by concern; the order is the order of
+/// `/metrics`.
+impl Stats {
+    /// Records taken, enriched and dead-lettered.
+    fn register_records(&self, r: &mut Registry) {
         r.register(
             "records_consumed",
             "Input records taken for processing",
-            s.consumed.clone(),
+            self.consumed.clone(),
         );
         r.register(
             "records_enriched",
             "Enriched records acknowledged by the broker",
-            s.enriched.clone(),
+            self.enriched.clone(),
         );
         r.register(
             "records_dead_lettered",
             "Dead letters acknowledged by the broker, by error class",
-            s.dead_lettered.clone(),
+            self.dead_lettered.clone(),
         );
+    }
+
+    /// Calls to the API: answers, latency, retries and rate limits.
+    fn register_api(&self, r: &mut Registry) {
         r.register(
             "api_calls",
             "Calls to the Uincall call-detail API, by HTTP status and errcode",
-            s.api_calls.clone(),
+            self.api_calls.clone(),
         );
         r.register_with_unit(
             "api_call_duration",
             "Duration of one API call, connection to last body byte",
             Unit::Seconds,
-            s.api_latency.clone(),
+            self.api_latency.clone(),
         );
         r.register(
             "api_retries",
             "API calls after the first counted attempt of a record",
-            s.retries.clone(),
+            self.retries.clone(),
         );
         r.register(
             "api_rate_limited",
             "Rate-limited answers (HTTP 429 or a rate-limited errcode)",
-            s.rate_limited.clone(),
+            self.rate_limited.clone(),
         );
+    }
+
+    /// The consumer: offsets stored and committed, records in flight, pause
+    /// and assignment.
+    fn register_consumer(&self, r: &mut Registry) {
         r.register(
             "offsets_stored",
             "Times a partition's committable offset advanced",
-            s.offsets_stored.clone(),
+            self.offsets_stored.clone(),
         );
         r.register(
             "offset_commits",
             "Offset commits to the group coordinator, by result",
-            s.commits.clone(),
+            self.commits.clone(),
         );
         r.register(
             "records_in_flight",
             "Records between consume and acknowledgement now (at most twice pipeline.max_in_flight)",
-            s.in_flight.clone(),
+            self.in_flight.clone(),
         );
         r.register(
             "partitions_paused",
             "1 while the assigned partitions are paused",
-            s.paused.clone(),
+            self.paused.clone(),
         );
         r.register(
             "partitions_assigned",
             "Input partitions assigned to this worker",
-            s.assigned.clone(),
+            self.assigned.clone(),
         );
+    }
+
+    /// Systemic failure: whether the worker is in it, and how often it
+    /// entered it.
+    fn register_systemic(&self, r: &mut Registry) {
         r.register(
             "systemic_failure",
             "1 while the API is judged failing as a whole (consumption paused, not ready)",
-            s.systemic.clone(),
+            self.systemic.clone(),
         );
         r.register(
             "systemic_failures",
             "Times the worker entered systemic failure, by cause",
-            s.systemic_entered.clone(),
+            self.systemic_entered.clone(),
         );
+    }
+
+    /// Per assigned input partition, from librdkafka's statistics: lag and
+    /// committed offset.
+    fn register_partitions(&self, r: &mut Registry) {
         r.register(
             "consumer_lag",
             "Records between the committed offset and the end of the partition",
-            s.consumer_lag.clone(),
+            self.consumer_lag.clone(),
         );
         r.register(
             "committed_offset",
             "Last offset committed for the partition",
-            s.committed_offset.clone(),
+            self.committed_offset.clone(),
         );
-        Stats { registry, ..s }
     }
 }
 
@@ -505,6 +536,58 @@ mod tests {
             assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
         }
         assert_eq!(s.api_calls(), 2);
+    }
+
+    #[test]
+    fn every_metric_is_served_once_in_the_order_of_its_concern() {
+        let s = Stats::default();
+        // A labelled family is only served once it has a child.
+        let partition = PartitionLabels {
+            topic: "in".into(),
+            partition: 0,
+        };
+        s.dead_lettered
+            .get_or_create(&ClassLabel { error_class: "x" })
+            .inc();
+        s.api_calls
+            .get_or_create(&AnswerLabels {
+                status: "200".into(),
+                errcode: "0".into(),
+            })
+            .inc();
+        s.commits.get_or_create(&ResultLabel { result: "ok" }).inc();
+        s.systemic_entered
+            .get_or_create(&CauseLabel { cause: "x" })
+            .inc();
+        s.consumer_lag.get_or_create(&partition).set(1);
+        s.committed_offset.get_or_create(&partition).set(1);
+        let text = s.encode();
+        let served: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# HELP uincall_enricher_"))
+            .filter_map(|l| l.split(' ').next())
+            .collect();
+        assert_eq!(
+            served,
+            [
+                "records_consumed",
+                "records_enriched",
+                "records_dead_lettered",
+                "api_calls",
+                "api_call_duration_seconds",
+                "api_retries",
+                "api_rate_limited",
+                "offsets_stored",
+                "offset_commits",
+                "records_in_flight",
+                "partitions_paused",
+                "partitions_assigned",
+                "systemic_failure",
+                "systemic_failures",
+                "consumer_lag",
+                "committed_offset",
+            ]
+        );
     }
 
     #[test]
