@@ -146,14 +146,7 @@ fn snippet(body: &[u8]) -> String {
 /// Classifies one answer. Pure: same input, same verdict.
 pub fn classify(answer: &ApiAnswer, policy: &ErrcodePolicy) -> Verdict {
     let (status, retry_after, body) = match answer {
-        ApiAnswer::Transport { kind, message } => {
-            let what = match kind {
-                TransportKind::Timeout => "timeout",
-                TransportKind::Connect => "connection error",
-                TransportKind::Other => "request error",
-            };
-            return Verdict::Retry(ApiFailure::new(format!("{what}: {message}")));
-        }
+        ApiAnswer::Transport { kind, message } => return transport_failure(*kind, message),
         ApiAnswer::Http {
             status,
             retry_after,
@@ -161,17 +154,7 @@ pub fn classify(answer: &ApiAnswer, policy: &ErrcodePolicy) -> Verdict {
         } => (*status, *retry_after, body),
     };
     if !(200..300).contains(&status) {
-        // 5xx, 429 and 408 are transient by definition. Other statuses are
-        // retried too: the API reports record errors through errcode, so an
-        // HTTP error is about the route or the gateway, which gets fixed.
-        let mut f = ApiFailure::new(format!("HTTP {status}: {}", snippet(body)));
-        f.http_status = Some(status);
-        f.retry_after = retry_after;
-        return if status == 429 {
-            Verdict::RateLimited(f)
-        } else {
-            Verdict::Retry(f)
-        };
+        return http_failure(status, retry_after, body);
     }
     let envelope: Envelope = match serde_json::from_slice(body) {
         Ok(e) => e,
@@ -193,24 +176,57 @@ pub fn classify(answer: &ApiAnswer, policy: &ErrcodePolicy) -> Verdict {
     };
     if envelope.errcode != 0 {
         let msg = envelope.errmsg.as_deref().unwrap_or("");
-        let code = envelope.errcode;
-        return if policy.systemic.contains(&code) {
-            Verdict::Systemic(failure(format!("systemic errcode {code}: {msg}")))
-        } else if policy.rate_limited.contains(&code) {
-            Verdict::RateLimited(failure(format!("rate limited, errcode {code}: {msg}")))
-        } else if policy.permanent.contains(&code) {
-            Verdict::DeadLetter(failure(format!(
-                "permanent errcode {}: {msg}",
-                envelope.errcode
-            )))
-        } else {
-            Verdict::Retry(failure(format!("errcode {}: {msg}", envelope.errcode)))
-        };
+        return errcode_verdict(envelope.errcode, msg, policy, failure);
     }
     match envelope.detail() {
         Ok(Some(detail)) => Verdict::Publish(Box::new(detail)),
         Ok(None) => Verdict::Retry(failure("errcode 0 but no record yet".to_string())),
         Err(e) => Verdict::DeadLetter(failure(format!("record does not fit the model: {e}"))),
+    }
+}
+
+/// No answer came: retried.
+fn transport_failure(kind: TransportKind, message: &str) -> Verdict {
+    let what = match kind {
+        TransportKind::Timeout => "timeout",
+        TransportKind::Connect => "connection error",
+        TransportKind::Other => "request error",
+    };
+    Verdict::Retry(ApiFailure::new(format!("{what}: {message}")))
+}
+
+/// An HTTP status outside 2xx: rate limited for 429, else retried.
+fn http_failure(status: u16, retry_after: Option<Duration>, body: &[u8]) -> Verdict {
+    // 5xx, 429 and 408 are transient by definition. Other statuses are
+    // retried too: the API reports record errors through errcode, so an
+    // HTTP error is about the route or the gateway, which gets fixed.
+    let mut f = ApiFailure::new(format!("HTTP {status}: {}", snippet(body)));
+    f.http_status = Some(status);
+    f.retry_after = retry_after;
+    if status == 429 {
+        Verdict::RateLimited(f)
+    } else {
+        Verdict::Retry(f)
+    }
+}
+
+/// A non-zero errcode, as the policy says (systemic first, then rate
+/// limited, then permanent); an unknown one is retried. `failure` builds the
+/// failure from a reason.
+fn errcode_verdict(
+    code: i64,
+    msg: &str,
+    policy: &ErrcodePolicy,
+    failure: impl Fn(String) -> ApiFailure,
+) -> Verdict {
+    if policy.systemic.contains(&code) {
+        Verdict::Systemic(failure(format!("systemic errcode {code}: {msg}")))
+    } else if policy.rate_limited.contains(&code) {
+        Verdict::RateLimited(failure(format!("rate limited, errcode {code}: {msg}")))
+    } else if policy.permanent.contains(&code) {
+        Verdict::DeadLetter(failure(format!("permanent errcode {code}: {msg}")))
+    } else {
+        Verdict::Retry(failure(format!("errcode {code}: {msg}")))
     }
 }
 
@@ -339,6 +355,26 @@ mod tests {
         );
         assert!(
             matches!(&v, Verdict::RateLimited(f) if f.errcode == Some(503)),
+            "{v:?}"
+        );
+    }
+
+    #[test]
+    fn an_errcode_in_several_lists_is_systemic_then_rate_limited_then_permanent() {
+        let all = HashSet::from([7]);
+        let mut p = ErrcodePolicy {
+            permanent: all.clone(),
+            systemic: all.clone(),
+            rate_limited: all,
+        };
+        let answer = http(200, r#"{"errcode":7,"errmsg":"x"}"#);
+        assert!(matches!(classify(&answer, &p), Verdict::Systemic(_)));
+        p.systemic.clear();
+        assert!(matches!(classify(&answer, &p), Verdict::RateLimited(_)));
+        p.rate_limited.clear();
+        let v = classify(&answer, &p);
+        assert!(
+            matches!(&v, Verdict::DeadLetter(f) if f.reason == "permanent errcode 7: x"),
             "{v:?}"
         );
     }
