@@ -10,7 +10,7 @@
 use std::future::Future;
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use chrono::{DateTime, Utc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -101,21 +101,15 @@ where
     F: FnMut(u32) -> Fut,
     Fut: Future<Output = Verdict>,
 {
-    let started = Instant::now();
-    if !policy.initial_delay.is_zero() && !pause(policy.initial_delay, shutdown).await {
+    let Some(mut budget) = Budget::start(policy, shutdown).await else {
         return RetryOutcome::Abandoned;
-    }
-    let mut delays = policy.backoff.build();
+    };
     let first_at = Utc::now();
     let mut count = 0;
-    // Time that does not count against `max_elapsed`.
-    let mut held = Duration::ZERO;
     loop {
-        let at_gate = Instant::now();
-        if !gate.pass(shutdown).await {
+        if !budget.hold(gate.pass(shutdown)).await {
             return RetryOutcome::Abandoned;
         }
-        held += at_gate.elapsed();
         // A call under way when shutdown starts is let finish (it is bounded
         // by the request timeout, shorter than the drain deadline); no new
         // call starts after it.
@@ -124,13 +118,11 @@ where
         }
         let verdict = attempt(count + 1).await;
         if let Verdict::Systemic(f) | Verdict::RateLimited(f) = &verdict {
-            let hold = Instant::now();
             // At least `min_delay`: a `Retry-After: 0` must not spin.
             let wait = f.retry_after.unwrap_or_default().max(policy.min_delay);
-            if !pause(wait, shutdown).await {
+            if !budget.hold(pause(wait, shutdown)).await {
                 return RetryOutcome::Abandoned;
             }
-            held += hold.elapsed();
             continue;
         }
         count += 1;
@@ -144,18 +136,59 @@ where
             Verdict::DeadLetter(f) => return RetryOutcome::Permanent(f, attempts),
             Verdict::Retry(f) | Verdict::Systemic(f) | Verdict::RateLimited(f) => f,
         };
-        let Some(mut delay) = delays.next() else {
+        let Some(delay) = budget.next_delay(&failure) else {
             return RetryOutcome::Exhausted(failure, attempts);
         };
-        if let Some(after) = failure.retry_after {
-            delay = delay.max(after);
-        }
-        if started.elapsed().saturating_sub(held) + delay > policy.max_elapsed {
-            return RetryOutcome::Exhausted(failure, attempts);
-        }
         if !pause(delay, shutdown).await {
             return RetryOutcome::Abandoned;
         }
+    }
+}
+
+/// What is left of one record's retry budget: the backoff schedule, and the
+/// time since the record started less the time it was held (at the gate, or
+/// waiting after a call that did not count).
+struct Budget {
+    delays: ExponentialBackoff,
+    started: Instant,
+    held: Duration,
+    max_elapsed: Duration,
+}
+
+impl Budget {
+    /// Starts the clock, then waits `initial_delay` (which counts); `None`
+    /// when shutdown came first.
+    async fn start(policy: &RetryPolicy, shutdown: &CancellationToken) -> Option<Budget> {
+        let started = Instant::now();
+        if !policy.initial_delay.is_zero() && !pause(policy.initial_delay, shutdown).await {
+            return None;
+        }
+        Some(Budget {
+            delays: policy.backoff.build(),
+            started,
+            held: Duration::ZERO,
+            max_elapsed: policy.max_elapsed,
+        })
+    }
+
+    /// Awaits `wait` without counting its time against `max_elapsed`.
+    async fn hold(&mut self, wait: impl Future<Output = bool>) -> bool {
+        let since = Instant::now();
+        let passed = wait.await;
+        self.held += since.elapsed();
+        passed
+    }
+
+    /// The wait before the next attempt after `failure`: the next backoff
+    /// delay, at least its `Retry-After`. `None` when the attempts are used
+    /// up or the wait would end after `max_elapsed`.
+    fn next_delay(&mut self, failure: &ApiFailure) -> Option<Duration> {
+        let mut delay = self.delays.next()?;
+        if let Some(after) = failure.retry_after {
+            delay = delay.max(after);
+        }
+        let spent = self.started.elapsed().saturating_sub(self.held);
+        (spent + delay <= self.max_elapsed).then_some(delay)
     }
 }
 
@@ -367,6 +400,30 @@ mod tests {
         // waited a minute at the gate first.
         assert_eq!(*calls.lock().unwrap(), 3);
         assert!(matches!(out, RetryOutcome::Exhausted(..)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_initial_delay_counts_against_the_budget_but_held_time_does_not() {
+        let mut s = settings();
+        s.initial_delay = Duration::from_secs(5);
+        s.max_elapsed = Duration::from_secs(7);
+        let policy = RetryPolicy::from_settings(&s);
+        let mut budget = Budget::start(&policy, &CancellationToken::new())
+            .await
+            .unwrap();
+        let failure = ApiFailure::new("again");
+        // 5s spent: the first backoff (1s) fits.
+        assert_eq!(budget.next_delay(&failure), Some(Duration::from_secs(1)));
+        // 60s held do not count: 5s spent and the second backoff (2s) fits.
+        assert!(
+            budget
+                .hold(pause(Duration::from_secs(60), &CancellationToken::new()))
+                .await
+        );
+        assert_eq!(budget.next_delay(&failure), Some(Duration::from_secs(2)));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        // 6s counted: 4s more would end after max_elapsed.
+        assert_eq!(budget.next_delay(&failure), None);
     }
 
     #[tokio::test(start_paused = true)]
