@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::{OriginalUri, Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde::Deserialize;
@@ -210,20 +210,8 @@ async fn detail(
 ) -> Response {
     shared.total.fetch_add(1, Ordering::Relaxed);
     let _answering = Answering::enter(&shared);
-    {
-        let second = shared.started.elapsed().as_secs() as usize;
-        let mut per_second = shared.per_second.lock().unwrap();
-        if per_second.len() <= second {
-            per_second.resize(second + 1, 0);
-        }
-        per_second[second] += 1;
-    }
-    let attempt = {
-        let mut calls = shared.calls.lock().unwrap();
-        let n = calls.entry(session_id.clone()).or_insert(0);
-        *n += 1;
-        *n
-    };
+    shared.count_in_this_second();
+    let attempt = shared.count_attempt(&session_id);
     let slow = Duration::from_millis(prefix_number(&session_id, "slow").unwrap_or(0));
     if !(config.latency + slow).is_zero() {
         tokio::time::sleep(config.latency + slow).await;
@@ -231,50 +219,10 @@ async fn detail(
     if shared.outage.load(Ordering::Relaxed) {
         return (StatusCode::SERVICE_UNAVAILABLE, "service unavailable").into_response();
     }
-    let tenant = q.tenant_id.unwrap_or_default();
-    let token_ok = match (shared.tokens.read().unwrap().get(&tenant), &q.access_token) {
-        (Some(expected), Some(given)) => expected == given,
-        _ => false,
-    };
-    if session_id.starts_with("echo500-") {
-        // Some gateways echo the request line: the token must not leak from it.
-        return (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("upstream error for GET {uri}"),
-        )
-            .into_response();
-    }
-    if !token_ok {
-        return errcode(ERRCODE_BAD_TOKEN, "invalid access_token");
-    }
-    // `{prefix}{N}-…`: the first N calls fail.
-    let failing = |prefix: &str| {
-        session_id.strip_prefix(prefix).is_some_and(|rest| {
-            let n: u32 = rest
-                .split('-')
-                .next()
-                .and_then(|n| n.parse().ok())
-                .unwrap_or(1);
-            attempt <= n
-        })
-    };
-    if failing("transient") {
-        return errcode(ERRCODE_NOT_READY, "record not ready");
-    }
-    if failing("ratelimited") {
-        return (StatusCode::TOO_MANY_REQUESTS, "too many requests").into_response();
-    }
-    if session_id.starts_with("permanent-") {
-        return errcode(ERRCODE_NOT_FOUND, "session not found");
-    }
-    if session_id.starts_with("http500-") && attempt == 1 {
-        return (StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response();
-    }
-    if session_id.starts_with("garbage-") && attempt == 1 {
-        return (StatusCode::OK, "<html>gateway timeout</html>").into_response();
-    }
-    if session_id.starts_with("nodata-") {
-        return axum::Json(json!({"errcode": 0, "errmsg": "success"})).into_response();
+    let tenant = q.tenant_id.as_deref().unwrap_or_default();
+    let token_ok = shared.token_ok(tenant, q.access_token.as_deref());
+    if let Some(fault) = fault(&session_id, attempt, token_ok, &uri) {
+        return fault;
     }
     let with_ver = q.ver.as_deref() == Some("1");
     let mut data = sample_record(&session_id, with_ver, q.call_type.as_deref());
@@ -287,6 +235,78 @@ async fn detail(
         "data": data,
     }))
     .into_response()
+}
+
+impl Shared {
+    /// Counts a call in the current second of the fake's clock.
+    fn count_in_this_second(&self) {
+        let second = self.started.elapsed().as_secs() as usize;
+        let mut per_second = self.per_second.lock().unwrap();
+        if per_second.len() <= second {
+            per_second.resize(second + 1, 0);
+        }
+        per_second[second] += 1;
+    }
+
+    /// Counts a call for `session_id`; the 1-based attempt it is.
+    fn count_attempt(&self, session_id: &str) -> u32 {
+        let mut calls = self.calls.lock().unwrap();
+        let n = calls.entry(session_id.to_string()).or_insert(0);
+        *n += 1;
+        *n
+    }
+
+    /// Whether `token` is the tenant's valid token now.
+    fn token_ok(&self, tenant: &str, token: Option<&str>) -> bool {
+        match (self.tokens.read().unwrap().get(tenant), token) {
+            (Some(expected), Some(given)) => expected == given,
+            _ => false,
+        }
+    }
+}
+
+/// What to answer instead of the record on this attempt (the table in the
+/// module docs), if anything: `echo500-` first, as a gateway answers before
+/// the token is read, then a wrong token, then the other faults.
+fn fault(session_id: &str, attempt: u32, token_ok: bool, uri: &Uri) -> Option<Response> {
+    let answer = if session_id.starts_with("echo500-") {
+        // Some gateways echo the request line: the token must not leak from it.
+        (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("upstream error for GET {uri}"),
+        )
+            .into_response()
+    } else if !token_ok {
+        errcode(ERRCODE_BAD_TOKEN, "invalid access_token")
+    } else if fails_first(session_id, "transient", attempt) {
+        errcode(ERRCODE_NOT_READY, "record not ready")
+    } else if fails_first(session_id, "ratelimited", attempt) {
+        (StatusCode::TOO_MANY_REQUESTS, "too many requests").into_response()
+    } else if session_id.starts_with("permanent-") {
+        errcode(ERRCODE_NOT_FOUND, "session not found")
+    } else if session_id.starts_with("http500-") && attempt == 1 {
+        (StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response()
+    } else if session_id.starts_with("garbage-") && attempt == 1 {
+        (StatusCode::OK, "<html>gateway timeout</html>").into_response()
+    } else if session_id.starts_with("nodata-") {
+        axum::Json(json!({"errcode": 0, "errmsg": "success"})).into_response()
+    } else {
+        return None;
+    };
+    Some(answer)
+}
+
+/// Whether a session `{prefix}{N}-…` fails this attempt: its first N calls
+/// do (N missing: the first call).
+fn fails_first(session_id: &str, prefix: &str, attempt: u32) -> bool {
+    session_id.strip_prefix(prefix).is_some_and(|rest| {
+        let n: u32 = rest
+            .split('-')
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(1);
+        attempt <= n
+    })
 }
 
 /// N of a session id `{prefix}{N}-…`.
@@ -355,4 +375,49 @@ pub fn sample_record(session_id: &str, with_ver: bool, call_type: Option<&str>) 
         record["hangup_party"] = json!(["1", "2", "4"][(h % 3) as usize]);
     }
     record
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The errcode of a JSON answer.
+    async fn errcode_of(answer: Response) -> i64 {
+        let body = axum::body::to_bytes(answer.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        serde_json::from_slice::<Value>(&body).unwrap()["errcode"]
+            .as_i64()
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_session_prefix_picks_the_fault_and_echo500_comes_before_the_token() {
+        let uri: Uri = "/openapi/call/v2/detail/s?access_token=t".parse().unwrap();
+        let echo = fault("echo500-a", 1, false, &uri).unwrap();
+        assert_eq!(echo.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let bad_token = fault("transient2-a", 1, false, &uri).unwrap();
+        assert_eq!(errcode_of(bad_token).await, ERRCODE_BAD_TOKEN);
+        let not_ready = fault("transient2-a", 2, true, &uri).unwrap();
+        assert_eq!(errcode_of(not_ready).await, ERRCODE_NOT_READY);
+        assert!(fault("transient2-a", 3, true, &uri).is_none());
+        let limited = fault("ratelimited-a", 1, true, &uri).unwrap();
+        assert_eq!(limited.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert!(fault("ratelimited-a", 2, true, &uri).is_none());
+        let not_found = fault("permanent-a", 9, true, &uri).unwrap();
+        assert_eq!(errcode_of(not_found).await, ERRCODE_NOT_FOUND);
+        assert!(fault("http500-a", 1, true, &uri).is_some());
+        assert!(fault("http500-a", 2, true, &uri).is_none());
+        assert!(fault("nodata-a", 5, true, &uri).is_some());
+        assert!(fault("slow100-a", 1, true, &uri).is_none());
+    }
+
+    #[test]
+    fn a_counted_prefix_fails_its_first_n_calls_and_one_without_n() {
+        assert!(fails_first("transient3-a", "transient", 3));
+        assert!(!fails_first("transient3-a", "transient", 4));
+        assert!(fails_first("transient-a", "transient", 1));
+        assert!(!fails_first("transient-a", "transient", 2));
+        assert!(!fails_first("permanent-a", "transient", 1));
+    }
 }
