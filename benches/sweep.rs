@@ -36,6 +36,10 @@
 //! the sweep is stopped when the sweep leaves a point, fails, is
 //! interrupted (SIGINT, SIGTERM), or dies (`PR_SET_PDEATHSIG`).
 
+#[path = "../tests/testkit/mod.rs"]
+mod testkit;
+use testkit::KafkaCluster;
+
 use std::collections::HashMap;
 use std::io::{BufRead as _, Write as _};
 use std::net::SocketAddr;
@@ -61,7 +65,6 @@ use uincall_enricher::fake_api::{self, FakeApi, FakeApiConfig};
 use uincall_enricher::offsets::OffsetTracker;
 use uincall_enricher::pipeline::admitted_limit;
 use uincall_enricher::settings::Settings;
-use uincall_enricher::testkit::{self, KafkaCluster};
 use uincall_enricher::{kafka, record};
 
 const PARTITIONS: i32 = 6;

@@ -2,9 +2,14 @@
 //! original headers kept, and `dlq.*` headers saying what failed, why, when
 //! and where the record came from. Enough to replay without opening logs.
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
 
+use crate::classify::ApiFailure;
+use crate::event::CallEnded;
 use crate::record::{self, Source, rfc3339};
+use crate::retry::Attempts;
 
 /// Header names of a dead-letter record.
 pub mod header {
@@ -48,7 +53,8 @@ pub fn truncated_sizes(len: usize, max_message_bytes: Option<usize>) -> Vec<usiz
 }
 
 /// Why a record was dead-lettered; the value of `dlq.error_class`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
+#[value(rename_all = "snake_case")]
 pub enum ErrorClass {
     /// The event could not be read or names an unknown tenant; no API call.
     InvalidEvent,
@@ -75,6 +81,17 @@ impl ErrorClass {
             ErrorClass::RetriesExhausted => "retries_exhausted",
             ErrorClass::PublishFailed => "publish_failed",
         }
+    }
+}
+
+impl std::str::FromStr for ErrorClass {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        ErrorClass::ALL
+            .into_iter()
+            .find(|c| c.as_str() == s)
+            .ok_or_else(|| format!("unknown error class {s:?}"))
     }
 }
 
@@ -116,50 +133,182 @@ impl DeadLetter {
         }
     }
 
-    /// The `dlq.*` headers, in a stable order.
-    pub fn headers(
-        &self,
-        source: &Source,
-        consumer_group: &str,
-        failed_at: DateTime<Utc>,
-    ) -> Vec<(&'static str, String)> {
+    /// A failure after API calls (or after the call, at publishing): what
+    /// the last answer said and when the attempts were.
+    pub fn after_attempts(
+        class: ErrorClass,
+        failure: ApiFailure,
+        attempts: &Attempts,
+        event: &CallEnded,
+    ) -> Self {
+        DeadLetter {
+            class,
+            reason: failure.reason,
+            errcode: failure.errcode,
+            errmsg: failure.errmsg,
+            http_status: failure.http_status,
+            attempts: attempts.count,
+            first_attempt_at: Some(attempts.first_at),
+            last_attempt_at: Some(attempts.last_at),
+            tenant_id: Some(event.tenant_id.clone()),
+            session_id: Some(event.session_id.clone()),
+        }
+    }
+
+    /// The `dlq.*` headers of this failure, for a record from `source`.
+    pub fn stamp(&self, source: &Source, consumer_group: &str, failed_at: DateTime<Utc>) -> Stamp {
+        Stamp {
+            error_class: Some(self.class),
+            reason: Some(self.reason.clone()),
+            errcode: self.errcode,
+            errmsg: self.errmsg.clone(),
+            http_status: self.http_status,
+            attempts: Some(self.attempts),
+            first_attempt_at: self.first_attempt_at,
+            last_attempt_at: self.last_attempt_at,
+            failed_at: Some(failed_at),
+            source_topic: Some(source.topic.clone()),
+            source_partition: Some(source.partition),
+            source_offset: Some(source.offset),
+            source_timestamp: source.timestamp_ms,
+            consumer_group: Some(consumer_group.to_string()),
+            tenant_id: self.tenant_id.clone(),
+            session_id: self.session_id.clone(),
+            enricher: Some(record::ENRICHER.to_string()),
+            truncated: None,
+        }
+    }
+}
+
+/// A dead letter whose value was cut because the topic refused it whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Truncated {
+    /// `dlq.truncated_to`: bytes of the original value kept.
+    pub to: usize,
+    /// `dlq.original_size`: the original value's size in bytes.
+    pub original_size: usize,
+}
+
+/// The `dlq.*` headers of a dead letter, typed both ways: the worker writes
+/// them ([`Stamp::headers`]), replay reads them back ([`Stamp::read`]).
+/// Reading is lenient (a dead letter from another version may lack some):
+/// a header that is missing or unreadable is `None`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Stamp {
+    pub error_class: Option<ErrorClass>,
+    pub reason: Option<String>,
+    pub errcode: Option<i64>,
+    pub errmsg: Option<String>,
+    pub http_status: Option<u16>,
+    pub attempts: Option<u32>,
+    pub first_attempt_at: Option<DateTime<Utc>>,
+    pub last_attempt_at: Option<DateTime<Utc>>,
+    pub failed_at: Option<DateTime<Utc>>,
+    pub source_topic: Option<String>,
+    pub source_partition: Option<i32>,
+    pub source_offset: Option<i64>,
+    pub source_timestamp: Option<i64>,
+    pub consumer_group: Option<String>,
+    pub tenant_id: Option<String>,
+    pub session_id: Option<String>,
+    pub enricher: Option<String>,
+    pub truncated: Option<Truncated>,
+}
+
+/// Header values by name, as text.
+struct Found<'a>(HashMap<&'a str, String>);
+
+impl Found<'_> {
+    fn get(&self, name: &str) -> Option<String> {
+        self.0.get(name).cloned()
+    }
+
+    fn parse<T: std::str::FromStr>(&self, name: &str) -> Option<T> {
+        self.0.get(name).and_then(|v| v.parse().ok())
+    }
+
+    fn time(&self, name: &str) -> Option<DateTime<Utc>> {
+        let t = DateTime::parse_from_rfc3339(self.0.get(name)?).ok()?;
+        Some(t.with_timezone(&Utc))
+    }
+}
+
+fn text(v: &Option<impl ToString>) -> Option<String> {
+    v.as_ref().map(ToString::to_string)
+}
+
+fn time(v: &Option<DateTime<Utc>>) -> Option<String> {
+    v.map(rfc3339)
+}
+
+impl Stamp {
+    /// The headers, in a stable order; absent values are left out.
+    pub fn headers(&self) -> Vec<(&'static str, String)> {
         use header::*;
-        let mut h = vec![
-            (ERROR_CLASS, self.class.to_string()),
+        let truncated = self.truncated.as_ref();
+        [
+            (ERROR_CLASS, text(&self.error_class)),
             (REASON, self.reason.clone()),
-        ];
-        if let Some(c) = self.errcode {
-            h.push((ERRCODE, c.to_string()));
+            (ERRCODE, text(&self.errcode)),
+            (ERRMSG, self.errmsg.clone()),
+            (HTTP_STATUS, text(&self.http_status)),
+            (ATTEMPTS, text(&self.attempts)),
+            (FIRST_ATTEMPT_AT, time(&self.first_attempt_at)),
+            (LAST_ATTEMPT_AT, time(&self.last_attempt_at)),
+            (FAILED_AT, time(&self.failed_at)),
+            (SOURCE_TOPIC, self.source_topic.clone()),
+            (SOURCE_PARTITION, text(&self.source_partition)),
+            (SOURCE_OFFSET, text(&self.source_offset)),
+            (SOURCE_TIMESTAMP, text(&self.source_timestamp)),
+            (CONSUMER_GROUP, self.consumer_group.clone()),
+            (TENANT_ID, self.tenant_id.clone()),
+            (SESSION_ID, self.session_id.clone()),
+            (ENRICHER, self.enricher.clone()),
+            (TRUNCATED_TO, truncated.map(|t| t.to.to_string())),
+            (
+                ORIGINAL_SIZE,
+                truncated.map(|t| t.original_size.to_string()),
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.map(|v| (k, v)))
+        .collect()
+    }
+
+    /// Reads the `dlq.*` headers among a record's headers.
+    pub fn read<'a>(headers: impl IntoIterator<Item = (&'a str, Option<&'a [u8]>)>) -> Stamp {
+        let found = Found(
+            headers
+                .into_iter()
+                .filter(|(k, _)| k.starts_with(header::PREFIX))
+                .filter_map(|(k, v)| Some((k, String::from_utf8_lossy(v?).into_owned())))
+                .collect(),
+        );
+        use header::*;
+        let f = &found;
+        Stamp {
+            error_class: f.parse(ERROR_CLASS),
+            reason: f.get(REASON),
+            errcode: f.parse(ERRCODE),
+            errmsg: f.get(ERRMSG),
+            http_status: f.parse(HTTP_STATUS),
+            attempts: f.parse(ATTEMPTS),
+            first_attempt_at: f.time(FIRST_ATTEMPT_AT),
+            last_attempt_at: f.time(LAST_ATTEMPT_AT),
+            failed_at: f.time(FAILED_AT),
+            source_topic: f.get(SOURCE_TOPIC),
+            source_partition: f.parse(SOURCE_PARTITION),
+            source_offset: f.parse(SOURCE_OFFSET),
+            source_timestamp: f.parse(SOURCE_TIMESTAMP),
+            consumer_group: f.get(CONSUMER_GROUP),
+            tenant_id: f.get(TENANT_ID),
+            session_id: f.get(SESSION_ID),
+            enricher: f.get(ENRICHER),
+            truncated: f.parse(TRUNCATED_TO).map(|to| Truncated {
+                to,
+                original_size: f.parse(ORIGINAL_SIZE).unwrap_or(0),
+            }),
         }
-        if let Some(m) = &self.errmsg {
-            h.push((ERRMSG, m.clone()));
-        }
-        if let Some(s) = self.http_status {
-            h.push((HTTP_STATUS, s.to_string()));
-        }
-        h.push((ATTEMPTS, self.attempts.to_string()));
-        if let Some(t) = self.first_attempt_at {
-            h.push((FIRST_ATTEMPT_AT, rfc3339(t)));
-        }
-        if let Some(t) = self.last_attempt_at {
-            h.push((LAST_ATTEMPT_AT, rfc3339(t)));
-        }
-        h.push((FAILED_AT, rfc3339(failed_at)));
-        h.push((SOURCE_TOPIC, source.topic.clone()));
-        h.push((SOURCE_PARTITION, source.partition.to_string()));
-        h.push((SOURCE_OFFSET, source.offset.to_string()));
-        if let Some(ts) = source.timestamp_ms {
-            h.push((SOURCE_TIMESTAMP, ts.to_string()));
-        }
-        h.push((CONSUMER_GROUP, consumer_group.to_string()));
-        if let Some(t) = &self.tenant_id {
-            h.push((TENANT_ID, t.clone()));
-        }
-        if let Some(s) = &self.session_id {
-            h.push((SESSION_ID, s.clone()));
-        }
-        h.push((ENRICHER, record::ENRICHER.to_string()));
-        h
     }
 }
 
@@ -203,7 +352,8 @@ mod tests {
             offset: 1234,
             timestamp_ms: Some(99),
         };
-        let h: std::collections::HashMap<_, _> = dl.headers(&source, "g", t2).into_iter().collect();
+        let h: std::collections::HashMap<_, _> =
+            dl.stamp(&source, "g", t2).headers().into_iter().collect();
         assert_eq!(h[header::ERROR_CLASS], "retries_exhausted");
         assert_eq!(h[header::REASON], "errcode 7: busy");
         assert_eq!(h[header::ERRCODE], "7");
@@ -232,7 +382,8 @@ mod tests {
             timestamp_ms: None,
         };
         let names: Vec<_> = dl
-            .headers(&source, "g", Utc::now())
+            .stamp(&source, "g", Utc::now())
+            .headers()
             .into_iter()
             .map(|(k, _)| k)
             .collect();
@@ -240,5 +391,44 @@ mod tests {
         assert!(!names.contains(&header::FIRST_ATTEMPT_AT));
         assert!(!names.contains(&header::ERRCODE));
         assert!(!names.contains(&header::SESSION_ID));
+    }
+
+    #[test]
+    fn stamps_read_back_as_written() {
+        let at = |s: &str| -> DateTime<Utc> { DateTime::parse_from_rfc3339(s).unwrap().into() };
+        let dl = DeadLetter {
+            class: ErrorClass::PublishFailed,
+            reason: "the broker refused the record".into(),
+            errcode: Some(-1),
+            errmsg: Some("超时".into()),
+            http_status: Some(503),
+            attempts: 2,
+            first_attempt_at: Some(at("2026-01-01T00:00:00.001Z")),
+            last_attempt_at: Some(at("2026-01-01T00:00:01.500Z")),
+            tenant_id: Some("t".into()),
+            session_id: Some("s".into()),
+        };
+        let source = Source {
+            topic: "in".into(),
+            partition: 7,
+            offset: 42,
+            timestamp_ms: Some(1_700_000_000_000),
+        };
+        let mut stamp = dl.stamp(&source, "g", at("2026-01-01T00:00:02Z"));
+        stamp.truncated = Some(Truncated {
+            to: 1024,
+            original_size: 1 << 20,
+        });
+        let headers = stamp.headers();
+        let read = Stamp::read(headers.iter().map(|(k, v)| (*k, Some(v.as_bytes()))));
+        assert_eq!(read, stamp);
+        // Other headers are ignored; unreadable values are absent.
+        let read = Stamp::read([
+            ("traceparent", Some(&b"00-abc"[..])),
+            (header::ERROR_CLASS, Some(&b"no_such_class"[..])),
+            (header::SOURCE_OFFSET, Some(&b"forty"[..])),
+            (header::REASON, None),
+        ]);
+        assert_eq!(read, Stamp::default());
     }
 }

@@ -20,7 +20,7 @@ use crate::fake_api::{ERRCODE_NOT_FOUND, FakeApi, FakeApiConfig};
 use crate::pipeline::Worker;
 use crate::settings::Settings;
 use crate::stats::Stats;
-use crate::testkit;
+use crate::topics;
 
 pub const DEMO_TENANT: &str = "demo-tenant";
 const DEMO_TOKEN: &str = "demo-token-not-a-secret";
@@ -107,7 +107,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
 
     let events = sample_events(opts.events);
     let total = events.len();
-    testkit::produce(&brokers, &input, events).await?;
+    topics::produce(&brokers, &input, events).await?;
     writeln!(out, "seeded {total} call-ended events on {input}")?;
 
     let stats = Arc::new(Stats::default());
@@ -150,14 +150,14 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     stop.cancel();
     running.await??;
 
-    let enriched = testkit::read_topic(
+    let enriched = topics::read_topic(
         &brokers,
         &output,
         stats.enriched() as usize,
         Duration::from_secs(30),
     )
     .await?;
-    let dead_letters = testkit::read_topic(
+    let dead_letters = topics::read_topic(
         &brokers,
         &dead,
         stats.dead_lettered_total() as usize,
@@ -167,13 +167,13 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
 
     if let Some(first) = enriched
         .iter()
-        .find(|m| testkit::key(m).is_some_and(|k| k.starts_with("transient")))
+        .find(|m| topics::key(m).is_some_and(|k| k.starts_with("transient")))
     {
         let v: serde_json::Value = serde_json::from_slice(first.payload().unwrap_or_default())?;
         writeln!(
             out,
             "\none enriched record from {output} (key {}):",
-            testkit::key(first).unwrap_or_default()
+            topics::key(first).unwrap_or_default()
         )?;
         writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
     }
@@ -182,10 +182,10 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         writeln!(
             out,
             "  {:<22} {:<18} attempts={} {}",
-            testkit::header(m, dlq::SESSION_ID).unwrap_or_else(|| "-".into()),
-            testkit::header(m, dlq::ERROR_CLASS).unwrap_or_default(),
-            testkit::header(m, dlq::ATTEMPTS).unwrap_or_default(),
-            testkit::header(m, dlq::REASON).unwrap_or_default(),
+            topics::header(m, dlq::SESSION_ID).unwrap_or_else(|| "-".into()),
+            topics::header(m, dlq::ERROR_CLASS).unwrap_or_default(),
+            topics::header(m, dlq::ATTEMPTS).unwrap_or_default(),
+            topics::header(m, dlq::REASON).unwrap_or_default(),
         )?;
     }
     writeln!(out, "\nsummary")?;

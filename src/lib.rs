@@ -22,16 +22,18 @@
 //! - [`telemetry`]: logging set-up.
 //! - [`side_port`]: `/healthz`, `/readyz`, `/metrics`.
 //! - [`shutdown`]: SIGTERM/SIGINT to a cancellation token.
-//! - [`fake_api`]: a local fake of the Uincall API (demo, tests, benchmarks).
-//! - [`demo`]: the whole pipeline on embedded defaults.
-//! - [`testkit`]: Apache Kafka brokers in their own processes and topic
-//!   helpers, for tests and benchmarks.
+//! - [`demo`] (feature `demo`, on by default): the whole pipeline on
+//!   embedded defaults, with [`fake_api`] (a local fake of the Uincall API)
+//!   and [`topics`] (produce and read back), which tests and benchmarks
+//!   use too. The Apache Kafka test brokers live in `tests/testkit`.
 
 pub mod classify;
 pub mod dead_letter;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod detail;
 pub mod event;
+#[cfg(feature = "demo")]
 pub mod fake_api;
 pub mod kafka;
 pub mod labels;
@@ -49,5 +51,6 @@ pub mod side_port;
 pub mod stats;
 pub mod systemic;
 pub mod telemetry;
-pub mod testkit;
+#[cfg(feature = "demo")]
+pub mod topics;
 pub mod uincall;

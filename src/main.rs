@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use tracing::{error, info};
 
 use uincall_enricher::settings::{LogFormat, LogSettings, Settings};
-use uincall_enricher::{demo, pipeline::Worker, shutdown, side_port, stats::Stats, telemetry};
+use uincall_enricher::{pipeline::Worker, shutdown, side_port, stats::Stats, telemetry};
 
 /// Enriches Uincall call-ended events from Kafka with the full call record
 /// from the Uincall OpenAPI, at least once, with a dead-letter topic.
@@ -46,6 +46,7 @@ enum Command {
     /// rerun continues. Exit code 1 when a re-submission failed, 130 when
     /// interrupted.
     Replay(Box<uincall_enricher::replay::ReplayArgs>),
+    #[cfg(feature = "demo")]
     /// Run the whole pipeline on embedded defaults: an in-process Kafka
     /// cluster, a local fake Uincall API and sample events.
     Demo {
@@ -157,6 +158,7 @@ fn execute(cli: Cli, runtime: &tokio::runtime::Runtime) -> ExitCode {
                 }
             }
         }
+        #[cfg(feature = "demo")]
         Command::Demo {
             events,
             api_latency_ms,
@@ -165,11 +167,11 @@ fn execute(cli: Cli, runtime: &tokio::runtime::Runtime) -> ExitCode {
                 format: LogFormat::Text,
                 level: "error".into(),
             });
-            let opts = demo::DemoOptions {
+            let opts = uincall_enricher::demo::DemoOptions {
                 events,
                 api_latency: Duration::from_millis(api_latency_ms),
             };
-            match runtime.block_on(demo::run(opts)) {
+            match runtime.block_on(uincall_enricher::demo::run(opts)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e:#}");

@@ -5,38 +5,38 @@
 //! that arrive meanwhile wait for the next run), keeps what the filters
 //! select, and either produces each record back to the input topic (key,
 //! value and headers as they were, `dlq.*` dropped) or, with `--direct`,
-//! enriches it right away (published, or dead-lettered again). Progress is
-//! committed under the replay group only for records whose re-submission
-//! the broker acknowledged, as the contiguous prefix per partition: Ctrl-C
-//! and a rerun continue where it stopped. Each re-submission carries
-//! `replay.count`; a dead letter already replayed `--max-replays` times is
-//! reported, not replayed again (the loop guard).
+//! enriches it right away (published, or dead-lettered again). Producing
+//! follows the worker's produce policy: a transient error is retried, not
+//! a failure. Progress is committed under the replay group only for records
+//! whose re-submission the broker acknowledged, as the contiguous prefix per
+//! partition: Ctrl-C and a rerun continue where it stopped. Each
+//! re-submission carries `replay.count`; a dead letter already replayed
+//! `--max-replays` times is reported, not replayed again (the loop guard).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::IsTerminal;
 use std::num::NonZeroU32;
-use std::path::PathBuf;
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
-use governor::{Quota, RateLimiter};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use indicatif::{ProgressBar, ProgressStyle};
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
-use crate::dead_letter::header as dlq;
+use crate::dead_letter::{ErrorClass, Stamp, header as dlq};
 use crate::kafka;
 use crate::offsets::PartitionTracker;
-use crate::pipeline::{Disposition, Enricher, InRecord};
+use crate::pipeline::{Disposition, Enricher, InRecord, Outgoing, Publisher};
 use crate::record::Source;
 use crate::settings::Settings;
 use crate::stats::Stats;
@@ -58,9 +58,63 @@ pub struct ReplayArgs {
     /// and commit nothing.
     #[arg(long)]
     pub dry_run: bool,
+    #[command(flatten)]
+    pub filter: Filter,
+    /// Replay at most this many records (the rest waits for the next run).
+    #[arg(long, value_name = "N")]
+    pub limit: Option<u64>,
+    /// At most this many records per second.
+    #[arg(long, value_name = "N")]
+    pub rate: Option<NonZeroU32>,
+    /// Replays of one record after which it is reported, not replayed.
+    #[arg(long, default_value_t = 3, value_name = "N")]
+    pub max_replays: u32,
+    /// Consumer group that keeps the replay's progress
+    /// (default: `<kafka.group_id>.replay`, plus a digest of the filters
+    /// when any is set).
+    #[arg(long, value_name = "ID")]
+    pub group: Option<String>,
+    /// Re-submissions awaiting acknowledgement at once (with `--direct`,
+    /// API calls also stay within `pipeline.max_in_flight`).
+    #[arg(long, default_value_t = 64, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub window: u32,
+}
+
+fn parse_range(s: &str) -> Result<(i64, i64), String> {
+    let (a, b) = s
+        .split_once("..")
+        .ok_or_else(|| format!("{s:?} is not FROM..TO"))?;
+    let num = |v: &str| {
+        v.trim()
+            .parse::<i64>()
+            .map_err(|_| format!("{v:?} is not an offset"))
+    };
+    Ok((num(a)?, num(b)?))
+}
+
+/// The session ids listed in a file, one per line.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Sessions(pub HashSet<String>);
+
+fn read_sessions(path: &str) -> Result<Sessions, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("reading {path}: {e}"))?;
+    Ok(Sessions(
+        text.lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(str::to_string)
+            .collect(),
+    ))
+}
+
+/// Which dead letters to replay: each filter that is set must match, by
+/// the dead letter's `dlq.*` headers.
+#[derive(Debug, Default, Clone, clap::Args)]
+#[command(next_help_heading = "Filters")]
+pub struct Filter {
     /// Only this error class (dlq.error_class); repeatable.
     #[arg(long = "error-class", value_name = "CLASS")]
-    pub error_classes: Vec<String>,
+    pub error_classes: Vec<ErrorClass>,
     /// Only dead letters whose reason (dlq.reason) contains this text.
     #[arg(long, value_name = "TEXT")]
     pub reason_contains: Option<String>,
@@ -83,145 +137,18 @@ pub struct ReplayArgs {
     #[arg(long, value_name = "FROM..TO", value_parser = parse_range)]
     pub source_offsets: Option<(i64, i64)>,
     /// Only the session ids listed in this file, one per line.
-    #[arg(long, value_name = "FILE")]
-    pub sessions: Option<PathBuf>,
-    /// Replay at most this many records (the rest waits for the next run).
-    #[arg(long, value_name = "N")]
-    pub limit: Option<u64>,
-    /// At most this many records per second.
-    #[arg(long, value_name = "N")]
-    pub rate: Option<NonZeroU32>,
-    /// Replays of one record after which it is reported, not replayed.
-    #[arg(long, default_value_t = 3, value_name = "N")]
-    pub max_replays: u32,
-    /// Consumer group that keeps the replay's progress
-    /// (default: `<kafka.group_id>.replay`).
-    #[arg(long, value_name = "ID")]
-    pub group: Option<String>,
-    /// Re-submissions awaiting acknowledgement at once (with `--direct`,
-    /// API calls also stay within `pipeline.max_in_flight`).
-    #[arg(long, default_value_t = 64, value_name = "N")]
-    pub window: usize,
-}
-
-fn parse_range(s: &str) -> Result<(i64, i64), String> {
-    let (a, b) = s
-        .split_once("..")
-        .ok_or_else(|| format!("{s:?} is not FROM..TO"))?;
-    let num = |v: &str| {
-        v.trim()
-            .parse::<i64>()
-            .map_err(|_| format!("{v:?} is not an offset"))
-    };
-    Ok((num(a)?, num(b)?))
-}
-
-/// The `dlq.*` headers of one dead letter.
-#[derive(Debug, Default, Clone)]
-pub struct Failure {
-    headers: HashMap<String, String>,
-}
-
-impl Failure {
-    pub fn get(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).map(String::as_str)
-    }
-
-    fn num<T: std::str::FromStr>(&self, name: &str) -> Option<T> {
-        self.get(name).and_then(|v| v.parse().ok())
-    }
-
-    fn replay_count(&self) -> u32 {
-        self.num(REPLAY_COUNT).unwrap_or(0)
-    }
-}
-
-/// What a dead letter must look like to be replayed.
-#[derive(Debug, Default, Clone)]
-pub struct Filter {
-    pub error_classes: Vec<String>,
-    pub reason_contains: Option<String>,
-    pub errcodes: Vec<i64>,
-    pub tenants: Vec<String>,
-    pub failed_after: Option<DateTime<Utc>>,
-    pub failed_before: Option<DateTime<Utc>>,
-    pub source_partitions: Vec<i32>,
-    pub source_offsets: Option<(i64, i64)>,
-    pub sessions: Option<HashSet<String>>,
+    #[arg(long, value_name = "FILE", value_parser = read_sessions)]
+    pub sessions: Option<Sessions>,
 }
 
 impl Filter {
-    fn from_args(a: &ReplayArgs) -> anyhow::Result<Filter> {
-        let sessions = match &a.sessions {
-            None => None,
-            Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .with_context(|| format!("reading --sessions {}", path.display()))?;
-                Some(
-                    text.lines()
-                        .map(str::trim)
-                        .filter(|l| !l.is_empty())
-                        .map(str::to_string)
-                        .collect(),
-                )
-            }
-        };
-        Ok(Filter {
-            error_classes: a.error_classes.clone(),
-            reason_contains: a.reason_contains.clone(),
-            errcodes: a.errcodes.clone(),
-            tenants: a.tenants.clone(),
-            failed_after: a.failed_after,
-            failed_before: a.failed_before,
-            source_partitions: a.source_partitions.clone(),
-            source_offsets: a.source_offsets,
-            sessions,
-        })
-    }
-
     /// The replay group when `--group` is not given:
     /// `<kafka.group_id>.replay`, plus a digest of the filters when any is
     /// set. A run with other filters then starts from the beginning instead
     /// of after the records an earlier run skipped; the same filters
     /// continue where they stopped.
     pub fn default_group(&self, group_id: &str) -> String {
-        let mut parts: Vec<String> = Vec::new();
-        let mut add = |name: &str, mut values: Vec<String>| {
-            if !values.is_empty() {
-                values.sort();
-                parts.push(format!("{name}={}", values.join(",")));
-            }
-        };
-        add("class", self.error_classes.clone());
-        add("reason", self.reason_contains.iter().cloned().collect());
-        add(
-            "errcode",
-            self.errcodes.iter().map(i64::to_string).collect(),
-        );
-        add("tenant", self.tenants.clone());
-        add(
-            "after",
-            self.failed_after.iter().map(|t| t.to_rfc3339()).collect(),
-        );
-        add(
-            "before",
-            self.failed_before.iter().map(|t| t.to_rfc3339()).collect(),
-        );
-        add(
-            "partition",
-            self.source_partitions.iter().map(i32::to_string).collect(),
-        );
-        add(
-            "offsets",
-            self.source_offsets
-                .iter()
-                .map(|(a, b)| format!("{a}..{b}"))
-                .collect(),
-        );
-        add(
-            "sessions",
-            self.sessions.iter().flatten().cloned().collect(),
-        );
+        let parts = self.described();
         if parts.is_empty() {
             return format!("{group_id}.replay");
         }
@@ -235,39 +162,51 @@ impl Filter {
         format!("{group_id}.replay.{digest:016x}")
     }
 
+    /// The filters that are set, as `name=values` (values sorted).
+    fn described(&self) -> Vec<String> {
+        fn texts<T: ToString>(values: impl IntoIterator<Item = T>) -> Vec<String> {
+            values.into_iter().map(|v| v.to_string()).collect()
+        }
+        let offsets = self.source_offsets.map(|(a, b)| format!("{a}..{b}"));
+        let sessions = self.sessions.iter().flat_map(|s| s.0.iter());
+        [
+            ("class", texts(&self.error_classes)),
+            ("reason", texts(&self.reason_contains)),
+            ("errcode", texts(&self.errcodes)),
+            ("tenant", texts(&self.tenants)),
+            ("after", texts(self.failed_after.map(|t| t.to_rfc3339()))),
+            ("before", texts(self.failed_before.map(|t| t.to_rfc3339()))),
+            ("partition", texts(&self.source_partitions)),
+            ("offsets", texts(offsets)),
+            ("sessions", texts(sessions)),
+        ]
+        .into_iter()
+        .filter(|(_, values)| !values.is_empty())
+        .map(|(name, mut values)| {
+            values.sort();
+            format!("{name}={}", values.join(","))
+        })
+        .collect()
+    }
+
     /// Whether the dead letter passes every filter that is set.
-    pub fn matches(&self, f: &Failure) -> bool {
+    pub fn matches(&self, d: &Stamp) -> bool {
         fn any_of<T: PartialEq>(allowed: &[T], v: Option<T>) -> bool {
             allowed.is_empty() || v.is_some_and(|v| allowed.contains(&v))
         }
-        let failed_at = f
-            .get(dlq::FAILED_AT)
-            .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
-            .map(|t| t.with_timezone(&Utc));
-        let offset: Option<i64> = f.num(dlq::SOURCE_OFFSET);
-        any_of(
-            &self.error_classes,
-            f.get(dlq::ERROR_CLASS).map(String::from),
-        ) && self
-            .reason_contains
-            .as_ref()
-            .is_none_or(|t| f.get(dlq::REASON).is_some_and(|r| r.contains(t.as_str())))
-            && any_of(&self.errcodes, f.num(dlq::ERRCODE))
-            && any_of(&self.tenants, f.get(dlq::TENANT_ID).map(String::from))
-            && any_of(&self.source_partitions, f.num(dlq::SOURCE_PARTITION))
-            && self
-                .failed_after
-                .is_none_or(|t| failed_at.is_some_and(|a| a >= t))
-            && self
-                .failed_before
-                .is_none_or(|t| failed_at.is_some_and(|a| a < t))
-            && self
-                .source_offsets
-                .is_none_or(|(from, to)| offset.is_some_and(|o| o >= from && o < to))
-            && self
-                .sessions
-                .as_ref()
-                .is_none_or(|set| f.get(dlq::SESSION_ID).is_some_and(|s| set.contains(s)))
+        let reason = d.reason.as_deref();
+        any_of(&self.error_classes, d.error_class)
+            && (self.reason_contains.as_ref())
+                .is_none_or(|t| reason.is_some_and(|r| r.contains(t.as_str())))
+            && any_of(&self.errcodes, d.errcode)
+            && any_of(&self.tenants, d.tenant_id.clone())
+            && any_of(&self.source_partitions, d.source_partition)
+            && (self.failed_after).is_none_or(|t| d.failed_at.is_some_and(|a| a >= t))
+            && (self.failed_before).is_none_or(|t| d.failed_at.is_some_and(|a| a < t))
+            && (self.source_offsets)
+                .is_none_or(|(from, to)| d.source_offset.is_some_and(|o| o >= from && o < to))
+            && (self.sessions.as_ref())
+                .is_none_or(|set| d.session_id.as_ref().is_some_and(|s| set.0.contains(s)))
     }
 }
 
@@ -325,6 +264,18 @@ impl Summary {
         }
         out
     }
+
+    /// 1 when a re-submission failed or a dead letter could not be
+    /// replayed, 130 when interrupted, else 0.
+    pub fn exit_code(&self) -> ExitCode {
+        if self.failed > 0 || self.skipped_truncated > 0 {
+            ExitCode::FAILURE
+        } else if self.interrupted {
+            ExitCode::from(130)
+        } else {
+            ExitCode::SUCCESS
+        }
+    }
 }
 
 const SAMPLE: usize = 10;
@@ -341,230 +292,326 @@ enum Resubmitted {
     Abandoned,
 }
 
+/// `uincall-enricher replay`: runs, prints the summary; the exit code says
+/// how it went (see [`Summary::exit_code`]).
+pub async fn main(settings: Settings, args: ReplayArgs, stop: CancellationToken) -> ExitCode {
+    let dry_run = args.dry_run;
+    match run(settings, args, stop).await {
+        Ok(summary) => {
+            print!("{}", summary.render(dry_run));
+            summary.exit_code()
+        }
+        Err(e) => {
+            error!(error = format!("{e:#}"), "replay failed");
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// Runs a replay until the captured end offsets, the limit or `stop`.
 pub async fn run(
     settings: Settings,
     args: ReplayArgs,
     stop: CancellationToken,
 ) -> anyhow::Result<Summary> {
-    let filter = Filter::from_args(&args)?;
-    if args.window == 0 {
-        bail!("--window must be at least 1");
-    }
     let settings = Arc::new(settings);
-    let k = &settings.kafka;
-    let topic = k.dead_letter_topic.clone();
-    let group = args
-        .group
-        .clone()
-        .unwrap_or_else(|| filter.default_group(&k.group_id));
-    let consumer: StreamConsumer = kafka::replay_consumer_config(k, &group)
-        .create()
-        .context("creating the replay consumer")?;
-    let consumer = Arc::new(consumer);
-    let positions = {
-        let (consumer, topic) = (consumer.clone(), topic.clone());
-        tokio::task::spawn_blocking(move || start_and_end(&consumer, &topic)).await??
+    let Some(mut replay) = Replay::open(&settings, args).await? else {
+        return Ok(Summary::default());
     };
-    let total: i64 = positions.values().map(|(s, e)| e - s).sum();
-    info!(
-        topic = %topic,
-        group = %group,
-        records = total,
-        direct = args.direct,
-        dry_run = args.dry_run,
-        "replay started"
-    );
-    let mut summary = Summary::default();
-    let mut open: HashSet<i32> = positions
-        .iter()
-        .filter(|(_, (s, e))| s < e)
-        .map(|(p, _)| *p)
-        .collect();
-    if open.is_empty() {
-        return Ok(summary);
-    }
-    let mut tpl = TopicPartitionList::new();
-    for p in &open {
-        tpl.add_partition_offset(&topic, *p, Offset::Offset(positions[p].0))?;
-    }
-    consumer.assign(&tpl)?;
-
-    let target = Target::new(&settings, &args).await?;
+    let target = Target::new(&settings, &replay.args).await?;
     let helper_stop = stop.child_token();
     let helpers = target.start_helpers(&helper_stop);
-    let limiter = args
-        .rate
-        .map(|r| RateLimiter::direct(Quota::per_second(r).allow_burst(NonZeroU32::MIN)));
-    let bar = progress_bar(total as u64);
-    let mut progress = Progress::default();
-    let mut in_flight = FuturesUnordered::new();
-    let mut started: u64 = 0;
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    let mut last_log = Instant::now();
-    loop {
-        let limit_reached = args.limit.is_some_and(|l| started >= l);
-        let taking = !open.is_empty() && !limit_reached && in_flight.len() < args.window;
-        if !taking && in_flight.is_empty() {
-            break;
-        }
-        tokio::select! {
-            biased;
-            _ = stop.cancelled() => {
-                summary.interrupted = true;
-                break;
-            }
-            Some((partition, offset, result)) = in_flight.next() => {
-                if ended(&mut summary, partition, offset, result) {
-                    progress.done(partition, offset);
-                    // Committed as it goes (asynchronously), so a killed run
-                    // re-submits at most about the window again.
-                    commit(&consumer, &topic, &mut progress.pending, CommitMode::Async);
-                }
-            }
-            msg = consumer.recv(), if taking => {
-                let m = match msg {
-                    Ok(m) => m,
-                    Err(e) => {
-                        warn!(error = %e, "reading the dead-letter topic failed; retrying");
-                        continue;
-                    }
-                };
-                let (partition, offset) = (m.partition(), m.offset());
-                let end = positions[&partition].1;
-                if offset + 1 >= end {
-                    open.remove(&partition);
-                    if offset >= end {
-                        continue;
-                    }
-                }
-                bar.inc(1);
-                summary.read += 1;
-                progress.start(partition, offset);
-                let failure = failure_of(&m);
-                if !filter.matches(&failure) {
-                    summary.skipped_by_filter += 1;
-                    progress.done(partition, offset);
-                    continue;
-                }
-                summary.matched += 1;
-                if failure.replay_count() >= args.max_replays {
-                    summary.skipped_by_loop_guard += 1;
-                    warn!(
-                        partition,
-                        offset,
-                        session_id = failure.get(dlq::SESSION_ID).unwrap_or("-"),
-                        replays = failure.replay_count(),
-                        "not replayed again: the loop guard (--max-replays) stops it"
-                    );
-                    progress.done(partition, offset);
-                    continue;
-                }
-                if let Some(kept) = failure.get(dlq::TRUNCATED_TO) {
-                    summary.skipped_truncated += 1;
-                    warn!(
-                        partition,
-                        offset,
-                        kept_bytes = kept,
-                        original_bytes = failure.get(dlq::ORIGINAL_SIZE).unwrap_or("-"),
-                        original = format!(
-                            "{}/{}@{}",
-                            failure.get(dlq::SOURCE_TOPIC).unwrap_or("-"),
-                            failure.get(dlq::SOURCE_PARTITION).unwrap_or("-"),
-                            failure.get(dlq::SOURCE_OFFSET).unwrap_or("-")
-                        ),
-                        "not replayed: the dead letter holds only the start of the original; it is on the input topic at the source offset while retention lasts"
-                    );
-                    progress.done(partition, offset);
-                    continue;
-                }
-                if args.dry_run {
-                    note_match(&mut summary, &failure, partition, offset);
-                    progress.done(partition, offset);
-                    continue;
-                }
-                if let Some(l) = &limiter {
-                    tokio::select! {
-                        _ = stop.cancelled() => {
-                            summary.interrupted = true;
-                            break;
-                        }
-                        _ = l.until_ready() => {}
-                    }
-                }
-                started += 1;
-                let rec = resubmission(&m, &failure, &topic);
-                drop(m);
-                let target = target.clone();
-                let stop = stop.clone();
-                in_flight.push(async move {
-                    (partition, offset, target.resubmit(rec, stop).await)
-                });
-            }
-            _ = tick.tick() => {
-                // A partition whose last records cannot be fetched (deleted
-                // by retention meanwhile) ends when the position reaches
-                // the end.
-                if let Ok(assigned) = consumer.position() {
-                    for e in assigned.elements() {
-                        if let Offset::Offset(o) = e.offset()
-                            && o >= positions[&e.partition()].1
-                        {
-                            open.remove(&e.partition());
-                        }
-                    }
-                }
-                if !args.dry_run {
-                    commit(&consumer, &topic, &mut progress.pending, CommitMode::Async);
-                }
-                if bar.is_hidden() && last_log.elapsed() >= Duration::from_secs(5) {
-                    last_log = Instant::now();
-                    info!(read = summary.read, replayed = summary.replayed, of = total, "replay progress");
-                }
-            }
-        }
-    }
-    // Interrupted: what is in flight finishes (the producer acknowledges or
-    // times out) so its progress can be committed.
-    while let Some((partition, offset, result)) = in_flight.next().await {
-        if ended(&mut summary, partition, offset, result) {
-            progress.done(partition, offset);
-        }
-    }
-    if !args.dry_run {
-        // Every partition's latest position once more, synchronously: an
-        // asynchronous commit that failed is made good here.
-        let mut all = progress.latest.clone();
-        commit(&consumer, &topic, &mut all, CommitMode::Sync);
-    }
-    bar.finish_and_clear();
+    replay.run(&target, &stop).await;
     helper_stop.cancel();
     for h in helpers {
         let _ = h.await;
     }
-    Ok(summary)
+    Ok(replay.summary)
 }
 
-/// Counts how a re-submission ended; `true` when the record is done (its
-/// offset may be committed).
-fn ended(summary: &mut Summary, partition: i32, offset: i64, result: Resubmitted) -> bool {
-    match result {
-        Resubmitted::Acknowledged => {
-            summary.replayed += 1;
-            true
+/// A replay run's state.
+struct Replay {
+    args: ReplayArgs,
+    consumer: Arc<StreamConsumer>,
+    topic: String,
+    /// Per partition: where the run starts and the end captured at start.
+    positions: HashMap<i32, (i64, i64)>,
+    /// Partitions not read to their captured end yet.
+    open: HashSet<i32>,
+    summary: Summary,
+    progress: Progress,
+    /// Re-submissions started (for `--limit`).
+    started: u64,
+    limiter: Option<DefaultDirectRateLimiter>,
+    bar: ProgressBar,
+    total: u64,
+    last_log: Instant,
+}
+
+/// What to do with a dead letter just read.
+enum Next {
+    /// Done with it without re-submitting (skipped, or a dry run).
+    Done,
+    Resubmit(InRecord),
+}
+
+impl Replay {
+    /// Finds where each partition starts and ends and assigns those with
+    /// records to read; `None` when there is nothing to read.
+    async fn open(settings: &Settings, args: ReplayArgs) -> anyhow::Result<Option<Replay>> {
+        let k = &settings.kafka;
+        let topic = k.dead_letter_topic.clone();
+        let group = (args.group.clone()).unwrap_or_else(|| args.filter.default_group(&k.group_id));
+        let consumer: StreamConsumer = kafka::replay_consumer_config(k, &group)
+            .create()
+            .context("creating the replay consumer")?;
+        let consumer = Arc::new(consumer);
+        let positions = {
+            let (consumer, topic) = (consumer.clone(), topic.clone());
+            tokio::task::spawn_blocking(move || start_and_end(&consumer, &topic)).await??
+        };
+        let total = positions.values().map(|(s, e)| (e - s) as u64).sum();
+        info!(topic = %topic, group = %group, records = total, direct = args.direct, dry_run = args.dry_run, "replay started");
+        let open: HashSet<i32> = (positions.iter())
+            .filter(|(_, (s, e))| s < e)
+            .map(|(p, _)| *p)
+            .collect();
+        if open.is_empty() {
+            return Ok(None);
         }
-        Resubmitted::DeadLetteredAgain(why) => {
-            summary.failed += 1;
-            warn!(partition, offset, reason = %why, "replayed record failed again");
-            true
+        let mut tpl = TopicPartitionList::new();
+        for p in &open {
+            tpl.add_partition_offset(&topic, *p, Offset::Offset(positions[p].0))?;
         }
-        Resubmitted::Failed(why) => {
-            summary.failed += 1;
-            warn!(partition, offset, reason = %why, "replay failed; the record stays uncommitted");
-            false
-        }
-        Resubmitted::Abandoned => false,
+        consumer.assign(&tpl)?;
+        let limiter = (args.rate)
+            .map(|r| RateLimiter::direct(Quota::per_second(r).allow_burst(NonZeroU32::MIN)));
+        Ok(Some(Replay {
+            args,
+            consumer,
+            topic,
+            positions,
+            open,
+            summary: Summary::default(),
+            progress: Progress::default(),
+            started: 0,
+            limiter,
+            bar: progress_bar(total),
+            total,
+            last_log: Instant::now(),
+        }))
     }
+
+    /// Reads, re-submits within the window and commits progress until
+    /// every partition reached its captured end, the limit or `stop`.
+    async fn run(&mut self, target: &Target, stop: &CancellationToken) {
+        let consumer = self.consumer.clone();
+        let mut in_flight = FuturesUnordered::new();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            let limit_reached = self.args.limit.is_some_and(|l| self.started >= l);
+            let window = self.args.window as usize;
+            let taking = !self.open.is_empty() && !limit_reached && in_flight.len() < window;
+            if !taking && in_flight.is_empty() {
+                break;
+            }
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => {
+                    self.summary.interrupted = true;
+                    break;
+                }
+                Some((partition, offset, result)) = in_flight.next() => {
+                    if self.ended(partition, offset, result) {
+                        // Committed as it goes, so a killed run re-submits
+                        // at most about the window again.
+                        commit(&self.consumer, &self.topic, &mut self.progress.pending, CommitMode::Async);
+                    }
+                }
+                msg = consumer.recv(), if taking => {
+                    let m = match msg {
+                        Ok(m) => m,
+                        Err(e) => {
+                            warn!(error = %e, "reading the dead-letter topic failed; retrying");
+                            continue;
+                        }
+                    };
+                    let (partition, offset) = (m.partition(), m.offset());
+                    let Next::Resubmit(rec) = self.take(&m) else {
+                        continue;
+                    };
+                    drop(m);
+                    if !self.wait_for_rate(stop).await {
+                        break;
+                    }
+                    self.started += 1;
+                    let stop = stop.clone();
+                    in_flight.push(async move {
+                        (partition, offset, target.resubmit(rec, stop).await)
+                    });
+                }
+                _ = tick.tick() => self.tick(),
+            }
+        }
+        // Interrupted: what is in flight finishes (acknowledged, or
+        // abandoned at once) so its progress can be committed.
+        while let Some((partition, offset, result)) = in_flight.next().await {
+            self.ended(partition, offset, result);
+        }
+        if !self.args.dry_run {
+            // Every partition's latest position once more, synchronously:
+            // an asynchronous commit that failed is made good here.
+            let mut all = self.progress.latest.clone();
+            commit(&self.consumer, &self.topic, &mut all, CommitMode::Sync);
+        }
+        self.bar.finish_and_clear();
+    }
+
+    /// Sorts one dead letter: past the captured end, filtered out, stopped
+    /// by the loop guard, truncated, counted by a dry run, or re-submitted.
+    fn take(&mut self, m: &BorrowedMessage<'_>) -> Next {
+        let (partition, offset) = (m.partition(), m.offset());
+        let end = self.positions[&partition].1;
+        if offset + 1 >= end {
+            self.open.remove(&partition);
+            if offset >= end {
+                return Next::Done;
+            }
+        }
+        self.bar.inc(1);
+        self.summary.read += 1;
+        self.progress.start(partition, offset);
+        let (stamp, replays) = read_dead_letter(m);
+        if self.skipped(&stamp, replays, partition, offset) {
+            self.progress.done(partition, offset);
+            return Next::Done;
+        }
+        Next::Resubmit(resubmission(m, &stamp, replays, &self.topic))
+    }
+
+    /// Whether a dead letter is done without a re-submission (counted).
+    fn skipped(&mut self, stamp: &Stamp, replays: u32, partition: i32, offset: i64) -> bool {
+        let s = &mut self.summary;
+        if !self.args.filter.matches(stamp) {
+            s.skipped_by_filter += 1;
+            return true;
+        }
+        s.matched += 1;
+        let session_id = stamp.session_id.as_deref().unwrap_or("-");
+        if replays >= self.args.max_replays {
+            s.skipped_by_loop_guard += 1;
+            warn!(
+                partition,
+                offset,
+                session_id,
+                replays,
+                "not replayed again: the loop guard (--max-replays) stops it"
+            );
+            return true;
+        }
+        if let Some(t) = stamp.truncated {
+            s.skipped_truncated += 1;
+            let original = format!(
+                "{}/{}@{}",
+                stamp.source_topic.as_deref().unwrap_or("-"),
+                text_or_dash(stamp.source_partition),
+                text_or_dash(stamp.source_offset)
+            );
+            warn!(
+                partition,
+                offset,
+                kept_bytes = t.to,
+                original_bytes = t.original_size,
+                original,
+                "not replayed: the dead letter holds only the start of the original; it is on the input topic at the source offset while retention lasts"
+            );
+            return true;
+        }
+        if self.args.dry_run {
+            note_match(s, stamp, partition, offset);
+            return true;
+        }
+        false
+    }
+
+    /// Waits for `--rate`; `false` when `stop` came first.
+    async fn wait_for_rate(&mut self, stop: &CancellationToken) -> bool {
+        let Some(limiter) = &self.limiter else {
+            return true;
+        };
+        tokio::select! {
+            _ = stop.cancelled() => {
+                self.summary.interrupted = true;
+                false
+            }
+            _ = limiter.until_ready() => true,
+        }
+    }
+
+    /// Counts how a re-submission ended; `true` when the record is done
+    /// (its partition's progress moved).
+    fn ended(&mut self, partition: i32, offset: i64, result: Resubmitted) -> bool {
+        let s = &mut self.summary;
+        let done = match result {
+            Resubmitted::Acknowledged => {
+                s.replayed += 1;
+                true
+            }
+            Resubmitted::DeadLetteredAgain(why) => {
+                s.failed += 1;
+                warn!(partition, offset, reason = %why, "replayed record failed again");
+                true
+            }
+            Resubmitted::Failed(why) => {
+                s.failed += 1;
+                warn!(partition, offset, reason = %why, "replay failed; the record stays uncommitted");
+                false
+            }
+            Resubmitted::Abandoned => false,
+        };
+        if done {
+            self.progress.done(partition, offset);
+        }
+        done
+    }
+
+    /// Once a second: partitions whose position reached the end are done
+    /// (their last records may have been deleted by retention meanwhile),
+    /// progress is committed, a log line every few seconds off a terminal.
+    fn tick(&mut self) {
+        if let Ok(assigned) = self.consumer.position() {
+            for e in assigned.elements() {
+                if let Offset::Offset(o) = e.offset()
+                    && o >= self.positions[&e.partition()].1
+                {
+                    self.open.remove(&e.partition());
+                }
+            }
+        }
+        if !self.args.dry_run {
+            commit(
+                &self.consumer,
+                &self.topic,
+                &mut self.progress.pending,
+                CommitMode::Async,
+            );
+        }
+        if self.bar.is_hidden() && self.last_log.elapsed() >= Duration::from_secs(5) {
+            self.last_log = Instant::now();
+            let s = &self.summary;
+            info!(
+                read = s.read,
+                replayed = s.replayed,
+                of = self.total,
+                "replay progress"
+            );
+        }
+    }
+}
+
+fn text_or_dash(v: Option<impl ToString>) -> String {
+    v.map_or_else(|| "-".to_string(), |v| v.to_string())
 }
 
 /// The replay group's positions: per partition, the contiguous prefix of
@@ -614,9 +661,9 @@ fn commit(
     }
 }
 
-fn note_match(summary: &mut Summary, f: &Failure, partition: i32, offset: i64) {
-    let class = f.get(dlq::ERROR_CLASS).unwrap_or("-");
-    let reason = f.get(dlq::REASON).unwrap_or("-");
+fn note_match(summary: &mut Summary, d: &Stamp, partition: i32, offset: i64) {
+    let class = text_or_dash(d.error_class);
+    let reason = d.reason.as_deref().unwrap_or("-");
     *summary
         .by_reason
         .entry(format!("{class}: {reason}"))
@@ -626,10 +673,10 @@ fn note_match(summary: &mut Summary, f: &Failure, partition: i32, offset: i64) {
             "{}/{} session={} tenant={} {} failed_at={}",
             partition,
             offset,
-            f.get(dlq::SESSION_ID).unwrap_or("-"),
-            f.get(dlq::TENANT_ID).unwrap_or("-"),
+            d.session_id.as_deref().unwrap_or("-"),
+            d.tenant_id.as_deref().unwrap_or("-"),
             class,
-            f.get(dlq::FAILED_AT).unwrap_or("-"),
+            text_or_dash(d.failed_at.map(crate::record::rfc3339)),
         ));
     }
 }
@@ -692,22 +739,24 @@ fn start_and_end(
     Ok(out)
 }
 
-fn failure_of(m: &BorrowedMessage<'_>) -> Failure {
-    let mut headers = HashMap::new();
-    if let Some(hs) = m.headers() {
-        for h in hs.iter() {
-            if let Some(v) = h.value {
-                headers.insert(h.key.to_string(), String::from_utf8_lossy(v).to_string());
-            }
-        }
-    }
-    Failure { headers }
+/// A dead letter's `dlq.*` headers and how often it was replayed before.
+fn read_dead_letter(m: &BorrowedMessage<'_>) -> (Stamp, u32) {
+    let Some(hs) = m.headers() else {
+        return (Stamp::default(), 0);
+    };
+    let stamp = Stamp::read(hs.iter().map(|h| (h.key, h.value)));
+    let replays = hs
+        .iter()
+        .find(|h| h.key == REPLAY_COUNT)
+        .and_then(|h| std::str::from_utf8(h.value?).ok()?.parse().ok())
+        .unwrap_or(0);
+    (stamp, replays)
 }
 
 /// The record to re-submit: the original key and value, the original
 /// headers without `dlq.*`, `replay.count` incremented and `replay.from`;
 /// its source is the original input record.
-fn resubmission(m: &BorrowedMessage<'_>, f: &Failure, dlq_topic: &str) -> InRecord {
+fn resubmission(m: &BorrowedMessage<'_>, d: &Stamp, replays: u32, dlq_topic: &str) -> InRecord {
     let mut headers: Vec<(String, Option<Vec<u8>>)> = m
         .headers()
         .map(|hs| {
@@ -723,7 +772,7 @@ fn resubmission(m: &BorrowedMessage<'_>, f: &Failure, dlq_topic: &str) -> InReco
         .unwrap_or_default();
     headers.push((
         REPLAY_COUNT.to_string(),
-        Some((f.replay_count() + 1).to_string().into_bytes()),
+        Some((replays + 1).to_string().into_bytes()),
     ));
     headers.push((
         REPLAYED_FROM.to_string(),
@@ -734,10 +783,10 @@ fn resubmission(m: &BorrowedMessage<'_>, f: &Failure, dlq_topic: &str) -> InReco
         payload: m.payload().map(<[u8]>::to_vec),
         headers,
         source: Source {
-            topic: f.get(dlq::SOURCE_TOPIC).unwrap_or_default().to_string(),
-            partition: f.num(dlq::SOURCE_PARTITION).unwrap_or(-1),
-            offset: f.num(dlq::SOURCE_OFFSET).unwrap_or(-1),
-            timestamp_ms: f.num(dlq::SOURCE_TIMESTAMP),
+            topic: d.source_topic.clone().unwrap_or_default(),
+            partition: d.source_partition.unwrap_or(-1),
+            offset: d.source_offset.unwrap_or(-1),
+            timestamp_ms: d.source_timestamp,
         },
     }
 }
@@ -745,11 +794,8 @@ fn resubmission(m: &BorrowedMessage<'_>, f: &Failure, dlq_topic: &str) -> InReco
 /// Where re-submissions go.
 #[derive(Clone)]
 enum Target {
-    Input {
-        producer: FutureProducer,
-        topic: String,
-        timeout: Duration,
-    },
+    /// Back to the input topic, produced as the worker produces.
+    Input(Arc<Publisher>, String),
     Direct(Arc<Enricher>),
 }
 
@@ -757,25 +803,18 @@ impl Target {
     async fn new(settings: &Arc<Settings>, args: &ReplayArgs) -> anyhow::Result<Target> {
         if args.direct {
             let stats = Arc::new(Stats::default());
-            return Ok(Target::Direct(Arc::new(
-                Enricher::build(settings.clone(), stats).await?,
-            )));
+            let enricher = Enricher::build(settings.clone(), stats).await?;
+            return Ok(Target::Direct(Arc::new(enricher)));
         }
-        let k = &settings.kafka;
-        let max_bytes = kafka::max_message_bytes(k, &[&k.input_topic]).await;
-        Ok(Target::Input {
-            producer: kafka::producer_config(k, max_bytes)
-                .create()
-                .context("creating the Kafka producer")?,
-            topic: settings.kafka.input_topic.clone(),
-            timeout: settings.kafka.produce_timeout,
-        })
+        let topic = settings.kafka.input_topic.clone();
+        let publisher = Publisher::new(settings, &[&topic]).await?;
+        Ok(Target::Input(Arc::new(publisher), topic))
     }
 
     fn start_helpers(&self, stop: &CancellationToken) -> Vec<tokio::task::JoinHandle<()>> {
         match self {
-            Target::Direct(e) => e.start_helpers(stop).into(),
-            Target::Input { .. } => Vec::new(),
+            Target::Direct(e) => e.start_helpers(stop),
+            Target::Input(..) => Vec::new(),
         }
     }
 
@@ -789,20 +828,18 @@ impl Target {
                 Ok(Disposition::Abandoned) => Resubmitted::Abandoned,
                 Err(e) => Resubmitted::Failed(format!("{e:#}")),
             },
-            Target::Input {
-                producer,
-                topic,
-                timeout,
-            } => {
-                let mut r = FutureRecord::<[u8], [u8]>::to(topic)
-                    .payload(rec.payload.as_deref().unwrap_or_default())
-                    .headers(rec.headers_without_dlq());
-                if let Some(k) = &rec.key {
-                    r = r.key(k);
-                }
-                match producer.send(r, Timeout::After(*timeout)).await {
-                    Ok(_) => Resubmitted::Acknowledged,
-                    Err((e, _)) => Resubmitted::Failed(format!("producing to {topic}: {e}")),
+            Target::Input(publisher, topic) => {
+                let headers = rec.headers_without_dlq();
+                let out = Outgoing {
+                    topic,
+                    key: rec.key.as_deref(),
+                    payload: rec.payload.as_deref().unwrap_or_default(),
+                    headers: &headers,
+                };
+                match publisher.send(out, &stop).await {
+                    Ok(()) => Resubmitted::Acknowledged,
+                    Err(crate::pipeline::ProduceError::Abandoned) => Resubmitted::Abandoned,
+                    Err(e) => Resubmitted::Failed(format!("producing to {topic}: {e}")),
                 }
             }
         }
@@ -828,16 +865,11 @@ fn progress_bar(total: u64) -> ProgressBar {
 mod tests {
     use super::*;
 
-    fn failure(pairs: &[(&str, &str)]) -> Failure {
-        Failure {
-            headers: pairs
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        }
+    fn failure(pairs: &[(&str, &str)]) -> Stamp {
+        Stamp::read(pairs.iter().map(|(k, v)| (*k, Some(v.as_bytes()))))
     }
 
-    fn dead() -> Failure {
+    fn dead() -> Stamp {
         failure(&[
             (dlq::ERROR_CLASS, "retries_exhausted"),
             (dlq::REASON, "errcode 10001: record not ready"),
@@ -853,7 +885,7 @@ mod tests {
     #[test]
     fn an_empty_filter_matches_everything() {
         assert!(Filter::default().matches(&dead()));
-        assert!(Filter::default().matches(&Failure::default()));
+        assert!(Filter::default().matches(&Stamp::default()));
     }
 
     #[test]
@@ -862,14 +894,14 @@ mod tests {
         let cases: Vec<(Filter, bool)> = vec![
             (
                 Filter {
-                    error_classes: vec!["retries_exhausted".into()],
+                    error_classes: vec![ErrorClass::RetriesExhausted],
                     ..Default::default()
                 },
                 true,
             ),
             (
                 Filter {
-                    error_classes: vec!["invalid_event".into()],
+                    error_classes: vec![ErrorClass::InvalidEvent],
                     ..Default::default()
                 },
                 false,
@@ -974,14 +1006,14 @@ mod tests {
             ),
             (
                 Filter {
-                    sessions: Some(["s1".to_string()].into()),
+                    sessions: Some(Sessions(["s1".to_string()].into())),
                     ..Default::default()
                 },
                 true,
             ),
             (
                 Filter {
-                    sessions: Some(["s2".to_string()].into()),
+                    sessions: Some(Sessions(["s2".to_string()].into())),
                     ..Default::default()
                 },
                 false,

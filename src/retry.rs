@@ -30,22 +30,30 @@ pub struct RetryPolicy {
     backoff: ExponentialBuilder,
 }
 
+/// The `retry` settings' delays (`min_delay` growing by `factor` up to
+/// `max_delay`, with jitter when set), without a limit on attempts: the
+/// schedule of API retries (which add the limits) and of produce retries.
+pub fn backoff(r: &RetrySettings) -> ExponentialBuilder {
+    let backoff = ExponentialBuilder::default()
+        .with_min_delay(r.min_delay)
+        .with_max_delay(r.max_delay)
+        .with_factor(r.factor)
+        .without_max_times();
+    if r.jitter {
+        backoff.with_jitter()
+    } else {
+        backoff
+    }
+}
+
 impl RetryPolicy {
     pub fn from_settings(r: &RetrySettings) -> Self {
-        let mut backoff = ExponentialBuilder::default()
-            .with_min_delay(r.min_delay)
-            .with_max_delay(r.max_delay)
-            .with_factor(r.factor)
-            .with_max_times(r.max_attempts.saturating_sub(1) as usize);
-        if r.jitter {
-            backoff = backoff.with_jitter();
-        }
         RetryPolicy {
             initial_delay: r.initial_delay,
             max_attempts: r.max_attempts,
             max_elapsed: r.max_elapsed,
             min_delay: r.min_delay,
-            backoff,
+            backoff: backoff(r).with_max_times(r.max_attempts.saturating_sub(1) as usize),
         }
     }
 }

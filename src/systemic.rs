@@ -2,13 +2,17 @@
 //! invalid, or most records end as dead letters) no record is at fault, so
 //! none may be dead-lettered for it. The [`Breaker`] watches API calls and
 //! record outcomes; once open, records wait at their gate, the consume loop
-//! pauses, `/readyz` fails and a probe calls the API with backoff until an
-//! answer shows it works again.
+//! pauses, `/readyz` fails and the breaker's probe task
+//! ([`Breaker::start_probe`]) calls the API with backoff until an answer
+//! shows it works again.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::classify::{ApiAnswer, Verdict};
@@ -301,12 +305,103 @@ impl Breaker {
     }
 }
 
+/// How the probe reaches the API and where it reports: the worker's client,
+/// tokens and metrics.
+pub trait Probe: Send + Sync + 'static {
+    /// Asks the API about `target`: its answer and verdict, or why it could
+    /// not ask (e.g. no access token for the tenant).
+    fn ask(
+        &self,
+        target: &ProbeTarget,
+    ) -> impl Future<Output = Result<(ApiAnswer, Verdict), String>> + Send;
+    /// The breaker opened.
+    fn opened(&self, cause: &Cause);
+    /// A probe did not show the API works; the next one is in `next_in`.
+    fn failed(&self, reason: &str, next_in: Duration);
+    /// The breaker closed after `lasted`.
+    fn closed(&self, lasted: Duration);
+}
+
+impl Breaker {
+    /// Starts the probe task, which runs until `stop`: whenever the
+    /// breaker opens, it reports once, then asks the API with a doubling
+    /// delay (`probe_min_delay` to `probe_max_delay`) until an answer shows
+    /// the API works, and closes the breaker (records and the consume loop
+    /// resume).
+    pub fn start_probe<P: Probe>(
+        self: &Arc<Self>,
+        probe: Arc<P>,
+        stop: CancellationToken,
+    ) -> JoinHandle<()> {
+        let breaker = self.clone();
+        tokio::spawn(async move {
+            let mut state = breaker.subscribe();
+            loop {
+                let cause = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    open = state.wait_for(Option::is_some) => match open {
+                        Ok(cause) => cause.clone().expect("waited for Some"),
+                        Err(_) => return,
+                    },
+                };
+                let since = tokio::time::Instant::now();
+                probe.opened(&cause);
+                if !breaker.probe_until_healed(&*probe, &cause, &stop).await {
+                    return;
+                }
+                breaker.close();
+                probe.closed(since.elapsed());
+            }
+        })
+    }
+
+    /// Asks about a session (one the API answered before, when there is
+    /// one) with a doubling delay; `false` on shutdown.
+    async fn probe_until_healed(
+        &self,
+        probe: &impl Probe,
+        cause: &Cause,
+        stop: &CancellationToken,
+    ) -> bool {
+        let mut delay = self.settings.probe_min_delay;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return false,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            let known_good = self.has_good();
+            let reason = match self.probe_target(cause) {
+                None => "no session to probe with yet".to_string(),
+                Some(target) => {
+                    let asked = tokio::select! {
+                        _ = stop.cancelled() => return false,
+                        a = probe.ask(&target) => a,
+                    };
+                    match asked {
+                        Ok((answer, verdict))
+                            if Breaker::heals(cause, &answer, &verdict, known_good) =>
+                        {
+                            return true;
+                        }
+                        Ok((_, verdict)) => verdict.failure().map_or_else(
+                            || "answered, but not a record".to_string(),
+                            |f| f.reason.clone(),
+                        ),
+                        Err(why) => why,
+                    }
+                }
+            };
+            delay = (delay * 2).min(self.settings.probe_max_delay);
+            probe.failed(&reason, delay);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::classify::ApiFailure;
     use bytes::Bytes;
-    use std::time::Duration;
 
     fn settings() -> SystemicSettings {
         SystemicSettings {
@@ -471,5 +566,67 @@ mod tests {
         b.on_call(CallOutcome::Systemic(1), || target("s"));
         stop.cancel();
         assert!(!b.wait_closed(&stop).await);
+    }
+
+    /// A probe whose API fails `failures` times, then answers with a record.
+    struct ScriptedProbe {
+        failures: Mutex<u32>,
+        reports: Mutex<Vec<String>>,
+    }
+
+    impl Probe for ScriptedProbe {
+        async fn ask(&self, target: &ProbeTarget) -> Result<(ApiAnswer, Verdict), String> {
+            let mut left = self.failures.lock().unwrap();
+            if *left > 0 {
+                *left -= 1;
+                return Err(format!("{} still down", target.session_id));
+            }
+            // An answer about the record, whatever it says: the token works.
+            let body = Bytes::from_static(br#"{"errcode":10001,"errmsg":"not found"}"#);
+            let answer = ApiAnswer::Http {
+                status: 200,
+                retry_after: None,
+                body,
+            };
+            Ok((answer, Verdict::DeadLetter(ApiFailure::new("not found"))))
+        }
+        fn opened(&self, cause: &Cause) {
+            self.reports.lock().unwrap().push(format!("opened {cause}"));
+        }
+        fn failed(&self, reason: &str, next_in: Duration) {
+            let line = format!("failed {reason}, next in {}s", next_in.as_secs());
+            self.reports.lock().unwrap().push(line);
+        }
+        fn closed(&self, lasted: Duration) {
+            let line = format!("closed after {}s", lasted.as_secs());
+            self.reports.lock().unwrap().push(line);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_probe_backs_off_doubling_until_the_api_answers_then_closes() {
+        let b = Arc::new(Breaker::new(&settings()));
+        let probe = Arc::new(ScriptedProbe {
+            failures: Mutex::new(4),
+            reports: Mutex::new(Vec::new()),
+        });
+        let stop = CancellationToken::new();
+        let task = b.start_probe(probe.clone(), stop.clone());
+        b.on_call(CallOutcome::Systemic(40001), || target("s1"));
+        assert!(b.wait_closed(&stop).await);
+        assert_eq!(
+            *probe.reports.lock().unwrap(),
+            [
+                "opened the API answered systemic errcode 40001",
+                "failed s1 still down, next in 2s",
+                "failed s1 still down, next in 4s",
+                "failed s1 still down, next in 8s",
+                "failed s1 still down, next in 8s",
+                // 1 + 2 + 4 + 8 + 8 seconds of waiting.
+                "closed after 23s",
+            ]
+        );
+        stop.cancel();
+        task.await.unwrap();
     }
 }

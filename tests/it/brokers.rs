@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
+use crate::testkit::KafkaCluster;
 use uincall_enricher::pipeline::admitted_limit;
-use uincall_enricher::testkit::KafkaCluster;
 
 use crate::helpers::*;
 

@@ -5,8 +5,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use rdkafka::message::OwnedMessage;
 use std::time::Duration;
 
+use crate::testkit;
 use uincall_enricher::dead_letter::header as dlq;
-use uincall_enricher::testkit;
 
 use crate::helpers::*;
 

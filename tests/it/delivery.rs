@@ -1,9 +1,9 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use crate::testkit;
 use rdkafka::Message;
 use uincall_enricher::record::header as out_header;
-use uincall_enricher::testkit;
 
 use crate::helpers::*;
 

@@ -5,9 +5,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use crate::testkit;
 use uincall_enricher::dead_letter::header as dlq;
 use uincall_enricher::fake_api::ERRCODE_BAD_TOKEN;
-use uincall_enricher::testkit;
 
 use crate::helpers::*;
 

@@ -7,11 +7,11 @@
 
 use std::time::Duration;
 
+use crate::testkit;
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 use uincall_enricher::pipeline::admitted_limit;
-use uincall_enricher::testkit;
 
 use crate::helpers::*;
 

@@ -19,11 +19,11 @@ use serde_json::Value;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::testkit::{self, KafkaCluster, TopicSpec};
 use uincall_enricher::fake_api::{ERRCODE_NOT_FOUND, FakeApi, FakeApiConfig};
 use uincall_enricher::pipeline::Worker;
 use uincall_enricher::settings::Settings;
 use uincall_enricher::stats::Stats;
-use uincall_enricher::testkit::{self, KafkaCluster, TopicSpec};
 
 /// Generous bound for records to appear; a test that hits it has failed.
 pub const WAIT: Duration = Duration::from_secs(90);

@@ -13,3 +13,5 @@ mod replay;
 mod retries;
 mod secrets;
 mod side_port;
+#[path = "../testkit/mod.rs"]
+mod testkit;

@@ -7,9 +7,9 @@ use std::time::Duration;
 use rdkafka::message::OwnedMessage;
 use serde_json::Value;
 
+use crate::testkit;
 use uincall_enricher::dead_letter::header as dlq;
 use uincall_enricher::replay::REPLAY_COUNT;
-use uincall_enricher::testkit;
 
 use crate::helpers::*;
 

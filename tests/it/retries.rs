@@ -99,7 +99,7 @@ async fn permanent_errcode_goes_to_dead_letter_with_exact_headers() {
 }
 
 async fn testkit_input_message(env: &TestEnv) -> rdkafka::message::OwnedMessage {
-    uincall_enricher::testkit::read_topic(&env.bootstrap(), &env.input, 1, WAIT)
+    crate::testkit::read_topic(&env.bootstrap(), &env.input, 1, WAIT)
         .await
         .unwrap()
         .remove(0)

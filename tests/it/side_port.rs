@@ -1,6 +1,6 @@
 use std::time::{Duration, Instant};
 
-use uincall_enricher::testkit;
+use crate::testkit;
 
 use crate::helpers::*;
 

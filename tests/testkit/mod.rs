@@ -1,9 +1,14 @@
 //! Real neighbours for tests and benchmarks: Apache Kafka brokers in their
 //! own processes (KRaft, from the jars `scripts/install-kafka.sh` fetches),
-//! topic creation, producing events and reading topics back.
+//! topic creation and offsets; producing and reading back come from the
+//! library's `topics` (re-exported here). Test scaffolding: included by the
+//! integration tests and the benchmarks (`#[path]`), never compiled into
+//! the binary.
 //!
 //! `KAFKA_BOOTSTRAP=host:port` points [`shared_bootstrap`] at an existing
 //! cluster instead of starting one; `KAFKA_LIB` names the jar directory.
+
+#![allow(dead_code)] // each including target uses part of it
 
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -15,12 +20,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
-use rdkafka::message::OwnedMessage;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::util::Timeout;
-use rdkafka::{Message, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
+
+pub use uincall_enricher::topics::*;
 
 /// The directory holding the broker's jars: `KAFKA_LIB`, else what
 /// `scripts/install-kafka.sh` prints (it fetches them on first use).
@@ -429,14 +433,6 @@ pub fn replication_for(bootstrap: &str) -> anyhow::Result<i32> {
     Ok(if md.brokers().len() >= 3 { 3 } else { 1 })
 }
 
-/// A client configuration for test helpers.
-pub fn client_config(bootstrap: &str) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", bootstrap)
-        .set_log_level(rdkafka::config::RDKafkaLogLevel::Error);
-    c
-}
-
 /// Creates topics with the given partition counts (replication 3 on a
 /// cluster of three or more brokers, else 1).
 pub async fn create_topics(bootstrap: &str, topics: &[(&str, i32)]) -> anyhow::Result<()> {
@@ -500,97 +496,6 @@ pub async fn create_topics_with(bootstrap: &str, topics: &[TopicSpec<'_>]) -> an
     Ok(())
 }
 
-/// Produces records (key, payload) and waits for every acknowledgement.
-pub async fn produce(
-    bootstrap: &str,
-    topic: &str,
-    records: impl IntoIterator<Item = (Option<Vec<u8>>, Vec<u8>)>,
-) -> anyhow::Result<usize> {
-    let producer: FutureProducer = client_config(bootstrap)
-        .set("linger.ms", "5")
-        .set("message.timeout.ms", "30000")
-        .create()?;
-    let mut pending = Vec::new();
-    for (key, payload) in records {
-        let producer = producer.clone();
-        let topic = topic.to_string();
-        pending.push(async move {
-            let mut rec = FutureRecord::<[u8], [u8]>::to(&topic).payload(&payload);
-            if let Some(k) = &key {
-                rec = rec.key(k);
-            }
-            producer
-                .send(rec, Timeout::After(Duration::from_secs(30)))
-                .await
-                .map_err(|(e, _)| e)
-        });
-    }
-    let n = pending.len();
-    for r in futures::future::join_all(pending).await {
-        r?;
-    }
-    Ok(n)
-}
-
-/// Reads `topic` from the beginning until `count` records arrived or `limit`
-/// passed (an error: the records did not come).
-pub async fn read_topic(
-    bootstrap: &str,
-    topic: &str,
-    count: usize,
-    limit: Duration,
-) -> anyhow::Result<Vec<OwnedMessage>> {
-    read_topic_until(bootstrap, topic, limit, |msgs| msgs.len() >= count)
-        .await
-        .with_context(|| format!("waiting for {count} records on {topic}"))
-}
-
-/// Reads `topic` from the beginning until `done` holds for what was read.
-pub async fn read_topic_until(
-    bootstrap: &str,
-    topic: &str,
-    limit: Duration,
-    mut done: impl FnMut(&[OwnedMessage]) -> bool,
-) -> anyhow::Result<Vec<OwnedMessage>> {
-    let consumer: StreamConsumer = client_config(bootstrap)
-        .set("group.id", format!("reader-{}", free_port()))
-        .set("enable.auto.commit", "false")
-        .create()?;
-    let parts = partition_count(&consumer, topic)?;
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..parts {
-        tpl.add_partition_offset(topic, p, Offset::Beginning)?;
-    }
-    consumer.assign(&tpl)?;
-    let mut out: Vec<OwnedMessage> = Vec::new();
-    let deadline = tokio::time::Instant::now() + limit;
-    while !done(&out) {
-        match tokio::time::timeout_at(deadline, consumer.recv()).await {
-            Ok(Ok(m)) => out.push(m.detach()),
-            // Broker restarts surface as errors the consumer recovers from;
-            // the time limit bounds a reader that never does.
-            Ok(Err(e)) => eprintln!("reading {topic}: {e} (going on)"),
-            Err(_) => bail!(
-                "read {} records from {topic} before the time limit",
-                out.len()
-            ),
-        }
-    }
-    Ok(out)
-}
-
-fn partition_count<C: Consumer<X>, X: rdkafka::consumer::ConsumerContext>(
-    consumer: &C,
-    topic: &str,
-) -> anyhow::Result<i32> {
-    let md = consumer.fetch_metadata(Some(topic), Timeout::After(Duration::from_secs(10)))?;
-    let t = md.topics().first().context("no metadata for topic")?;
-    if t.partitions().is_empty() {
-        bail!("topic {topic} has no partitions");
-    }
-    Ok(t.partitions().len() as i32)
-}
-
 /// The high watermark of each partition of `topic`.
 pub fn end_offsets(bootstrap: &str, topic: &str) -> anyhow::Result<Vec<i64>> {
     let consumer: BaseConsumer = client_config(bootstrap).create()?;
@@ -630,19 +535,4 @@ pub fn committed_offsets(
             },
         )
         .collect())
-}
-
-/// A header's value as text.
-pub fn header(m: &OwnedMessage, name: &str) -> Option<String> {
-    use rdkafka::message::Headers;
-    let hs = m.headers()?;
-    hs.iter()
-        .find(|h| h.key == name)
-        .and_then(|h| h.value)
-        .map(|v| String::from_utf8_lossy(v).to_string())
-}
-
-/// The record's key as text.
-pub fn key(m: &OwnedMessage) -> Option<String> {
-    m.key().map(|k| String::from_utf8_lossy(k).to_string())
 }

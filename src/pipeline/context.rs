@@ -1,0 +1,158 @@
+//! The consumer's callbacks: a revocation drains the revoked partitions'
+//! records for `pipeline.revoke_drain`, then cancels and forgets them; an
+//! assigned partition takes the consume loop's pause state; commits and
+//! librdkafka's statistics go to the metrics, its logs to `tracing`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use rdkafka::consumer::{Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
+use rdkafka::{ClientContext, TopicPartitionList};
+use tracing::{debug, error, info, warn};
+
+use crate::offsets::Assignment;
+use crate::stats::Stats;
+
+/// What the consumer's callbacks need.
+pub struct WorkerContext {
+    assignment: Arc<Assignment>,
+    stats: Arc<Stats>,
+    /// The consume loop's pause state, for partitions assigned meanwhile
+    /// (librdkafka keeps an application pause across a revocation).
+    paused: AtomicBool,
+    revoke_drain: Duration,
+}
+
+impl WorkerContext {
+    pub fn new(assignment: Arc<Assignment>, stats: Arc<Stats>, revoke_drain: Duration) -> Self {
+        WorkerContext {
+            assignment,
+            stats,
+            paused: AtomicBool::new(false),
+            revoke_drain,
+        }
+    }
+
+    /// The pause state partitions assigned from now on take.
+    pub fn set_paused(&self, paused: bool) {
+        self.paused.store(paused, Ordering::SeqCst);
+    }
+}
+
+/// Runs `f`, which blocks, without stalling the runtime: on a
+/// multi-threaded runtime's worker the other tasks move to other threads.
+/// `None` on a current-thread runtime, where blocking would stop the very
+/// tasks being waited for.
+fn blocking<T>(f: impl FnOnce() -> T) -> Option<T> {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(RuntimeFlavor::CurrentThread) => None,
+        Ok(_) => Some(tokio::task::block_in_place(f)),
+        Err(_) => Some(f()),
+    }
+}
+
+impl ClientContext for WorkerContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        log_librdkafka(level, fac, message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        warn!(error = %error, reason, "kafka client error");
+    }
+
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        self.stats.kafka_statistics(&statistics);
+    }
+}
+
+fn log_librdkafka(level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+    use rdkafka::config::RDKafkaLogLevel as L;
+    match level {
+        L::Emerg | L::Alert | L::Critical | L::Error => {
+            error!(target: "librdkafka", fac, "{message}")
+        }
+        L::Warning => warn!(target: "librdkafka", fac, "{message}"),
+        L::Notice | L::Info => info!(target: "librdkafka", fac, "{message}"),
+        L::Debug => debug!(target: "librdkafka", fac, "{message}"),
+    }
+}
+
+fn partitions(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
+    tpl.elements()
+        .iter()
+        .map(|e| (e.topic().to_string(), e.partition()))
+        .collect()
+}
+
+impl ConsumerContext for WorkerContext {
+    fn pre_rebalance(
+        &self,
+        consumer: &rdkafka::consumer::BaseConsumer<Self>,
+        rebalance: &Rebalance<'_>,
+    ) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            let revoked = partitions(tpl);
+            // Records that finish within the drain store their offsets
+            // (committed with the revocation); the rest are cancelled. A
+            // lost assignment (session timed out) commits nothing: no drain.
+            let lost = consumer.assignment_lost();
+            let drain = if lost {
+                Duration::ZERO
+            } else {
+                self.revoke_drain
+            };
+            let done = blocking(|| self.assignment.revoke(&revoked, drain))
+                .unwrap_or_else(|| self.assignment.revoke(&revoked, Duration::ZERO));
+            info!(
+                lost,
+                partitions = ?revoked,
+                drained = done.drained,
+                cancelled = done.cancelled,
+                "partitions revoked"
+            );
+            self.stats.partitions_changed(&revoked, false);
+        }
+    }
+
+    fn post_rebalance(
+        &self,
+        consumer: &rdkafka::consumer::BaseConsumer<Self>,
+        rebalance: &Rebalance<'_>,
+    ) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                let assigned = partitions(tpl);
+                let paused = self.paused.load(Ordering::SeqCst);
+                info!(partitions = ?assigned, paused, "partitions assigned");
+                let applied = if paused {
+                    consumer.pause(tpl)
+                } else {
+                    consumer.resume(tpl)
+                };
+                if let Err(e) = applied {
+                    warn!(error = %e, "setting the pause state of assigned partitions failed");
+                }
+                self.stats.partitions_changed(&assigned, true);
+            }
+            Rebalance::Revoke(_) => {}
+            Rebalance::Error(e) => warn!(error = %e, "rebalance failed"),
+        }
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        match result {
+            Ok(()) => {
+                self.stats.offsets_committed(true);
+                debug!(offsets = ?offsets.to_topic_map(), "offsets committed")
+            }
+            Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+            Err(e) => {
+                self.stats.offsets_committed(false);
+                warn!(error = %e, "offset commit failed; it is retried at the next interval")
+            }
+        }
+    }
+}

@@ -1,0 +1,434 @@
+//! One record, start to end: parse the event, fetch its call record from the
+//! API (retries, rate limits, systemic failure), then publish the enriched
+//! record or a dead letter and wait for the broker's acknowledgement.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use chrono::Utc;
+use rdkafka::message::{Header, OwnedHeaders};
+use secrecy::{ExposeSecret, SecretString};
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::input::InRecord;
+use super::publish::{Outgoing, ProduceError, Publisher};
+use crate::classify::{ApiAnswer, ApiFailure, ErrcodePolicy, Verdict, classify};
+use crate::dead_letter::{DeadLetter, ErrorClass};
+use crate::detail::CallDetail;
+use crate::event::{CallEnded, InvalidEvent, parse_event};
+use crate::rate_limit::RateLimits;
+use crate::record;
+use crate::retry::{self, Attempts, Gate, RetryOutcome, RetryPolicy};
+use crate::settings::Settings;
+use crate::stats::Stats;
+use crate::systemic::{Breaker, CallOutcome, Cause, DeadLetterGate, Probe, ProbeTarget};
+use crate::uincall::{Timed, TokenStore, UincallClient};
+
+/// How a record ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    Enriched,
+    DeadLettered(ErrorClass),
+    /// Shutdown came first; the offset stays unstored and is re-delivered.
+    Abandoned,
+}
+
+/// What the API calls about one record came to.
+enum Fetched {
+    Record {
+        call: Box<CallDetail>,
+        attempts: Attempts,
+        latency: Duration,
+    },
+    Failed(DeadLetter),
+    Abandoned,
+}
+
+/// What every record task needs.
+pub struct Enricher {
+    settings: Arc<Settings>,
+    client: UincallClient,
+    tokens: TokenStore,
+    errcodes: ErrcodePolicy,
+    retry: RetryPolicy,
+    breaker: Arc<Breaker>,
+    limits: RateLimits,
+    publisher: Publisher,
+    stats: Arc<Stats>,
+    /// `pipeline.max_in_flight` permits: records between their first API
+    /// call and their verdict (retries and waits at the gate included).
+    enriching: Semaphore,
+}
+
+/// What a record waits for before each API call: the end of a systemic
+/// failure, then its tenant's rate limit.
+struct RecordGate<'a> {
+    breaker: &'a Breaker,
+    limits: &'a RateLimits,
+    tenant: &'a str,
+}
+
+impl Gate for RecordGate<'_> {
+    async fn pass(&self, shutdown: &CancellationToken) -> bool {
+        self.breaker.wait_closed(shutdown).await && self.limits.acquire(self.tenant, shutdown).await
+    }
+}
+
+fn probe_target(event: &CallEnded) -> ProbeTarget {
+    ProbeTarget {
+        session_id: event.session_id.clone(),
+        tenant_id: event.tenant_id.clone(),
+        call_type: event.call_type,
+    }
+}
+
+/// The enriched record's headers.
+fn enriched_headers(tenant_id: &str) -> OwnedHeaders {
+    let version = record::SCHEMA_VERSION.to_string();
+    [
+        (record::header::TENANT_ID, tenant_id),
+        (record::header::SCHEMA_VERSION, version.as_str()),
+        (record::header::CONTENT_TYPE, record::CONTENT_TYPE),
+    ]
+    .into_iter()
+    .fold(OwnedHeaders::new(), |hs, (key, value)| {
+        hs.insert(Header {
+            key,
+            value: Some(value),
+        })
+    })
+}
+
+impl Enricher {
+    /// The API client, tokens, policies and the producer, from the settings.
+    pub async fn build(settings: Arc<Settings>, stats: Arc<Stats>) -> anyhow::Result<Enricher> {
+        let k = &settings.kafka;
+        let publisher = Publisher::new(&settings, &[&k.output_topic, &k.dead_letter_topic]).await?;
+        let tokens = TokenStore::from_settings(&settings.api)?;
+        if tokens.tenants() == 0 {
+            warn!(
+                "no access tokens are configured: every event will be dead-lettered as invalid_event"
+            );
+        }
+        Ok(Enricher {
+            client: UincallClient::new(&settings.api, settings.pipeline.max_in_flight)?,
+            tokens,
+            errcodes: ErrcodePolicy::from_settings(&settings.retry),
+            retry: RetryPolicy::from_settings(&settings.retry),
+            breaker: Arc::new(Breaker::new(&settings.systemic)),
+            limits: RateLimits::new(&settings.rate_limit),
+            publisher,
+            stats,
+            enriching: Semaphore::new(settings.pipeline.max_in_flight),
+            settings,
+        })
+    }
+
+    /// Starts what runs beside the record tasks until `stop`: the
+    /// systemic-failure probe and the token reload.
+    pub fn start_helpers(self: &Arc<Self>, stop: &CancellationToken) -> Vec<JoinHandle<()>> {
+        vec![
+            self.breaker.start_probe(self.clone(), stop.clone()),
+            tokio::spawn(self.clone().reload_tokens(stop.clone())),
+        ]
+    }
+
+    /// The systemic-failure state (the consume loop pauses on it).
+    pub fn breaker(&self) -> &Breaker {
+        &self.breaker
+    }
+
+    /// Waits up to `limit` for what the producer still holds.
+    pub async fn flush(&self, limit: Duration) -> anyhow::Result<()> {
+        self.publisher.flush(limit).await
+    }
+
+    /// Parses, enriches and publishes one record, or dead-letters it;
+    /// returns once the broker acknowledged either (or shutdown came first).
+    pub async fn process(
+        &self,
+        rec: InRecord,
+        stop: CancellationToken,
+    ) -> Result<Disposition, anyhow::Error> {
+        let (event, token) = match self.parse(&rec) {
+            Ok(parsed) => parsed,
+            Err(dl) => return self.dead_letter(&rec, *dl, &stop).await,
+        };
+        match self.fetch(&event, &token, &stop).await {
+            Fetched::Abandoned => Ok(Disposition::Abandoned),
+            Fetched::Failed(dl) => self.dead_letter(&rec, dl, &stop).await,
+            Fetched::Record {
+                call,
+                attempts,
+                latency,
+            } => {
+                let fetched = (call.as_ref(), &attempts, latency);
+                self.publish(&rec, &event, fetched, &stop).await
+            }
+        }
+    }
+
+    /// The event and its tenant's token, or the dead letter of an invalid
+    /// event (unreadable, or a tenant without a token).
+    fn parse(&self, rec: &InRecord) -> Result<(CallEnded, SecretString), Box<DeadLetter>> {
+        let s = &self.settings;
+        let default_tenant = s.api.default_tenant.as_deref();
+        let event = parse_event(rec.payload.as_deref(), &s.event, default_tenant)
+            .map_err(|invalid| Box::new(DeadLetter::invalid(invalid.to_string(), None, None)))?;
+        let span = tracing::Span::current();
+        span.record("session_id", event.session_id.as_str());
+        span.record("tenant_id", event.tenant_id.as_str());
+        match self.tokens.get(&event.tenant_id) {
+            Some(token) => Ok((event, token)),
+            None => Err(Box::new(DeadLetter::invalid(
+                InvalidEvent::UnknownTenant(event.tenant_id.clone()).to_string(),
+                Some(event.tenant_id),
+                Some(event.session_id),
+            ))),
+        }
+    }
+
+    /// Calls the API, within the window of `pipeline.max_in_flight`, until
+    /// a verdict is final. A dead letter the breaker holds (systemic
+    /// failure) starts over once the failure ends.
+    async fn fetch(
+        &self,
+        event: &CallEnded,
+        token: &SecretString,
+        stop: &CancellationToken,
+    ) -> Fetched {
+        // Released on return: the next record's calls start while this one
+        // is published.
+        let _slot = tokio::select! {
+            slot = self.enriching.acquire() => slot.expect("the semaphore is never closed"),
+            _ = stop.cancelled() => return Fetched::Abandoned,
+        };
+        let gate = RecordGate {
+            breaker: &self.breaker,
+            limits: &self.limits,
+            tenant: &event.tenant_id,
+        };
+        let latency_us = AtomicU64::new(0);
+        let latency = &latency_us;
+        loop {
+            let outcome = retry::run(&self.retry, stop, &gate, move |n| {
+                self.attempt(event, token, n, latency)
+            })
+            .await;
+            let failed = |class, f, a: Attempts| {
+                Fetched::Failed(DeadLetter::after_attempts(class, f, &a, event))
+            };
+            return match outcome {
+                RetryOutcome::Abandoned => Fetched::Abandoned,
+                RetryOutcome::Permanent(..) | RetryOutcome::Exhausted(..)
+                    if self.breaker.on_dead_letter(|| probe_target(event))
+                        == DeadLetterGate::Hold =>
+                {
+                    debug!("dead letter held during systemic failure; the record starts over");
+                    if !self.breaker.wait_closed(stop).await {
+                        return Fetched::Abandoned;
+                    }
+                    continue;
+                }
+                RetryOutcome::Permanent(f, a) => failed(ErrorClass::PermanentError, f, a),
+                RetryOutcome::Exhausted(f, a) => failed(ErrorClass::RetriesExhausted, f, a),
+                RetryOutcome::Done(call, attempts) => {
+                    self.breaker.on_enriched(|| probe_target(event));
+                    let latency = Duration::from_micros(latency_us.load(Ordering::Relaxed));
+                    Fetched::Record {
+                        call,
+                        attempts,
+                        latency,
+                    }
+                }
+            };
+        }
+    }
+
+    /// One API call for the record (attempt `n`), with the breaker and the
+    /// rate limits told of its outcome; a failure while the API fails as a
+    /// whole is not the record's attempt.
+    async fn attempt(
+        &self,
+        event: &CallEnded,
+        started_with: &SecretString,
+        n: u32,
+        latency_us: &AtomicU64,
+    ) -> Verdict {
+        // A rotated token is used from the next call on.
+        let token = self
+            .tokens
+            .get(&event.tenant_id)
+            .unwrap_or_else(|| started_with.clone());
+        let (session, tenant) = (&event.session_id, &event.tenant_id);
+        let (t, verdict) = self.call(session, tenant, event.call_type, &token, n).await;
+        latency_us.store(t.latency.as_micros() as u64, Ordering::Relaxed);
+        self.breaker
+            .on_call(CallOutcome::of(&t.answer, &verdict), || probe_target(event));
+        match &verdict {
+            Verdict::RateLimited(f) => {
+                let wait = self.limits.limited(tenant, f.retry_after);
+                self.stats.api_rate_limited(&f.reason, wait);
+            }
+            _ => self.limits.answered(tenant),
+        }
+        match verdict {
+            Verdict::Retry(f) if self.breaker.is_open() => Verdict::Systemic(f),
+            v => v,
+        }
+    }
+
+    /// Publishes the enriched record; one the output topic refuses (too
+    /// large) is dead-lettered as `publish_failed`.
+    async fn publish(
+        &self,
+        rec: &InRecord,
+        event: &CallEnded,
+        (call, attempts, api_latency): (&CallDetail, &Attempts, Duration),
+        stop: &CancellationToken,
+    ) -> Result<Disposition, anyhow::Error> {
+        let s = &self.settings;
+        let payload = record::to_json(&record::Inputs {
+            session_id: &event.session_id,
+            tenant_id: &event.tenant_id,
+            event: &event.raw,
+            call,
+            satisfaction_labels: &s.labels.satisfaction,
+            fetched_at: attempts.last_at,
+            attempts: attempts.count,
+            api_latency,
+            source: &rec.source,
+        });
+        let headers = enriched_headers(&event.tenant_id);
+        let out = Outgoing {
+            topic: &s.kafka.output_topic,
+            key: Some(event.session_id.as_bytes()),
+            payload: &payload,
+            headers: &headers,
+        };
+        match self.publisher.send(out, stop).await {
+            Ok(()) => {
+                self.stats.record_enriched(attempts.count);
+                Ok(Disposition::Enriched)
+            }
+            Err(ProduceError::Abandoned) => Ok(Disposition::Abandoned),
+            Err(e @ ProduceError::Fatal { .. }) => {
+                Err(anyhow::Error::new(e)).context("publishing an enriched record")
+            }
+            Err(e @ ProduceError::Rejected { .. }) => {
+                let failure = ApiFailure::new(e.to_string());
+                let dl =
+                    DeadLetter::after_attempts(ErrorClass::PublishFailed, failure, attempts, event);
+                self.dead_letter(rec, dl, stop).await
+            }
+        }
+    }
+
+    /// Publishes `rec`'s dead letter: its own key, value and headers with
+    /// the failure's `dlq.*` headers.
+    async fn dead_letter(
+        &self,
+        rec: &InRecord,
+        dl: DeadLetter,
+        stop: &CancellationToken,
+    ) -> Result<Disposition, anyhow::Error> {
+        let k = &self.settings.kafka;
+        let stamp = dl.stamp(&rec.source, &k.group_id, Utc::now());
+        let headers = rec.headers_without_dlq();
+        let out = Outgoing {
+            topic: &k.dead_letter_topic,
+            key: rec.key.as_deref(),
+            payload: rec.payload.as_deref().unwrap_or_default(),
+            headers: &headers,
+        };
+        match self.publisher.dead_letter(out, &stamp, stop).await {
+            Ok(()) => {
+                self.stats.record_dead_lettered(&dl);
+                Ok(Disposition::DeadLettered(dl.class))
+            }
+            Err(ProduceError::Abandoned) => Ok(Disposition::Abandoned),
+            Err(e) => Err(anyhow::Error::new(e)).context(format!(
+                "writing to the dead-letter topic {}; the record stays uncommitted",
+                k.dead_letter_topic
+            )),
+        }
+    }
+
+    /// One call-detail request, classified with the token removed from
+    /// every text, and counted; `attempt` is the record's attempt it would
+    /// be (0 for a probe).
+    async fn call(
+        &self,
+        session_id: &str,
+        tenant_id: &str,
+        call_type: Option<i64>,
+        token: &SecretString,
+        attempt: u32,
+    ) -> (Timed, Verdict) {
+        let timed = self
+            .client
+            .fetch_detail(session_id, tenant_id, token, call_type)
+            .await;
+        let verdict = classify(&timed.answer, &self.errcodes).redact(token.expose_secret());
+        self.stats.api_call(&verdict, timed.latency, attempt);
+        (timed, verdict)
+    }
+
+    /// Reads `api.tokens_dir` again every `api.tokens_reload_interval`.
+    async fn reload_tokens(self: Arc<Self>, stop: CancellationToken) {
+        let api = &self.settings.api;
+        let Some(dir) = &api.tokens_dir else { return };
+        let mut every = tokio::time::interval(api.tokens_reload_interval);
+        every.tick().await;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = every.tick() => {}
+            }
+            match self.tokens.reload_dir(dir) {
+                Ok(0) => {}
+                Ok(changed) => info!(
+                    changed,
+                    tenants = self.tokens.tenants(),
+                    "access tokens reloaded from api.tokens_dir"
+                ),
+                Err(e) => warn!(
+                    error = format!("{e:#}"),
+                    "reading api.tokens_dir failed; the tokens in use are kept"
+                ),
+            }
+        }
+    }
+}
+
+/// The systemic-failure probe asks with the worker's client and tokens and
+/// reports to its metrics.
+impl Probe for Enricher {
+    async fn ask(&self, t: &ProbeTarget) -> Result<(ApiAnswer, Verdict), String> {
+        let token = self
+            .tokens
+            .get(&t.tenant_id)
+            .ok_or_else(|| format!("no access token for tenant {}", t.tenant_id))?;
+        let (timed, verdict) = self
+            .call(&t.session_id, &t.tenant_id, t.call_type, &token, 0)
+            .await;
+        Ok((timed.answer, verdict))
+    }
+
+    fn opened(&self, cause: &Cause) {
+        self.stats.systemic_entered(cause);
+    }
+
+    fn failed(&self, reason: &str, next_in: Duration) {
+        self.stats.probe_failed(reason, next_in);
+    }
+
+    fn closed(&self, lasted: Duration) {
+        self.stats.systemic_left(lasted);
+    }
+}

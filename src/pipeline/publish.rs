@@ -1,0 +1,224 @@
+//! Producing until the broker acknowledges: one produce policy (which
+//! errors are worth another try) and one backoff (the `retry` settings) for
+//! the worker and `replay`; dead letters cut down when the topic refuses
+//! them whole.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use backon::{BackoffBuilder, ExponentialBuilder};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::util::Timeout;
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use crate::dead_letter::{self, Stamp, Truncated};
+use crate::kafka;
+use crate::retry;
+use crate::settings::Settings;
+
+/// What to do about a produce error, with the reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProducePolicy {
+    /// The broker may take it later.
+    Retry(&'static str),
+    /// The broker refuses this record and always will.
+    Reject(&'static str),
+    /// The producer cannot go on.
+    Fatal(&'static str),
+}
+
+/// The produce policy: a pure function of the error.
+pub fn produce_policy(e: &KafkaError) -> ProducePolicy {
+    use RDKafkaErrorCode as C;
+    match e.rdkafka_error_code() {
+        Some(C::MessageSizeTooLarge | C::InvalidMessageSize | C::InvalidRecord) => {
+            ProducePolicy::Reject("too large or invalid for the topic")
+        }
+        Some(
+            C::Fatal
+            | C::TopicAuthorizationFailed
+            | C::ClusterAuthorizationFailed
+            | C::InvalidProducerIdMapping
+            | C::UnsupportedForMessageFormat,
+        ) => ProducePolicy::Fatal("not authorised, or the idempotent producer's state is lost"),
+        // CORRUPT_MESSAGE (InvalidMessage) included: a batch damaged in
+        // transit is sent again.
+        _ => ProducePolicy::Retry("timeout, leader change or a batch damaged in transit"),
+    }
+}
+
+/// A produce that did not get an acknowledgement.
+#[derive(Debug, thiserror::Error)]
+pub enum ProduceError {
+    /// The broker refuses this record (e.g. too large): it never will take it.
+    #[error("the broker refused the record ({why}): {error}")]
+    Rejected {
+        error: KafkaError,
+        why: &'static str,
+    },
+    /// The producer cannot go on (authorisation, idempotence state).
+    #[error("the producer failed for good ({why}): {error}")]
+    Fatal {
+        error: KafkaError,
+        why: &'static str,
+    },
+    #[error("shutdown before the broker acknowledged")]
+    Abandoned,
+}
+
+/// One record to produce.
+#[derive(Clone, Copy)]
+pub struct Outgoing<'a> {
+    pub topic: &'a str,
+    pub key: Option<&'a [u8]>,
+    pub payload: &'a [u8],
+    pub headers: &'a OwnedHeaders,
+}
+
+/// The idempotent producer, the produce timeout and the retry schedule.
+pub struct Publisher {
+    producer: FutureProducer,
+    timeout: Duration,
+    backoff: ExponentialBuilder,
+    /// The smallest `max.message.bytes` of the topics written, when the
+    /// cluster told it.
+    max_message_bytes: Option<usize>,
+}
+
+impl Publisher {
+    /// A producer for `topics`, its batches sized to their
+    /// `max.message.bytes` when the cluster tells it.
+    pub async fn new(settings: &Settings, topics: &[&str]) -> anyhow::Result<Publisher> {
+        let k = &settings.kafka;
+        let max_message_bytes = kafka::max_message_bytes(k, topics).await;
+        Ok(Publisher {
+            producer: kafka::producer_config(k, max_message_bytes)
+                .create()
+                .context("creating the Kafka producer")?,
+            timeout: k.produce_timeout,
+            backoff: retry::backoff(&settings.retry),
+            max_message_bytes,
+        })
+    }
+
+    /// Produces until acknowledged, retrying what the broker may accept
+    /// later (with the `retry` settings' backoff) until `stop`.
+    pub async fn send(
+        &self,
+        out: Outgoing<'_>,
+        stop: &CancellationToken,
+    ) -> Result<(), ProduceError> {
+        let mut delays = self.backoff.build();
+        loop {
+            let mut rec = FutureRecord::<[u8], [u8]>::to(out.topic)
+                .payload(out.payload)
+                .headers(out.headers.clone());
+            if let Some(k) = out.key {
+                rec = rec.key(k);
+            }
+            let error = match self.producer.send(rec, Timeout::After(self.timeout)).await {
+                Ok(_) => return Ok(()),
+                Err((e, _)) => e,
+            };
+            let why = match produce_policy(&error) {
+                ProducePolicy::Reject(why) => return Err(ProduceError::Rejected { error, why }),
+                ProducePolicy::Fatal(why) => return Err(ProduceError::Fatal { error, why }),
+                ProducePolicy::Retry(why) => why,
+            };
+            let delay = delays.next().unwrap_or(self.timeout);
+            warn!(topic = out.topic, error = %error, reason = why, retry_in = ?delay, "produce failed, retrying");
+            tokio::select! {
+                _ = stop.cancelled() => return Err(ProduceError::Abandoned),
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    /// Publishes a dead letter: the original value and headers with the
+    /// failure's `dlq.*` headers. When the topic refuses it (too large once
+    /// the headers are added), a smaller one follows: the value cut, the
+    /// original headers left out, `dlq.truncated_to` and
+    /// `dlq.original_size` saying so.
+    pub async fn dead_letter(
+        &self,
+        out: Outgoing<'_>,
+        stamp: &Stamp,
+        stop: &CancellationToken,
+    ) -> Result<(), ProduceError> {
+        let payload = out.payload;
+        let full = with_stamp(out.headers.clone(), stamp);
+        let mut result = self
+            .send(
+                Outgoing {
+                    headers: &full,
+                    ..out
+                },
+                stop,
+            )
+            .await;
+        for size in dead_letter::truncated_sizes(payload.len(), self.max_message_bytes) {
+            let Err(ProduceError::Rejected { error, .. }) = &result else {
+                break;
+            };
+            warn!(error = %error, original_size = payload.len(), truncated_to = size, "the dead-letter topic refused the dead letter; writing it truncated");
+            let truncated = Stamp {
+                truncated: Some(Truncated {
+                    to: size,
+                    original_size: payload.len(),
+                }),
+                ..stamp.clone()
+            };
+            let headers = with_stamp(OwnedHeaders::new(), &truncated);
+            let cut = Outgoing {
+                payload: &payload[..size],
+                headers: &headers,
+                ..out
+            };
+            result = self.send(cut, stop).await;
+        }
+        result
+    }
+
+    /// Waits up to `limit` for what is still queued (on a blocking thread).
+    pub async fn flush(&self, limit: Duration) -> anyhow::Result<()> {
+        let producer = self.producer.clone();
+        tokio::task::spawn_blocking(move || producer.flush(limit)).await??;
+        Ok(())
+    }
+}
+
+fn with_stamp(headers: OwnedHeaders, stamp: &Stamp) -> OwnedHeaders {
+    stamp.headers().iter().fold(headers, |hs, (k, v)| {
+        hs.insert(Header {
+            key: k,
+            value: Some(v.as_bytes()),
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn produce_errors_map_to_retry_reject_or_fatal() {
+        let policy = |code| produce_policy(&KafkaError::MessageProduction(code));
+        let kind = |p: ProducePolicy| match p {
+            ProducePolicy::Retry(_) => "retry",
+            ProducePolicy::Reject(_) => "reject",
+            ProducePolicy::Fatal(_) => "fatal",
+        };
+        use RDKafkaErrorCode as C;
+        // CORRUPT_MESSAGE: a batch damaged on the wire is sent again.
+        assert_eq!(kind(policy(C::InvalidMessage)), "retry");
+        assert_eq!(kind(policy(C::MessageTimedOut)), "retry");
+        assert_eq!(kind(policy(C::NotLeaderForPartition)), "retry");
+        assert_eq!(kind(policy(C::MessageSizeTooLarge)), "reject");
+        assert_eq!(kind(policy(C::InvalidRecord)), "reject");
+        assert_eq!(kind(policy(C::TopicAuthorizationFailed)), "fatal");
+        assert_eq!(kind(policy(C::Fatal)), "fatal");
+    }
+}

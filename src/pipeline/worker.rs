@@ -1,0 +1,432 @@
+//! The consume loop and its phases: consuming (records taken, enriched
+//! concurrently, offsets stored as prefixes complete), draining (no new
+//! records; those in flight get until `pipeline.drain_timeout`), done
+//! (flush, commit, leave the group).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
+use rdkafka::message::BorrowedMessage;
+use rdkafka::util::Timeout;
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::watch;
+use tokio::task::{JoinHandle, JoinSet};
+use tokio::time::{Instant, Interval};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, error, info, info_span, warn};
+
+use super::context::WorkerContext;
+use super::enrich::{Disposition, Enricher};
+use super::flow::{Change, Flow};
+use super::input::InRecord;
+use crate::kafka;
+use crate::offsets::{Assignment, Ticket};
+use crate::record::Source;
+use crate::settings::Settings;
+use crate::stats::Stats;
+use crate::systemic::Cause;
+
+/// How often a progress line is logged while records flow.
+const PROGRESS_EVERY: Duration = Duration::from_secs(30);
+
+/// How long the window may stay full before the partitions are paused.
+const PAUSE_AFTER: Duration = Duration::from_secs(1);
+
+/// A record task's report to the consume loop (its offset is already
+/// stored by then).
+type Completion = Result<Disposition, anyhow::Error>;
+
+/// Where the consume loop is.
+enum Phase {
+    /// Taking records, enriching, publishing.
+    Consuming,
+    /// Shutdown requested or a fatal error: no new records or attempts;
+    /// those in flight may finish until the deadline.
+    Draining {
+        deadline: Instant,
+        fatal: Option<anyhow::Error>,
+    },
+    /// Nothing left in flight: flush, commit, leave the group.
+    Done { fatal: Option<anyhow::Error> },
+}
+
+impl Phase {
+    fn drain(timeout: Duration, fatal: Option<anyhow::Error>) -> Phase {
+        Phase::Draining {
+            deadline: Instant::now() + timeout,
+            fatal,
+        }
+    }
+}
+
+/// What the consume loop keeps while consuming and draining.
+struct Running {
+    tasks: JoinSet<Completion>,
+    flow: Flow,
+    systemic: watch::Receiver<Option<Cause>>,
+    /// Cancelled when draining starts: no new attempts, no backoff waits.
+    stop_work: CancellationToken,
+    helpers: Vec<JoinHandle<()>>,
+    progress: Interval,
+    /// Wakes the loop at least once a second, so liveness reflects a loop
+    /// that runs, not one that happens to have records.
+    heartbeat: Interval,
+}
+
+/// Sleeps until `at`, or forever when there is no deadline.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The enrichment worker.
+pub struct Worker {
+    settings: Arc<Settings>,
+    consumer: Arc<StreamConsumer<WorkerContext>>,
+    enricher: Arc<Enricher>,
+    assignment: Arc<Assignment>,
+    stats: Arc<Stats>,
+}
+
+impl Worker {
+    /// Creates the clients and checks that the three topics exist.
+    pub async fn build(settings: Settings, stats: Arc<Stats>) -> anyhow::Result<Worker> {
+        let settings = Arc::new(settings);
+        let k = &settings.kafka;
+        let assignment = Arc::new(Assignment::default());
+        let context = WorkerContext::new(
+            assignment.clone(),
+            stats.clone(),
+            settings.pipeline.revoke_drain,
+        );
+        let consumer: StreamConsumer<WorkerContext> = kafka::consumer_config(k)
+            .create_with_context(context)
+            .context("creating the Kafka consumer")?;
+        let enricher = Arc::new(Enricher::build(settings.clone(), stats.clone()).await?);
+        let worker = Worker {
+            settings,
+            consumer: Arc::new(consumer),
+            enricher,
+            assignment,
+            stats,
+        };
+        worker.check_topics().await?;
+        Ok(worker)
+    }
+
+    async fn check_topics(&self) -> anyhow::Result<()> {
+        let k = &self.settings.kafka;
+        let consumer = self.consumer.clone();
+        let metadata = tokio::task::spawn_blocking(move || {
+            consumer.fetch_metadata(None, Timeout::After(Duration::from_secs(30)))
+        })
+        .await?
+        .with_context(|| format!("reading metadata from kafka.brokers {}", k.brokers))?;
+        for (key, topic) in [
+            ("kafka.input_topic", &k.input_topic),
+            ("kafka.output_topic", &k.output_topic),
+            ("kafka.dead_letter_topic", &k.dead_letter_topic),
+        ] {
+            let found = metadata
+                .topics()
+                .iter()
+                .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty());
+            if !found {
+                bail!(
+                    "topic `{topic}` ({key}) does not exist on {}; create it first",
+                    k.brokers
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Consumes until `shutdown` fires (or a fatal error), then drains
+    /// within `pipeline.drain_timeout`, flushes, commits and leaves the
+    /// group.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let mut run = self.start()?;
+        let mut phase = Phase::Consuming;
+        loop {
+            phase = match phase {
+                Phase::Consuming => self.consume(&mut run, &shutdown).await,
+                Phase::Draining { deadline, fatal } => {
+                    run.stop_work.cancel();
+                    for h in run.helpers.drain(..) {
+                        let _ = h.await;
+                    }
+                    self.drain(&mut run.tasks, deadline).await;
+                    Phase::Done { fatal }
+                }
+                Phase::Done { fatal } => {
+                    self.finish().await;
+                    return fatal.map_or(Ok(()), Err);
+                }
+            };
+        }
+    }
+
+    /// Subscribes and starts the helpers (probe, token reload).
+    fn start(&self) -> anyhow::Result<Running> {
+        let s = &self.settings;
+        self.consumer
+            .subscribe(&[&s.kafka.input_topic])
+            .context("subscribing to kafka.input_topic")?;
+        info!(
+            topic = %s.kafka.input_topic,
+            group = %s.kafka.group_id,
+            max_in_flight = s.pipeline.max_in_flight,
+            "worker started"
+        );
+        let stop_work = CancellationToken::new();
+        let pause_after = PAUSE_AFTER.min(s.kafka.max_poll_interval / 2);
+        let start = Instant::now();
+        Ok(Running {
+            tasks: JoinSet::new(),
+            flow: Flow::new(s.pipeline.max_in_flight, pause_after),
+            systemic: self.enricher.breaker().subscribe(),
+            helpers: self.enricher.start_helpers(&stop_work),
+            stop_work,
+            progress: tokio::time::interval_at(start + PROGRESS_EVERY, PROGRESS_EVERY),
+            heartbeat: tokio::time::interval(Duration::from_secs(1)),
+        })
+    }
+
+    /// The consuming phase: each `select!` arm handles one event, then the
+    /// flow decision is applied; returns the next phase.
+    async fn consume(&self, run: &mut Running, shutdown: &CancellationToken) -> Phase {
+        let drain_timeout = self.settings.pipeline.drain_timeout;
+        loop {
+            let in_flight = run.tasks.len();
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => {
+                    info!(in_flight, "shutdown requested, draining");
+                    return Phase::drain(drain_timeout, None);
+                }
+                Some(joined) = run.tasks.join_next(), if in_flight > 0 => {
+                    if let Err(e) = complete(joined) {
+                        error!(error = format!("{e:#}"), "fatal error, stopping the worker");
+                        return Phase::drain(drain_timeout, Some(e));
+                    }
+                }
+                msg = self.consumer.recv(), if run.flow.takes_records(in_flight) => match msg {
+                    Ok(m) => self.spawn(&mut run.tasks, &m, &run.stop_work),
+                    Err(e) => warn!(error = %e, "kafka consume error"),
+                },
+                _ = sleep_until_some(run.flow.wake_at()) => {}
+                Ok(()) = run.systemic.changed() => {
+                    run.systemic.borrow_and_update();
+                }
+                _ = run.progress.tick() => self.log_progress(in_flight),
+                _ = run.heartbeat.tick() => self.settle_idle_partitions(&run.stop_work),
+            }
+            self.stats.beat();
+            let in_flight = run.tasks.len();
+            self.stats.set_in_flight(in_flight);
+            let systemic = run.systemic.borrow().is_some();
+            if let Some(change) = run.flow.decide(in_flight, Instant::now(), systemic) {
+                self.apply(change, &mut run.flow, in_flight);
+            }
+        }
+    }
+
+    /// Starts a task for one record; it stores its own offset when done.
+    fn spawn(
+        &self,
+        tasks: &mut JoinSet<Completion>,
+        m: &BorrowedMessage<'_>,
+        stop: &CancellationToken,
+    ) {
+        let rec = InRecord::from_message(m);
+        self.stats.record_consumed();
+        let src = &rec.source;
+        let ticket = self
+            .assignment
+            .start(&src.topic, src.partition, src.offset, stop);
+        let span = info_span!(
+            "record",
+            partition = src.partition,
+            offset = src.offset,
+            session_id = tracing::field::Empty,
+            tenant_id = tracing::field::Empty,
+        );
+        let enricher = self.enricher.clone();
+        let (assignment, consumer, stats) = (
+            self.assignment.clone(),
+            self.consumer.clone(),
+            self.stats.clone(),
+        );
+        tasks.spawn(
+            async move {
+                let source = rec.source.clone();
+                let result = enricher.process(rec, ticket.cancel.clone()).await;
+                if matches!(
+                    result,
+                    Ok(Disposition::Enriched | Disposition::DeadLettered(_))
+                ) {
+                    store_finished(&assignment, &consumer, &stats, &source, &ticket);
+                }
+                result
+            }
+            .instrument(span),
+        );
+    }
+
+    /// Pauses or resumes every assigned partition (and, through the
+    /// context, those assigned later). A change the consumer refuses is
+    /// decided again at the next turn of the loop.
+    fn apply(&self, change: Change, flow: &mut Flow, in_flight: usize) {
+        let Ok(assignment) = self.consumer.assignment() else {
+            return;
+        };
+        let pause = change == Change::Pause;
+        let result = if pause {
+            self.consumer.pause(&assignment)
+        } else {
+            self.consumer.resume(&assignment)
+        };
+        if let Err(e) = result {
+            warn!(error = %e, "pause/resume failed");
+            return;
+        }
+        debug!(paused = pause, in_flight, "flow control");
+        flow.applied(change);
+        self.consumer.context().set_paused(pause);
+        self.stats.set_paused(pause);
+    }
+
+    /// Stores the consumer's position for partitions with nothing in
+    /// flight: past transaction markers (which deliver no record), so a
+    /// transactionally written input shows no lag once all is done.
+    fn settle_idle_partitions(&self, stop: &CancellationToken) {
+        let Ok(positions) = self.consumer.position() else {
+            return;
+        };
+        let positions = positions
+            .elements()
+            .into_iter()
+            .filter_map(|e| match e.offset() {
+                Offset::Offset(o) => Some((e.topic().to_string(), e.partition(), o)),
+                _ => None,
+            });
+        let stored = self
+            .assignment
+            .settle(positions, stop, |topic, partition, next| {
+                store_offset(&self.consumer, topic, partition, next)
+            });
+        match stored {
+            Ok(0) => {}
+            Ok(n) => {
+                debug!(
+                    partitions = n,
+                    "idle partitions settled at the consumer position"
+                );
+                self.stats.offset_stored()
+            }
+            Err(e) => debug!(error = %e, "idle position not stored"),
+        }
+    }
+
+    /// The draining phase: waits for the records in flight until
+    /// `deadline`, then abandons the rest (re-delivered after a restart).
+    async fn drain(&self, tasks: &mut JoinSet<Completion>, deadline: Instant) {
+        while !tasks.is_empty() {
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => {
+                    // Finished records stored their offsets already.
+                    warn!(abandoned = tasks.len(), "drain deadline reached; abandoned records will be re-delivered");
+                    tasks.abort_all();
+                    while tasks.join_next().await.is_some() {}
+                    break;
+                }
+                Some(joined) = tasks.join_next() => {
+                    if let Err(e) = complete(joined) {
+                        error!(error = format!("{e:#}"), "error while draining");
+                    }
+                }
+            }
+        }
+    }
+
+    /// The done phase: flush the producer, commit once more, leave.
+    async fn finish(&self) {
+        if let Err(e) = self.enricher.flush(Duration::from_secs(10)).await {
+            warn!(error = %e, "producer flush incomplete");
+        }
+        let consumer = self.consumer.clone();
+        let committed =
+            tokio::task::spawn_blocking(move || consumer.commit_consumer_state(CommitMode::Sync))
+                .await
+                .unwrap_or(Err(KafkaError::Canceled));
+        match committed {
+            Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+            Err(e) => {
+                warn!(error = %e, "final commit failed; uncommitted records will be re-delivered")
+            }
+        }
+        self.consumer.unsubscribe();
+        self.log_progress(0);
+        info!("worker stopped");
+    }
+
+    fn log_progress(&self, in_flight: usize) {
+        let st = &self.stats;
+        info!(
+            consumed = st.consumed(),
+            enriched = st.enriched(),
+            dead_lettered = st.dead_lettered_total(),
+            retries = st.retries(),
+            systemic_failure = st.is_systemic(),
+            in_flight,
+            "progress"
+        );
+    }
+}
+
+/// Stores a finished record's partition position when it advanced.
+fn store_finished(
+    assignment: &Assignment,
+    consumer: &StreamConsumer<WorkerContext>,
+    stats: &Stats,
+    src: &Source,
+    ticket: &Ticket,
+) {
+    stats.partition_moved(&src.topic, src.partition);
+    let stored = assignment.finish(&src.topic, src.partition, src.offset, ticket.id, |next| {
+        store_offset(consumer, &src.topic, src.partition, next)
+    });
+    match stored {
+        None => {}
+        Some(Ok(())) => stats.offset_stored(),
+        // The partition was revoked meanwhile: its new owner re-reads.
+        Some(Err(e)) => debug!(error = %e, partition = src.partition, "offset not stored"),
+    }
+}
+
+fn store_offset(
+    consumer: &StreamConsumer<WorkerContext>,
+    topic: &str,
+    partition: i32,
+    next: i64,
+) -> KafkaResult<()> {
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, Offset::Offset(next))?;
+    consumer.store_offsets(&tpl)
+}
+
+/// A record task's end, as the consume loop sees it: an aborted task is an
+/// abandoned record; a panic is a bug that must not advance the offset, and
+/// a fatal error stops the worker (the record is re-delivered).
+fn complete(joined: Result<Completion, tokio::task::JoinError>) -> anyhow::Result<()> {
+    match joined {
+        Ok(result) => result.map(|_| ()),
+        Err(e) if e.is_cancelled() => Ok(()),
+        Err(e) => bail!("a record task panicked: {e}"),
+    }
+}
