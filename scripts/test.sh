@@ -32,5 +32,11 @@ python3 -m pip install --quiet --disable-pip-version-check -r tests/deploy/requi
 cargo fmt --all -- --check
 cargo clippy --locked --all-targets -- -D warnings
 cargo build --locked --all-targets
+# The binary carries no test scaffolding: it builds without the demo, and no
+# test-only crate is a normal dependency.
+cargo build --locked --no-default-features
+if cargo tree --locked -e normal --prefix none | grep -E '^(tempfile|proptest|criterion|jsonschema) '; then
+  echo "a test-only crate is a normal dependency (see above)"; exit 1
+fi
 cargo test --locked --lib --bins --tests -- --test-threads "${TEST_THREADS:-2}"
 UINCALL_BIN="$PWD/target/debug/uincall-enricher" python3 -m pytest -q tests/deploy

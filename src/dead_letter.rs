@@ -326,14 +326,12 @@ mod tests {
         assert_eq!(truncated_sizes(0, None), vec![0]);
     }
 
-    #[test]
-    fn headers_hold_each_value_and_not_the_offset_in_the_partition() {
-        let t1: DateTime<Utc> = DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z")
-            .unwrap()
-            .into();
-        let t2: DateTime<Utc> = DateTime::parse_from_rfc3339("2026-01-01T00:00:09.5Z")
-            .unwrap()
-            .into();
+    fn at(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().into()
+    }
+
+    /// A record that ran out of retries, and where it came from.
+    fn exhausted() -> (DeadLetter, Source) {
         let dl = DeadLetter {
             class: ErrorClass::RetriesExhausted,
             reason: "errcode 7: busy".into(),
@@ -341,8 +339,8 @@ mod tests {
             errmsg: Some("busy".into()),
             http_status: Some(200),
             attempts: 5,
-            first_attempt_at: Some(t1),
-            last_attempt_at: Some(t2),
+            first_attempt_at: Some(at("2026-01-01T00:00:00Z")),
+            last_attempt_at: Some(at("2026-01-01T00:00:09.5Z")),
             tenant_id: Some("t".into()),
             session_id: Some("s".into()),
         };
@@ -352,6 +350,13 @@ mod tests {
             offset: 1234,
             timestamp_ms: Some(99),
         };
+        (dl, source)
+    }
+
+    #[test]
+    fn headers_hold_each_value_and_not_the_offset_in_the_partition() {
+        let (dl, source) = exhausted();
+        let t2 = at("2026-01-01T00:00:09.5Z");
         let h: std::collections::HashMap<_, _> =
             dl.stamp(&source, "g", t2).headers().into_iter().collect();
         assert_eq!(h[header::ERROR_CLASS], "retries_exhausted");
@@ -395,25 +400,8 @@ mod tests {
 
     #[test]
     fn stamps_read_back_as_written() {
-        let at = |s: &str| -> DateTime<Utc> { DateTime::parse_from_rfc3339(s).unwrap().into() };
-        let dl = DeadLetter {
-            class: ErrorClass::PublishFailed,
-            reason: "the broker refused the record".into(),
-            errcode: Some(-1),
-            errmsg: Some("超时".into()),
-            http_status: Some(503),
-            attempts: 2,
-            first_attempt_at: Some(at("2026-01-01T00:00:00.001Z")),
-            last_attempt_at: Some(at("2026-01-01T00:00:01.500Z")),
-            tenant_id: Some("t".into()),
-            session_id: Some("s".into()),
-        };
-        let source = Source {
-            topic: "in".into(),
-            partition: 7,
-            offset: 42,
-            timestamp_ms: Some(1_700_000_000_000),
-        };
+        let (mut dl, source) = exhausted();
+        dl.errmsg = Some("超时".into());
         let mut stamp = dl.stamp(&source, "g", at("2026-01-01T00:00:02Z"));
         stamp.truncated = Some(Truncated {
             to: 1024,

@@ -6,30 +6,43 @@
 
 use std::collections::HashMap;
 use std::io::Write;
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use rdkafka::Message;
 use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
 use secrecy::SecretString;
 use tokio_util::sync::CancellationToken;
 
 use crate::dead_letter::{ErrorClass, header as dlq};
 use crate::fake_api::{ERRCODE_NOT_FOUND, FakeApi, FakeApiConfig};
 use crate::pipeline::Worker;
-use crate::settings::Settings;
+use crate::settings::{LogFormat, LogSettings, Settings};
 use crate::stats::Stats;
+use crate::telemetry;
 use crate::topics;
 
 pub const DEMO_TENANT: &str = "demo-tenant";
 const DEMO_TOKEN: &str = "demo-token-not-a-secret";
 
-/// What the demo does.
-#[derive(Debug, Clone)]
+/// Options of `uincall-enricher demo`.
+#[derive(Debug, Clone, clap::Args)]
 pub struct DemoOptions {
+    /// Number of sample call-ended events (three invalid ones are added).
+    #[arg(long, default_value_t = 200)]
     pub events: usize,
+    /// Latency of the fake API per call, in milliseconds.
+    #[arg(long = "api-latency-ms", default_value = "20", value_name = "MS", value_parser = parse_millis)]
     pub api_latency: Duration,
+}
+
+fn parse_millis(s: &str) -> Result<Duration, String> {
+    s.parse()
+        .map(Duration::from_millis)
+        .map_err(|_| format!("{s:?} is not a number of milliseconds"))
 }
 
 /// The sample events: mostly plain calls, some that the fake API answers
@@ -80,137 +93,184 @@ pub fn settings(brokers: &str, base_url: &str) -> anyhow::Result<Settings> {
     Ok(s)
 }
 
-pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
-    let mut out = std::io::stdout();
-    let cluster = MockCluster::new(1).context("starting the in-process Kafka cluster")?;
-    let brokers = cluster.bootstrap_servers();
-    let base = Settings::load_from(None, Vec::new())?;
-    let (input, output, dead) = (
-        base.kafka.input_topic.clone(),
-        base.kafka.output_topic.clone(),
-        base.kafka.dead_letter_topic.clone(),
-    );
-    for (topic, parts) in [(&input, 3), (&output, 3), (&dead, 1)] {
-        cluster.create_topic(topic, parts, 1)?;
+/// `uincall-enricher demo`: runs the demo with its own quiet logging;
+/// exit code 1 when it fails.
+pub async fn run(opts: DemoOptions) -> ExitCode {
+    telemetry::init(&LogSettings {
+        format: LogFormat::Text,
+        level: "error".into(),
+    });
+    match execute(opts).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
     }
-    let api = FakeApi::start(FakeApiConfig {
-        latency: opts.api_latency,
-        tokens: HashMap::from([(DEMO_TENANT.to_string(), DEMO_TOKEN.to_string())]),
-    })
-    .await?;
+}
+
+/// The in-process cluster with the three topics and the fake API.
+struct World {
+    /// Kept for the demo's lifetime: dropping it stops the brokers.
+    _cluster: MockCluster<'static, DefaultProducerContext>,
+    brokers: String,
+    api: FakeApi,
+    input: String,
+    output: String,
+    dead: String,
+}
+
+impl World {
+    async fn start(api_latency: Duration) -> anyhow::Result<World> {
+        let cluster = MockCluster::new(1).context("starting the in-process Kafka cluster")?;
+        let k = Settings::load_from(None, Vec::new())?.kafka;
+        for (topic, parts) in [
+            (&k.input_topic, 3),
+            (&k.output_topic, 3),
+            (&k.dead_letter_topic, 1),
+        ] {
+            cluster.create_topic(topic, parts, 1)?;
+        }
+        let api = FakeApi::start(FakeApiConfig {
+            latency: api_latency,
+            tokens: HashMap::from([(DEMO_TENANT.to_string(), DEMO_TOKEN.to_string())]),
+        })
+        .await?;
+        Ok(World {
+            brokers: cluster.bootstrap_servers(),
+            _cluster: cluster,
+            api,
+            input: k.input_topic,
+            output: k.output_topic,
+            dead: k.dead_letter_topic,
+        })
+    }
+}
+
+/// How long the worker took.
+struct Timing {
+    elapsed: Duration,
+    /// From the first record taken (after the group join) to the end.
+    flowing: Duration,
+}
+
+pub async fn execute(opts: DemoOptions) -> anyhow::Result<()> {
+    let mut out = std::io::stdout();
+    let world = World::start(opts.api_latency).await?;
     writeln!(
         out,
-        "in-process Kafka at {brokers}; fake Uincall API at {} ({} ms per call)",
-        api.base_url(),
+        "in-process Kafka at {}; fake Uincall API at {} ({} ms per call)",
+        world.brokers,
+        world.api.base_url(),
         opts.api_latency.as_millis()
     )?;
-
     let events = sample_events(opts.events);
     let total = events.len();
-    topics::produce(&brokers, &input, events).await?;
-    writeln!(out, "seeded {total} call-ended events on {input}")?;
-
+    topics::produce(&world.brokers, &world.input, events).await?;
+    writeln!(out, "seeded {total} call-ended events on {}", world.input)?;
     let stats = Arc::new(Stats::default());
-    let worker = Worker::build(settings(&brokers, &api.base_url())?, stats.clone()).await?;
+    let timing = run_worker(&world, stats.clone(), total as u64).await?;
+    show_records(&mut out, &world, &stats).await?;
+    show_summary(&mut out, &stats, total, &timing)?;
+    Ok(())
+}
+
+/// Runs the worker until every event is accounted for (enriched or
+/// dead-lettered), with a progress line on stderr; then stops it.
+async fn run_worker(world: &World, stats: Arc<Stats>, total: u64) -> anyhow::Result<Timing> {
+    let settings = settings(&world.brokers, &world.api.base_url())?;
+    let worker = Worker::build(settings, stats.clone()).await?;
     let stop = CancellationToken::new();
     let started = Instant::now();
     let running = tokio::spawn(worker.run_until_stopped(stop.clone()));
-
-    // Every event ends as an enriched record or a dead letter.
     let limit = Duration::from_secs(120);
-    let progress = tokio::spawn({
-        let stats = stats.clone();
-        async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(500));
-            loop {
-                tick.tick().await;
-                let done = stats.enriched() + stats.dead_lettered_total();
-                eprint!("\r  processed {done}/{total}");
-            }
-        }
-    });
-    let mut waited = tokio::time::interval(Duration::from_millis(20));
-    // Throughput is counted from the first record taken, after the group join.
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
     let mut first_taken: Option<Instant> = None;
-    while (stats.enriched() + stats.dead_lettered_total()) < total as u64 {
+    let mut shown = Instant::now();
+    loop {
+        let done = stats.enriched() + stats.dead_lettered_total();
+        if shown.elapsed() >= Duration::from_millis(500) || done >= total {
+            shown = Instant::now();
+            eprint!("\r  processed {done}/{total}");
+        }
+        if done >= total {
+            break;
+        }
         if first_taken.is_none() && stats.consumed() > 0 {
             first_taken = Some(Instant::now());
         }
         if started.elapsed() > limit || running.is_finished() {
-            progress.abort();
             stop.cancel();
             bail!("the worker did not finish the demo events in {limit:?}");
         }
-        waited.tick().await;
+        tick.tick().await;
     }
-    let elapsed = started.elapsed();
-    let flowing = first_taken.map_or(elapsed, |t| t.elapsed());
-    progress.abort();
     eprintln!();
+    let timing = Timing {
+        elapsed: started.elapsed(),
+        flowing: first_taken.map_or(started.elapsed(), |t| t.elapsed()),
+    };
     stop.cancel();
     running.await??;
+    Ok(timing)
+}
 
-    let enriched = topics::read_topic(
-        &brokers,
-        &output,
+/// Prints one enriched record (one that needed retries) and every dead
+/// letter, read back from their topics.
+async fn show_records(out: &mut impl Write, world: &World, stats: &Stats) -> anyhow::Result<()> {
+    let wait = Duration::from_secs(30);
+    let (enriched, dead) = (
         stats.enriched() as usize,
-        Duration::from_secs(30),
-    )
-    .await?;
-    let dead_letters = topics::read_topic(
-        &brokers,
-        &dead,
         stats.dead_lettered_total() as usize,
-        Duration::from_secs(30),
-    )
-    .await?;
-
-    if let Some(first) = enriched
+    );
+    let enriched = topics::read_topic(&world.brokers, &world.output, enriched, wait).await?;
+    let dead_letters = topics::read_topic(&world.brokers, &world.dead, dead, wait).await?;
+    let retried = enriched
         .iter()
-        .find(|m| topics::key(m).is_some_and(|k| k.starts_with("transient")))
-    {
+        .find(|m| topics::key(m).is_some_and(|k| k.starts_with("transient")));
+    if let Some(first) = retried {
         let v: serde_json::Value = serde_json::from_slice(first.payload().unwrap_or_default())?;
+        let key = topics::key(first).unwrap_or_default();
         writeln!(
             out,
-            "\none enriched record from {output} (key {}):",
-            topics::key(first).unwrap_or_default()
+            "\none enriched record from {} (key {key}):",
+            world.output
         )?;
         writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
     }
-    writeln!(out, "\ndead letters on {dead}:")?;
+    writeln!(out, "\ndead letters on {}:", world.dead)?;
     for m in &dead_letters {
+        let h = |name| topics::header(m, name).unwrap_or_default();
+        let session = topics::header(m, dlq::SESSION_ID).unwrap_or_else(|| "-".into());
+        let (class, attempts, reason) = (h(dlq::ERROR_CLASS), h(dlq::ATTEMPTS), h(dlq::REASON));
         writeln!(
             out,
-            "  {:<22} {:<18} attempts={} {}",
-            topics::header(m, dlq::SESSION_ID).unwrap_or_else(|| "-".into()),
-            topics::header(m, dlq::ERROR_CLASS).unwrap_or_default(),
-            topics::header(m, dlq::ATTEMPTS).unwrap_or_default(),
-            topics::header(m, dlq::REASON).unwrap_or_default(),
+            "  {session:<22} {class:<18} attempts={attempts} {reason}"
         )?;
     }
+    Ok(())
+}
+
+fn show_summary(
+    out: &mut impl Write,
+    stats: &Stats,
+    total: usize,
+    t: &Timing,
+) -> std::io::Result<()> {
     writeln!(out, "\nsummary")?;
     writeln!(out, "  events            {total}")?;
     writeln!(out, "  enriched          {}", stats.enriched())?;
-    writeln!(
-        out,
-        "  API calls         {} ({} retries)",
-        stats.api_calls(),
-        stats.retries()
-    )?;
+    let (calls, retries) = (stats.api_calls(), stats.retries());
+    writeln!(out, "  API calls         {calls} ({retries} retries)")?;
     for class in ErrorClass::ALL {
-        writeln!(
-            out,
-            "  dead-lettered     {:<18} {}",
-            class.as_str(),
-            stats.dead_lettered(class)
-        )?;
+        let n = stats.dead_lettered(class);
+        writeln!(out, "  dead-lettered     {:<18} {n}", class.as_str())?;
     }
     writeln!(
         out,
         "  elapsed           {:.2} s, of which {:.2} s after the group join ({:.0} events/s)",
-        elapsed.as_secs_f64(),
-        flowing.as_secs_f64(),
-        total as f64 / flowing.as_secs_f64().max(0.001)
-    )?;
-    Ok(())
+        t.elapsed.as_secs_f64(),
+        t.flowing.as_secs_f64(),
+        total as f64 / t.flowing.as_secs_f64().max(0.001)
+    )
 }

@@ -9,14 +9,19 @@
 //! - [`detail`]: the API's call record, read leniently into stable types.
 //! - [`classify`]: one pure function turning an API answer into a decision.
 //! - [`retry`]: backoff, attempt and time budgets, shutdown-aware waits.
-//! - [`systemic`]: when the API fails as a whole: pause, probe, resume.
+//! - [`systemic`]: when the API fails as a whole: the breaker and its probe
+//!   task.
 //! - [`rate_limit`]: calls per second per tenant, back-off on "too many".
 //! - [`labels`]: decoded labels for the coded fields.
 //! - [`record`]: the enriched record and its headers.
-//! - [`dead_letter`]: the dead-letter record's headers and error classes.
+//! - [`dead_letter`]: the dead-letter record's `dlq.*` headers (written and
+//!   read back as one typed value) and error classes.
 //! - [`offsets`]: per-partition tracking of the committable offset.
-//! - [`pipeline`]: the worker: consume, enrich concurrently, publish, commit.
-//! - [`replay`]: dead letters back to the input topic (or enriched directly).
+//! - [`pipeline`]: the worker: the consume loop and its phases, flow control,
+//!   one record's enrichment, publishing (shared with replay), the
+//!   consumer's callbacks.
+//! - [`replay`]: dead letters back to the input topic (or enriched directly):
+//!   filters, positions, re-submission, summary.
 //! - [`kafka`]: librdkafka client configuration.
 //! - [`stats`]: metrics and their log lines, one method per event.
 //! - [`telemetry`]: logging set-up.

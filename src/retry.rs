@@ -6,6 +6,10 @@
 //! failure, the tenant's rate limit). Time spent at the gate, and calls whose
 //! verdict blames the API as a whole or a rate limit, do not count against
 //! the record's budget.
+//!
+//! The same schedule ([`backoff`], without the limits) spaces the retries
+//! of a produce (`pipeline::publish`); the systemic-failure probe doubles
+//! its own delay between `systemic.probe_min_delay` and `probe_max_delay`.
 
 use std::future::Future;
 use std::time::Duration;

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::time::Duration;
 
 use config::{Config, Environment, File, FileFormat};
@@ -468,6 +469,21 @@ impl Settings {
     /// The effective settings as TOML, secrets replaced by `[redacted]`.
     pub fn to_redacted_toml(&self) -> String {
         toml::to_string_pretty(self).expect("settings serialise to TOML")
+    }
+}
+
+/// `uincall-enricher check-config`: prints the effective settings with
+/// secrets redacted; bad settings are reported on stderr with exit code 2.
+pub fn check_config(config: Option<&Path>) -> ExitCode {
+    match Settings::load(config) {
+        Ok(s) => {
+            print!("{}", s.to_redacted_toml());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
     }
 }
 

@@ -230,6 +230,15 @@ impl Breaker {
         }
     }
 
+    /// A retryable failure while the breaker is open is the API's, not the
+    /// record's: it becomes `Systemic` (not counted as an attempt).
+    pub fn blame(&self, verdict: Verdict) -> Verdict {
+        match verdict {
+            Verdict::Retry(f) if self.is_open() => Verdict::Systemic(f),
+            v => v,
+        }
+    }
+
     /// A record was enriched: the API works for this session.
     pub fn on_enriched(&self, target: impl FnOnce() -> ProbeTarget) {
         let mut inner = self.inner.lock().unwrap();
@@ -566,6 +575,24 @@ mod tests {
         b.on_call(CallOutcome::Systemic(1), || target("s"));
         stop.cancel();
         assert!(!b.wait_closed(&stop).await);
+    }
+
+    #[test]
+    fn failures_while_open_are_blamed_on_the_api() {
+        let b = Breaker::new(&settings());
+        let retry = || Verdict::Retry(ApiFailure::new("HTTP 503"));
+        assert_eq!(b.blame(retry()), retry(), "closed: the record's attempt");
+        b.on_call(CallOutcome::Systemic(40001), || target("s"));
+        assert_eq!(
+            b.blame(retry()),
+            Verdict::Systemic(ApiFailure::new("HTTP 503"))
+        );
+        let dead = Verdict::DeadLetter(ApiFailure::new("not found"));
+        assert_eq!(
+            b.blame(dead.clone()),
+            dead,
+            "an answer about the record stays"
+        );
     }
 
     /// A probe whose API fails `failures` times, then answers with a record.

@@ -277,10 +277,7 @@ impl Enricher {
             }
             _ => self.limits.answered(tenant),
         }
-        match verdict {
-            Verdict::Retry(f) if self.breaker.is_open() => Verdict::Systemic(f),
-            v => v,
-        }
+        self.breaker.blame(verdict)
     }
 
     /// Publishes the enriched record; one the output topic refuses (too

@@ -13,6 +13,16 @@
 //! - [`context`]: the consumer's callbacks (rebalances, commits, logs).
 //! - [`input`]: the input record, owned by its task.
 
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tracing::{error, info};
+
+use crate::settings::Settings;
+use crate::stats::Stats;
+use crate::{shutdown, side_port};
+
 mod context;
 mod enrich;
 mod flow;
@@ -25,3 +35,33 @@ pub use flow::admitted_limit;
 pub use input::InRecord;
 pub use publish::{Outgoing, ProduceError, ProducePolicy, Publisher, produce_policy};
 pub use worker::Worker;
+
+/// `uincall-enricher run`: serves the side port, runs the worker until
+/// SIGTERM or SIGINT (then drains, commits and leaves); exit code 1 when
+/// it fails.
+pub async fn run(settings: Settings) -> ExitCode {
+    match serve(settings).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!(error = format!("{e:#}"), "worker failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(settings: Settings) -> anyhow::Result<()> {
+    let stop = shutdown::on_signals()?;
+    let stats = Arc::new(Stats::default());
+    let (listen, stall) = (settings.http.listen, settings.pipeline.stall_timeout);
+    let addr = side_port::serve(listen, stats.clone(), stall, stop.clone())
+        .await
+        .with_context(|| format!("binding http.listen {listen}"))?;
+    info!(%addr, "side port serving /healthz /readyz /metrics");
+    // A signal during start-up (broker not reachable yet) ends the process
+    // at once: nothing was consumed.
+    let worker = tokio::select! {
+        w = Worker::build(settings, stats) => w?,
+        _ = stop.cancelled() => return Ok(()),
+    };
+    worker.run_until_stopped(stop).await
+}
