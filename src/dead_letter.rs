@@ -304,8 +304,9 @@ impl Stamp {
             tenant_id: f.get(TENANT_ID),
             session_id: f.get(SESSION_ID),
             enricher: f.get(ENRICHER),
-            truncated: f.parse(TRUNCATED_TO).map(|to| Truncated {
-                to,
+            // Present at all means cut, even when the value is unreadable.
+            truncated: f.0.contains_key(TRUNCATED_TO).then(|| Truncated {
+                to: f.parse(TRUNCATED_TO).unwrap_or(0),
                 original_size: f.parse(ORIGINAL_SIZE).unwrap_or(0),
             }),
         }
@@ -418,5 +419,12 @@ mod tests {
             (header::REASON, None),
         ]);
         assert_eq!(read, Stamp::default());
+        // A cut dead letter stays cut, whatever its sizes say.
+        let read = Stamp::read([(header::TRUNCATED_TO, Some(&b""[..]))]);
+        let cut = Truncated {
+            to: 0,
+            original_size: 0,
+        };
+        assert_eq!(read.truncated, Some(cut));
     }
 }

@@ -446,12 +446,12 @@ impl Settings {
             "kafka.max_poll_interval",
             "must be longer than pipeline.drain_timeout",
         )?;
+        self.kafka.validate()?;
         check(
             p.revoke_drain < k.max_poll_interval,
             "pipeline.revoke_drain",
             "must be shorter than kafka.max_poll_interval",
         )?;
-        self.kafka.validate()?;
         self.api.validate()?;
         self.event.validate()?;
         self.retry.validate()?;

@@ -314,10 +314,10 @@ impl Enricher {
                 Ok(Disposition::Enriched)
             }
             Err(ProduceError::Abandoned) => Ok(Disposition::Abandoned),
-            Err(e @ ProduceError::Fatal { .. }) => {
+            Err(e @ ProduceError::Fatal(_)) => {
                 Err(anyhow::Error::new(e)).context("publishing an enriched record")
             }
-            Err(e @ ProduceError::Rejected { .. }) => {
+            Err(e @ ProduceError::Rejected(_)) => {
                 let failure = ApiFailure::new(e.to_string());
                 let dl =
                     DeadLetter::after_attempts(ErrorClass::PublishFailed, failure, attempts, event);

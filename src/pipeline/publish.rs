@@ -12,7 +12,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
+use tracing::{error, warn};
 
 use crate::dead_letter::{self, Stamp, Truncated};
 use crate::kafka;
@@ -53,18 +53,13 @@ pub fn produce_policy(e: &KafkaError) -> ProducePolicy {
 /// A produce that did not get an acknowledgement.
 #[derive(Debug, thiserror::Error)]
 pub enum ProduceError {
-    /// The broker refuses this record (e.g. too large): it never will take it.
-    #[error("the broker refused the record ({why}): {error}")]
-    Rejected {
-        error: KafkaError,
-        why: &'static str,
-    },
+    /// The broker refuses this record (e.g. too large): it never will take
+    /// it. (The text is a dead letter's `dlq.reason`: keep it stable.)
+    #[error("the broker refused the record: {0}")]
+    Rejected(KafkaError),
     /// The producer cannot go on (authorisation, idempotence state).
-    #[error("the producer failed for good ({why}): {error}")]
-    Fatal {
-        error: KafkaError,
-        why: &'static str,
-    },
+    #[error("the producer failed for good: {0}")]
+    Fatal(KafkaError),
     #[error("shutdown before the broker acknowledged")]
     Abandoned,
 }
@@ -124,8 +119,14 @@ impl Publisher {
                 Err((e, _)) => e,
             };
             let why = match produce_policy(&error) {
-                ProducePolicy::Reject(why) => return Err(ProduceError::Rejected { error, why }),
-                ProducePolicy::Fatal(why) => return Err(ProduceError::Fatal { error, why }),
+                ProducePolicy::Reject(why) => {
+                    warn!(topic = out.topic, error = %error, reason = why, "the broker refused the record");
+                    return Err(ProduceError::Rejected(error));
+                }
+                ProducePolicy::Fatal(why) => {
+                    error!(topic = out.topic, error = %error, reason = why, "the producer failed for good");
+                    return Err(ProduceError::Fatal(error));
+                }
                 ProducePolicy::Retry(why) => why,
             };
             let delay = delays.next().unwrap_or(self.timeout);
@@ -160,7 +161,7 @@ impl Publisher {
             )
             .await;
         for size in dead_letter::truncated_sizes(payload.len(), self.max_message_bytes) {
-            let Err(ProduceError::Rejected { error, .. }) = &result else {
+            let Err(ProduceError::Rejected(error)) = &result else {
                 break;
             };
             warn!(error = %error, original_size = payload.len(), truncated_to = size, "the dead-letter topic refused the dead letter; writing it truncated");

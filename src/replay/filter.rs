@@ -3,6 +3,9 @@
 //! from the filters.
 
 use std::collections::HashSet;
+use std::path::PathBuf;
+
+use anyhow::Context;
 
 use chrono::{DateTime, Utc};
 
@@ -18,21 +21,6 @@ fn parse_range(s: &str) -> Result<(i64, i64), String> {
             .map_err(|_| format!("{v:?} is not an offset"))
     };
     Ok((num(a)?, num(b)?))
-}
-
-/// The session ids listed in a file, one per line.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Sessions(pub HashSet<String>);
-
-fn read_sessions(path: &str) -> Result<Sessions, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("reading {path}: {e}"))?;
-    Ok(Sessions(
-        text.lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .map(str::to_string)
-            .collect(),
-    ))
 }
 
 /// Which dead letters to replay: each filter that is set must match, by
@@ -65,11 +53,26 @@ pub struct Filter {
     #[arg(long, value_name = "FROM..TO", value_parser = parse_range)]
     pub source_offsets: Option<(i64, i64)>,
     /// Only the session ids listed in this file, one per line.
-    #[arg(long, value_name = "FILE", value_parser = read_sessions)]
-    pub sessions: Option<Sessions>,
+    #[arg(long = "sessions", value_name = "FILE")]
+    pub sessions_file: Option<PathBuf>,
+    /// The session ids of `--sessions`, once read ([`Filter::read_sessions`]).
+    #[arg(skip)]
+    pub sessions: Option<HashSet<String>>,
 }
 
 impl Filter {
+    /// Reads the `--sessions` file, when one is given.
+    pub fn read_sessions(&mut self) -> anyhow::Result<()> {
+        let Some(path) = &self.sessions_file else {
+            return Ok(());
+        };
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading --sessions {}", path.display()))?;
+        let ids = text.lines().map(str::trim).filter(|l| !l.is_empty());
+        self.sessions = Some(ids.map(str::to_string).collect());
+        Ok(())
+    }
+
     /// The replay group when `--group` is not given:
     /// `<kafka.group_id>.replay`, plus a digest of the filters when any is
     /// set. A run with other filters then starts from the beginning instead
@@ -96,7 +99,7 @@ impl Filter {
             values.into_iter().map(|v| v.to_string()).collect()
         }
         let offsets = self.source_offsets.map(|(a, b)| format!("{a}..{b}"));
-        let sessions = self.sessions.iter().flat_map(|s| s.0.iter());
+        let sessions = self.sessions.iter().flatten();
         [
             ("class", texts(&self.error_classes)),
             ("reason", texts(&self.reason_contains)),
@@ -134,7 +137,7 @@ impl Filter {
             && (self.source_offsets)
                 .is_none_or(|(from, to)| d.source_offset.is_some_and(|o| o >= from && o < to))
             && (self.sessions.as_ref())
-                .is_none_or(|set| d.session_id.as_ref().is_some_and(|s| set.0.contains(s)))
+                .is_none_or(|set| d.session_id.as_ref().is_some_and(|s| set.contains(s)))
     }
 }
 
@@ -284,14 +287,14 @@ mod tests {
             ),
             (
                 Filter {
-                    sessions: Some(Sessions(["s1".to_string()].into())),
+                    sessions: Some(["s1".to_string()].into()),
                     ..Default::default()
                 },
                 true,
             ),
             (
                 Filter {
-                    sessions: Some(Sessions(["s2".to_string()].into())),
+                    sessions: Some(["s2".to_string()].into()),
                     ..Default::default()
                 },
                 false,
@@ -331,6 +334,18 @@ mod tests {
             "order does not matter"
         );
         assert_ne!(a.default_group("g"), c.default_group("g"));
+    }
+
+    #[test]
+    fn the_default_group_names_stay_the_same_across_releases() {
+        // A rerun must find the group earlier runs committed under.
+        let f = Filter {
+            tenants: vec!["t2".into(), "t1".into()],
+            error_classes: vec![ErrorClass::PermanentError],
+            ..Default::default()
+        };
+        // FNV-1a of "class=permanent_error;tenant=t1,t2".
+        assert_eq!(f.default_group("g"), "g.replay.614905054d0cc3f4");
     }
 
     #[test]

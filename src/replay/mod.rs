@@ -49,7 +49,7 @@ mod positions;
 mod resubmit;
 mod summary;
 
-pub use filter::{Filter, Sessions};
+pub use filter::Filter;
 pub use summary::Summary;
 
 use positions::{Progress, commit, start_and_end};
@@ -120,9 +120,10 @@ pub async fn run(settings: Settings, args: ReplayArgs) -> ExitCode {
 /// Runs a replay until the captured end offsets, the limit or `stop`.
 pub async fn execute(
     settings: Settings,
-    args: ReplayArgs,
+    mut args: ReplayArgs,
     stop: CancellationToken,
 ) -> anyhow::Result<Summary> {
+    args.filter.read_sessions()?;
     let settings = Arc::new(settings);
     let Some(mut replay) = Replay::open(&settings, args).await? else {
         return Ok(Summary::default());
@@ -179,7 +180,7 @@ impl Replay {
             let (consumer, topic) = (consumer.clone(), topic.clone());
             tokio::task::spawn_blocking(move || start_and_end(&consumer, &topic)).await??
         };
-        let total = positions.values().map(|(s, e)| (e - s) as u64).sum();
+        let total = positions.values().map(|(s, e)| (e - s).max(0) as u64).sum();
         info!(topic = %topic, group = %group, records = total, direct = args.direct, dry_run = args.dry_run, "replay started");
         let open: HashSet<i32> = (positions.iter())
             .filter(|(_, (s, e))| s < e)

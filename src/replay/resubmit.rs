@@ -34,7 +34,8 @@ pub(super) fn read_dead_letter(m: &BorrowedMessage<'_>) -> (Stamp, u32) {
     let stamp = Stamp::read(hs.iter().map(|h| (h.key, h.value)));
     let replays = hs
         .iter()
-        .find(|h| h.key == REPLAY_COUNT)
+        .filter(|h| h.key == REPLAY_COUNT && h.value.is_some())
+        .last()
         .and_then(|h| std::str::from_utf8(h.value?).ok()?.parse().ok())
         .unwrap_or(0);
     (stamp, replays)
