@@ -87,7 +87,9 @@ pub struct KafkaSettings {
     pub produce_timeout: Duration,
     /// Extra librdkafka properties for consumer and producer (SASL, TLS,
     /// tuning). Underscores in keys read from the environment become dots.
-    #[serde(default)]
+    /// Secret-looking values (see [`is_secret_property`]) are printed
+    /// redacted.
+    #[serde(default, serialize_with = "redact_secret_properties")]
     pub properties: BTreeMap<String, String>,
 }
 
@@ -362,6 +364,38 @@ fn redact_map<S: Serializer>(
     serializer: S,
 ) -> Result<S::Ok, S::Error> {
     serializer.collect_map(map.keys().map(|k| (k, "[redacted]")))
+}
+
+/// Whether a librdkafka property holds a secret: a password, a secret, a
+/// token or credential, a private key (`ssl.key.pem`; not a file location),
+/// or a whole SASL/OAUTHBEARER configuration.
+pub fn is_secret_property(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    [
+        "password",
+        "secret",
+        "token",
+        "credential",
+        "jaas",
+        "oauthbearer.config",
+    ]
+    .iter()
+    .any(|w| k.contains(w))
+        || (k.contains("key") && !k.ends_with(".location"))
+}
+
+fn redact_secret_properties<S: Serializer>(
+    map: &BTreeMap<String, String>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.collect_map(map.iter().map(|(k, v)| {
+        let shown = if is_secret_property(k) {
+            "[redacted]"
+        } else {
+            v.as_str()
+        };
+        (k, shown)
+    }))
 }
 
 /// A list of errcodes from TOML (`[1, 2]`) or the environment (`"1,2"`).
@@ -920,5 +954,52 @@ mod tests {
         std::fs::write(&path, &text).unwrap();
         let again = Settings::load_from(Some(&path), env(&[])).unwrap();
         assert_eq!(again.kafka.output_topic, s.kafka.output_topic);
+    }
+
+    #[test]
+    fn secret_kafka_properties_are_redacted_and_the_rest_shown() {
+        let secret = "hunter2-not-for-print";
+        let s = Settings::load_from(
+            None,
+            env(&[
+                ("UINCALL__KAFKA__PROPERTIES__SASL_PASSWORD", secret),
+                ("UINCALL__KAFKA__PROPERTIES__SSL_KEY_PEM", secret),
+                (
+                    "UINCALL__KAFKA__PROPERTIES__SASL_OAUTHBEARER_CLIENT_SECRET",
+                    secret,
+                ),
+                (
+                    "UINCALL__KAFKA__PROPERTIES__SASL_OAUTHBEARER_CONFIG",
+                    secret,
+                ),
+                (
+                    "UINCALL__KAFKA__PROPERTIES__SSL_KEY_LOCATION",
+                    "/etc/kafka/client.key",
+                ),
+                ("UINCALL__KAFKA__PROPERTIES__SECURITY_PROTOCOL", "SASL_SSL"),
+            ]),
+        )
+        .unwrap();
+        let text = s.to_redacted_toml();
+        assert!(!text.contains(secret), "{text}");
+        for key in [
+            "sasl.password",
+            "ssl.key.pem",
+            "sasl.oauthbearer.client.secret",
+            "sasl.oauthbearer.config",
+        ] {
+            assert!(
+                text.contains(&format!("\"{key}\" = \"[redacted]\"")),
+                "{key}: {text}"
+            );
+        }
+        assert!(
+            text.contains("\"ssl.key.location\" = \"/etc/kafka/client.key\""),
+            "{text}"
+        );
+        assert!(
+            text.contains("\"security.protocol\" = \"SASL_SSL\""),
+            "{text}"
+        );
     }
 }

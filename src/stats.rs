@@ -13,6 +13,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Registry, Unit};
 use tracing::{debug, error, info, warn};
 
@@ -49,6 +50,20 @@ struct ResultLabel {
     result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    /// `enriched` or `dead_lettered`.
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProduceErrorLabels {
+    /// What the produce policy did about it: `retry`, `reject` or `fatal`.
+    policy: &'static str,
+    /// librdkafka's error code name (a fixed set), e.g. `MessageTimedOut`.
+    code: String,
+}
+
 /// Progress of one assigned input partition, for stall detection.
 #[derive(Debug, Clone, Copy)]
 struct Progress {
@@ -77,6 +92,8 @@ pub struct Stats {
     systemic_entered: Family<CauseLabel, Counter>,
     consumer_lag: Family<PartitionLabels, Gauge>,
     committed_offset: Family<PartitionLabels, Gauge>,
+    end_to_end: Family<OutcomeLabel, Histogram>,
+    produce_errors: Family<ProduceErrorLabels, Counter>,
     /// Every API call (the labelled family cannot be summed).
     api_calls_total: AtomicU64,
     /// Brokers the consumer is connected to (-1: not known yet).
@@ -94,6 +111,13 @@ impl std::fmt::Debug for Stats {
             .finish_non_exhaustive()
     }
 }
+
+/// Buckets of the end-to-end latency histogram, in seconds (10 ms … 1 h):
+/// from the input record's timestamp to the broker's acknowledgement of
+/// its output, a backlog included.
+const END_TO_END_BUCKETS: [f64; 15] = [
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
+];
 
 /// Buckets of the API latency histogram, in seconds (5 ms … 20 s).
 const LATENCY_BUCKETS: [f64; 14] = [
@@ -119,6 +143,8 @@ impl Default for Stats {
             systemic_entered: Family::default(),
             consumer_lag: Family::default(),
             committed_offset: Family::default(),
+            end_to_end: Family::new_with_constructor(|| Histogram::new(END_TO_END_BUCKETS)),
+            produce_errors: Family::default(),
             api_calls_total: AtomicU64::new(0),
             brokers_up: AtomicI64::new(-1),
             loop_beat_ms: AtomicU64::new(0),
@@ -126,6 +152,11 @@ impl Default for Stats {
             registry: Registry::default(),
         };
         let mut registry = Registry::with_prefix("uincall_enricher");
+        registry.register(
+            "build",
+            "The running build (value 1)",
+            Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
+        );
         s.register_records(&mut registry);
         s.register_api(&mut registry);
         s.register_consumer(&mut registry);
@@ -154,6 +185,17 @@ impl Stats {
             "records_dead_lettered",
             "Dead letters acknowledged by the broker, by error class",
             self.dead_lettered.clone(),
+        );
+        r.register_with_unit(
+            "record_end_to_end_duration",
+            "From the input record's timestamp to the broker's acknowledgement of the enriched record or dead letter, by outcome",
+            Unit::Seconds,
+            self.end_to_end.clone(),
+        );
+        r.register(
+            "produce_errors",
+            "Produce attempts the broker did not acknowledge, by what the produce policy did (retry, reject, fatal) and librdkafka's error code",
+            self.produce_errors.clone(),
         );
     }
 
@@ -299,6 +341,30 @@ impl Stats {
     pub fn record_enriched(&self, attempts: u32) {
         self.enriched.inc();
         debug!(attempts, "enriched");
+    }
+
+    /// A record's output was acknowledged: the time since the input
+    /// record's timestamp (none when it has none, or it lies ahead).
+    pub fn record_end_to_end(&self, outcome: &'static str, input_timestamp_ms: Option<i64>) {
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let Some(ms) = input_timestamp_ms.map(|t| now_ms - t).filter(|ms| *ms >= 0) else {
+            return;
+        };
+        self.end_to_end
+            .get_or_create(&OutcomeLabel { outcome })
+            .observe(ms as f64 / 1000.0);
+    }
+
+    /// A produce the broker did not acknowledge (logged where it happens).
+    pub fn produce_error(
+        &self,
+        policy: &'static str,
+        code: Option<rdkafka::types::RDKafkaErrorCode>,
+    ) {
+        let code = code.map_or_else(|| "none".to_string(), |c| format!("{c:?}"));
+        self.produce_errors
+            .get_or_create(&ProduceErrorLabels { policy, code })
+            .inc();
     }
 
     pub fn record_dead_lettered(&self, dl: &DeadLetter) {
@@ -523,8 +589,25 @@ mod tests {
             2,
         );
         s.partitions_changed(&[("in".into(), 3)], true);
+        let two_seconds_ago = chrono::Utc::now().timestamp_millis() - 2_000;
+        s.record_end_to_end("enriched", Some(two_seconds_ago));
+        s.record_end_to_end("enriched", None);
+        s.produce_error(
+            "retry",
+            Some(rdkafka::types::RDKafkaErrorCode::MessageTimedOut),
+        );
         let text = s.encode();
         for line in [
+            concat!(
+                "uincall_enricher_build_info{version=\"",
+                env!("CARGO_PKG_VERSION"),
+                "\"} 1"
+            ),
+            "uincall_enricher_record_end_to_end_duration_seconds_count{outcome=\"enriched\"} 1",
+            "uincall_enricher_record_end_to_end_duration_seconds_bucket{le=\"1.0\",outcome=\"enriched\"} 0",
+            "uincall_enricher_record_end_to_end_duration_seconds_bucket{le=\"2.5\",outcome=\"enriched\"} 1",
+            "uincall_enricher_produce_errors_total{policy=\"retry\",code=\"MessageTimedOut\"} 1",
+            "# UNIT uincall_enricher_record_end_to_end_duration_seconds seconds",
             "uincall_enricher_records_consumed_total 1",
             "uincall_enricher_api_calls_total{status=\"200\",errcode=\"10001\"} 1",
             "uincall_enricher_api_calls_total{status=\"transport\",errcode=\"none\"} 1",
@@ -561,6 +644,8 @@ mod tests {
             .inc();
         s.consumer_lag.get_or_create(&partition).set(1);
         s.committed_offset.get_or_create(&partition).set(1);
+        s.record_end_to_end("enriched", Some(0));
+        s.produce_error("retry", None);
         let text = s.encode();
         let served: Vec<&str> = text
             .lines()
@@ -570,9 +655,12 @@ mod tests {
         assert_eq!(
             served,
             [
+                "build",
                 "records_consumed",
                 "records_enriched",
                 "records_dead_lettered",
+                "record_end_to_end_duration_seconds",
+                "produce_errors",
                 "api_calls",
                 "api_call_duration_seconds",
                 "api_retries",

@@ -1,5 +1,7 @@
 //! Logging: JSON or text lines on stderr, filtered by `log.level` or
-//! `RUST_LOG`. Record spans carry session_id and tenant_id, never a token.
+//! `RUST_LOG`. JSON lines are flat (`message` and the event's fields at the
+//! top level, the record's span under `span`). Record spans carry
+//! session_id and tenant_id, never a token.
 
 use tracing_subscriber::{EnvFilter, fmt};
 
@@ -14,6 +16,7 @@ pub fn init(log: &LogSettings) {
     let _ = match log.format {
         LogFormat::Json => builder
             .json()
+            .flatten_event(true)
             .with_current_span(true)
             .with_span_list(false)
             .try_init(),

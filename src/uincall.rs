@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
 use reqwest::header::RETRY_AFTER;
@@ -111,6 +111,17 @@ pub struct UincallClient {
     base: Url,
 }
 
+/// A `Retry-After` value: delay seconds, or an HTTP date (the wait until
+/// then; none when it is past).
+fn retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    at.duration_since(now).ok()
+}
+
 /// One answer and how long it took.
 #[derive(Debug, Clone)]
 pub struct Timed {
@@ -181,8 +192,7 @@ impl UincallClient {
                     .headers()
                     .get(RETRY_AFTER)
                     .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.trim().parse::<u64>().ok())
-                    .map(Duration::from_secs);
+                    .and_then(|v| retry_after(v, SystemTime::now()));
                 match resp.bytes().await {
                     Ok(body) => ApiAnswer::Http {
                         status,
@@ -279,5 +289,21 @@ mod tests {
         assert_eq!(store.get("tenant-a").unwrap().expose_secret(), "tok-a2");
         assert_eq!(old.expose_secret(), "tok-a", "a copy in use is unchanged");
         assert_eq!(store.reload_dir(dir.path()).unwrap(), 0, "nothing new");
+    }
+
+    #[test]
+    fn retry_after_takes_seconds_or_an_http_date() {
+        let now = httpdate::parse_http_date("Wed, 25 Nov 2026 10:00:00 GMT").unwrap();
+        assert_eq!(retry_after(" 7 ", now), Some(Duration::from_secs(7)));
+        assert_eq!(
+            retry_after("Wed, 25 Nov 2026 10:00:30 GMT", now),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(
+            retry_after("Wed, 25 Nov 2026 09:59:00 GMT", now),
+            None,
+            "past"
+        );
+        assert_eq!(retry_after("soon", now), None);
     }
 }

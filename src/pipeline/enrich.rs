@@ -108,7 +108,8 @@ impl Enricher {
     /// The API client, tokens, policies and the producer, from the settings.
     pub async fn build(settings: Arc<Settings>, stats: Arc<Stats>) -> anyhow::Result<Enricher> {
         let k = &settings.kafka;
-        let publisher = Publisher::new(&settings, &[&k.output_topic, &k.dead_letter_topic]).await?;
+        let topics = [k.output_topic.as_str(), k.dead_letter_topic.as_str()];
+        let publisher = Publisher::new(&settings, stats.clone(), &topics).await?;
         let tokens = TokenStore::from_settings(&settings.api)?;
         if tokens.tenants() == 0 {
             warn!(
@@ -310,6 +311,7 @@ impl Enricher {
         };
         match self.publisher.send(out, stop).await {
             Ok(()) => {
+                (self.stats).record_end_to_end("enriched", rec.source.timestamp_ms);
                 self.stats.record_enriched(attempts.count);
                 Ok(Disposition::Enriched)
             }
@@ -345,6 +347,7 @@ impl Enricher {
         };
         match self.publisher.dead_letter(out, &stamp, stop).await {
             Ok(()) => {
+                (self.stats).record_end_to_end("dead_lettered", rec.source.timestamp_ms);
                 self.stats.record_dead_lettered(&dl);
                 Ok(Disposition::DeadLettered(dl.class))
             }

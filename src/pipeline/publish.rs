@@ -3,6 +3,7 @@
 //! the worker and `replay`; dead letters cut down when the topic refuses
 //! them whole.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -18,6 +19,7 @@ use crate::dead_letter::{self, Stamp, Truncated};
 use crate::kafka;
 use crate::retry;
 use crate::settings::Settings;
+use crate::stats::Stats;
 
 /// What to do about a produce error, with the reason.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,6 +30,17 @@ pub enum ProducePolicy {
     Reject(&'static str),
     /// The producer cannot go on.
     Fatal(&'static str),
+}
+
+impl ProducePolicy {
+    /// The `policy` label of `produce_errors_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            ProducePolicy::Retry(_) => "retry",
+            ProducePolicy::Reject(_) => "reject",
+            ProducePolicy::Fatal(_) => "fatal",
+        }
+    }
 }
 
 /// The produce policy: a pure function of the error.
@@ -76,6 +89,7 @@ pub struct Outgoing<'a> {
 /// The idempotent producer, the produce timeout and the retry schedule.
 pub struct Publisher {
     producer: FutureProducer,
+    stats: Arc<Stats>,
     timeout: Duration,
     backoff: ExponentialBuilder,
     /// The smallest `max.message.bytes` of the topics written, when the
@@ -86,13 +100,18 @@ pub struct Publisher {
 impl Publisher {
     /// A producer for `topics`, its batches sized to their
     /// `max.message.bytes` when the cluster tells it.
-    pub async fn new(settings: &Settings, topics: &[&str]) -> anyhow::Result<Publisher> {
+    pub async fn new(
+        settings: &Settings,
+        stats: Arc<Stats>,
+        topics: &[&str],
+    ) -> anyhow::Result<Publisher> {
         let k = &settings.kafka;
         let max_message_bytes = kafka::max_message_bytes(k, topics).await;
         Ok(Publisher {
             producer: kafka::producer_config(k, max_message_bytes)
                 .create()
                 .context("creating the Kafka producer")?,
+            stats,
             timeout: k.produce_timeout,
             backoff: retry::backoff(&settings.retry),
             max_message_bytes,
@@ -118,7 +137,10 @@ impl Publisher {
                 Ok(_) => return Ok(()),
                 Err((e, _)) => e,
             };
-            let why = match produce_policy(&error) {
+            let policy = produce_policy(&error);
+            self.stats
+                .produce_error(policy.label(), error.rdkafka_error_code());
+            let why = match policy {
                 ProducePolicy::Reject(why) => {
                     warn!(topic = out.topic, error = %error, reason = why, "the broker refused the record");
                     return Err(ProduceError::Rejected(error));
@@ -207,11 +229,7 @@ mod tests {
     #[test]
     fn produce_errors_map_to_retry_reject_or_fatal() {
         let policy = |code| produce_policy(&KafkaError::MessageProduction(code));
-        let kind = |p: ProducePolicy| match p {
-            ProducePolicy::Retry(_) => "retry",
-            ProducePolicy::Reject(_) => "reject",
-            ProducePolicy::Fatal(_) => "fatal",
-        };
+        let kind = |p: ProducePolicy| p.label();
         use RDKafkaErrorCode as C;
         // CORRUPT_MESSAGE: a batch damaged on the wire is sent again.
         assert_eq!(kind(policy(C::InvalidMessage)), "retry");

@@ -100,7 +100,8 @@ impl Target {
             return Ok(Target::Direct(Arc::new(enricher)));
         }
         let topic = settings.kafka.input_topic.clone();
-        let publisher = Publisher::new(settings, &[&topic]).await?;
+        let stats = Arc::new(Stats::default());
+        let publisher = Publisher::new(settings, stats, &[&topic]).await?;
         Ok(Target::Input(Arc::new(publisher), topic))
     }
 

@@ -57,6 +57,18 @@ async fn side_port_serves_health_readiness_and_metrics_of_the_real_binary() {
         metrics.contains("# TYPE uincall_enricher_api_calls counter"),
         "{metrics}"
     );
+    // Build, and each output's time from the input record's timestamp.
+    for line in [
+        concat!(
+            "uincall_enricher_build_info{version=\"",
+            env!("CARGO_PKG_VERSION"),
+            "\"} 1\n"
+        ),
+        "uincall_enricher_record_end_to_end_duration_seconds_count{outcome=\"enriched\"} 2\n",
+        "uincall_enricher_record_end_to_end_duration_seconds_count{outcome=\"dead_lettered\"} 1\n",
+    ] {
+        assert!(metrics.contains(line), "{line} missing in\n{metrics}");
+    }
     assert!(!metrics.contains(&env.token));
 
     sigterm(&child);
