@@ -11,6 +11,8 @@
 //! - [`retry`]: backoff, attempt and time budgets, shutdown-aware waits.
 //! - [`systemic`]: when the API fails as a whole: the breaker and its probe
 //!   task.
+//! - [`tenants`]: a tenant whose token is refused is held alone (its own
+//!   breaker and probe); the others go on.
 //! - [`rate_limit`]: calls per second per tenant, back-off on "too many".
 //! - [`labels`]: decoded labels for the coded fields.
 //! - [`record`]: the enriched record and its headers.
@@ -56,6 +58,7 @@ pub mod side_port;
 pub mod stats;
 pub mod systemic;
 pub mod telemetry;
+pub mod tenants;
 #[cfg(feature = "demo")]
 pub mod topics;
 pub mod uincall;

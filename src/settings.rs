@@ -247,6 +247,10 @@ pub struct PipelineSettings {
     /// `api.request_timeout`: a record retrying within its budget is no stall.
     #[serde(with = "humantime_serde")]
     pub stall_timeout: Duration,
+    /// Records of held tenants (their token refused) that may wait beside
+    /// the window; beyond it they count against the window, so the worker
+    /// stops taking records and memory stays bounded.
+    pub max_held_records: usize,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -65,9 +65,10 @@ async fn healthz(State(side): State<Side>) -> impl IntoResponse {
         }
         Some(_) => {}
     }
-    // Waiting out a systemic failure is intended, not a stall: a restart
-    // would not help (readiness reports it).
+    // Waiting out a systemic failure, or a held tenant, is intended, not a
+    // stall: a restart would not help (readiness and metrics report it).
     if !stats.is_systemic()
+        && stats.held_tenants().is_empty()
         && let Some((topic, partition, still)) = stats.stalled_partition(side.stall_timeout)
     {
         return unavailable(format!(
@@ -81,16 +82,30 @@ async fn healthz(State(side): State<Side>) -> impl IntoResponse {
 async fn readyz(State(side): State<Side>) -> impl IntoResponse {
     let stats = &side.stats;
     let assigned = stats.assigned_partitions();
+    let held = stats.held_tenants();
+    let held_text = held
+        .iter()
+        .map(|(t, why)| format!("{t} ({why})"))
+        .collect::<Vec<_>>()
+        .join(", ");
     if stats.is_systemic() {
         unavailable("not ready: systemic failure of the API (see the log and uincall_enricher_systemic_failure)\n".to_string())
+    } else if stats.every_tenant_held() {
+        unavailable(format!(
+            "not ready: systemic failure of every tenant: {held_text} (see uincall_enricher_tenant_held)\n"
+        ))
     } else if !stats.broker_reachable() {
         unavailable("not ready: no Kafka broker connected\n".to_string())
     } else if assigned == 0 {
         unavailable("not ready: no partition assigned\n".to_string())
     } else {
+        let held = match held.is_empty() {
+            true => String::new(),
+            false => format!("; held tenants: {held_text}"),
+        };
         (
             StatusCode::OK,
-            format!("ready: {assigned} partitions assigned\n"),
+            format!("ready: {assigned} partitions assigned{held}\n"),
         )
     }
 }

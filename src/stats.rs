@@ -51,6 +51,12 @@ struct ResultLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TenantLabel {
+    /// A tenant with an access token (the configured set bounds it).
+    tenant: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabel {
     /// `enriched` or `dead_lettered`.
     outcome: &'static str,
@@ -93,6 +99,12 @@ pub struct Stats {
     consumer_lag: Family<PartitionLabels, Gauge>,
     committed_offset: Family<PartitionLabels, Gauge>,
     end_to_end: Family<OutcomeLabel, Histogram>,
+    tenant_held: Family<TenantLabel, Gauge>,
+    records_held: Gauge,
+    /// Held tenants and why, for the side port.
+    held_tenants: Mutex<std::collections::BTreeMap<String, String>>,
+    /// Tenants with an access token.
+    known_tenants: AtomicU64,
     produce_errors: Family<ProduceErrorLabels, Counter>,
     /// Every API call (the labelled family cannot be summed).
     api_calls_total: AtomicU64,
@@ -145,6 +157,10 @@ impl Default for Stats {
             committed_offset: Family::default(),
             end_to_end: Family::new_with_constructor(|| Histogram::new(END_TO_END_BUCKETS)),
             produce_errors: Family::default(),
+            tenant_held: Family::default(),
+            records_held: Gauge::default(),
+            held_tenants: Mutex::new(Default::default()),
+            known_tenants: AtomicU64::new(0),
             api_calls_total: AtomicU64::new(0),
             brokers_up: AtomicI64::new(-1),
             loop_beat_ms: AtomicU64::new(0),
@@ -266,6 +282,16 @@ impl Stats {
             "systemic_failures",
             "Times the worker entered systemic failure, by cause",
             self.systemic_entered.clone(),
+        );
+        r.register(
+            "tenant_held",
+            "1 while the tenant's records are held (its access token refused: a systemic errcode); the other tenants go on",
+            self.tenant_held.clone(),
+        );
+        r.register(
+            "records_held",
+            "Records waiting for their held tenant now (not counted in the window, up to pipeline.max_held_records)",
+            self.records_held.clone(),
         );
     }
 
@@ -422,6 +448,46 @@ impl Stats {
 
     pub fn probe_failed(&self, reason: &str, next_in: Duration) {
         warn!(reason, next_in = ?next_in, "probe: the API still fails");
+    }
+
+    /// The tenant's records are held from now on.
+    pub fn tenant_held(&self, tenant: &str, cause: &Cause) {
+        let label = TenantLabel {
+            tenant: tenant.to_string(),
+        };
+        self.tenant_held.get_or_create(&label).set(1);
+        (self.held_tenants.lock().unwrap()).insert(tenant.to_string(), cause.to_string());
+        error!(tenant, cause = %cause, "tenant held: its records wait (not dead-lettered) until a probe shows the API answers it again; the other tenants go on");
+    }
+
+    /// The tenant's records go on again.
+    pub fn tenant_released(&self, tenant: &str, lasted: Duration) {
+        let label = TenantLabel {
+            tenant: tenant.to_string(),
+        };
+        self.tenant_held.get_or_create(&label).set(0);
+        self.held_tenants.lock().unwrap().remove(tenant);
+        info!(tenant, lasted = ?lasted, "tenant released: its records go on");
+    }
+
+    /// Held tenants and why.
+    pub fn held_tenants(&self) -> std::collections::BTreeMap<String, String> {
+        self.held_tenants.lock().unwrap().clone()
+    }
+
+    /// Tenants with an access token (set at start and on every reload).
+    pub fn set_known_tenants(&self, n: usize) {
+        self.known_tenants.store(n as u64, Ordering::Relaxed);
+    }
+
+    /// Every tenant with a token is held: the worker can do nothing useful.
+    pub fn every_tenant_held(&self) -> bool {
+        let known = self.known_tenants.load(Ordering::Relaxed) as usize;
+        known > 0 && self.held_tenants.lock().unwrap().len() >= known
+    }
+
+    pub fn set_records_held(&self, n: usize) {
+        self.records_held.set(n as i64);
     }
 
     pub fn is_systemic(&self) -> bool {
@@ -642,6 +708,7 @@ mod tests {
         s.systemic_entered
             .get_or_create(&CauseLabel { cause: "x" })
             .inc();
+        s.tenant_held("t", &Cause::Errcode(40001));
         s.consumer_lag.get_or_create(&partition).set(1);
         s.committed_offset.get_or_create(&partition).set(1);
         s.record_end_to_end("enriched", Some(0));
@@ -672,6 +739,8 @@ mod tests {
                 "partitions_assigned",
                 "systemic_failure",
                 "systemic_failures",
+                "tenant_held",
+                "records_held",
                 "consumer_lag",
                 "committed_offset",
             ]

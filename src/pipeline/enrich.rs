@@ -2,15 +2,15 @@
 //! API (retries, rate limits, systemic failure), then publish the enriched
 //! record or a dead letter and wait for the broker's acknowledgement.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
 use chrono::Utc;
 use rdkafka::message::{Header, OwnedHeaders};
 use secrecy::{ExposeSecret, SecretString};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -27,6 +27,7 @@ use crate::retry::{self, Attempts, Gate, RetryOutcome, RetryPolicy};
 use crate::settings::Settings;
 use crate::stats::Stats;
 use crate::systemic::{Breaker, CallOutcome, Cause, DeadLetterGate, Probe, ProbeTarget};
+use crate::tenants::{NewTenants, Tenants};
 use crate::uincall::{Timed, TokenStore, UincallClient};
 
 /// How a record ended.
@@ -57,6 +58,9 @@ pub struct Enricher {
     errcodes: ErrcodePolicy,
     retry: RetryPolicy,
     breaker: Arc<Breaker>,
+    tenants: Tenants,
+    /// Breakers of newly held tenants, for the task that probes them.
+    new_tenants: Mutex<Option<NewTenants>>,
     limits: RateLimits,
     publisher: Publisher,
     stats: Arc<Stats>,
@@ -65,17 +69,87 @@ pub struct Enricher {
     enriching: Semaphore,
 }
 
-/// What a record waits for before each API call: the end of a systemic
-/// failure, then its tenant's rate limit.
+/// What a record waits for before each API call: its tenant not held (the
+/// record gives its window place back meanwhile and counts as held), a
+/// place in the window, the end of a systemic failure, then its tenant's
+/// rate limit.
 struct RecordGate<'a> {
-    breaker: &'a Breaker,
-    limits: &'a RateLimits,
+    enricher: &'a Enricher,
     tenant: &'a str,
+    /// The record's `pipeline.max_in_flight` place, while it has one.
+    slot: Mutex<Option<SemaphorePermit<'a>>>,
+}
+
+impl<'a> RecordGate<'a> {
+    fn new(enricher: &'a Enricher, tenant: &'a str) -> Self {
+        RecordGate {
+            enricher,
+            tenant,
+            slot: Mutex::new(None),
+        }
+    }
+
+    /// Waits while the tenant is held, without a window place and counted
+    /// as held; `false` on shutdown.
+    async fn wait_for_tenant(&self, stop: &CancellationToken) -> bool {
+        let tenants = &self.enricher.tenants;
+        while let Some(held) = tenants.get(self.tenant).filter(|b| b.is_open()) {
+            self.slot.lock().unwrap().take();
+            let _counted = tenants.hold();
+            if !held.wait_closed(stop).await {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Takes a window place unless the record has one; `false` on shutdown.
+    async fn take_slot(&self, stop: &CancellationToken) -> bool {
+        if self.slot.lock().unwrap().is_some() {
+            return true;
+        }
+        let slot = tokio::select! {
+            slot = self.enricher.enriching.acquire() => slot.expect("the semaphore is never closed"),
+            _ = stop.cancelled() => return false,
+        };
+        *self.slot.lock().unwrap() = Some(slot);
+        true
+    }
 }
 
 impl Gate for RecordGate<'_> {
     async fn pass(&self, shutdown: &CancellationToken) -> bool {
-        self.breaker.wait_closed(shutdown).await && self.limits.acquire(self.tenant, shutdown).await
+        let e = self.enricher;
+        self.wait_for_tenant(shutdown).await
+            && self.take_slot(shutdown).await
+            && e.breaker.wait_closed(shutdown).await
+            && e.limits.acquire(self.tenant, shutdown).await
+    }
+}
+
+/// The probe of one held tenant: asks with the worker's client and the
+/// tenant's token, reports per tenant (it does not make the worker unready
+/// unless every tenant is held).
+struct TenantProbe {
+    enricher: Arc<Enricher>,
+    tenant: String,
+}
+
+impl Probe for TenantProbe {
+    async fn ask(&self, t: &ProbeTarget) -> Result<(ApiAnswer, Verdict), String> {
+        self.enricher.ask(t).await
+    }
+
+    fn opened(&self, cause: &Cause) {
+        self.enricher.stats.tenant_held(&self.tenant, cause);
+    }
+
+    fn failed(&self, reason: &str, next_in: Duration) {
+        self.enricher.stats.probe_failed(reason, next_in);
+    }
+
+    fn closed(&self, lasted: Duration) {
+        self.enricher.stats.tenant_released(&self.tenant, lasted);
     }
 }
 
@@ -116,8 +190,12 @@ impl Enricher {
                 "no access tokens are configured: every event will be dead-lettered as invalid_event"
             );
         }
+        stats.set_known_tenants(tokens.tenants());
+        let (tenants, new_tenants) = Tenants::new(&settings.systemic);
         Ok(Enricher {
             client: UincallClient::new(&settings.api, settings.pipeline.max_in_flight)?,
+            tenants,
+            new_tenants: Mutex::new(Some(new_tenants)),
             tokens,
             errcodes: ErrcodePolicy::from_settings(&settings.retry),
             retry: RetryPolicy::from_settings(&settings.retry),
@@ -133,10 +211,44 @@ impl Enricher {
     /// Starts what runs beside the record tasks until `stop`: the
     /// systemic-failure probe and the token reload.
     pub fn start_helpers(self: &Arc<Self>, stop: &CancellationToken) -> Vec<JoinHandle<()>> {
-        vec![
+        let mut helpers = vec![
             self.breaker.start_probe(self.clone(), stop.clone()),
             tokio::spawn(self.clone().reload_tokens(stop.clone())),
-        ]
+        ];
+        if let Some(new_tenants) = self.new_tenants.lock().unwrap().take() {
+            helpers.push(tokio::spawn(
+                self.clone().probe_tenants(new_tenants, stop.clone()),
+            ));
+        }
+        helpers
+    }
+
+    /// Starts the probe of each tenant's breaker as it is created; runs
+    /// until `stop`, then waits for the probes.
+    async fn probe_tenants(self: Arc<Self>, mut created: NewTenants, stop: CancellationToken) {
+        let mut probes = Vec::new();
+        loop {
+            let (tenant, breaker) = tokio::select! {
+                _ = stop.cancelled() => break,
+                next = created.recv() => match next {
+                    Some(next) => next,
+                    None => break,
+                },
+            };
+            let probe = Arc::new(TenantProbe {
+                enricher: self.clone(),
+                tenant,
+            });
+            probes.push(breaker.start_probe(probe, stop.clone()));
+        }
+        for p in probes {
+            let _ = p.await;
+        }
+    }
+
+    /// Records waiting for their held tenant now.
+    pub fn held_records(&self) -> usize {
+        self.tenants.held_records()
     }
 
     /// The systemic-failure state (the consume loop pauses on it).
@@ -195,25 +307,17 @@ impl Enricher {
     }
 
     /// Calls the API, within the window of `pipeline.max_in_flight`, until
-    /// a verdict is final. A dead letter the breaker holds (systemic
-    /// failure) starts over once the failure ends.
+    /// a verdict is final. A dead letter held (its tenant held, or the API
+    /// failing as a whole) starts over once that ends.
     async fn fetch(
         &self,
         event: &CallEnded,
         token: &SecretString,
         stop: &CancellationToken,
     ) -> Fetched {
-        // Released on return: the next record's calls start while this one
-        // is published.
-        let _slot = tokio::select! {
-            slot = self.enriching.acquire() => slot.expect("the semaphore is never closed"),
-            _ = stop.cancelled() => return Fetched::Abandoned,
-        };
-        let gate = RecordGate {
-            breaker: &self.breaker,
-            limits: &self.limits,
-            tenant: &event.tenant_id,
-        };
+        // Dropped on return with its window place: the next record's calls
+        // start while this one is published.
+        let gate = RecordGate::new(self, &event.tenant_id);
         let latency_us = AtomicU64::new(0);
         let latency = &latency_us;
         loop {
@@ -227,11 +331,12 @@ impl Enricher {
             return match outcome {
                 RetryOutcome::Abandoned => Fetched::Abandoned,
                 RetryOutcome::Permanent(..) | RetryOutcome::Exhausted(..)
-                    if self.breaker.on_dead_letter(|| probe_target(event))
-                        == DeadLetterGate::Hold =>
+                    if self.holds_dead_letter(event) =>
                 {
-                    debug!("dead letter held during systemic failure; the record starts over");
-                    if !self.breaker.wait_closed(stop).await {
+                    debug!(
+                        "dead letter held (tenant held or systemic failure); the record starts over"
+                    );
+                    if !(gate.wait_for_tenant(stop).await && self.breaker.wait_closed(stop).await) {
                         return Fetched::Abandoned;
                     }
                     continue;
@@ -249,6 +354,13 @@ impl Enricher {
                 }
             };
         }
+    }
+
+    /// Whether a record's dead letter must wait: its tenant is held, or the
+    /// breaker holds it (systemic failure, or too many dead letters).
+    fn holds_dead_letter(&self, event: &CallEnded) -> bool {
+        self.tenants.is_held(&event.tenant_id)
+            || self.breaker.on_dead_letter(|| probe_target(event)) == DeadLetterGate::Hold
     }
 
     /// One API call for the record (attempt `n`), with the breaker and the
@@ -269,8 +381,14 @@ impl Enricher {
         let (session, tenant) = (&event.session_id, &event.tenant_id);
         let (t, verdict) = self.call(session, tenant, event.call_type, &token, n).await;
         latency_us.store(t.latency.as_micros() as u64, Ordering::Relaxed);
-        self.breaker
-            .on_call(CallOutcome::of(&t.answer, &verdict), || probe_target(event));
+        // A systemic errcode is the tenant's (its token); the rest tells
+        // about the API as a whole.
+        match CallOutcome::of(&t.answer, &verdict) {
+            o @ CallOutcome::Systemic(_) => {
+                (self.tenants.breaker(tenant)).on_call(o, || probe_target(event))
+            }
+            o => self.breaker.on_call(o, || probe_target(event)),
+        }
         match &verdict {
             Verdict::RateLimited(f) => {
                 let wait = self.limits.limited(tenant, f.retry_after);
@@ -278,7 +396,11 @@ impl Enricher {
             }
             _ => self.limits.answered(tenant),
         }
-        self.breaker.blame(verdict)
+        let verdict = self.breaker.blame(verdict);
+        match self.tenants.get(tenant) {
+            Some(held) => held.blame(verdict),
+            None => verdict,
+        }
     }
 
     /// Publishes the enriched record; one the output topic refuses (too
@@ -392,11 +514,14 @@ impl Enricher {
             }
             match self.tokens.reload_dir(dir) {
                 Ok(0) => {}
-                Ok(changed) => info!(
-                    changed,
-                    tenants = self.tokens.tenants(),
-                    "access tokens reloaded from api.tokens_dir"
-                ),
+                Ok(changed) => {
+                    self.stats.set_known_tenants(self.tokens.tenants());
+                    info!(
+                        changed,
+                        tenants = self.tokens.tenants(),
+                        "access tokens reloaded from api.tokens_dir"
+                    )
+                }
                 Err(e) => warn!(
                     error = format!("{e:#}"),
                     "reading api.tokens_dir failed; the tokens in use are kept"

@@ -202,14 +202,14 @@ impl Worker {
     async fn consume(&self, run: &mut Running, shutdown: &CancellationToken) -> Phase {
         let drain_timeout = self.settings.pipeline.drain_timeout;
         loop {
-            let in_flight = run.tasks.len();
+            let in_flight = self.admitted(&run.tasks);
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => {
-                    info!(in_flight, "shutdown requested, draining");
+                    info!(in_flight = run.tasks.len(), "shutdown requested, draining");
                     return Phase::drain(drain_timeout, None);
                 }
-                Some(joined) = run.tasks.join_next(), if in_flight > 0 => {
+                Some(joined) = run.tasks.join_next(), if !run.tasks.is_empty() => {
                     if let Err(e) = complete(joined) {
                         error!(error = format!("{e:#}"), "fatal error, stopping the worker");
                         return Phase::drain(drain_timeout, Some(e));
@@ -223,17 +223,26 @@ impl Worker {
                 Ok(()) = run.systemic.changed() => {
                     run.systemic.borrow_and_update();
                 }
-                _ = run.progress.tick() => self.log_progress(in_flight),
+                _ = run.progress.tick() => self.log_progress(run.tasks.len()),
                 _ = run.heartbeat.tick() => self.settle_idle_partitions(&run.stop_work),
             }
             self.stats.beat();
-            let in_flight = run.tasks.len();
-            self.stats.set_in_flight(in_flight);
+            self.stats.set_in_flight(run.tasks.len());
+            let in_flight = self.admitted(&run.tasks);
             let systemic = run.systemic.borrow().is_some();
             if let Some(change) = run.flow.decide(in_flight, Instant::now(), systemic) {
                 self.apply(change, &mut run.flow, in_flight);
             }
         }
+    }
+
+    /// Records counted against the window: all in flight but those waiting
+    /// for a held tenant, up to `pipeline.max_held_records` of them.
+    fn admitted(&self, tasks: &JoinSet<Completion>) -> usize {
+        let held = self.enricher.held_records();
+        self.stats.set_records_held(held);
+        let max_held = self.settings.pipeline.max_held_records;
+        tasks.len().saturating_sub(held.min(max_held))
     }
 
     /// Starts a task for one record; it stores its own offset when done.

@@ -13,5 +13,6 @@ mod replay;
 mod retries;
 mod secrets;
 mod side_port;
+mod tenants;
 #[path = "../testkit/mod.rs"]
 mod testkit;

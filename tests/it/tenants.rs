@@ -1,0 +1,94 @@
+//! Tenants do not hurt each other: one tenant's access token refused (a
+//! systemic errcode) holds that tenant's records only.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use crate::testkit;
+use uincall_enricher::fake_api::ERRCODE_BAD_TOKEN;
+
+use crate::helpers::*;
+
+fn sessions(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}-{i:05}")).collect()
+}
+
+/// Events of `tenant`, for each session.
+fn events(tenant: &str, sessions: &[String]) -> Vec<(Option<Vec<u8>>, Vec<u8>)> {
+    sessions
+        .iter()
+        .map(|s| {
+            let v = serde_json::json!({"session_id": s, "tenant_id": tenant});
+            (Some(s.as_bytes().to_vec()), v.to_string().into_bytes())
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_tenant_whose_token_is_refused_is_held_alone_and_resumes_with_a_new_token() {
+    let env = TestEnv::new("tenants", 2, Duration::from_millis(5)).await;
+    let (healthy, expired) = (env.tenant.clone(), format!("{}-b", env.tenant));
+    let expired_token = format!("{}-b", env.token);
+    env.api.set_token(&expired, &expired_token);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join(&healthy), &env.token).unwrap();
+    let expired_file = dir.path().join(&expired);
+    std::fs::write(&expired_file, &expired_token).unwrap();
+    let mut s = env.settings();
+    s.api.tokens.clear();
+    s.api.tokens_dir = Some(dir.path().to_path_buf());
+    s.api.tokens_reload_interval = Duration::from_millis(100);
+    s.retry.systemic_errcodes = vec![ERRCODE_BAD_TOKEN];
+    s.retry.max_attempts = 2; // a counted failure would dead-letter soon
+    // A window far smaller than the held records: held records must give
+    // their places back, in the window and in what the loop admits.
+    s.pipeline.max_in_flight = 16;
+    let worker = env.start_worker(s).await;
+    let side = serve_side_port(&worker).await;
+
+    // The API refuses the second tenant's token from now on; its events
+    // come first in both partitions, the healthy tenant's after them.
+    let rotated = format!("{expired_token}-rotated");
+    env.api.set_token(&expired, &rotated);
+    let (held, fine) = (sessions("held", 100), sessions("fine", 400));
+    testkit::produce(&env.bootstrap(), &env.input, events(&expired, &held))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    testkit::produce(&env.bootstrap(), &env.input, events(&healthy, &fine))
+        .await
+        .unwrap();
+
+    // Every record of the healthy tenant is enriched while the other waits.
+    let out = env.read_output(fine.len()).await;
+    let took = started.elapsed();
+    let keys: BTreeSet<String> = out.iter().map(key).collect();
+    assert_eq!(keys, fine.iter().cloned().collect::<BTreeSet<_>>());
+    let ready = loop {
+        let body = until_status(&format!("{side}/readyz"), 200).await;
+        if body.contains("held tenants") {
+            break body;
+        }
+    };
+    assert!(
+        ready.contains(&expired) && ready.contains("errcode"),
+        "{ready}"
+    );
+    assert_eq!(worker.stats.dead_lettered_total(), 0);
+    assert!(worker.stats.encode().contains(&format!(
+        "uincall_enricher_tenant_held{{tenant=\"{expired}\"}} 1"
+    )));
+    println!(
+        "healthy tenant: {} records in {took:?} while the other tenant was held",
+        fine.len()
+    );
+
+    // The Secret is updated: the held tenant's records go on.
+    std::fs::write(&expired_file, &rotated).unwrap();
+    let out = env.read_output(fine.len() + held.len()).await;
+    let keys: BTreeSet<String> = out.iter().map(key).collect();
+    assert_eq!(keys.len(), fine.len() + held.len());
+    until_status(&format!("{side}/readyz"), 200).await;
+    worker.stop().await.unwrap();
+    assert!(env.is_empty(&env.dlq), "nothing dead-lettered");
+}
