@@ -104,19 +104,11 @@ impl Tenants {
 mod tests {
     use super::*;
     use crate::systemic::{CallOutcome, ProbeTarget};
-    use std::time::Duration;
 
     fn settings() -> SystemicSettings {
-        SystemicSettings {
-            call_window: 10,
-            min_calls: 5,
-            failure_ratio: 0.8,
-            record_window: 10,
-            min_records: 4,
-            dead_letter_ratio: 0.5,
-            probe_min_delay: Duration::from_secs(1),
-            probe_max_delay: Duration::from_secs(8),
-        }
+        crate::settings::Settings::load_from(None, Vec::new())
+            .unwrap()
+            .systemic
     }
 
     #[test]
