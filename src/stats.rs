@@ -3,7 +3,7 @@
 //! labels, so logs and metrics never disagree. The side port encodes the
 //! registry; the demo and the tests read the counters.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -105,6 +105,8 @@ pub struct Stats {
     held_tenants: Mutex<std::collections::BTreeMap<String, String>>,
     /// Tenants with an access token.
     known_tenants: AtomicU64,
+    /// Errcodes shown as themselves in the `errcode` label.
+    errcode_labels: std::sync::RwLock<HashSet<i64>>,
     produce_errors: Family<ProduceErrorLabels, Counter>,
     /// Every API call (the labelled family cannot be summed).
     api_calls_total: AtomicU64,
@@ -161,6 +163,7 @@ impl Default for Stats {
             records_held: Gauge::default(),
             held_tenants: Mutex::new(Default::default()),
             known_tenants: AtomicU64::new(0),
+            errcode_labels: Default::default(),
             api_calls_total: AtomicU64::new(0),
             brokers_up: AtomicI64::new(-1),
             loop_beat_ms: AtomicU64::new(0),
@@ -312,14 +315,22 @@ impl Stats {
 }
 
 /// Text of one API answer for the `status` and `errcode` labels.
-fn answer_labels(verdict: &Verdict) -> AnswerLabels {
+/// The labels of one answer: the HTTP status (a bounded set) and the
+/// errcode, itself only when it is 0 or one of `shown` (the configured
+/// lists), else `other`: the API, not us, decides which codes exist.
+fn answer_labels(verdict: &Verdict, shown: &HashSet<i64>) -> AnswerLabels {
     let (status, errcode) = match verdict.failure() {
         None => (Some(200), Some(0)),
         Some(f) => (f.http_status, f.errcode),
     };
+    let errcode = match errcode {
+        None => "none".to_string(),
+        Some(c) if c == 0 || shown.contains(&c) => c.to_string(),
+        Some(_) => "other".to_string(),
+    };
     AnswerLabels {
         status: status.map_or_else(|| "transport".to_string(), |s| s.to_string()),
-        errcode: errcode.map_or_else(|| "none".to_string(), |c| c.to_string()),
+        errcode,
     }
 }
 
@@ -411,7 +422,8 @@ impl Stats {
     /// One API call: its answer (by status and errcode) and duration.
     /// `attempt` is the record's counted attempt this call would be.
     pub fn api_call(&self, verdict: &Verdict, latency: Duration, attempt: u32) {
-        self.api_calls.get_or_create(&answer_labels(verdict)).inc();
+        let labels = answer_labels(verdict, &self.errcode_labels.read().unwrap());
+        self.api_calls.get_or_create(&labels).inc();
         self.api_calls_total.fetch_add(1, Ordering::Relaxed);
         self.api_latency.observe(latency.as_secs_f64());
         if attempt > 1 {
@@ -473,6 +485,12 @@ impl Stats {
     /// Held tenants and why.
     pub fn held_tenants(&self) -> std::collections::BTreeMap<String, String> {
         self.held_tenants.lock().unwrap().clone()
+    }
+
+    /// The errcodes the `errcode` label shows as themselves (the
+    /// configured lists); any other non-zero errcode is `other`.
+    pub fn set_errcode_labels(&self, codes: impl IntoIterator<Item = i64>) {
+        *self.errcode_labels.write().unwrap() = codes.into_iter().collect();
     }
 
     /// Tenants with an access token (set at start and on every reload).
@@ -637,6 +655,7 @@ mod tests {
     #[test]
     fn metrics_have_units_labels_and_no_secret() {
         let s = Stats::default();
+        s.set_errcode_labels([10001]);
         s.record_consumed();
         s.api_call(
             &Verdict::Retry(ApiFailure {
@@ -653,6 +672,17 @@ mod tests {
             &Verdict::Retry(ApiFailure::new("timeout")),
             Duration::from_secs(10),
             2,
+        );
+        s.api_call(
+            &Verdict::DeadLetter(ApiFailure {
+                reason: "errcode 77777".into(),
+                http_status: Some(200),
+                errcode: Some(77777),
+                errmsg: None,
+                retry_after: None,
+            }),
+            Duration::from_millis(30),
+            1,
         );
         s.partitions_changed(&[("in".into(), 3)], true);
         let two_seconds_ago = chrono::Utc::now().timestamp_millis() - 2_000;
@@ -677,14 +707,19 @@ mod tests {
             "uincall_enricher_records_consumed_total 1",
             "uincall_enricher_api_calls_total{status=\"200\",errcode=\"10001\"} 1",
             "uincall_enricher_api_calls_total{status=\"transport\",errcode=\"none\"} 1",
-            "uincall_enricher_api_call_duration_seconds_count 2",
+            "uincall_enricher_api_calls_total{status=\"200\",errcode=\"other\"} 1",
+            "uincall_enricher_api_call_duration_seconds_count 3",
             "uincall_enricher_api_retries_total 1",
             "uincall_enricher_partitions_assigned 1",
             "# UNIT uincall_enricher_api_call_duration_seconds seconds",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
         }
-        assert_eq!(s.api_calls(), 2);
+        assert_eq!(s.api_calls(), 3);
+        assert!(
+            !text.contains("77777"),
+            "an unlisted errcode is not a label value"
+        );
     }
 
     #[test]

@@ -191,6 +191,13 @@ impl Enricher {
             );
         }
         stats.set_known_tenants(tokens.tenants());
+        let r = &settings.retry;
+        let listed = [
+            &r.permanent_errcodes,
+            &r.systemic_errcodes,
+            &r.rate_limited_errcodes,
+        ];
+        stats.set_errcode_labels(listed.into_iter().flatten().copied());
         let (tenants, new_tenants) = Tenants::new(&settings.systemic);
         Ok(Enricher {
             client: UincallClient::new(&settings.api, settings.pipeline.max_in_flight)?,
