@@ -3,16 +3,16 @@
 //! (HTTP 429 or a rate-limited errcode). Both are per replica: the tenant's
 //! quota must cover the limit times the number of replicas.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::num::NonZeroU32;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::settings::RateLimitSettings;
+use crate::settings::{RateLimitSettings, TenantSettings};
 
 /// A tenant's back-off after rate-limited answers.
 #[derive(Debug, Clone, Copy)]
@@ -25,19 +25,25 @@ struct Backoff {
 #[derive(Debug)]
 pub struct RateLimits {
     limiter: Option<DefaultKeyedRateLimiter<String>>,
+    /// Tenants with a limit of their own (`tenants.<id>.per_second`; `None`:
+    /// no limit).
+    own: HashMap<String, Option<DefaultDirectRateLimiter>>,
     backoff: Mutex<HashMap<String, Backoff>>,
     min: Duration,
     max: Duration,
 }
 
 impl RateLimits {
-    pub fn new(s: &RateLimitSettings) -> Self {
-        let limiter = NonZeroU32::new(s.per_tenant_per_second).map(|rate| {
-            let burst = NonZeroU32::new(s.burst).unwrap_or(NonZeroU32::MIN);
-            RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst))
-        });
+    pub fn new(s: &RateLimitSettings, tenants: &BTreeMap<String, TenantSettings>) -> Self {
+        let burst = NonZeroU32::new(s.burst).unwrap_or(NonZeroU32::MIN);
+        let quota = |rate| NonZeroU32::new(rate).map(|r| Quota::per_second(r).allow_burst(burst));
+        let own = tenants
+            .iter()
+            .filter_map(|(t, o)| Some((t.clone(), quota(o.per_second?).map(RateLimiter::direct))))
+            .collect();
         RateLimits {
-            limiter,
+            limiter: quota(s.per_tenant_per_second).map(RateLimiter::keyed),
+            own,
             backoff: Mutex::new(HashMap::new()),
             min: s.backoff_min,
             max: s.backoff_max,
@@ -59,7 +65,14 @@ impl RateLimits {
                 _ => break,
             }
         }
-        if let Some(limiter) = &self.limiter {
+        if let Some(own) = self.own.get(tenant) {
+            let Some(limiter) = own else { return true };
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return false,
+                _ = limiter.until_ready() => {}
+            }
+        } else if let Some(limiter) = &self.limiter {
             let key = tenant.to_string();
             tokio::select! {
                 biased;
@@ -108,13 +121,17 @@ impl RateLimits {
 mod tests {
     use super::*;
 
-    fn limits() -> RateLimits {
-        RateLimits::new(&RateLimitSettings {
-            per_tenant_per_second: 0,
+    fn settings(per_tenant_per_second: u32) -> RateLimitSettings {
+        RateLimitSettings {
+            per_tenant_per_second,
             burst: 1,
             backoff_min: Duration::from_secs(1),
             backoff_max: Duration::from_secs(5),
-        })
+        }
+    }
+
+    fn limits() -> RateLimits {
+        RateLimits::new(&settings(0), &BTreeMap::new())
     }
 
     #[tokio::test(start_paused = true)]
@@ -158,5 +175,33 @@ mod tests {
         l.limited("t", Some(Duration::from_secs(3600)));
         stop.cancel();
         assert!(!l.acquire("t", &stop).await);
+    }
+
+    #[tokio::test]
+    async fn a_tenant_with_a_limit_of_its_own_keeps_to_it_and_the_others_to_theirs() {
+        use futures::poll;
+        let own = |per_second| TenantSettings {
+            per_second: Some(per_second),
+            ..Default::default()
+        };
+        let tenants = BTreeMap::from([("slow".to_string(), own(1)), ("free".to_string(), own(0))]);
+        let l = RateLimits::new(&settings(1000), &tenants);
+        let stop = CancellationToken::new();
+        assert!(l.acquire("slow", &stop).await);
+        let mut second = std::pin::pin!(l.acquire("slow", &stop));
+        assert!(
+            poll!(second.as_mut()).is_pending(),
+            "1 per second: the next call waits"
+        );
+        for _ in 0..20 {
+            assert!(
+                l.acquire("free", &stop).await,
+                "0: no limit for this tenant"
+            );
+        }
+        assert!(
+            l.acquire("other", &stop).await,
+            "the others keep the common limit"
+        );
     }
 }

@@ -34,6 +34,34 @@ pub struct Settings {
     pub http: HttpSettings,
     pub log: LogSettings,
     pub labels: LabelSettings,
+    /// Per-tenant overrides, by tenant_id (`[tenants."<tenant_id>"]`).
+    #[serde(default)]
+    pub tenants: BTreeMap<String, TenantSettings>,
+}
+
+/// What one tenant does differently.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TenantSettings {
+    /// The tenant's own API (a private deployment) instead of `api.base_url`.
+    #[serde(default)]
+    pub base_url: Option<Url>,
+    /// The tenant's calls per second from this replica instead of
+    /// `rate_limit.per_tenant_per_second` (0 = no limit).
+    #[serde(default)]
+    pub per_second: Option<u32>,
+}
+
+impl TenantSettings {
+    fn validate(&self, tenant: &str) -> Result<(), SettingsError> {
+        match &self.base_url {
+            Some(url) if !matches!(url.scheme(), "http" | "https") => Err(invalid(
+                &format!("tenants.{tenant}.base_url"),
+                "must be an http or https URL",
+            )),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// The consumer group protocol (`kafka.group_protocol`).
@@ -501,6 +529,9 @@ impl Settings {
             "must be longer than retry.max_elapsed plus api.request_timeout (a record retrying within its budget is not a stall)",
         )?;
         self.pipeline.validate()?;
+        for (tenant, t) in &self.tenants {
+            t.validate(tenant)?;
+        }
         self.log.validate()
     }
 
@@ -1005,5 +1036,31 @@ mod tests {
             text.contains("\"security.protocol\" = \"SASL_SSL\""),
             "{text}"
         );
+    }
+
+    #[test]
+    fn tenant_overrides_load_and_a_bad_url_names_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.toml");
+        let toml =
+            "[tenants.\"t-private\"]\nbase_url = \"https://uincall.example\"\nper_second = 5\n";
+        std::fs::write(&path, toml).unwrap();
+        let s = Settings::load_from(Some(&path), env(&[])).unwrap();
+        let t = &s.tenants["t-private"];
+        assert_eq!(
+            t.base_url.as_ref().unwrap().as_str(),
+            "https://uincall.example/"
+        );
+        assert_eq!(t.per_second, Some(5));
+        std::fs::write(&path, "[tenants.t1]\nbase_url = \"ftp://x\"\n").unwrap();
+        let e = Settings::load_from(Some(&path), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("tenants.t1.base_url"), "{e}");
+        std::fs::write(&path, "[tenants.t1]\nper_secnd = 5\n").unwrap();
+        let e = Settings::load_from(Some(&path), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("per_secnd"), "{e}");
     }
 }

@@ -2,7 +2,7 @@
 //! as [`ApiAnswer`] for [`crate::classify`]. The access token rides in the
 //! query string, so no error produced here may print the URL.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
@@ -13,7 +13,7 @@ use secrecy::{ExposeSecret, SecretString};
 use url::Url;
 
 use crate::classify::{ApiAnswer, TransportKind};
-use crate::settings::ApiSettings;
+use crate::settings::{ApiSettings, TenantSettings};
 
 /// Access tokens by tenant, shared by all in-flight calls.
 #[derive(Clone, Default)]
@@ -109,6 +109,8 @@ fn read_tokens_dir(dir: &Path) -> anyhow::Result<Vec<(String, SecretString)>> {
 pub struct UincallClient {
     http: reqwest::Client,
     base: Url,
+    /// Tenants with an API of their own.
+    bases: BTreeMap<String, Url>,
 }
 
 /// A `Retry-After` value: delay seconds, or an HTTP date (the wait until
@@ -144,7 +146,17 @@ impl UincallClient {
         Ok(UincallClient {
             http,
             base: api.base_url.clone(),
+            bases: BTreeMap::new(),
         })
+    }
+
+    /// Tenants with an API of their own (`tenants.<id>.base_url`).
+    pub fn with_tenant_bases(mut self, tenants: &BTreeMap<String, TenantSettings>) -> Self {
+        self.bases = tenants
+            .iter()
+            .filter_map(|(t, s)| Some((t.clone(), s.base_url.clone()?)))
+            .collect();
+        self
     }
 
     /// The request URL. Holds the token: never log or return it.
@@ -155,7 +167,7 @@ impl UincallClient {
         token: &SecretString,
         call_type: Option<i64>,
     ) -> Url {
-        let mut url = self.base.clone();
+        let mut url = self.bases.get(tenant_id).unwrap_or(&self.base).clone();
         {
             let mut segments = url
                 .path_segments_mut()

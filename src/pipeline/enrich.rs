@@ -200,14 +200,15 @@ impl Enricher {
         stats.set_errcode_labels(listed.into_iter().flatten().copied());
         let (tenants, new_tenants) = Tenants::new(&settings.systemic);
         Ok(Enricher {
-            client: UincallClient::new(&settings.api, settings.pipeline.max_in_flight)?,
+            client: UincallClient::new(&settings.api, settings.pipeline.max_in_flight)?
+                .with_tenant_bases(&settings.tenants),
             tenants,
             new_tenants: Mutex::new(Some(new_tenants)),
             tokens,
             errcodes: ErrcodePolicy::from_settings(&settings.retry),
             retry: RetryPolicy::from_settings(&settings.retry),
             breaker: Arc::new(Breaker::new(&settings.systemic)),
-            limits: RateLimits::new(&settings.rate_limit),
+            limits: RateLimits::new(&settings.rate_limit, &settings.tenants),
             publisher,
             stats,
             enriching: Semaphore::new(settings.pipeline.max_in_flight),

@@ -92,3 +92,47 @@ async fn a_tenant_whose_token_is_refused_is_held_alone_and_resumes_with_a_new_to
     worker.stop().await.unwrap();
     assert!(env.is_empty(&env.dlq), "nothing dead-lettered");
 }
+
+#[tokio::test]
+async fn a_tenant_with_an_api_of_its_own_is_enriched_from_it() {
+    use std::collections::HashMap;
+    use uincall_enricher::fake_api::{FakeApi, FakeApiConfig};
+    use uincall_enricher::settings::TenantSettings;
+
+    let env = TestEnv::new("ownapi", 2, Duration::ZERO).await;
+    let private = format!("{}-private", env.tenant);
+    let own = FakeApi::start(FakeApiConfig {
+        latency: Duration::ZERO,
+        tokens: HashMap::from([(private.clone(), env.token.clone())]),
+    })
+    .await
+    .unwrap();
+    let mut s = env.settings();
+    let token = secrecy::SecretString::from(env.token.clone());
+    s.api.tokens.insert(private.clone(), token);
+    let base_url = Some(own.base_url().parse().unwrap());
+    let settings = TenantSettings {
+        base_url,
+        per_second: None,
+    };
+    s.tenants.insert(private.clone(), settings);
+    let worker = env.start_worker(s).await;
+    let (shared, theirs) = (sessions("shared", 30), sessions("private", 30));
+    let mut all = events(&env.tenant, &shared);
+    all.extend(events(&private, &theirs));
+    testkit::produce(&env.bootstrap(), &env.input, all)
+        .await
+        .unwrap();
+
+    let out = env.read_output(shared.len() + theirs.len()).await;
+    worker.stop().await.unwrap();
+    let keys: BTreeSet<String> = out.iter().map(key).collect();
+    assert_eq!(keys.len(), shared.len() + theirs.len());
+    for k in &theirs {
+        assert_eq!((own.calls(k), env.api.calls(k)), (1, 0), "{k}");
+    }
+    for k in &shared {
+        assert_eq!((env.api.calls(k), own.calls(k)), (1, 0), "{k}");
+    }
+    assert!(env.is_empty(&env.dlq));
+}
