@@ -10,7 +10,7 @@
 //! memory stays bounded). Its offset is not committed while it waits: after a
 //! restart it, and what followed it in its partition, is read again.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -79,15 +79,6 @@ impl Tenants {
         self.get(tenant).is_some_and(|b| b.is_open())
     }
 
-    /// The tenants held now, with why.
-    pub fn held_tenants(&self) -> BTreeMap<String, String> {
-        let breakers = self.breakers.lock().unwrap();
-        breakers
-            .iter()
-            .filter_map(|(t, b)| Some((t.clone(), b.cause()?.to_string())))
-            .collect()
-    }
-
     /// Counts a record as held until the returned guard is dropped.
     pub fn hold(&self) -> Held<'_> {
         self.held.fetch_add(1, Ordering::SeqCst);
@@ -124,11 +115,6 @@ mod tests {
             .on_call(CallOutcome::Systemic(40001), target);
         assert!(tenants.is_held("t1"));
         assert!(!tenants.is_held("t2"), "the other tenant goes on");
-        assert_eq!(
-            tenants.held_tenants().keys().collect::<Vec<_>>(),
-            ["t1"],
-            "held tenants are listed"
-        );
         let _ = tenants.breaker("t1");
         assert_eq!(created.try_recv().unwrap().0, "t1");
         assert!(created.try_recv().is_err(), "announced once");

@@ -228,6 +228,7 @@ impl Worker {
             }
             self.stats.beat();
             self.stats.set_in_flight(run.tasks.len());
+            self.stats.set_records_held(self.enricher.held_records());
             let in_flight = self.admitted(&run.tasks);
             let systemic = run.systemic.borrow().is_some();
             if let Some(change) = run.flow.decide(in_flight, Instant::now(), systemic) {
@@ -240,7 +241,6 @@ impl Worker {
     /// for a held tenant, up to `pipeline.max_held_records` of them.
     fn admitted(&self, tasks: &JoinSet<Completion>) -> usize {
         let held = self.enricher.held_records();
-        self.stats.set_records_held(held);
         let max_held = self.settings.pipeline.max_held_records;
         tasks.len().saturating_sub(held.min(max_held))
     }
