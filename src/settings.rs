@@ -279,6 +279,17 @@ pub struct PipelineSettings {
     /// the window; beyond it they count against the window, so the worker
     /// stops taking records and memory stays bounded.
     pub max_held_records: usize,
+    /// The most places of the window one tenant holds while another
+    /// tenant's records wait for one (a free place goes to whoever asks).
+    /// Unset: half the window. With one tenant it has the whole window.
+    pub max_in_flight_per_tenant: Option<usize>,
+}
+
+impl PipelineSettings {
+    /// `max_in_flight_per_tenant`, or half the window.
+    pub fn max_in_flight_per_tenant(&self) -> usize {
+        (self.max_in_flight_per_tenant).unwrap_or(self.max_in_flight.div_ceil(2))
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -749,6 +760,12 @@ impl PipelineSettings {
             self.max_in_flight > 0,
             "pipeline.max_in_flight",
             "must be at least 1",
+        )?;
+        let share = self.max_in_flight_per_tenant();
+        check(
+            share > 0 && share <= self.max_in_flight,
+            "pipeline.max_in_flight_per_tenant",
+            "must be at least 1 and at most pipeline.max_in_flight",
         )
     }
 }

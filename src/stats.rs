@@ -101,6 +101,7 @@ pub struct Stats {
     end_to_end: Family<OutcomeLabel, Histogram>,
     tenant_held: Family<TenantLabel, Gauge>,
     records_held: Gauge,
+    records_over_share: Gauge,
     /// Held tenants and why, for the side port.
     held_tenants: Mutex<std::collections::BTreeMap<String, String>>,
     /// Tenants with an access token.
@@ -161,6 +162,7 @@ impl Default for Stats {
             produce_errors: Family::default(),
             tenant_held: Family::default(),
             records_held: Gauge::default(),
+            records_over_share: Gauge::default(),
             held_tenants: Mutex::new(Default::default()),
             known_tenants: AtomicU64::new(0),
             errcode_labels: Default::default(),
@@ -295,6 +297,11 @@ impl Stats {
             "records_held",
             "Records waiting for their held tenant now (not counted in the window, up to pipeline.max_held_records)",
             self.records_held.clone(),
+        );
+        r.register(
+            "records_over_share",
+            "Records waiting for a place in the window while their tenant holds its share (pipeline.max_in_flight_per_tenant) or more; not counted in the window, like held records",
+            self.records_over_share.clone(),
         );
     }
 
@@ -504,8 +511,11 @@ impl Stats {
         known > 0 && self.held_tenants.lock().unwrap().len() >= known
     }
 
-    pub fn set_records_held(&self, n: usize) {
-        self.records_held.set(n as i64);
+    /// Records waiting for a held tenant, and for their tenant's share of
+    /// the window.
+    pub fn set_records_waiting(&self, held: usize, over_share: usize) {
+        self.records_held.set(held as i64);
+        self.records_over_share.set(over_share as i64);
     }
 
     pub fn is_systemic(&self) -> bool {
@@ -776,6 +786,7 @@ mod tests {
                 "systemic_failures",
                 "tenant_held",
                 "records_held",
+                "records_over_share",
                 "consumer_lag",
                 "committed_offset",
             ]

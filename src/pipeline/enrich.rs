@@ -10,13 +10,13 @@ use anyhow::Context;
 use chrono::Utc;
 use rdkafka::message::{Header, OwnedHeaders};
 use secrecy::{ExposeSecret, SecretString};
-use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::input::InRecord;
 use super::publish::{Outgoing, ProduceError, Publisher};
+use super::window::{Place, Window};
 use crate::classify::{ApiAnswer, ApiFailure, ErrcodePolicy, Verdict, classify};
 use crate::dead_letter::{DeadLetter, ErrorClass};
 use crate::detail::CallDetail;
@@ -64,20 +64,21 @@ pub struct Enricher {
     limits: RateLimits,
     publisher: Publisher,
     stats: Arc<Stats>,
-    /// `pipeline.max_in_flight` permits: records between their first API
-    /// call and their verdict (retries and waits at the gate included).
-    enriching: Semaphore,
+    /// `pipeline.max_in_flight` places, shared between tenants: records
+    /// between their first API call and their verdict (retries and waits at
+    /// the gate included).
+    window: Window,
 }
 
 /// What a record waits for before each API call: its tenant not held (the
 /// record gives its window place back meanwhile and counts as held), a
-/// place in the window, the end of a systemic failure, then its tenant's
-/// rate limit.
+/// place in the window (within its tenant's share while others wait), the
+/// end of a systemic failure, then its tenant's rate limit.
 struct RecordGate<'a> {
     enricher: &'a Enricher,
     tenant: &'a str,
     /// The record's `pipeline.max_in_flight` place, while it has one.
-    slot: Mutex<Option<SemaphorePermit<'a>>>,
+    slot: Mutex<Option<Place>>,
 }
 
 impl<'a> RecordGate<'a> {
@@ -109,7 +110,7 @@ impl<'a> RecordGate<'a> {
             return true;
         }
         let slot = tokio::select! {
-            slot = self.enricher.enriching.acquire() => slot.expect("the semaphore is never closed"),
+            slot = self.enricher.window.acquire(self.tenant) => slot,
             _ = stop.cancelled() => return false,
         };
         *self.slot.lock().unwrap() = Some(slot);
@@ -191,6 +192,9 @@ impl Enricher {
             );
         }
         stats.set_known_tenants(tokens.tenants());
+        let p = &settings.pipeline;
+        let window = Window::new(p.max_in_flight, p.max_in_flight_per_tenant());
+        window.set_tenants(tokens.tenants());
         let r = &settings.retry;
         let listed = [
             &r.permanent_errcodes,
@@ -211,7 +215,7 @@ impl Enricher {
             limits: RateLimits::new(&settings.rate_limit, &settings.tenants),
             publisher,
             stats,
-            enriching: Semaphore::new(settings.pipeline.max_in_flight),
+            window,
             settings,
         })
     }
@@ -254,9 +258,10 @@ impl Enricher {
         }
     }
 
-    /// Records waiting for their held tenant now.
-    pub fn held_records(&self) -> usize {
-        self.tenants.held_records()
+    /// Records waiting now for their held tenant, and for a window place
+    /// while their tenant holds its share or more.
+    pub fn waiting_records(&self) -> (usize, usize) {
+        (self.tenants.held_records(), self.window.over_share())
     }
 
     /// The systemic-failure state (the consume loop pauses on it).
@@ -524,6 +529,7 @@ impl Enricher {
                 Ok(0) => {}
                 Ok(changed) => {
                     self.stats.set_known_tenants(self.tokens.tenants());
+                    self.window.set_tenants(self.tokens.tenants());
                     info!(
                         changed,
                         tenants = self.tokens.tenants(),

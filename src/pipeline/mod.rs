@@ -28,6 +28,7 @@ mod enrich;
 mod flow;
 mod input;
 mod publish;
+mod window;
 mod worker;
 
 pub use enrich::{Disposition, Enricher};

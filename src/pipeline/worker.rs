@@ -228,7 +228,8 @@ impl Worker {
             }
             self.stats.beat();
             self.stats.set_in_flight(run.tasks.len());
-            self.stats.set_records_held(self.enricher.held_records());
+            let (held, over_share) = self.enricher.waiting_records();
+            self.stats.set_records_waiting(held, over_share);
             let in_flight = self.admitted(&run.tasks);
             let systemic = run.systemic.borrow().is_some();
             if let Some(change) = run.flow.decide(in_flight, Instant::now(), systemic) {
@@ -238,9 +239,11 @@ impl Worker {
     }
 
     /// Records counted against the window: all in flight but those waiting
-    /// for a held tenant, up to `pipeline.max_held_records` of them.
+    /// for a held tenant or for their tenant's share of the window, up to
+    /// `pipeline.max_held_records` of them.
     fn admitted(&self, tasks: &JoinSet<Completion>) -> usize {
-        let held = self.enricher.held_records();
+        let (held, over_share) = self.enricher.waiting_records();
+        let held = held + over_share;
         let max_held = self.settings.pipeline.max_held_records;
         tasks.len().saturating_sub(held.min(max_held))
     }

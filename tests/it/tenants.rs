@@ -136,3 +136,77 @@ async fn a_tenant_with_an_api_of_its_own_is_enriched_from_it() {
     }
     assert!(env.is_empty(&env.dlq));
 }
+
+#[tokio::test]
+async fn a_slow_tenant_keeps_its_share_of_the_window_and_the_fast_one_goes_on() {
+    use std::collections::HashMap;
+    use uincall_enricher::fake_api::{FakeApi, FakeApiConfig};
+    use uincall_enricher::settings::TenantSettings;
+
+    // The fast tenant's API answers in 20 ms, the slow tenant's (its own
+    // base URL) in 2 s.
+    let env = TestEnv::new("share", 2, Duration::from_millis(20)).await;
+    let slow_tenant = format!("{}-slow", env.tenant);
+    let slow_api = FakeApi::start(FakeApiConfig {
+        latency: Duration::from_secs(2),
+        tokens: HashMap::from([(slow_tenant.clone(), env.token.clone())]),
+    })
+    .await
+    .unwrap();
+    let mut s = env.settings();
+    let token = secrecy::SecretString::from(env.token.clone());
+    s.api.tokens.insert(slow_tenant.clone(), token);
+    let tenant = TenantSettings {
+        base_url: Some(slow_api.base_url().parse().unwrap()),
+        per_second: None,
+    };
+    s.tenants.insert(slow_tenant.clone(), tenant);
+    s.pipeline.max_in_flight = 64; // a share of 32 each
+    let worker = env.start_worker(s).await;
+
+    // The slow tenant's events come first in both partitions.
+    let (slow, fast) = (sessions("slow", 600), sessions("fast", 1000));
+    testkit::produce(&env.bootstrap(), &env.input, events(&slow_tenant, &slow))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    testkit::produce(&env.bootstrap(), &env.input, events(&env.tenant, &fast))
+        .await
+        .unwrap();
+    // Every fast record has been asked for (each once: its API does not
+    // fail); how far the slow tenant got meanwhile.
+    let fast_api = &env.api;
+    wait_until("every fast record asked for", || {
+        fast_api.total_calls() >= fast.len() as u64
+    })
+    .await;
+    let slow_calls = slow_api.total_calls();
+    assert!(
+        fast.iter().all(|k| fast_api.calls(k) == 1),
+        "each asked for once"
+    );
+    let took = started.elapsed();
+    let stats = worker.stats.clone();
+    worker.stop().await.unwrap();
+    let out = env.read_output(stats.enriched() as usize).await;
+    let keys: BTreeSet<String> = out.iter().map(key).collect();
+    assert!(
+        fast.iter().all(|k| keys.contains(k)),
+        "every fast record published"
+    );
+
+    // Without a share the fast tenant's records are read only once the
+    // loop has taken every slow record but the last window's: 472 or more
+    // slow calls first. Within its share (32 places, 2 s each) the slow
+    // tenant makes a few rounds of calls while the fast one goes through.
+    assert!(
+        slow_calls < 300,
+        "the slow tenant made {slow_calls} calls before the fast tenant's {} records were enriched",
+        fast.len()
+    );
+    println!(
+        "fast tenant: {} records in {took:?} ({:.0}/s) beside a tenant answering in 2 s ({slow_calls} of its calls meanwhile)",
+        fast.len(),
+        fast.len() as f64 / took.as_secs_f64()
+    );
+}
