@@ -96,17 +96,22 @@ pub fn settings(brokers: &str, base_url: &str) -> anyhow::Result<Settings> {
 /// `uincall-enricher demo`: runs the demo with its own quiet logging;
 /// exit code 1 when it fails.
 pub async fn run(opts: DemoOptions) -> ExitCode {
-    telemetry::init(&LogSettings {
+    let telemetry = telemetry::init(&LogSettings {
         format: LogFormat::Text,
         level: "error".into(),
     });
-    match execute(opts).await {
+    let code = match execute(opts).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    };
+    match telemetry {
+        Ok(t) => tokio::task::block_in_place(|| t.shutdown()),
+        Err(e) => eprintln!("traces were not set up: {e:#}"),
     }
+    code
 }
 
 /// The in-process cluster with the three topics and the fake API.

@@ -26,7 +26,8 @@
 //!   filters, positions, re-submission, summary.
 //! - [`kafka`]: librdkafka client configuration.
 //! - [`stats`]: metrics and their log lines, one method per event.
-//! - [`telemetry`]: logging set-up.
+//! - [`telemetry`]: logging set-up; [`otel`]: trace context in and out,
+//!   spans, OTLP export.
 //! - [`side_port`]: `/healthz`, `/readyz`, `/metrics`.
 //! - [`shutdown`]: SIGTERM/SIGINT to a cancellation token.
 //! - [`demo`] (feature `demo`, on by default): the whole pipeline on
@@ -45,6 +46,7 @@ pub mod fake_api;
 pub mod kafka;
 pub mod labels;
 pub mod offsets;
+pub mod otel;
 pub mod pipeline;
 #[cfg(test)]
 mod properties;

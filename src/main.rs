@@ -57,14 +57,10 @@ fn main() -> ExitCode {
     let config = cli.config.as_deref();
     let code = match cli.command {
         Command::CheckConfig => settings::check_config(config),
-        Command::Run => match load_for_logging(config) {
-            Ok(s) => runtime.block_on(pipeline::run(s)),
-            Err(code) => code,
-        },
-        Command::Replay(args) => match load_for_logging(config) {
-            Ok(s) => runtime.block_on(replay::run(s, *args)),
-            Err(code) => code,
-        },
+        Command::Run => with_telemetry(config, |s| runtime.block_on(pipeline::run(s))),
+        Command::Replay(args) => {
+            with_telemetry(config, |s| runtime.block_on(replay::run(s, *args)))
+        }
         #[cfg(feature = "demo")]
         Command::Demo(opts) => runtime.block_on(uincall_enricher::demo::run(opts)),
     };
@@ -74,17 +70,25 @@ fn main() -> ExitCode {
     code
 }
 
-/// Loads the settings and sets up logging from them; bad settings are
-/// reported on stderr with exit code 2.
-fn load_for_logging(config: Option<&Path>) -> Result<Settings, ExitCode> {
-    match Settings::load(config) {
-        Ok(s) => {
-            telemetry::init(&s.log);
-            Ok(s)
-        }
+/// Loads the settings, sets up logging and traces from them and the
+/// `OTEL_*` variables, runs `work`, then sends the spans still buffered.
+/// Bad settings are reported on stderr with exit code 2.
+fn with_telemetry(config: Option<&Path>, work: impl FnOnce(Settings) -> ExitCode) -> ExitCode {
+    let settings = match Settings::load(config) {
+        Ok(s) => s,
         Err(e) => {
             eprintln!("error: {e}");
-            Err(ExitCode::from(2))
+            return ExitCode::from(2);
         }
-    }
+    };
+    let telemetry = match telemetry::init(&settings.log) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let code = work(settings);
+    telemetry.shutdown();
+    code
 }

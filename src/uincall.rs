@@ -187,7 +187,15 @@ impl UincallClient {
         url
     }
 
+    /// The request URL as traces show it: the access token replaced by
+    /// `REDACTED`.
+    pub fn url_for_traces(&self, session_id: &str, tenant_id: &str, call_type: Option<i64>) -> Url {
+        let redacted = SecretString::from("REDACTED");
+        self.detail_url(session_id, tenant_id, &redacted, call_type)
+    }
+
     /// Fetches the call detail. Never fails: every outcome is an answer.
+    /// The current span's trace context goes with the request.
     pub async fn fetch_detail(
         &self,
         session_id: &str,
@@ -197,7 +205,11 @@ impl UincallClient {
     ) -> Timed {
         let url = self.detail_url(session_id, tenant_id, token, call_type);
         let started = Instant::now();
-        let answer = match self.http.get(url).send().await {
+        let mut request = self.http.get(url);
+        for (name, value) in crate::otel::headers_of(&tracing::Span::current()) {
+            request = request.header(name, value);
+        }
+        let answer = match request.send().await {
             Ok(resp) => {
                 let status = resp.status().as_u16();
                 let retry_after = resp

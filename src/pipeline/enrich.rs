@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use chrono::Utc;
-use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::message::OwnedHeaders;
 use secrecy::{ExposeSecret, SecretString};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 use super::input::InRecord;
 use super::publish::{Outgoing, ProduceError, Publisher};
@@ -21,6 +21,7 @@ use crate::classify::{ApiAnswer, ApiFailure, ErrcodePolicy, Verdict, classify};
 use crate::dead_letter::{DeadLetter, ErrorClass};
 use crate::detail::CallDetail;
 use crate::event::{CallEnded, InvalidEvent, parse_event};
+use crate::otel;
 use crate::rate_limit::RateLimits;
 use crate::record;
 use crate::retry::{self, Attempts, Gate, RetryOutcome, RetryPolicy};
@@ -162,21 +163,16 @@ fn probe_target(event: &CallEnded) -> ProbeTarget {
     }
 }
 
-/// The enriched record's headers.
-fn enriched_headers(tenant_id: &str) -> OwnedHeaders {
+/// The enriched record's headers, with the trace context of its `send`
+/// span.
+fn enriched_headers(tenant_id: &str, send: &tracing::Span) -> OwnedHeaders {
     let version = record::SCHEMA_VERSION.to_string();
-    [
+    let ours = [
         (record::header::TENANT_ID, tenant_id),
         (record::header::SCHEMA_VERSION, version.as_str()),
         (record::header::CONTENT_TYPE, record::CONTENT_TYPE),
-    ]
-    .into_iter()
-    .fold(OwnedHeaders::new(), |hs, (key, value)| {
-        hs.insert(Header {
-            key,
-            value: Some(value),
-        })
-    })
+    ];
+    otel::with_trace(ours.map(|(k, v)| (k, Some(v.as_bytes()))).into_iter(), send)
 }
 
 impl Enricher {
@@ -437,14 +433,15 @@ impl Enricher {
             api_latency,
             source: &rec.source,
         });
-        let headers = enriched_headers(&event.tenant_id);
+        let send = otel::send_span(&s.kafka.output_topic);
+        let headers = enriched_headers(&event.tenant_id, &send);
         let out = Outgoing {
             topic: &s.kafka.output_topic,
             key: Some(event.session_id.as_bytes()),
             payload: &payload,
             headers: &headers,
         };
-        match self.publisher.send(out, stop).await {
+        match self.publisher.send(out, stop).instrument(send).await {
             Ok(()) => {
                 (self.stats).record_end_to_end("enriched", rec.source.timestamp_ms);
                 self.stats.record_enriched(attempts.count);
@@ -473,14 +470,21 @@ impl Enricher {
     ) -> Result<Disposition, anyhow::Error> {
         let k = &self.settings.kafka;
         let stamp = dl.stamp(&rec.source, &k.group_id, Utc::now());
-        let headers = rec.headers_without_dlq();
+        otel::set_error(
+            &tracing::Span::current(),
+            dl.class.as_str(),
+            dl.reason.clone(),
+        );
+        let send = otel::send_span(&k.dead_letter_topic);
+        let headers = otel::with_trace(rec.headers_without_dlq(), &send);
         let out = Outgoing {
             topic: &k.dead_letter_topic,
             key: rec.key.as_deref(),
             payload: rec.payload.as_deref().unwrap_or_default(),
             headers: &headers,
         };
-        match self.publisher.dead_letter(out, &stamp, stop).await {
+        let written = self.publisher.dead_letter(out, &stamp, stop);
+        match written.instrument(send).await {
             Ok(()) => {
                 (self.stats).record_end_to_end("dead_lettered", rec.source.timestamp_ms);
                 self.stats.record_dead_lettered(&dl);
@@ -505,11 +509,14 @@ impl Enricher {
         token: &SecretString,
         attempt: u32,
     ) -> (Timed, Verdict) {
-        let timed = self
-            .client
+        let url = self.client.url_for_traces(session_id, tenant_id, call_type);
+        let span = otel::api_span(&url, attempt);
+        let timed = (self.client)
             .fetch_detail(session_id, tenant_id, token, call_type)
+            .instrument(span.clone())
             .await;
         let verdict = classify(&timed.answer, &self.errcodes).redact(token.expose_secret());
+        otel::api_answered(&span, &timed.answer, &verdict);
         self.stats.api_call(&verdict, timed.latency, attempt);
         (timed, verdict)
     }

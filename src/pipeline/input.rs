@@ -1,6 +1,6 @@
 //! The input record, copied out of the consumer so a task can own it.
 
-use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
+use rdkafka::message::{BorrowedMessage, Headers, Message};
 
 use crate::dead_letter::header as dlq;
 use crate::record::Source;
@@ -39,15 +39,9 @@ impl InRecord {
 
     /// The record's own headers for producing it again: any `dlq.*` of an
     /// earlier failure dropped.
-    pub fn headers_without_dlq(&self) -> OwnedHeaders {
-        self.headers
-            .iter()
+    pub fn headers_without_dlq(&self) -> impl Iterator<Item = (&str, Option<&[u8]>)> {
+        (self.headers.iter())
             .filter(|(k, _)| !k.starts_with(dlq::PREFIX))
-            .fold(OwnedHeaders::new(), |hs, (k, v)| {
-                hs.insert(Header {
-                    key: k,
-                    value: v.as_deref(),
-                })
-            })
+            .map(|(k, v)| (k.as_str(), v.as_deref()))
     }
 }

@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::{Instant, Interval};
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, error, info, info_span, warn};
+use tracing::{Instrument, debug, error, info, warn};
 
 use super::context::WorkerContext;
 use super::enrich::{Disposition, Enricher};
@@ -24,6 +24,7 @@ use super::flow::{Change, Flow};
 use super::input::InRecord;
 use crate::kafka;
 use crate::offsets::{Assignment, Ticket};
+use crate::otel;
 use crate::record::Source;
 use crate::settings::Settings;
 use crate::stats::Stats;
@@ -261,13 +262,7 @@ impl Worker {
         let ticket = self
             .assignment
             .start(&src.topic, src.partition, src.offset, stop);
-        let span = info_span!(
-            "record",
-            partition = src.partition,
-            offset = src.offset,
-            session_id = tracing::field::Empty,
-            tenant_id = tracing::field::Empty,
-        );
+        let span = otel::record_span(src, &self.settings.kafka.group_id, &rec.headers);
         let enricher = self.enricher.clone();
         let (assignment, consumer, stats) = (
             self.assignment.clone(),

@@ -6,9 +6,11 @@ use std::sync::Arc;
 
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::{REPLAY_COUNT, REPLAYED_FROM, ReplayArgs};
 use crate::dead_letter::{Stamp, header as dlq};
+use crate::otel;
 use crate::pipeline::{Disposition, Enricher, InRecord, Outgoing, ProduceError, Publisher};
 use crate::record::Source;
 use crate::settings::Settings;
@@ -126,14 +128,17 @@ impl Target {
                 Err(e) => Resubmitted::Failed(format!("{e:#}")),
             },
             Target::Input(publisher, topic) => {
-                let headers = rec.headers_without_dlq();
+                // The re-submission continues the dead letter's trace.
+                let send = otel::send_span(topic);
+                otel::continue_trace(&send, &rec.headers);
+                let headers = otel::with_trace(rec.headers_without_dlq(), &send);
                 let out = Outgoing {
                     topic,
                     key: rec.key.as_deref(),
                     payload: rec.payload.as_deref().unwrap_or_default(),
                     headers: &headers,
                 };
-                match publisher.send(out, &stop).await {
+                match publisher.send(out, &stop).instrument(send).await {
                     Ok(()) => Resubmitted::Acknowledged,
                     Err(ProduceError::Abandoned) => Resubmitted::Abandoned,
                     Err(e) => Resubmitted::Failed(format!("producing to {topic}: {e}")),
