@@ -297,6 +297,15 @@ impl PipelineSettings {
 pub struct HttpSettings {
     /// Address of the side port serving `/healthz`, `/readyz` and `/metrics`.
     pub listen: SocketAddr,
+    /// Tenants that get a `tenant` label of their own on `/metrics`: those
+    /// with an access token or a `[tenants]` section, the first this many;
+    /// any other tenant is `other`.
+    #[serde(default = "default_tenant_labels")]
+    pub tenant_labels: usize,
+}
+
+fn default_tenant_labels() -> usize {
+    100
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]

@@ -57,6 +57,31 @@ struct TenantLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TenantOutcomeLabels {
+    /// A tenant with a label of its own, or `other` (see [`TenantLabels`]).
+    tenant: String,
+    outcome: &'static str,
+}
+
+/// Which tenants have a `tenant` label of their own: those announced (with
+/// an access token or a `[tenants]` section), the first `max`; any other
+/// tenant id is `other`. Bounded whatever the input says.
+#[derive(Default)]
+struct TenantLabels {
+    max: usize,
+    labelled: HashSet<String>,
+}
+
+impl TenantLabels {
+    fn label(&self, tenant: &str) -> String {
+        match self.labelled.contains(tenant) {
+            true => tenant.to_string(),
+            false => "other".to_string(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabel {
     /// `enriched` or `dead_lettered`.
     outcome: &'static str,
@@ -108,6 +133,8 @@ pub struct Stats {
     known_tenants: AtomicU64,
     /// Errcodes shown as themselves in the `errcode` label.
     errcode_labels: std::sync::RwLock<HashSet<i64>>,
+    tenant_records: Family<TenantOutcomeLabels, Counter>,
+    tenant_labels: std::sync::RwLock<TenantLabels>,
     produce_errors: Family<ProduceErrorLabels, Counter>,
     /// Every API call (the labelled family cannot be summed).
     api_calls_total: AtomicU64,
@@ -166,6 +193,8 @@ impl Default for Stats {
             held_tenants: Mutex::new(Default::default()),
             known_tenants: AtomicU64::new(0),
             errcode_labels: Default::default(),
+            tenant_records: Family::default(),
+            tenant_labels: Default::default(),
             api_calls_total: AtomicU64::new(0),
             brokers_up: AtomicI64::new(-1),
             loop_beat_ms: AtomicU64::new(0),
@@ -206,6 +235,11 @@ impl Stats {
             "records_dead_lettered",
             "Dead letters acknowledged by the broker, by error class",
             self.dead_lettered.clone(),
+        );
+        r.register(
+            "tenant_records",
+            "Records acknowledged by the broker, by tenant (those with a label of their own, see http.tenant_labels; the rest other) and outcome (enriched, dead_lettered)",
+            self.tenant_records.clone(),
         );
         r.register_with_unit(
             "record_end_to_end_duration",
@@ -500,6 +534,29 @@ impl Stats {
         *self.errcode_labels.write().unwrap() = codes.into_iter().collect();
     }
 
+    /// Gives tenants a label of their own, up to `max` in all (see
+    /// `http.tenant_labels`).
+    pub fn label_tenants<'a>(&self, max: usize, tenants: impl IntoIterator<Item = &'a str>) {
+        let mut labels = self.tenant_labels.write().unwrap();
+        labels.max = max;
+        for t in tenants {
+            if labels.labelled.len() >= labels.max {
+                break;
+            }
+            labels.labelled.insert(t.to_string());
+        }
+    }
+
+    /// A record of `tenant` ended as `outcome` (enriched, dead_lettered).
+    pub fn record_tenant(&self, tenant: Option<&str>, outcome: &'static str) {
+        let tenant = tenant.map_or_else(
+            || "other".to_string(),
+            |t| self.tenant_labels.read().unwrap().label(t),
+        );
+        let labels = TenantOutcomeLabels { tenant, outcome };
+        self.tenant_records.get_or_create(&labels).inc();
+    }
+
     /// Tenants with an access token (set at start and on every reload).
     pub fn set_known_tenants(&self, n: usize) {
         self.known_tenants.store(n as u64, Ordering::Relaxed);
@@ -663,6 +720,32 @@ mod tests {
     use crate::classify::ApiFailure;
 
     #[test]
+    fn the_tenant_label_is_bounded_whatever_the_input() {
+        let s = Stats::default();
+        s.label_tenants(2, ["a", "b", "c"]);
+        for t in ["a", "b", "c", "unknown-1", "unknown-2"] {
+            s.record_tenant(Some(t), "enriched");
+        }
+        s.record_tenant(None, "dead_lettered");
+        let text = s.encode();
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("uincall_enricher_tenant_records_total"))
+            .collect();
+        assert_eq!(
+            lines.len(),
+            4,
+            "a, b, other enriched; other dead-lettered: {lines:?}"
+        );
+        assert!(
+            text.contains(
+                "uincall_enricher_tenant_records_total{tenant=\"other\",outcome=\"enriched\"} 3"
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn metrics_have_units_labels_and_no_secret() {
         let s = Stats::default();
         s.set_errcode_labels([10001]);
@@ -758,6 +841,7 @@ mod tests {
         s.committed_offset.get_or_create(&partition).set(1);
         s.record_end_to_end("enriched", Some(0));
         s.produce_error("retry", None);
+        s.record_tenant(None, "enriched");
         let text = s.encode();
         let served: Vec<&str> = text
             .lines()
@@ -771,6 +855,7 @@ mod tests {
                 "records_consumed",
                 "records_enriched",
                 "records_dead_lettered",
+                "tenant_records",
                 "record_end_to_end_duration_seconds",
                 "produce_errors",
                 "api_calls",

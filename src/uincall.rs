@@ -61,6 +61,13 @@ impl TokenStore {
         self.tokens.read().unwrap().len()
     }
 
+    /// The tenants with a token, in order.
+    pub fn tenant_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.tokens.read().unwrap().keys().cloned().collect();
+        ids.sort();
+        ids
+    }
+
     /// Reads `dir` again: new and changed tokens replace the old ones (a
     /// call under way keeps the token it started with). Tokens whose file
     /// is gone are kept: a Secret being rewritten may lack files for a

@@ -188,6 +188,11 @@ impl Enricher {
             );
         }
         stats.set_known_tenants(tokens.tenants());
+        let labelled: Vec<String> = (settings.tenants.keys().cloned())
+            .chain(tokens.tenant_ids())
+            .collect();
+        let max = settings.http.tenant_labels;
+        stats.label_tenants(max, labelled.iter().map(String::as_str));
         let p = &settings.pipeline;
         let window = Window::new(p.max_in_flight, p.max_in_flight_per_tenant());
         window.set_tenants(tokens.tenants());
@@ -445,6 +450,7 @@ impl Enricher {
             Ok(()) => {
                 (self.stats).record_end_to_end("enriched", rec.source.timestamp_ms);
                 self.stats.record_enriched(attempts.count);
+                (self.stats).record_tenant(Some(&event.tenant_id), "enriched");
                 Ok(Disposition::Enriched)
             }
             Err(ProduceError::Abandoned) => Ok(Disposition::Abandoned),
@@ -488,6 +494,7 @@ impl Enricher {
             Ok(()) => {
                 (self.stats).record_end_to_end("dead_lettered", rec.source.timestamp_ms);
                 self.stats.record_dead_lettered(&dl);
+                (self.stats).record_tenant(dl.tenant_id.as_deref(), "dead_lettered");
                 Ok(Disposition::DeadLettered(dl.class))
             }
             Err(ProduceError::Abandoned) => Ok(Disposition::Abandoned),
@@ -536,6 +543,10 @@ impl Enricher {
                 Ok(0) => {}
                 Ok(changed) => {
                     self.stats.set_known_tenants(self.tokens.tenants());
+                    let ids = self.tokens.tenant_ids();
+                    let max = self.settings.http.tenant_labels;
+                    self.stats
+                        .label_tenants(max, ids.iter().map(String::as_str));
                     self.window.set_tenants(self.tokens.tenants());
                     info!(
                         changed,
