@@ -1,8 +1,10 @@
-//! Tenants do not hurt each other: a systemic errcode (an expired or
-//! invalid access token: a token is per tenant) holds **that tenant's**
-//! records, not the worker. Each held tenant has a breaker of its own (the
-//! same [`Breaker`], opened by its errcodes only) and a probe asking the API
-//! about its failing session; the other tenants go on at full speed.
+//! Tenants do not hurt each other: a failure confined to one tenant holds
+//! **that tenant's** records, not the worker. Each tenant can have a breaker
+//! of its own (the same [`Breaker`]), opened by a systemic errcode (an
+//! expired or invalid access token: a token is per tenant), by the failures
+//! of its own API (`tenants.<id>.base_url`), or, with several tenants, by
+//! too many of its records being dead-lettered; a probe asks the API about
+//! that tenant's sessions. The other tenants go on at full speed.
 //!
 //! A held record gives its place in the window back and waits; it is not
 //! counted against the consume loop's window either, up to

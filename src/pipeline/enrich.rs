@@ -358,7 +358,8 @@ impl Enricher {
                 RetryOutcome::Permanent(f, a) => failed(ErrorClass::PermanentError, f, a),
                 RetryOutcome::Exhausted(f, a) => failed(ErrorClass::RetriesExhausted, f, a),
                 RetryOutcome::Done(call, attempts) => {
-                    self.breaker.on_enriched(|| probe_target(event));
+                    self.records_breaker(event)
+                        .on_enriched(|| probe_target(event));
                     let latency = Duration::from_micros(latency_us.load(Ordering::Relaxed));
                     Fetched::Record {
                         call,
@@ -370,11 +371,38 @@ impl Enricher {
         }
     }
 
-    /// Whether a record's dead letter must wait: its tenant is held, or the
-    /// breaker holds it (systemic failure, or too many dead letters).
+    /// Whether a record's dead letter must wait: its tenant is held, the
+    /// API fails as a whole, or this dead letter makes too many (of its
+    /// tenant's records when there are several tenants, else of all).
     fn holds_dead_letter(&self, event: &CallEnded) -> bool {
+        let gate = self.records_breaker(event);
         self.tenants.is_held(&event.tenant_id)
-            || self.breaker.on_dead_letter(|| probe_target(event)) == DeadLetterGate::Hold
+            || self.breaker.is_open()
+            || gate.on_dead_letter(|| probe_target(event)) == DeadLetterGate::Hold
+    }
+
+    /// The breaker told of each record's outcome (enriched or
+    /// dead-lettered): with several tenants the record's tenant's, so a
+    /// flood of one tenant's dead letters holds that tenant only; with one,
+    /// the worker's.
+    fn records_breaker(&self, event: &CallEnded) -> Arc<Breaker> {
+        if self.tokens.tenants() > 1 {
+            self.tenants.breaker(&event.tenant_id)
+        } else {
+            self.breaker.clone()
+        }
+    }
+
+    /// The breaker told of a call's outcome: a systemic errcode is the
+    /// tenant's (its token), as is anything from a tenant's API of its own
+    /// (`tenants.<id>.base_url`); the rest tells about the API as a whole.
+    fn calls_breaker(&self, tenant: &str, outcome: &CallOutcome) -> Arc<Breaker> {
+        let own_api = (self.settings.tenants.get(tenant)).is_some_and(|t| t.base_url.is_some());
+        if own_api || matches!(outcome, CallOutcome::Systemic(_)) {
+            self.tenants.breaker(tenant)
+        } else {
+            self.breaker.clone()
+        }
     }
 
     /// One API call for the record (attempt `n`), with the breaker and the
@@ -395,14 +423,8 @@ impl Enricher {
         let (session, tenant) = (&event.session_id, &event.tenant_id);
         let (t, verdict) = self.call(session, tenant, event.call_type, &token, n).await;
         latency_us.store(t.latency.as_micros() as u64, Ordering::Relaxed);
-        // A systemic errcode is the tenant's (its token); the rest tells
-        // about the API as a whole.
-        match CallOutcome::of(&t.answer, &verdict) {
-            o @ CallOutcome::Systemic(_) => {
-                (self.tenants.breaker(tenant)).on_call(o, || probe_target(event))
-            }
-            o => self.breaker.on_call(o, || probe_target(event)),
-        }
+        let outcome = CallOutcome::of(&t.answer, &verdict);
+        (self.calls_breaker(tenant, &outcome)).on_call(outcome, || probe_target(event));
         match &verdict {
             Verdict::RateLimited(f) => {
                 let wait = self.limits.limited(tenant, f.retry_after);

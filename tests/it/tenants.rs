@@ -210,3 +210,113 @@ async fn a_slow_tenant_keeps_its_share_of_the_window_and_the_fast_one_goes_on() 
         fast.len() as f64 / took.as_secs_f64()
     );
 }
+
+/// A second tenant with a token and the same fake API.
+fn add_tenant(env: &TestEnv, s: &mut uincall_enricher::settings::Settings, suffix: &str) -> String {
+    let tenant = format!("{}-{suffix}", env.tenant);
+    env.api.set_token(&tenant, &env.token);
+    let token = secrecy::SecretString::from(env.token.clone());
+    s.api.tokens.insert(tenant.clone(), token);
+    tenant
+}
+
+#[tokio::test]
+async fn a_tenant_whose_own_api_is_down_is_held_alone() {
+    use std::collections::HashMap;
+    use uincall_enricher::fake_api::{FakeApi, FakeApiConfig};
+    use uincall_enricher::settings::TenantSettings;
+
+    let env = TestEnv::new("ownapi-down", 2, Duration::ZERO).await;
+    let private = format!("{}-private", env.tenant);
+    let own = FakeApi::start(FakeApiConfig {
+        latency: Duration::ZERO,
+        tokens: HashMap::from([(private.clone(), env.token.clone())]),
+    })
+    .await
+    .unwrap();
+    own.set_outage(true);
+    let mut s = env.settings();
+    let token = secrecy::SecretString::from(env.token.clone());
+    s.api.tokens.insert(private.clone(), token);
+    let base_url = Some(own.base_url().parse().unwrap());
+    let tenant = TenantSettings {
+        base_url,
+        per_second: None,
+    };
+    s.tenants.insert(private.clone(), tenant);
+    s.retry.max_attempts = 3; // counted failures would dead-letter soon
+    let worker = env.start_worker(s).await;
+    let side = serve_side_port(&worker).await;
+
+    // The private tenant's events first in both partitions.
+    let (down, fine) = (sessions("down", 100), sessions("fine", 300));
+    testkit::produce(&env.bootstrap(), &env.input, events(&private, &down))
+        .await
+        .unwrap();
+    testkit::produce(&env.bootstrap(), &env.input, events(&env.tenant, &fine))
+        .await
+        .unwrap();
+    let out = env.read_output(fine.len()).await;
+    let keys: BTreeSet<String> = out.iter().map(key).collect();
+    assert_eq!(keys, fine.iter().cloned().collect::<BTreeSet<_>>());
+    let ready = until_status(&format!("{side}/readyz"), 200).await;
+    assert!(ready.contains(&private), "held and listed: {ready}");
+    let metrics = worker.stats.encode();
+    assert!(
+        !metrics.contains("uincall_enricher_systemic_failures_total{"),
+        "the worker as a whole never failed: {metrics}"
+    );
+    assert_eq!(worker.stats.dead_lettered_total(), 0);
+
+    // Its API is back: its records go on.
+    own.set_outage(false);
+    let out = env.read_output(fine.len() + down.len()).await;
+    let keys: BTreeSet<String> = out.iter().map(key).collect();
+    assert_eq!(keys.len(), fine.len() + down.len());
+    worker.stop().await.unwrap();
+    assert!(env.is_empty(&env.dlq), "nothing dead-lettered");
+}
+
+#[tokio::test]
+async fn a_flood_of_one_tenants_dead_letters_holds_that_tenant_only() {
+    use uincall_enricher::fake_api::ERRCODE_NOT_FOUND;
+
+    let env = TestEnv::new("dlflood", 2, Duration::ZERO).await;
+    let mut s = env.settings();
+    let flooding = add_tenant(&env, &mut s, "flood");
+    s.retry.permanent_errcodes = vec![ERRCODE_NOT_FOUND];
+    // Once held, the tenant stays held for the test's length.
+    s.systemic.probe_min_delay = Duration::from_secs(120);
+    s.systemic.probe_max_delay = Duration::from_secs(120);
+    let worker = env.start_worker(s).await;
+
+    // Every session of the flooding tenant is unknown to the API; its
+    // events come first in both partitions.
+    let bad: Vec<String> = sessions("permanent-x", 200);
+    let fine = sessions("fine", 300);
+    testkit::produce(&env.bootstrap(), &env.input, events(&flooding, &bad))
+        .await
+        .unwrap();
+    testkit::produce(&env.bootstrap(), &env.input, events(&env.tenant, &fine))
+        .await
+        .unwrap();
+    let out = env.read_output(fine.len()).await;
+    let keys: BTreeSet<String> = out.iter().map(key).collect();
+    assert_eq!(keys, fine.iter().cloned().collect::<BTreeSet<_>>());
+    let held = worker.stats.held_tenants();
+    assert!(
+        held.get(&flooding).is_some_and(|c| c.contains("dead")),
+        "{held:?}"
+    );
+    assert!(!held.contains_key(&env.tenant));
+    let metrics = worker.stats.encode();
+    assert!(
+        !metrics.contains("uincall_enricher_systemic_failures_total{"),
+        "the worker as a whole never failed: {metrics}"
+    );
+    // The tenant was held once its dead letters passed the share of its
+    // own last records: far fewer than its events.
+    let dead = worker.stats.dead_lettered_total();
+    assert!((1..=20).contains(&dead), "{dead} dead letters");
+    worker.stop().await.unwrap();
+}
