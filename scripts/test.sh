@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh machine: installs what is missing (Java and
-# Maven, Apache Kafka's jars into a cache outside the repository, the Python
-# packages of the deploy checks), then runs unit and integration tests (the
-# integration tests start one Apache Kafka broker for the run, and a
-# three-node cluster for the broker-fault tests, on loopback) and the checks
-# of the Helm chart and kustomize manifests (tests/deploy).
+# Maven, Apache Kafka's jars and a Jaeger build into a cache outside the
+# repository, the Python packages of the deploy checks), then runs unit and
+# integration tests (the integration tests start one Apache Kafka broker for
+# the run, a three-node cluster for the broker-fault tests, and Jaeger for
+# the trace tests, on loopback) and the checks of the Helm chart and
+# kustomize manifests (tests/deploy).
 #
 # KAFKA_BOOTSTRAP=host:port runs the broker tests against an existing cluster
 # instead (the broker-fault tests still start their own).
@@ -24,6 +25,9 @@ fi
 
 KAFKA_LIB="$(bash scripts/install-kafka.sh)"
 export KAFKA_LIB
+# The trace tests' OTLP receiver: Jaeger, built once from the Go module proxy.
+JAEGER_BIN="$(bash scripts/install-jaeger.sh)"
+export JAEGER_BIN
 
 # Deployment checks: Helm's SDK (no helm binary), Kubernetes schemas, pytest.
 command -v kubectl >/dev/null || { echo "kubectl (with kustomize) is required for the deploy/ checks"; exit 1; }

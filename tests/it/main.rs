@@ -9,6 +9,7 @@ mod delivery;
 mod faults;
 mod group;
 mod helpers;
+mod jaeger_receiver;
 mod replay;
 mod retries;
 mod secrets;
@@ -16,3 +17,4 @@ mod side_port;
 mod tenants;
 #[path = "../testkit/mod.rs"]
 mod testkit;
+mod traces;

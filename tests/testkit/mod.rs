@@ -26,6 +26,8 @@ use rdkafka::{Offset, TopicPartitionList};
 
 pub use uincall_enricher::topics::*;
 
+pub mod jaeger;
+
 /// The directory holding the broker's jars: `KAFKA_LIB`, else what
 /// `scripts/install-kafka.sh` prints (it fetches them on first use).
 pub fn kafka_lib() -> anyhow::Result<PathBuf> {
