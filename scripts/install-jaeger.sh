@@ -18,6 +18,8 @@ bin="$dir/jaeger"
 stamp="$dir/.complete-$(cat go.mod go.sum | sha256sum | cut -c1-16)"
 
 if [ ! -f "$stamp" ] || [ ! -x "$bin" ]; then
+  # A Go installed from go.dev may not be on a non-interactive PATH.
+  command -v go >/dev/null || PATH="$PATH:/usr/local/go/bin"
   command -v go >/dev/null || {
     echo "Go 1.24.6+ is required to build Jaeger (https://go.dev/dl/)" >&2
     exit 1
