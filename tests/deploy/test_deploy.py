@@ -32,6 +32,8 @@ ALL_FEATURES = {
     "prometheusRule": {"enabled": True},
     "keda": {"enabled": True},
     "podAnnotations": {"example.com/team": "contact-centre"},
+    "tracing": {"otlpEndpoint": "http://127.0.0.1:1", "sampler": "parentbased_traceidratio",
+                "samplerArg": "0.1"},
 }
 HPA = {"hpa": {"enabled": True}, "existingSecret": "tokens-from-vault"}
 VALUE_SETS = {"defaults": {}, "all-features": ALL_FEATURES, "hpa-existing-secret": HPA}
@@ -98,6 +100,16 @@ def test_optional_features_render_their_resources():
     assert "Secret" not in {d["kind"] for d in hpa}
     volumes = one(hpa, "Deployment")["spec"]["template"]["spec"]["volumes"]
     assert {"name": "tokens", "secret": {"secretName": "tokens-from-vault"}} in volumes
+
+
+def test_tracing_values_become_the_standard_variables():
+    (container,) = one(RENDERINGS["chart:all-features"], "Deployment")["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://127.0.0.1:1"
+    assert env["OTEL_TRACES_SAMPLER"] == "parentbased_traceidratio"
+    assert env["OTEL_RESOURCE_ATTRIBUTES"].startswith("k8s.pod.name=$(POD_NAME),")
+    (default,) = one(RENDERINGS["chart:defaults"], "Deployment")["spec"]["template"]["spec"]["containers"]
+    assert "env" not in default, "no export unless asked for"
 
 
 def test_config_change_rolls_the_pods():
@@ -194,7 +206,11 @@ def test_probes_ports_and_signal_handling_match_the_binary(name):
     with tempfile.TemporaryDirectory() as tmp:
         path = write_settings(docs, tmp)
         local = free_port()
-        env = {**os.environ, "UINCALL__API__TOKENS_DIR": tmp,
+        # The container's own variables (the OTEL_* ones with tracing on),
+        # the downward API's pod name filled in.
+        own = {e["name"]: e["value"].replace("$(POD_NAME)", "enricher-0")
+               for e in container.get("env", []) if "value" in e}
+        env = {**os.environ, **own, "UINCALL__API__TOKENS_DIR": tmp,
                "UINCALL__KAFKA__BROKERS": "127.0.0.1:1",
                "UINCALL__HTTP__LISTEN": f"127.0.0.1:{local}"}
         proc = subprocess.Popen([BINARY, *container["args"][:-1], str(path)], env=env,
