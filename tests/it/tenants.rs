@@ -24,6 +24,35 @@ fn events(tenant: &str, sessions: &[String]) -> Vec<(Option<Vec<u8>>, Vec<u8>)> 
         .collect()
 }
 
+/// A tenant `<tenant>-<suffix>` with a token and an API of its own (a second
+/// fake answering in `latency`, `tenants.<id>.base_url`).
+async fn tenant_with_own_api(
+    env: &TestEnv,
+    s: &mut uincall_enricher::settings::Settings,
+    suffix: &str,
+    latency: Duration,
+) -> (String, uincall_enricher::fake_api::FakeApi) {
+    use std::collections::HashMap;
+    use uincall_enricher::fake_api::{FakeApi, FakeApiConfig};
+    use uincall_enricher::settings::TenantSettings;
+
+    let tenant = format!("{}-{suffix}", env.tenant);
+    let own = FakeApi::start(FakeApiConfig {
+        latency,
+        tokens: HashMap::from([(tenant.clone(), env.token.clone())]),
+    })
+    .await
+    .unwrap();
+    let token = secrecy::SecretString::from(env.token.clone());
+    s.api.tokens.insert(tenant.clone(), token);
+    let settings = TenantSettings {
+        base_url: Some(own.base_url().parse().unwrap()),
+        per_second: None,
+    };
+    s.tenants.insert(tenant.clone(), settings);
+    (tenant, own)
+}
+
 #[tokio::test]
 async fn a_tenant_whose_token_is_refused_is_held_alone_and_resumes_with_a_new_token() {
     let env = TestEnv::new("tenants", 2, Duration::from_millis(5)).await;
@@ -95,27 +124,9 @@ async fn a_tenant_whose_token_is_refused_is_held_alone_and_resumes_with_a_new_to
 
 #[tokio::test]
 async fn a_tenant_with_an_api_of_its_own_is_enriched_from_it() {
-    use std::collections::HashMap;
-    use uincall_enricher::fake_api::{FakeApi, FakeApiConfig};
-    use uincall_enricher::settings::TenantSettings;
-
     let env = TestEnv::new("ownapi", 2, Duration::ZERO).await;
-    let private = format!("{}-private", env.tenant);
-    let own = FakeApi::start(FakeApiConfig {
-        latency: Duration::ZERO,
-        tokens: HashMap::from([(private.clone(), env.token.clone())]),
-    })
-    .await
-    .unwrap();
     let mut s = env.settings();
-    let token = secrecy::SecretString::from(env.token.clone());
-    s.api.tokens.insert(private.clone(), token);
-    let base_url = Some(own.base_url().parse().unwrap());
-    let settings = TenantSettings {
-        base_url,
-        per_second: None,
-    };
-    s.tenants.insert(private.clone(), settings);
+    let (private, own) = tenant_with_own_api(&env, &mut s, "private", Duration::ZERO).await;
     let worker = env.start_worker(s).await;
     let (shared, theirs) = (sessions("shared", 30), sessions("private", 30));
     let mut all = events(&env.tenant, &shared);
@@ -139,28 +150,12 @@ async fn a_tenant_with_an_api_of_its_own_is_enriched_from_it() {
 
 #[tokio::test]
 async fn a_slow_tenant_keeps_its_share_of_the_window_and_the_fast_one_goes_on() {
-    use std::collections::HashMap;
-    use uincall_enricher::fake_api::{FakeApi, FakeApiConfig};
-    use uincall_enricher::settings::TenantSettings;
-
     // The fast tenant's API answers in 20 ms, the slow tenant's (its own
     // base URL) in 2 s.
     let env = TestEnv::new("share", 2, Duration::from_millis(20)).await;
-    let slow_tenant = format!("{}-slow", env.tenant);
-    let slow_api = FakeApi::start(FakeApiConfig {
-        latency: Duration::from_secs(2),
-        tokens: HashMap::from([(slow_tenant.clone(), env.token.clone())]),
-    })
-    .await
-    .unwrap();
     let mut s = env.settings();
-    let token = secrecy::SecretString::from(env.token.clone());
-    s.api.tokens.insert(slow_tenant.clone(), token);
-    let tenant = TenantSettings {
-        base_url: Some(slow_api.base_url().parse().unwrap()),
-        per_second: None,
-    };
-    s.tenants.insert(slow_tenant.clone(), tenant);
+    let (slow_tenant, slow_api) =
+        tenant_with_own_api(&env, &mut s, "slow", Duration::from_secs(2)).await;
     s.pipeline.max_in_flight = 64; // a share of 32 each
     let worker = env.start_worker(s).await;
 
@@ -222,28 +217,10 @@ fn add_tenant(env: &TestEnv, s: &mut uincall_enricher::settings::Settings, suffi
 
 #[tokio::test]
 async fn a_tenant_whose_own_api_is_down_is_held_alone() {
-    use std::collections::HashMap;
-    use uincall_enricher::fake_api::{FakeApi, FakeApiConfig};
-    use uincall_enricher::settings::TenantSettings;
-
     let env = TestEnv::new("ownapi-down", 2, Duration::ZERO).await;
-    let private = format!("{}-private", env.tenant);
-    let own = FakeApi::start(FakeApiConfig {
-        latency: Duration::ZERO,
-        tokens: HashMap::from([(private.clone(), env.token.clone())]),
-    })
-    .await
-    .unwrap();
-    own.set_outage(true);
     let mut s = env.settings();
-    let token = secrecy::SecretString::from(env.token.clone());
-    s.api.tokens.insert(private.clone(), token);
-    let base_url = Some(own.base_url().parse().unwrap());
-    let tenant = TenantSettings {
-        base_url,
-        per_second: None,
-    };
-    s.tenants.insert(private.clone(), tenant);
+    let (private, own) = tenant_with_own_api(&env, &mut s, "private", Duration::ZERO).await;
+    own.set_outage(true);
     s.retry.max_attempts = 3; // counted failures would dead-letter soon
     let worker = env.start_worker(s).await;
     let side = serve_side_port(&worker).await;

@@ -6,7 +6,7 @@
 //! on first use.
 
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -18,24 +18,7 @@ use serde_json::Value;
 /// prints (it builds the binary on first use).
 pub fn jaeger_bin() -> anyhow::Result<PathBuf> {
     static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Some(p) = std::env::var_os("JAEGER_BIN") {
-            return Ok(PathBuf::from(p));
-        }
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/install-jaeger.sh");
-        let out = Command::new("bash")
-            .arg(&script)
-            .stdin(Stdio::null())
-            .stderr(Stdio::inherit())
-            .output()
-            .map_err(|e| format!("running {}: {e}", script.display()))?;
-        if !out.status.success() {
-            return Err(format!("{} failed: {}", script.display(), out.status));
-        }
-        Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
-    })
-    .clone()
-    .map_err(anyhow::Error::msg)
+    super::installed(&BIN, "JAEGER_BIN", "scripts/install-jaeger.sh")
 }
 
 /// A running Jaeger; killed when dropped.

@@ -32,11 +32,21 @@ pub mod jaeger;
 /// `scripts/install-kafka.sh` prints (it fetches them on first use).
 pub fn kafka_lib() -> anyhow::Result<PathBuf> {
     static LIB: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    LIB.get_or_init(|| {
-        if let Some(p) = std::env::var_os("KAFKA_LIB") {
+    installed(&LIB, "KAFKA_LIB", "scripts/install-kafka.sh")
+}
+
+/// The path in variable `var`, else the one `script` prints (it installs
+/// what is missing), found once per process.
+fn installed(
+    once: &OnceLock<Result<PathBuf, String>>,
+    var: &str,
+    script: &str,
+) -> anyhow::Result<PathBuf> {
+    once.get_or_init(|| {
+        if let Some(p) = std::env::var_os(var) {
             return Ok(PathBuf::from(p));
         }
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/install-kafka.sh");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join(script);
         let out = Command::new("bash")
             .arg(&script)
             .stdin(Stdio::null())
