@@ -24,6 +24,10 @@
 //! `SWEEP_WORKER_LOG=LEVEL` sets its log level (default `warn`; the logs
 //! are written beside the results).
 //!
+//! `--tenants` measures tenant isolation instead (`tenants.rs`): one
+//! tenant's throughput alone and beside a tenant whose token the API
+//! refuses, or whose own API answers in 2 s.
+//!
 //! The raw limit runs the same measurement on a consume + produce loop with
 //! no HTTP call (this binary started with `--raw-pipe`): the worker's Kafka
 //! client settings, at most as many records between consume and
@@ -36,6 +40,8 @@
 //! the sweep is stopped when the sweep leaves a point, fails, is
 //! interrupted (SIGINT, SIGTERM), or dies (`PR_SET_PDEATHSIG`).
 
+#[path = "sweep/tenants.rs"]
+mod tenants;
 #[path = "../tests/testkit/mod.rs"]
 mod testkit;
 use testkit::KafkaCluster;
@@ -106,6 +112,23 @@ struct Args {
     /// (`kafka.properties`); repeatable.
     #[arg(long = "kafka-property", value_name = "KEY=VALUE", value_parser = key_value)]
     kafka_properties: Vec<(String, String)>,
+    /// Measure tenant isolation instead of the sweep (docs/benchmarks.md,
+    /// "Tenants").
+    #[arg(long)]
+    tenants: bool,
+    /// With `--tenants`: events of the measured tenant per run.
+    #[arg(long, default_value_t = 12_000)]
+    tenant_events: usize,
+    /// With `--tenants`: events of the other tenant, spread among the
+    /// measured tenant's (fewer than `pipeline.max_held_records`).
+    #[arg(long, default_value_t = 3_000)]
+    other_events: usize,
+    /// With `--tenants`: runs of each scenario, alone and beside.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// With `--tenants`: the scenarios to run (`refused`, `slow`).
+    #[arg(long, value_delimiter = ',', default_values_t = ["refused".to_string(), "slow".to_string()])]
+    scenarios: Vec<String>,
     /// Passed by `cargo bench`.
     #[arg(long, hide = true)]
     bench: bool,
@@ -118,6 +141,10 @@ struct Args {
     /// Internal: the fake API's latency in milliseconds, with `--fake-api`.
     #[arg(long = "latency-ms", hide = true, default_value_t = 0)]
     latency_ms: u64,
+    /// Internal: a tenant whose token the fake API accepts, with
+    /// `--fake-api`; repeatable.
+    #[arg(long = "api-tenant", hide = true, default_values_t = [TENANT.to_string()])]
+    api_tenants: Vec<String>,
 }
 
 fn key_value(s: &str) -> Result<(String, String), String> {
@@ -189,7 +216,7 @@ fn main() -> anyhow::Result<()> {
         return rt.block_on(raw_pipe(raw));
     }
     if args.fake_api {
-        return rt.block_on(serve_fake_api(args.latency_ms));
+        return rt.block_on(serve_fake_api(args.latency_ms, &args.api_tenants));
     }
     if !args.bench {
         println!("sweep: a benchmark, run it with `cargo bench --bench sweep`");
@@ -223,6 +250,9 @@ async fn sweep(args: Args) -> anyhow::Result<()> {
         broker_pid,
         args: &args,
     };
+    if args.tenants {
+        return tenants::run(&ctx).await;
+    }
 
     let mut raw: HashMap<usize, Measured> = HashMap::new();
     if !args.no_raw {
@@ -315,7 +345,7 @@ impl Ctx<'_> {
         testkit::produce(
             self.bootstrap,
             &input,
-            (0..n).map(|i| event(&format!("{tag}-{i:07}"))),
+            (0..n).map(|i| event(&format!("{tag}-{i:07}"), TENANT)),
         )
         .await?;
 
@@ -325,36 +355,16 @@ impl Ctx<'_> {
         let group = format!("{tag}-group");
         let (api, base_url) = match &subject {
             Subject::Worker { latency_ms, .. } => {
-                let (api, base_url) = self.start_fake_api(tag, *latency_ms).await?;
+                let (api, base_url) = self.start_fake_api(tag, *latency_ms, &[TENANT]).await?;
                 (Some(api), base_url)
             }
             Subject::Raw { .. } => (None, String::new()),
         };
         let mut command = match &subject {
             Subject::Worker { window, .. } => {
-                let mut c = Command::new(worker_binary());
-                c.arg("--config")
-                    .arg(self.properties_file(tag)?)
-                    .arg("run")
-                    .envs([
-                        ("UINCALL__KAFKA__BROKERS", self.bootstrap.to_string()),
-                        ("UINCALL__KAFKA__INPUT_TOPIC", input.clone()),
-                        ("UINCALL__KAFKA__OUTPUT_TOPIC", output.clone()),
-                        ("UINCALL__KAFKA__DEAD_LETTER_TOPIC", dlq.clone()),
-                        ("UINCALL__KAFKA__GROUP_ID", group.clone()),
-                        ("UINCALL__API__BASE_URL", base_url),
-                        (
-                            &format!("UINCALL__API__TOKENS__{TENANT}"),
-                            TOKEN.to_string(),
-                        ),
-                        ("UINCALL__PIPELINE__MAX_IN_FLIGHT", window.to_string()),
-                        ("UINCALL__HTTP__LISTEN", "127.0.0.1:0".to_string()),
-                        (
-                            "UINCALL__LOG__LEVEL",
-                            std::env::var("SWEEP_WORKER_LOG").unwrap_or_else(|_| "warn".into()),
-                        ),
-                    ]);
-                c
+                let topics = [input.as_str(), &output, &dlq, &group];
+                let config = self.config_file(tag, toml::Table::new())?;
+                self.worker_command(&config, topics, &base_url, *window)
             }
             Subject::Raw { limit } => {
                 let mut c = Command::new(std::env::current_exe()?);
@@ -379,7 +389,7 @@ impl Ctx<'_> {
         };
         let mut running = Running {
             subject: Proc::spawn(what, command)?,
-            api,
+            apis: api.into_iter().collect(),
         };
         let result = self.measure(&mut running, reader, &input, n).await;
         // The subject first, then the API it calls.
@@ -387,14 +397,52 @@ impl Ctx<'_> {
         result
     }
 
+    /// The worker on `config` (a settings file) and the topics and group
+    /// `[input, output, dead letters, group]`, calling `base_url` with
+    /// `window` calls at once.
+    fn worker_command(
+        &self,
+        config: &Path,
+        [input, output, dlq, group]: [&str; 4],
+        base_url: &str,
+        window: usize,
+    ) -> Command {
+        let mut c = Command::new(worker_binary());
+        c.arg("--config").arg(config).arg("run").envs([
+            ("UINCALL__KAFKA__BROKERS", self.bootstrap.to_string()),
+            ("UINCALL__KAFKA__INPUT_TOPIC", input.to_string()),
+            ("UINCALL__KAFKA__OUTPUT_TOPIC", output.to_string()),
+            ("UINCALL__KAFKA__DEAD_LETTER_TOPIC", dlq.to_string()),
+            ("UINCALL__KAFKA__GROUP_ID", group.to_string()),
+            ("UINCALL__API__BASE_URL", base_url.to_string()),
+            (
+                &format!("UINCALL__API__TOKENS__{TENANT}"),
+                TOKEN.to_string(),
+            ),
+            ("UINCALL__PIPELINE__MAX_IN_FLIGHT", window.to_string()),
+            ("UINCALL__HTTP__LISTEN", "127.0.0.1:0".to_string()),
+            (
+                "UINCALL__LOG__LEVEL",
+                std::env::var("SWEEP_WORKER_LOG").unwrap_or_else(|_| "warn".into()),
+            ),
+        ]);
+        c
+    }
+
     /// Starts the fake Uincall API in its own process (this binary with
-    /// `--fake-api`) and reads the address it serves on; returns it with
-    /// its base URL.
-    async fn start_fake_api(&self, tag: &str, latency_ms: u64) -> anyhow::Result<(Proc, String)> {
+    /// `--fake-api`), accepting `tenants`' token, and reads the address it
+    /// serves on; returns it with its base URL.
+    async fn start_fake_api(
+        &self,
+        tag: &str,
+        latency_ms: u64,
+        tenants: &[&str],
+    ) -> anyhow::Result<(Proc, String)> {
         let log_path = self.args.out.join(format!("{tag}-api.log"));
         let mut command = Command::new(std::env::current_exe()?);
         command
             .args(["--fake-api", "--latency-ms", &latency_ms.to_string()])
+            .args(tenants.iter().flat_map(|t| ["--api-tenant", t]))
             // Held open by `Proc`: the fake API exits when it closes.
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -403,17 +451,21 @@ impl Ctx<'_> {
         let stdout = api.child.stdout.take().context("the fake API's stdout")?;
         // On a time-out `api` is dropped, which kills the process and ends
         // this blocking read.
-        let line = tokio::time::timeout(
+        let (line, stdout) = tokio::time::timeout(
             Duration::from_secs(30),
             tokio::task::spawn_blocking(move || {
                 let mut line = String::new();
-                std::io::BufReader::new(stdout)
+                // Nothing follows the address unasked (`api_calls`): the
+                // reader buffers nothing past it.
+                let mut reader = std::io::BufReader::new(stdout);
+                reader
                     .read_line(&mut line)
-                    .map(|_| line)
+                    .map(|_| (line, reader.into_inner()))
             }),
         )
         .await
         .context("the fake API printed no address within 30 s")???;
+        api.child.stdout = Some(stdout);
         let addr: SocketAddr = line.trim().parse().with_context(|| {
             format!(
                 "the fake API printed {line:?}, not its address (see {})",
@@ -423,8 +475,8 @@ impl Ctx<'_> {
         Ok((api, format!("http://{addr}")))
     }
 
-    /// A settings file with `--kafka-property` as `kafka.properties`.
-    fn properties_file(&self, tag: &str) -> anyhow::Result<PathBuf> {
+    /// A settings file: `root`, with `--kafka-property` as `kafka.properties`.
+    fn config_file(&self, tag: &str, mut root: toml::Table) -> anyhow::Result<PathBuf> {
         let props: toml::Table = self
             .args
             .kafka_properties
@@ -433,7 +485,6 @@ impl Ctx<'_> {
             .collect();
         let mut kafka = toml::Table::new();
         kafka.insert("properties".into(), toml::Value::Table(props));
-        let mut root = toml::Table::new();
         root.insert("kafka".into(), toml::Value::Table(kafka));
         let path = self.args.out.join(format!("{tag}.toml"));
         std::fs::write(&path, toml::to_string(&root)?)?;
@@ -449,7 +500,7 @@ impl Ctx<'_> {
     ) -> anyhow::Result<Measured> {
         let pid = running.subject.pid().to_string();
         let broker = self.broker_pid.to_string();
-        let api = running.api.as_ref().map(|a| a.pid().to_string());
+        let api = running.apis.first().map(|a| a.pid().to_string());
         let (n5, n95) = ((n / 20).max(1), (n * 19 / 20).max(2));
         let sample = || {
             (
@@ -520,8 +571,8 @@ impl Ctx<'_> {
     }
 }
 
-fn event(session: &str) -> (Option<Vec<u8>>, Vec<u8>) {
-    let v = serde_json::json!({"session_id": session, "tenant_id": TENANT});
+fn event(session: &str, tenant: &str) -> (Option<Vec<u8>>, Vec<u8>) {
+    let v = serde_json::json!({"session_id": session, "tenant_id": tenant});
     (
         Some(session.as_bytes().to_vec()),
         v.to_string().into_bytes(),
@@ -544,7 +595,7 @@ async fn pace(
     let mut acks = FuturesUnordered::new();
     for i in 0..count {
         tick.tick().await;
-        let (key, payload) = event(&format!("{topic}-paced-{i:07}"));
+        let (key, payload) = event(&format!("{topic}-paced-{i:07}"), TENANT);
         let key = String::from_utf8(key.unwrap())?;
         sent.lock().unwrap().insert(key.clone(), Instant::now());
         let producer = producer.clone();
@@ -749,48 +800,76 @@ impl Drop for Proc {
     }
 }
 
-/// The processes of one run: the subject and, for the worker, the fake API.
+/// The processes of one run: the subject and, for the worker, the fake
+/// API (one per API the worker calls).
 struct Running {
     subject: Proc,
-    api: Option<Proc>,
+    apis: Vec<Proc>,
 }
 
 impl Running {
-    /// An error when either has exited.
+    /// An error when any of them has exited.
     fn check(&mut self) -> anyhow::Result<()> {
         self.subject.check()?;
-        if let Some(api) = &mut self.api {
+        for api in &mut self.apis {
             api.check()?;
         }
         Ok(())
     }
 
-    /// Stops the subject, then the fake API.
+    /// Stops the subject, then the fake APIs.
     fn stop(&mut self) {
         self.subject.stop();
-        if let Some(api) = &mut self.api {
+        for api in &mut self.apis {
             api.stop();
         }
     }
 }
 
-/// `--fake-api`: serves the fake Uincall API with `latency_ms` and the
-/// bench tenant's token, prints its address on stdout and serves until
-/// SIGTERM or until stdin closes (the sweep holds it open).
-async fn serve_fake_api(latency_ms: u64) -> anyhow::Result<()> {
+/// The calls a fake API process (`--fake-api`) has received so far: it
+/// answers each line on its stdin with the count.
+fn api_calls(api: &mut Proc) -> anyhow::Result<u64> {
+    let child = &mut api.child;
+    let stdin = child.stdin.as_mut().context("the fake API's stdin")?;
+    stdin.write_all(b"calls\n")?;
+    stdin.flush()?;
+    let stdout = child.stdout.as_mut().context("the fake API's stdout")?;
+    // Byte by byte: nothing past the line may be buffered away.
+    let mut line = Vec::new();
+    let mut byte = [0u8];
+    while std::io::Read::read(stdout, &mut byte)? == 1 && byte[0] != b'\n' {
+        line.push(byte[0]);
+    }
+    Ok(String::from_utf8(line)?.trim().parse()?)
+}
+
+/// `--fake-api`: serves the fake Uincall API with `latency_ms`, accepting
+/// `TOKEN` for `tenants`, prints its address on stdout and serves until
+/// SIGTERM or until stdin closes (the sweep holds it open). Each line read
+/// on stdin is answered on stdout with the calls received so far.
+async fn serve_fake_api(latency_ms: u64, tenants: &[String]) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
-    let api = FakeApi::start(FakeApiConfig {
-        latency: Duration::from_millis(latency_ms),
-        tokens: [(TENANT.to_string(), TOKEN.to_string())].into(),
-    })
-    .await?;
+    let api = Arc::new(
+        FakeApi::start(FakeApiConfig {
+            latency: Duration::from_millis(latency_ms),
+            tokens: (tenants.iter())
+                .map(|t| (t.clone(), TOKEN.to_string()))
+                .collect(),
+        })
+        .await?,
+    );
     {
         let mut out = std::io::stdout().lock();
         writeln!(out, "{}", api.addr())?;
         out.flush()?;
     }
-    std::thread::spawn(|| {
-        let _ = std::io::copy(&mut std::io::stdin().lock(), &mut std::io::sink());
+    let counted = api.clone();
+    std::thread::spawn(move || {
+        for _ in std::io::stdin().lines().map_while(Result::ok) {
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{}", counted.total_calls());
+            let _ = out.flush();
+        }
         std::process::exit(0);
     });
     term.recv().await;
