@@ -5,7 +5,9 @@
 //! traced record. Record spans carry session_id and tenant_id, never a
 //! token. Traces: see [`crate::otel`].
 
+use tracing::Level;
 use tracing_opentelemetry::OtelData;
+use tracing_subscriber::filter::{FilterExt, Targets, filter_fn};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer, Registry, fmt};
@@ -35,18 +37,26 @@ pub fn init(log: &LogSettings) -> anyhow::Result<Telemetry> {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&log.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
+    // The worker's own spans, whatever the log level: a record's trace
+    // does not depend on how much is logged.
     let spans = tracing_opentelemetry::layer()
         .with_tracer(traces.tracer())
         .with_location(false)
         .with_threads(false)
-        .with_tracked_inactivity(false);
+        .with_tracked_inactivity(false)
+        .with_filter(Targets::new().with_target("uincall_enricher", Level::INFO));
     let lines = match log.format {
         LogFormat::Json => json_lines().boxed(),
         LogFormat::Text => fmt::layer().with_writer(std::io::stderr).boxed(),
     };
+    // Log lines as the level says, with the worker's spans whatever it
+    // says: a warning inside a record names its record and trace.
+    let ours = filter_fn(|m| m.is_span() && m.target().starts_with("uincall_enricher"));
     let installed = tracing_subscriber::registry()
-        .with(vec![spans.boxed(), lines])
-        .with(filter)
+        .with(vec![
+            spans.boxed(),
+            lines.with_filter(filter.or(ours)).boxed(),
+        ])
         .try_init()
         .is_ok();
     Ok(Telemetry {

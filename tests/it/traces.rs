@@ -43,7 +43,8 @@ async fn the_input_trace_goes_on_in_the_enriched_record_and_the_dead_letter() {
     let env = TestEnv::new("traceparent", 1, Duration::ZERO).await;
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("worker.log");
-    let mut child = env.spawn_binary(&log, &[]);
+    // Spans do not depend on the log level (only warnings logged here).
+    let mut child = env.spawn_binary(&log, &[("UINCALL__LOG__LEVEL", "warn")]);
 
     let parent = traceparent(TRACE, PARENT_SPAN);
     let state = "vendor=abc";
