@@ -243,6 +243,25 @@ fn time(v: &Option<DateTime<Utc>>) -> Option<String> {
 
 impl Stamp {
     /// The headers, in a stable order; absent values are left out.
+    /// Kafka Connect's names for the same facts (what its dead-letter
+    /// readers look for): the source record's place, the error class as the
+    /// exception's class name, the reason as its message.
+    pub fn connect_headers(&self) -> Vec<(&'static str, String)> {
+        [
+            ("__connect.errors.topic", self.source_topic.clone()),
+            ("__connect.errors.partition", text(&self.source_partition)),
+            ("__connect.errors.offset", text(&self.source_offset)),
+            (
+                "__connect.errors.exception.class.name",
+                text(&self.error_class),
+            ),
+            ("__connect.errors.exception.message", self.reason.clone()),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.map(|v| (k, v)))
+        .collect()
+    }
+
     pub fn headers(&self) -> Vec<(&'static str, String)> {
         use header::*;
         let truncated = self.truncated.as_ref();

@@ -22,6 +22,34 @@ pub mod header {
     pub const CONTENT_TYPE: &str = "content-type";
 }
 
+/// The `$id` of the enriched record's JSON Schema (docs/schema).
+pub const SCHEMA_ID: &str = "https://github.com/uincall-enricher/uincall-enricher/docs/schema/enriched-record.v1.schema.json";
+
+/// The CloudEvents type of an enriched record.
+pub const CLOUDEVENTS_TYPE: &str = "com.uincall.call.enriched.v1";
+
+/// CloudEvents attributes of an enriched record (Kafka protocol binding,
+/// binary mode: one `ce_` header each; the content type is the
+/// `content-type` header already written).
+pub fn cloudevents_headers(
+    source: &str,
+    session_id: &str,
+    time: chrono::DateTime<chrono::Utc>,
+) -> Vec<(&'static str, String)> {
+    vec![
+        ("ce_specversion", "1.0".to_string()),
+        ("ce_id", session_id.to_string()),
+        ("ce_source", source.to_string()),
+        ("ce_type", CLOUDEVENTS_TYPE.to_string()),
+        (
+            "ce_time",
+            time.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        ),
+        ("ce_subject", session_id.to_string()),
+        ("ce_dataschema", SCHEMA_ID.to_string()),
+    ]
+}
+
 /// Where an input record came from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Source {
@@ -137,6 +165,28 @@ pub fn to_json(i: &Inputs<'_>) -> Vec<u8> {
 mod tests {
     use super::*;
     use crate::detail::Envelope;
+
+    #[test]
+    fn cloudevents_name_the_shipped_schema_and_the_session() {
+        let schema: serde_json::Value = serde_json::from_str(include_str!(
+            "../docs/schema/enriched-record.v1.schema.json"
+        ))
+        .unwrap();
+        assert_eq!(schema["$id"], SCHEMA_ID);
+        let at = chrono::DateTime::parse_from_rfc3339("2026-11-25T10:00:00.5+08:00").unwrap();
+        let hs = cloudevents_headers("/uincall-enricher", "s-1", at.into());
+        let want = [
+            ("ce_specversion", "1.0"),
+            ("ce_id", "s-1"),
+            ("ce_source", "/uincall-enricher"),
+            ("ce_type", "com.uincall.call.enriched.v1"),
+            ("ce_time", "2026-11-25T02:00:00.500Z"),
+            ("ce_subject", "s-1"),
+            ("ce_dataschema", SCHEMA_ID),
+        ];
+        let got: Vec<(&str, &str)> = hs.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        assert_eq!(got, want);
+    }
 
     pub fn spec_detail() -> CallDetail {
         let env: Envelope =

@@ -34,6 +34,9 @@ pub struct Settings {
     pub http: HttpSettings,
     pub log: LogSettings,
     pub labels: LabelSettings,
+    /// Header conventions of other tools, opt-in.
+    #[serde(default)]
+    pub headers: HeaderSettings,
     /// Per-tenant overrides, by tenant_id (`[tenants."<tenant_id>"]`).
     #[serde(default)]
     pub tenants: BTreeMap<String, TenantSettings>,
@@ -325,6 +328,45 @@ pub struct LogSettings {
     pub level: String,
 }
 
+/// Headers written for tools that read records by convention.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HeaderSettings {
+    /// CloudEvents (Kafka binding, binary mode) on enriched records:
+    /// `ce_specversion`, `ce_id` and `ce_subject` (the session id),
+    /// `ce_source`, `ce_type`, `ce_time`, `ce_dataschema`.
+    pub cloudevents: bool,
+    /// The events' `ce_source` (a URI reference).
+    pub cloudevents_source: String,
+    /// Kafka Connect's error headers on dead letters
+    /// (`__connect.errors.topic`, `.partition`, `.offset`,
+    /// `.exception.class.name`, `.exception.message`) beside `dlq.*`.
+    pub kafka_connect: bool,
+}
+
+impl Default for HeaderSettings {
+    fn default() -> Self {
+        HeaderSettings {
+            cloudevents: false,
+            cloudevents_source: "/uincall-enricher".into(),
+            kafka_connect: false,
+        }
+    }
+}
+
+impl HeaderSettings {
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        check(
+            !self.cloudevents_source.trim().is_empty()
+                && url::Url::parse("http://base/")
+                    .and_then(|b| b.join(&self.cloudevents_source))
+                    .is_ok(),
+            "headers.cloudevents_source",
+            "must be a URI reference, e.g. /uincall-enricher or urn:example:enricher",
+        )
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LabelSettings {
@@ -552,6 +594,7 @@ impl Settings {
         for (tenant, t) in &self.tenants {
             t.validate(tenant)?;
         }
+        self.headers.validate()?;
         self.log.validate()
     }
 

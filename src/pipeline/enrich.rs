@@ -163,16 +163,34 @@ fn probe_target(event: &CallEnded) -> ProbeTarget {
     }
 }
 
-/// The enriched record's headers, with the trace context of its `send`
-/// span.
-fn enriched_headers(tenant_id: &str, send: &tracing::Span) -> OwnedHeaders {
-    let version = record::SCHEMA_VERSION.to_string();
-    let ours = [
-        (record::header::TENANT_ID, tenant_id),
-        (record::header::SCHEMA_VERSION, version.as_str()),
-        (record::header::CONTENT_TYPE, record::CONTENT_TYPE),
+/// The enriched record's headers (CloudEvents' too when `cloudevents`
+/// names the source), with the trace context of its `send` span.
+fn enriched_headers(
+    event: &CallEnded,
+    cloudevents: Option<&str>,
+    fetched_at: chrono::DateTime<Utc>,
+    send: &tracing::Span,
+) -> OwnedHeaders {
+    let mut ours = vec![
+        (record::header::TENANT_ID, event.tenant_id.clone()),
+        (
+            record::header::SCHEMA_VERSION,
+            record::SCHEMA_VERSION.to_string(),
+        ),
+        (
+            record::header::CONTENT_TYPE,
+            record::CONTENT_TYPE.to_string(),
+        ),
     ];
-    otel::with_trace(ours.map(|(k, v)| (k, Some(v.as_bytes()))).into_iter(), send)
+    if let Some(source) = cloudevents {
+        ours.extend(record::cloudevents_headers(
+            source,
+            &event.session_id,
+            fetched_at,
+        ));
+    }
+    let ours = ours.iter().map(|(k, v)| (*k, Some(v.as_bytes())));
+    otel::with_trace(ours, send)
 }
 
 impl Enricher {
@@ -461,7 +479,9 @@ impl Enricher {
             source: &rec.source,
         });
         let send = otel::send_span(&s.kafka.output_topic);
-        let headers = enriched_headers(&event.tenant_id, &send);
+        let h = &s.headers;
+        let cloudevents = h.cloudevents.then_some(h.cloudevents_source.as_str());
+        let headers = enriched_headers(event, cloudevents, attempts.last_at, &send);
         let out = Outgoing {
             topic: &s.kafka.output_topic,
             key: Some(event.session_id.as_bytes()),

@@ -37,11 +37,11 @@ impl InRecord {
         }
     }
 
-    /// The record's own headers for producing it again: any `dlq.*` of an
-    /// earlier failure dropped.
+    /// The record's own headers for producing it again: any `dlq.*` (and
+    /// Kafka Connect error header) of an earlier failure dropped.
     pub fn headers_without_dlq(&self) -> impl Iterator<Item = (&str, Option<&[u8]>)> {
         (self.headers.iter())
-            .filter(|(k, _)| !k.starts_with(dlq::PREFIX))
+            .filter(|(k, _)| !k.starts_with(dlq::PREFIX) && !k.starts_with("__connect.errors."))
             .map(|(k, v)| (k.as_str(), v.as_deref()))
     }
 }

@@ -95,6 +95,8 @@ pub struct Publisher {
     /// The smallest `max.message.bytes` of the topics written, when the
     /// cluster told it.
     max_message_bytes: Option<usize>,
+    /// Kafka Connect's error headers on dead letters too.
+    connect_headers: bool,
 }
 
 impl Publisher {
@@ -115,6 +117,7 @@ impl Publisher {
             timeout: k.produce_timeout,
             backoff: retry::backoff(&settings.retry),
             max_message_bytes,
+            connect_headers: settings.headers.kafka_connect,
         })
     }
 
@@ -172,7 +175,7 @@ impl Publisher {
         stop: &CancellationToken,
     ) -> Result<(), ProduceError> {
         let payload = out.payload;
-        let full = with_stamp(out.headers.clone(), stamp);
+        let full = self.with_stamp(out.headers.clone(), stamp);
         let mut result = self
             .send(
                 Outgoing {
@@ -194,7 +197,7 @@ impl Publisher {
                 }),
                 ..stamp.clone()
             };
-            let headers = with_stamp(OwnedHeaders::new(), &truncated);
+            let headers = self.with_stamp(OwnedHeaders::new(), &truncated);
             let cut = Outgoing {
                 payload: &payload[..size],
                 headers: &headers,
@@ -213,13 +216,21 @@ impl Publisher {
     }
 }
 
-fn with_stamp(headers: OwnedHeaders, stamp: &Stamp) -> OwnedHeaders {
-    stamp.headers().iter().fold(headers, |hs, (k, v)| {
-        hs.insert(Header {
-            key: k,
-            value: Some(v.as_bytes()),
+impl Publisher {
+    /// `headers` with the dead letter's `dlq.*` headers (and Kafka
+    /// Connect's, with `headers.kafka_connect`).
+    fn with_stamp(&self, headers: OwnedHeaders, stamp: &Stamp) -> OwnedHeaders {
+        let mut ours = stamp.headers();
+        if self.connect_headers {
+            ours.extend(stamp.connect_headers());
+        }
+        ours.iter().fold(headers, |hs, (k, v)| {
+            hs.insert(Header {
+                key: k,
+                value: Some(v.as_bytes()),
+            })
         })
-    })
+    }
 }
 
 #[cfg(test)]
