@@ -34,6 +34,20 @@ ALL_FEATURES = {
     "podAnnotations": {"example.com/team": "contact-centre"},
     "tracing": {"otlpEndpoint": "http://127.0.0.1:1", "sampler": "parentbased_traceidratio",
                 "samplerArg": "0.1"},
+    "extraEnv": [
+        {"name": "UINCALL__PIPELINE__MAX_IN_FLIGHT", "value": "128"},
+        {"name": "UINCALL__KAFKA__PROPERTIES__SASL_PASSWORD",
+         "valueFrom": {"secretKeyRef": {"name": "kafka-credentials", "key": "password"}}},
+    ],
+    "extraEnvFrom": [{"secretRef": {"name": "kafka-client"}}],
+    "extraVolumes": [{"name": "kafka-ca", "secret": {"secretName": "kafka-ca"}}],
+    "extraVolumeMounts": [{"name": "kafka-ca", "mountPath": "/etc/kafka-ca", "readOnly": True}],
+    "topologySpreadConstraints": [{
+        "maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone",
+        "whenUnsatisfiable": "ScheduleAnyway",
+        "labelSelector": {"matchLabels": {"app.kubernetes.io/name": "uincall-enricher"}}}],
+    "priorityClassName": "contact-centre",
+    "global": {"imageRegistry": "registry.example"},
 }
 HPA = {"hpa": {"enabled": True}, "existingSecret": "tokens-from-vault"}
 VALUE_SETS = {"defaults": {}, "all-features": ALL_FEATURES, "hpa-existing-secret": HPA}
@@ -109,7 +123,30 @@ def test_tracing_values_become_the_standard_variables():
     assert env["OTEL_TRACES_SAMPLER"] == "parentbased_traceidratio"
     assert env["OTEL_RESOURCE_ATTRIBUTES"].startswith("k8s.pod.name=$(POD_NAME),")
     (default,) = one(RENDERINGS["chart:defaults"], "Deployment")["spec"]["template"]["spec"]["containers"]
-    assert "env" not in default, "no export unless asked for"
+    names = {e["name"] for e in default["env"]}
+    assert not any(n.startswith("OTEL_") for n in names), "no export unless asked for"
+
+
+def test_extra_values_reach_the_pod():
+    docs = RENDERINGS["chart:all-features"]
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["UINCALL__KAFKA__CLIENT_ID"]["value"] == "uincall-enricher-$(POD_NAME)"
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert env["UINCALL__KAFKA__PROPERTIES__SASL_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "kafka-credentials"
+    assert container["envFrom"] == [{"secretRef": {"name": "kafka-client"}}]
+    assert {"name": "kafka-ca", "mountPath": "/etc/kafka-ca", "readOnly": True} in container["volumeMounts"]
+    assert {"name": "kafka-ca", "secret": {"secretName": "kafka-ca"}} in pod["volumes"]
+    assert pod["topologySpreadConstraints"][0]["topologyKey"] == "topology.kubernetes.io/zone"
+    assert pod["priorityClassName"] == "contact-centre"
+    pdb = one(docs, "PodDisruptionBudget")
+    assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+    # OpenShift: the fixed uid can be left out.
+    openshift = {"podSecurityContext": {"runAsNonRoot": True, "runAsUser": None,
+                                        "runAsGroup": None, "fsGroup": None}}
+    ctx = one(chart_docs(openshift), "Deployment")["spec"]["template"]["spec"]["securityContext"]
+    assert ctx == {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
 
 
 def test_config_change_rolls_the_pods():
@@ -138,6 +175,8 @@ def test_manifests_validate_against_kubernetes_schemas(name):
 
 @pytest.mark.parametrize("name", RENDERINGS.keys())
 def test_pod_security_and_resources(name):
+    pdb = one(RENDERINGS[name], "PodDisruptionBudget")
+    assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow", "drains pass an outage"
     pod = one(RENDERINGS[name], "Deployment")["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
