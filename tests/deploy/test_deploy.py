@@ -3,6 +3,7 @@ Kubernetes schema validation, and agreement with the real binary (settings
 accepted, probe paths served, SIGTERM handled within the grace period)."""
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -269,3 +270,18 @@ def test_probes_ports_and_signal_handling_match_the_binary(name):
         finally:
             if proc.poll() is None:
                 proc.kill()
+
+
+def test_every_alert_links_its_runbook_in_the_operations_guide():
+    rule = one(RENDERINGS["chart:all-features"], "PrometheusRule")
+    guide = (ROOT / "docs" / "operations.md").read_text()
+    # GitHub's anchors: headings lower-cased, punctuation dropped.
+    anchors = {re.sub(r"[^a-z0-9 -]", "", h.lower()).replace(" ", "-")
+               for h in re.findall(r"^#+ (.+)$", guide, re.M)}
+    alerts = [r for g in rule["spec"]["groups"] for r in g["rules"] if "alert" in r]
+    assert alerts
+    for r in alerts:
+        url = r["annotations"]["runbook_url"]
+        base, _, anchor = url.partition("#")
+        assert base.startswith("https://") and base.endswith("/docs/operations.md"), url
+        assert anchor == r["alert"].lower() and anchor in anchors, (r["alert"], url)
