@@ -2,6 +2,7 @@
 Kubernetes schema validation, and agreement with the real binary (settings
 accepted, probe paths served, SIGTERM handled within the grace period)."""
 
+import json
 import os
 import re
 import signal
@@ -48,6 +49,7 @@ ALL_FEATURES = {
         "whenUnsatisfiable": "ScheduleAnyway",
         "labelSelector": {"matchLabels": {"app.kubernetes.io/name": "uincall-enricher"}}}],
     "priorityClassName": "contact-centre",
+    "grafanaDashboard": {"enabled": True},
     "global": {"imageRegistry": "registry.example"},
 }
 HPA = {"hpa": {"enabled": True}, "existingSecret": "tokens-from-vault"}
@@ -88,7 +90,9 @@ def one(docs, kind):
 
 
 def settings_text(docs):
-    return one(docs, "ConfigMap")["data"]["settings.toml"]
+    (text,) = [d["data"]["settings.toml"] for d in docs
+               if d["kind"] == "ConfigMap" and "settings.toml" in d.get("data", {})]
+    return text
 
 
 @pytest.mark.parametrize("values", VALUE_SETS.values(), ids=VALUE_SETS.keys())
@@ -285,3 +289,12 @@ def test_every_alert_links_its_runbook_in_the_operations_guide():
         base, _, anchor = url.partition("#")
         assert base.startswith("https://") and base.endswith("/docs/operations.md"), url
         assert anchor == r["alert"].lower() and anchor in anchors, (r["alert"], url)
+
+
+def test_the_dashboard_configmap_carries_the_dashboard_file():
+    cms = [d for d in RENDERINGS["chart:all-features"]
+           if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-dashboard")]
+    (cm,) = cms
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    shipped = json.loads((CHART / "dashboards" / "uincall-enricher.json").read_text())
+    assert json.loads(cm["data"]["uincall-enricher.json"]) == shipped

@@ -31,7 +31,10 @@ async fn side_port_serves_health_readiness_and_metrics_of_the_real_binary() {
     let started = Instant::now();
     let metrics = loop {
         let text = until_status(&format!("{base}/metrics"), 200).await;
-        if text.contains("uincall_enricher_records_enriched_total 2\n") {
+        // The lag comes with the consumer's statistics, a little later.
+        if text.contains("uincall_enricher_records_enriched_total 2\n")
+            && text.contains("uincall_enricher_consumer_lag{")
+        {
             break text;
         }
         assert!(
@@ -70,7 +73,42 @@ async fn side_port_serves_health_readiness_and_metrics_of_the_real_binary() {
         assert!(metrics.contains(line), "{line} missing in\n{metrics}");
     }
     assert!(!metrics.contains(&env.token));
+    dashboard_names_only_served_metrics(&metrics);
 
     sigterm(&child);
     assert!(wait_exit(&mut child, WAIT).await.success());
+}
+
+/// Every metric the chart's Grafana dashboard queries is one the binary
+/// serves (a sample name in `metrics`).
+fn dashboard_names_only_served_metrics(metrics: &str) {
+    let served: std::collections::BTreeSet<&str> = metrics
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .collect();
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/helm/uincall-enricher/dashboards/uincall-enricher.json"
+    );
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut queried = Vec::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            let names: Vec<&str> = expr
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .filter(|w| w.starts_with("uincall_enricher_"))
+                .collect();
+            assert!(!names.is_empty(), "{expr}");
+            queried.extend(names);
+        }
+    }
+    for name in queried {
+        assert!(
+            served.contains(name),
+            "the dashboard queries {name}, which /metrics does not serve:\n{metrics}"
+        );
+    }
 }
