@@ -26,13 +26,14 @@ OVERLAYS = sorted(p.name for p in (ROOT / "deploy" / "overlays").iterdir())
 BINARY = os.environ.get("UINCALL_BIN", str(ROOT / "target" / "debug" / "uincall-enricher"))
 KUBE_VERSION = "1.34.0"
 # Custom resources have no schema in Kubernetes' own set.
-CRD_KINDS = {"ServiceMonitor", "PrometheusRule", "ScaledObject"}
+CRD_KINDS = {"ServiceMonitor", "PrometheusRule", "ScaledObject", "TriggerAuthentication"}
 
 ALL_FEATURES = {
     "tokens": {"acf528a2-d0e2-4a7b-8513-000000000000": "example-not-a-token"},
     "serviceMonitor": {"enabled": True},
     "prometheusRule": {"enabled": True},
-    "keda": {"enabled": True},
+    "keda": {"enabled": True, "authentication": {
+        "secretName": "kafka-client", "sasl": "scram_sha512", "tls": True}},
     "podAnnotations": {"example.com/team": "contact-centre"},
     "tracing": {"otlpEndpoint": "http://127.0.0.1:1", "sampler": "parentbased_traceidratio",
                 "samplerArg": "0.1"},
@@ -298,3 +299,18 @@ def test_the_dashboard_configmap_carries_the_dashboard_file():
     assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
     shipped = json.loads((CHART / "dashboards" / "uincall-enricher.json").read_text())
     assert json.loads(cm["data"]["uincall-enricher.json"]) == shipped
+
+
+def test_keda_reads_the_lag_with_the_clusters_credentials():
+    docs = RENDERINGS["chart:all-features"]
+    scaled = one(docs, "ScaledObject")
+    (trigger,) = scaled["spec"]["triggers"]
+    assert trigger["metadata"]["sasl"] == "scram_sha512" and trigger["metadata"]["tls"] == "enable"
+    auth = one(docs, "TriggerAuthentication")
+    assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"]
+    refs = {r["parameter"]: (r["name"], r["key"]) for r in auth["spec"]["secretTargetRef"]}
+    assert refs == {"username": ("kafka-client", "username"),
+                    "password": ("kafka-client", "password"), "ca": ("kafka-client", "ca")}
+    plain = chart_docs({"keda": {"enabled": True}})
+    assert "authenticationRef" not in one(plain, "ScaledObject")["spec"]["triggers"][0]
+    assert not [d for d in plain if d["kind"] == "TriggerAuthentication"]
