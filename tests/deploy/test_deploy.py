@@ -26,7 +26,8 @@ OVERLAYS = sorted(p.name for p in (ROOT / "deploy" / "overlays").iterdir())
 BINARY = os.environ.get("UINCALL_BIN", str(ROOT / "target" / "debug" / "uincall-enricher"))
 KUBE_VERSION = "1.34.0"
 # Custom resources have no schema in Kubernetes' own set.
-CRD_KINDS = {"ServiceMonitor", "PrometheusRule", "ScaledObject", "TriggerAuthentication"}
+CRD_KINDS = {"ServiceMonitor", "PrometheusRule", "ScaledObject", "TriggerAuthentication",
+             "KafkaTopic", "KafkaUser"}
 
 ALL_FEATURES = {
     "tokens": {"acf528a2-d0e2-4a7b-8513-000000000000": "example-not-a-token"},
@@ -51,6 +52,7 @@ ALL_FEATURES = {
         "labelSelector": {"matchLabels": {"app.kubernetes.io/name": "uincall-enricher"}}}],
     "priorityClassName": "contact-centre",
     "grafanaDashboard": {"enabled": True},
+    "strimzi": {"cluster": "main", "topics": {"create": True}, "user": {"create": True}},
     "global": {"imageRegistry": "registry.example"},
 }
 HPA = {"hpa": {"enabled": True}, "existingSecret": "tokens-from-vault"}
@@ -314,3 +316,24 @@ def test_keda_reads_the_lag_with_the_clusters_credentials():
     plain = chart_docs({"keda": {"enabled": True}})
     assert "authenticationRef" not in one(plain, "ScaledObject")["spec"]["triggers"][0]
     assert not [d for d in plain if d["kind"] == "TriggerAuthentication"]
+
+
+def test_strimzi_topics_and_a_user_with_the_acls_worker_and_replay_need():
+    docs = RENDERINGS["chart:all-features"]
+    topics = {d["spec"]["topicName"]: d for d in docs if d["kind"] == "KafkaTopic"}
+    assert set(topics) == {"uincall.call-ended", "uincall.call-enriched", "uincall.call-ended.dlq"}
+    for t in topics.values():
+        assert t["metadata"]["labels"]["strimzi.io/cluster"] == "main"
+        assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", t["metadata"]["name"])
+    user = one(docs, "KafkaUser")
+    assert user["spec"]["authentication"]["type"] == "scram-sha-512"
+    acls = {(a["resource"]["type"], a["resource"]["name"], a["resource"]["patternType"]):
+            set(a["operations"]) for a in user["spec"]["authorization"]["acls"]}
+    assert acls == {
+        ("topic", "uincall.call-ended", "literal"): {"Describe", "Read", "Write"},
+        ("topic", "uincall.call-enriched", "literal"): {"Describe", "DescribeConfigs", "Write"},
+        ("topic", "uincall.call-ended.dlq", "literal"): {"Describe", "DescribeConfigs", "Write", "Read"},
+        ("group", "uincall-enricher", "literal"): {"Describe", "Read"},
+        ("group", "uincall-enricher.replay.", "prefix"): {"Describe", "Read"},
+    }
+    assert not [d for d in RENDERINGS["chart:defaults"] if d["kind"] in ("KafkaTopic", "KafkaUser")]
