@@ -14,6 +14,7 @@ mod jaeger_receiver;
 mod replay;
 mod retries;
 mod secrets;
+mod secured;
 mod side_port;
 mod tenants;
 #[path = "../testkit/mod.rs"]

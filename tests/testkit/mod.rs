@@ -116,21 +116,140 @@ struct KafkaNode {
     controller_port: u16,
     dir: PathBuf,
     child: Option<Child>,
+    /// A SASL_SSL listener (SCRAM-SHA-512, the test CA's certificate).
+    secured: Option<Secured>,
+}
+
+/// A broker's SASL_SSL listener: its port and its PEM key store.
+#[derive(Clone)]
+struct Secured {
+    port: u16,
+    key_store: PathBuf,
+}
+
+/// The SCRAM user of a secured test cluster.
+pub const SCRAM_USER: &str = "enricher";
+pub const SCRAM_PASSWORD: &str = "enricher-test-secret";
+
+/// A test certificate authority and a broker certificate for 127.0.0.1,
+/// made with the openssl command: `ca.pem`, and `broker.pem` (the broker's
+/// PKCS#8 key followed by its certificate and the CA's).
+pub struct TestPki {
+    pub ca: PathBuf,
+    pub broker_key_store: PathBuf,
+}
+
+impl TestPki {
+    pub fn create(dir: &Path) -> anyhow::Result<TestPki> {
+        std::fs::create_dir_all(dir)?;
+        let run = |args: &[&str]| -> anyhow::Result<()> {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(dir)
+                .stdin(Stdio::null())
+                .output()
+                .context("running openssl")?;
+            if !out.status.success() {
+                bail!("openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            Ok(())
+        };
+        run(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=uincall-enricher test CA",
+        ])?;
+        run(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "broker.key",
+            "-out",
+            "broker.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ])?;
+        std::fs::write(
+            dir.join("san.ext"),
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+        )?;
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            "broker.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "broker.crt",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+        ])?;
+        run(&[
+            "pkcs8",
+            "-topk8",
+            "-nocrypt",
+            "-in",
+            "broker.key",
+            "-out",
+            "broker.p8",
+        ])?;
+        let store: String = ["broker.p8", "broker.crt", "ca.pem"]
+            .iter()
+            .map(|f| std::fs::read_to_string(dir.join(f)))
+            .collect::<Result<_, _>>()?;
+        std::fs::write(dir.join("broker.pem"), store)?;
+        Ok(TestPki {
+            ca: dir.join("ca.pem"),
+            broker_key_store: dir.join("broker.pem"),
+        })
+    }
 }
 
 impl KafkaNode {
     fn properties(&self, voters: &str, nodes: usize) -> String {
         let replicas = nodes.min(3);
         let min_isr = if nodes >= 3 { 2 } else { 1 };
+        let (listener, secured) = match &self.secured {
+            None => (String::new(), String::new()),
+            Some(s) => (
+                format!(",SASL_SSL://127.0.0.1:{}", s.port),
+                format!(
+                    "sasl.enabled.mechanisms=SCRAM-SHA-512\n\
+                     listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;\n\
+                     ssl.keystore.type=PEM\n\
+                     ssl.keystore.location={}\n",
+                    s.key_store.display()
+                ),
+            ),
+        };
         format!(
             "process.roles=broker,controller\n\
              node.id={id}\n\
              controller.quorum.voters={voters}\n\
-             listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{cport}\n\
-             advertised.listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{cport}\n\
+             listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{cport}{listener}\n\
+             advertised.listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{cport}{listener}\n\
              inter.broker.listener.name=PLAINTEXT\n\
              controller.listener.names=CONTROLLER\n\
-             listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT\n\
+             listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_SSL:SASL_SSL\n\
+             {secured}\
              log.dirs={logs}\n\
              num.partitions=1\n\
              default.replication.factor={replicas}\n\
@@ -269,6 +388,17 @@ impl KafkaCluster {
     /// Formats and starts `nodes` nodes (1, or 3 with replication 3 and
     /// `min.insync.replicas` 2) and waits until each serves clients.
     pub fn start(nodes: usize) -> anyhow::Result<KafkaCluster> {
+        KafkaCluster::start_with(nodes, None)
+    }
+
+    /// Like [`KafkaCluster::start`], each node also with a SASL_SSL listener
+    /// ([`KafkaCluster::secured_bootstrap`]): SCRAM-SHA-512 with the user
+    /// [`SCRAM_USER`], the broker certificate of `pki`.
+    pub fn start_secured(nodes: usize, pki: &TestPki) -> anyhow::Result<KafkaCluster> {
+        KafkaCluster::start_with(nodes, Some(pki))
+    }
+
+    fn start_with(nodes: usize, pki: Option<&TestPki>) -> anyhow::Result<KafkaCluster> {
         let lib = kafka_lib()?;
         let dir = tempfile::Builder::new().prefix("kafka-").tempdir()?;
         let mut list: Vec<KafkaNode> = (1..=nodes as u32)
@@ -278,6 +408,10 @@ impl KafkaCluster {
                 controller_port: free_port(),
                 dir: dir.path().join(format!("node-{id}")),
                 child: None,
+                secured: pki.map(|p| Secured {
+                    port: free_port(),
+                    key_store: p.broker_key_store.clone(),
+                }),
             })
             .collect();
         let voters = list
@@ -291,16 +425,13 @@ impl KafkaCluster {
             std::fs::write(node.dir.join("log4j2.properties"), LOG4J2)?;
             let props = node.dir.join("server.properties");
             std::fs::write(&props, node.properties(&voters, nodes))?;
-            storage_tool(
-                &lib,
-                &[
-                    "format",
-                    "-t",
-                    cluster_id.trim(),
-                    "-c",
-                    &props.to_string_lossy(),
-                ],
-            )?;
+            let props = props.to_string_lossy();
+            let mut args = vec!["format", "-t", cluster_id.trim(), "-c", &props];
+            let scram = format!("SCRAM-SHA-512=[name={SCRAM_USER},password={SCRAM_PASSWORD}]");
+            if pki.is_some() {
+                args.extend(["--add-scram", &scram]);
+            }
+            storage_tool(&lib, &args)?;
         }
         for node in &mut list {
             node.start(&lib)?;
@@ -315,6 +446,16 @@ impl KafkaCluster {
         }
         cluster.wait_for_brokers(nodes, Duration::from_secs(120))?;
         Ok(cluster)
+    }
+
+    /// All nodes' SASL_SSL addresses, comma separated (a cluster started
+    /// with [`KafkaCluster::start_secured`]).
+    pub fn secured_bootstrap(&self) -> String {
+        self.nodes
+            .iter()
+            .filter_map(|n| Some(format!("127.0.0.1:{}", n.secured.as_ref()?.port)))
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     /// All nodes' client addresses, comma separated.
