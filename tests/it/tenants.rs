@@ -1,5 +1,6 @@
-//! Tenants do not hurt each other: one tenant's access token refused (a
-//! systemic errcode) holds that tenant's records only.
+//! Tenants do not hurt each other: a failure confined to one tenant (its
+//! token refused, its own API down, a flood of its dead letters) holds that
+//! tenant's records only, and a slow tenant keeps to its share of the window.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -22,6 +23,27 @@ fn events(tenant: &str, sessions: &[String]) -> Vec<(Option<Vec<u8>>, Vec<u8>)> 
             (Some(s.as_bytes().to_vec()), v.to_string().into_bytes())
         })
         .collect()
+}
+
+/// Produces `tenant`'s events for `sessions` to the input topic.
+async fn produce_events(env: &TestEnv, tenant: &str, sessions: &[String]) {
+    testkit::produce(&env.bootstrap(), &env.input, events(tenant, sessions))
+        .await
+        .unwrap();
+}
+
+/// The keys (session ids) of the first `n` records on the output topic.
+async fn output_keys(env: &TestEnv, n: usize) -> BTreeSet<String> {
+    env.read_output(n).await.iter().map(key).collect()
+}
+
+/// The worker as a whole never entered systemic failure.
+fn assert_never_systemic(stats: &uincall_enricher::stats::Stats) {
+    let metrics = stats.encode();
+    assert!(
+        !metrics.contains("uincall_enricher_systemic_failures_total{"),
+        "the worker as a whole never failed: {metrics}"
+    );
 }
 
 /// A tenant `<tenant>-<suffix>` with a token and an API of its own (a second
@@ -80,13 +102,9 @@ async fn a_tenant_whose_token_is_refused_is_held_alone_and_resumes_with_a_new_to
     let rotated = format!("{expired_token}-rotated");
     env.api.set_token(&expired, &rotated);
     let (held, fine) = (sessions("held", 100), sessions("fine", 400));
-    testkit::produce(&env.bootstrap(), &env.input, events(&expired, &held))
-        .await
-        .unwrap();
+    produce_events(&env, &expired, &held).await;
     let started = Instant::now();
-    testkit::produce(&env.bootstrap(), &env.input, events(&healthy, &fine))
-        .await
-        .unwrap();
+    produce_events(&env, &healthy, &fine).await;
 
     // Every record of the healthy tenant is enriched while the other waits.
     let out = env.read_output(fine.len()).await;
@@ -114,8 +132,7 @@ async fn a_tenant_whose_token_is_refused_is_held_alone_and_resumes_with_a_new_to
 
     // The Secret is updated: the held tenant's records go on.
     std::fs::write(&expired_file, &rotated).unwrap();
-    let out = env.read_output(fine.len() + held.len()).await;
-    let keys: BTreeSet<String> = out.iter().map(key).collect();
+    let keys = output_keys(&env, fine.len() + held.len()).await;
     assert_eq!(keys.len(), fine.len() + held.len());
     until_status(&format!("{side}/readyz"), 200).await;
     worker.stop().await.unwrap();
@@ -161,13 +178,9 @@ async fn a_slow_tenant_keeps_its_share_of_the_window_and_the_fast_one_goes_on() 
 
     // The slow tenant's events come first in both partitions.
     let (slow, fast) = (sessions("slow", 600), sessions("fast", 1000));
-    testkit::produce(&env.bootstrap(), &env.input, events(&slow_tenant, &slow))
-        .await
-        .unwrap();
+    produce_events(&env, &slow_tenant, &slow).await;
     let started = Instant::now();
-    testkit::produce(&env.bootstrap(), &env.input, events(&env.tenant, &fast))
-        .await
-        .unwrap();
+    produce_events(&env, &env.tenant, &fast).await;
     // Every fast record has been asked for (each once: its API does not
     // fail); how far the slow tenant got meanwhile.
     let fast_api = &env.api;
@@ -183,8 +196,7 @@ async fn a_slow_tenant_keeps_its_share_of_the_window_and_the_fast_one_goes_on() 
     let took = started.elapsed();
     let stats = worker.stats.clone();
     worker.stop().await.unwrap();
-    let out = env.read_output(stats.enriched() as usize).await;
-    let keys: BTreeSet<String> = out.iter().map(key).collect();
+    let keys = output_keys(&env, stats.enriched() as usize).await;
     assert!(
         fast.iter().all(|k| keys.contains(k)),
         "every fast record published"
@@ -227,28 +239,18 @@ async fn a_tenant_whose_own_api_is_down_is_held_alone() {
 
     // The private tenant's events first in both partitions.
     let (down, fine) = (sessions("down", 100), sessions("fine", 300));
-    testkit::produce(&env.bootstrap(), &env.input, events(&private, &down))
-        .await
-        .unwrap();
-    testkit::produce(&env.bootstrap(), &env.input, events(&env.tenant, &fine))
-        .await
-        .unwrap();
-    let out = env.read_output(fine.len()).await;
-    let keys: BTreeSet<String> = out.iter().map(key).collect();
+    produce_events(&env, &private, &down).await;
+    produce_events(&env, &env.tenant, &fine).await;
+    let keys = output_keys(&env, fine.len()).await;
     assert_eq!(keys, fine.iter().cloned().collect::<BTreeSet<_>>());
     let ready = until_status(&format!("{side}/readyz"), 200).await;
     assert!(ready.contains(&private), "held and listed: {ready}");
-    let metrics = worker.stats.encode();
-    assert!(
-        !metrics.contains("uincall_enricher_systemic_failures_total{"),
-        "the worker as a whole never failed: {metrics}"
-    );
+    assert_never_systemic(&worker.stats);
     assert_eq!(worker.stats.dead_lettered_total(), 0);
 
     // Its API is back: its records go on.
     own.set_outage(false);
-    let out = env.read_output(fine.len() + down.len()).await;
-    let keys: BTreeSet<String> = out.iter().map(key).collect();
+    let keys = output_keys(&env, fine.len() + down.len()).await;
     assert_eq!(keys.len(), fine.len() + down.len());
     worker.stop().await.unwrap();
     assert!(env.is_empty(&env.dlq), "nothing dead-lettered");
@@ -271,14 +273,9 @@ async fn a_flood_of_one_tenants_dead_letters_holds_that_tenant_only() {
     // events come first in both partitions.
     let bad: Vec<String> = sessions("permanent-x", 200);
     let fine = sessions("fine", 300);
-    testkit::produce(&env.bootstrap(), &env.input, events(&flooding, &bad))
-        .await
-        .unwrap();
-    testkit::produce(&env.bootstrap(), &env.input, events(&env.tenant, &fine))
-        .await
-        .unwrap();
-    let out = env.read_output(fine.len()).await;
-    let keys: BTreeSet<String> = out.iter().map(key).collect();
+    produce_events(&env, &flooding, &bad).await;
+    produce_events(&env, &env.tenant, &fine).await;
+    let keys = output_keys(&env, fine.len()).await;
     assert_eq!(keys, fine.iter().cloned().collect::<BTreeSet<_>>());
     let held = worker.stats.held_tenants();
     assert!(
@@ -286,11 +283,7 @@ async fn a_flood_of_one_tenants_dead_letters_holds_that_tenant_only() {
         "{held:?}"
     );
     assert!(!held.contains_key(&env.tenant));
-    let metrics = worker.stats.encode();
-    assert!(
-        !metrics.contains("uincall_enricher_systemic_failures_total{"),
-        "the worker as a whole never failed: {metrics}"
-    );
+    assert_never_systemic(&worker.stats);
     // The tenant was held once its dead letters passed the share of its
     // own last records: far fewer than its events.
     let dead = worker.stats.dead_lettered_total();
