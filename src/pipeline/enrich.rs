@@ -205,15 +205,8 @@ impl Enricher {
                 "no access tokens are configured: every event will be dead-lettered as invalid_event"
             );
         }
-        stats.set_known_tenants(tokens.tenants());
-        let labelled: Vec<String> = (settings.tenants.keys().cloned())
-            .chain(tokens.tenant_ids())
-            .collect();
-        let max = settings.http.tenant_labels;
-        stats.label_tenants(max, labelled.iter().map(String::as_str));
         let p = &settings.pipeline;
         let window = Window::new(p.max_in_flight, p.max_in_flight_per_tenant());
-        window.set_tenants(tokens.tenants());
         let r = &settings.retry;
         let listed = [
             &r.permanent_errcodes,
@@ -222,7 +215,7 @@ impl Enricher {
         ];
         stats.set_errcode_labels(listed.into_iter().flatten().copied());
         let (tenants, new_tenants) = Tenants::new(&settings.systemic);
-        Ok(Enricher {
+        let enricher = Enricher {
             client: UincallClient::new(&settings.api, settings.pipeline.max_in_flight)?
                 .with_tenant_bases(&settings.tenants),
             tenants,
@@ -236,7 +229,23 @@ impl Enricher {
             stats,
             window,
             settings,
-        })
+        };
+        enricher.tokens_known();
+        Ok(enricher)
+    }
+
+    /// Tells what depends on which tenants have a token: the readiness
+    /// count, the `tenant` label, the window's share (at start and after
+    /// every reload).
+    fn tokens_known(&self) {
+        let count = self.tokens.tenants();
+        self.stats.set_known_tenants(count);
+        let labelled: Vec<String> = (self.settings.tenants.keys().cloned())
+            .chain(self.tokens.tenant_ids())
+            .collect();
+        let max = self.settings.http.tenant_labels;
+        (self.stats).label_tenants(max, labelled.iter().map(String::as_str));
+        self.window.set_tenants(count);
     }
 
     /// Starts what runs beside the record tasks until `stop`: the
@@ -584,12 +593,7 @@ impl Enricher {
             match self.tokens.reload_dir(dir) {
                 Ok(0) => {}
                 Ok(changed) => {
-                    self.stats.set_known_tenants(self.tokens.tenants());
-                    let ids = self.tokens.tenant_ids();
-                    let max = self.settings.http.tenant_labels;
-                    self.stats
-                        .label_tenants(max, ids.iter().map(String::as_str));
-                    self.window.set_tenants(self.tokens.tenants());
+                    self.tokens_known();
                     info!(
                         changed,
                         tenants = self.tokens.tenants(),
