@@ -6,6 +6,9 @@
 # Cargo.toml, so a new bench needs no change here). tests/deploy replays the
 # build stage without a container engine (test_dockerfile.py).
 FROM rust:1.95-bookworm AS build
+# librdkafka is built with cmake (with libcurl, for OAUTHBEARER/OIDC).
+RUN command -v cmake >/dev/null \
+ || (apt-get update && apt-get install -y --no-install-recommends cmake && rm -rf /var/lib/apt/lists/*)
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 RUN mkdir -p src benches \

@@ -14,13 +14,14 @@ cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 
 command -v cargo >/dev/null || { echo "cargo is required (https://rustup.rs)"; exit 1; }
-# librdkafka and OpenSSL are built from source by their crates.
-for tool in cc make perl; do
+# librdkafka (with cmake), OpenSSL and libcurl are built from source by their
+# crates.
+for tool in cc make perl cmake; do
   command -v "$tool" >/dev/null || missing="${missing:-} $tool"
 done
 if [ -n "${missing:-}" ]; then
   echo "installing build tools:$missing"
-  apt-get update -qq && apt-get install -y -qq build-essential perl >/dev/null
+  apt-get update -qq && apt-get install -y -qq build-essential perl cmake >/dev/null
 fi
 
 KAFKA_LIB="$(bash scripts/install-kafka.sh)"

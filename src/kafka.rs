@@ -1,9 +1,17 @@
 //! librdkafka client configuration: what the worker sets itself (delivery
 //! guarantees) and what the operator may add (`kafka.properties`).
 
-use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
-use crate::settings::{GroupProtocol, KafkaSettings};
+use anyhow::bail;
+use rdkafka::ClientContext;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{BaseProducer, DeliveryResult, Producer, ProducerContext};
+use tracing::{debug, error, info, warn};
+
+use crate::settings::{GroupProtocol, KafkaSettings, is_secret_property};
 
 /// `kafka.client_id`, else `uincall-enricher-$HOSTNAME` (the pod name on
 /// Kubernetes), else `uincall-enricher`.
@@ -29,6 +37,18 @@ fn base(k: &KafkaSettings) -> ClientConfig {
         .set_log_level(RDKafkaLogLevel::Warning);
     for (key, value) in &k.properties {
         c.set(key, value);
+    }
+    // The system's CA certificates for TLS listeners and an OIDC token
+    // endpoint: OpenSSL is linked in statically and its own default
+    // directory (/usr/local/ssl) is empty in the image; `probe` finds the
+    // ca-certificates bundle.
+    for (location, pem) in [
+        ("ssl.ca.location", "ssl.ca.pem"),
+        ("https.ca.location", "https.ca.pem"),
+    ] {
+        if !k.properties.contains_key(location) && !k.properties.contains_key(pem) {
+            c.set(location, "probe");
+        }
     }
     c
 }
@@ -110,6 +130,134 @@ pub fn producer_config(k: &KafkaSettings, max_message_bytes: Option<usize>) -> C
     c
 }
 
+/// librdkafka's log lines as `tracing` events of target `librdkafka`.
+pub fn log_librdkafka(level: RDKafkaLogLevel, fac: &str, message: &str) {
+    use RDKafkaLogLevel as L;
+    match level {
+        L::Emerg | L::Alert | L::Critical | L::Error => {
+            error!(target: "librdkafka", fac, "{message}")
+        }
+        L::Warning => warn!(target: "librdkafka", fac, "{message}"),
+        L::Notice | L::Info => info!(target: "librdkafka", fac, "{message}"),
+        L::Debug => debug!(target: "librdkafka", fac, "{message}"),
+    }
+}
+
+/// How long start-up waits for the cluster's metadata.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The first authentication or TLS failure librdkafka reports while
+/// connecting (its reason, secrets removed).
+#[derive(Default)]
+struct ConnectWatch {
+    secrets: Vec<String>,
+    refused: Mutex<Option<String>>,
+}
+
+impl ClientContext for ConnectWatch {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        log_librdkafka(level, fac, message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        if let Some(code) = error.rdkafka_error_code()
+            && is_refusal(code, reason)
+        {
+            let mut refused = self.refused.lock().unwrap();
+            refused.get_or_insert_with(|| redact(reason, &self.secrets));
+        }
+    }
+}
+
+impl ProducerContext for ConnectWatch {
+    type DeliveryOpaque = ();
+    fn delivery(&self, _: &DeliveryResult<'_>, _: ()) {}
+}
+
+/// Errors that waiting does not cure: the cluster refused the client's
+/// credentials (SASL, an OAUTHBEARER token that could not be had), the TLS
+/// handshake failed here (an untrusted certificate, a plaintext client on a
+/// TLS listener), or the broker ended it with a TLS alert (it refused the
+/// client's certificate: librdkafka reports that as a failed receive).
+fn is_refusal(code: RDKafkaErrorCode, reason: &str) -> bool {
+    match code {
+        RDKafkaErrorCode::Authentication
+        | RDKafkaErrorCode::SSL
+        | RDKafkaErrorCode::SaslAuthenticationFailed => true,
+        RDKafkaErrorCode::BrokerTransportFailure => {
+            reason.contains("SSL routines") && reason.contains(" alert ")
+        }
+        _ => false,
+    }
+}
+
+/// The values of the secret-looking `kafka.properties`.
+fn secrets(k: &KafkaSettings) -> Vec<String> {
+    (k.properties.iter())
+        .filter(|(key, _)| is_secret_property(key))
+        .map(|(_, v)| v.clone())
+        .collect()
+}
+
+/// For a client that could not be created: librdkafka's refusal of a
+/// property quotes the value, which may be a secret, so every secret-looking
+/// `kafka.properties` value is removed from the message (the property's
+/// name stays).
+pub fn config_error(k: &KafkaSettings, what: &str) -> impl FnOnce(KafkaError) -> anyhow::Error {
+    let (secrets, what) = (secrets(k), what.to_string());
+    move |e| anyhow::anyhow!("{what}: {}", redact(&e.to_string(), &secrets))
+}
+
+/// `text` with every occurrence of a secret replaced.
+fn redact(text: &str, secrets: &[String]) -> String {
+    secrets
+        .iter()
+        .filter(|s| !s.is_empty())
+        .fold(text.to_string(), |t, s| t.replace(s.as_str(), "[redacted]"))
+}
+
+/// Connects to `kafka.brokers` with the configured security settings and
+/// reads the cluster's metadata, so that start-up ends at once with the
+/// reason when the cluster refuses the client (credentials, certificates)
+/// rather than after the clients' timeouts with only "could not read".
+pub async fn check_connection(k: &KafkaSettings) -> anyhow::Result<()> {
+    let watch = ConnectWatch {
+        secrets: secrets(k),
+        ..ConnectWatch::default()
+    };
+    let client: BaseProducer<ConnectWatch> = base(k)
+        .create_with_context(watch)
+        .map_err(config_error(k, "creating the Kafka client"))?;
+    let brokers = k.brokers.clone();
+    tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + CONNECT_TIMEOUT;
+        loop {
+            let attempt = client
+                .client()
+                .fetch_metadata(None, Duration::from_millis(500));
+            // Delivers librdkafka's error events to the context.
+            client.poll(Duration::ZERO);
+            if let Some(reason) = client.context().refused.lock().unwrap().take() {
+                bail!(
+                    "the Kafka cluster at kafka.brokers {brokers} refused the connection: \
+                     {reason} (check security.protocol, sasl.* and ssl.* in kafka.properties)"
+                );
+            }
+            match attempt {
+                Ok(_) => return Ok(()),
+                Err(e) if Instant::now() >= deadline => {
+                    bail!(
+                        "could not read metadata from kafka.brokers {brokers} within {}s: {e}",
+                        CONNECT_TIMEOUT.as_secs()
+                    )
+                }
+                Err(_) => {}
+            }
+        }
+    })
+    .await?
+}
+
 fn millis(d: std::time::Duration) -> String {
     d.as_millis().to_string()
 }
@@ -165,6 +313,25 @@ mod tests {
     }
 
     #[test]
+    fn ca_certificates_are_probed_unless_given() {
+        let c = producer_config(&kafka(&[]), None);
+        assert_eq!(c.get("ssl.ca.location"), Some("probe"));
+        assert_eq!(c.get("https.ca.location"), Some("probe"));
+        let c = consumer_config(&kafka(&[
+            (
+                "UINCALL__KAFKA__PROPERTIES__SSL_CA_LOCATION",
+                "/etc/kafka/ca.crt",
+            ),
+            (
+                "UINCALL__KAFKA__PROPERTIES__HTTPS_CA_PEM",
+                "-----BEGIN CERTIFICATE-----",
+            ),
+        ]));
+        assert_eq!(c.get("ssl.ca.location"), Some("/etc/kafka/ca.crt"));
+        assert_eq!(c.get("https.ca.location"), None);
+    }
+
+    #[test]
     fn kip848_groups_leave_session_and_assignor_to_the_broker() {
         let c = consumer_config(&kafka(&[("UINCALL__KAFKA__GROUP_PROTOCOL", "consumer")]));
         assert_eq!(c.get("group.protocol"), Some("consumer"));
@@ -177,6 +344,71 @@ mod tests {
         let k = kafka(&[("UINCALL__KAFKA__CLIENT_ID", "enricher-7")]);
         assert_eq!(client_id(&k), "enricher-7");
         assert!(client_id(&kafka(&[])).starts_with("uincall-enricher"));
+    }
+
+    #[test]
+    fn refusals_are_credentials_and_tls_not_the_network() {
+        use RDKafkaErrorCode as C;
+        let refused = [
+            (
+                C::Authentication,
+                "SASL authentication error: Authentication failed",
+            ),
+            (
+                C::Authentication,
+                "Failed to acquire SASL OAUTHBEARER token: 401",
+            ),
+            (C::SSL, "SSL handshake failed: certificate verify failed"),
+            (
+                C::BrokerTransportFailure,
+                "Receive failed: error:0A000412:SSL routines::ssl/tls alert bad certificate: SSL alert number 42",
+            ),
+        ];
+        for (code, reason) in refused {
+            assert!(is_refusal(code, reason), "{code:?} {reason}");
+        }
+        let transient = [
+            (
+                C::BrokerTransportFailure,
+                "Connect to ipv4#127.0.0.1:9092 failed: Connection refused",
+            ),
+            (
+                C::BrokerTransportFailure,
+                "Receive failed: error:0A000126:SSL routines::unexpected eof while reading",
+            ),
+            (C::AllBrokersDown, "1/1 brokers are down"),
+        ];
+        for (code, reason) in transient {
+            assert!(!is_refusal(code, reason), "{code:?} {reason}");
+        }
+    }
+
+    #[test]
+    fn a_refused_property_is_named_without_its_secret_value() {
+        use rdkafka::consumer::BaseConsumer;
+        let secret = "hunter2-not-for-print";
+        let k = kafka(&[
+            ("UINCALL__KAFKA__PROPERTIES__SASL_PASSWORD", secret),
+            ("UINCALL__KAFKA__PROPERTIES__SSL_KEYSTORE_PASSWORDX", secret),
+        ]);
+        let e = match consumer_config(&k).create::<BaseConsumer>() {
+            Ok(_) => panic!("an unknown property is refused"),
+            Err(e) => e,
+        };
+        // librdkafka's own message quotes the value.
+        assert!(e.to_string().contains(secret));
+        let shown = format!("{:#}", config_error(&k, "creating the Kafka consumer")(e));
+        assert!(!shown.contains(secret), "{shown}");
+        assert!(shown.contains("ssl.keystore.passwordx"), "{shown}");
+    }
+
+    #[test]
+    fn refusal_reasons_lose_every_secret() {
+        let secrets = vec!["hunter2".to_string(), String::new()];
+        assert_eq!(
+            redact("password hunter2 refused (hunter2)", &secrets),
+            "password [redacted] refused ([redacted])"
+        );
     }
 
     #[test]

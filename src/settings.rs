@@ -462,9 +462,13 @@ fn redact_map<S: Serializer>(
 
 /// Whether a librdkafka property holds a secret: a password, a secret, a
 /// token or credential, a private key (`ssl.key.pem`; not a file location),
-/// or a whole SASL/OAUTHBEARER configuration.
+/// or a whole SASL/OAUTHBEARER configuration. Where a secret is
+/// (`*.location`) and where a token is fetched (`*.url`) are not secrets.
 pub fn is_secret_property(key: &str) -> bool {
     let k = key.to_ascii_lowercase();
+    if k.ends_with(".location") || k.ends_with(".url") {
+        return false;
+    }
     [
         "password",
         "secret",
@@ -475,7 +479,7 @@ pub fn is_secret_property(key: &str) -> bool {
     ]
     .iter()
     .any(|w| k.contains(w))
-        || (k.contains("key") && !k.ends_with(".location"))
+        || k.contains("key")
 }
 
 fn redact_secret_properties<S: Serializer>(
@@ -1081,11 +1085,21 @@ mod tests {
                     "/etc/kafka/client.key",
                 ),
                 ("UINCALL__KAFKA__PROPERTIES__SECURITY_PROTOCOL", "SASL_SSL"),
+                (
+                    "UINCALL__KAFKA__PROPERTIES__SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL",
+                    "https://login.example.com/token",
+                ),
             ]),
         )
         .unwrap();
         let text = s.to_redacted_toml();
         assert!(!text.contains(secret), "{text}");
+        assert!(
+            text.contains(
+                "\"sasl.oauthbearer.token.endpoint.url\" = \"https://login.example.com/token\""
+            ),
+            "{text}"
+        );
         for key in [
             "sasl.password",
             "ssl.key.pem",

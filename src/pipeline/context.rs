@@ -10,7 +10,7 @@ use std::time::Duration;
 use rdkafka::consumer::{Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::{ClientContext, TopicPartitionList};
-use tracing::{debug, error, info, warn};
+use tracing::{debug, info, warn};
 
 use crate::offsets::Assignment;
 use crate::stats::Stats;
@@ -56,7 +56,7 @@ fn blocking<T>(f: impl FnOnce() -> T) -> Option<T> {
 
 impl ClientContext for WorkerContext {
     fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
-        log_librdkafka(level, fac, message);
+        crate::kafka::log_librdkafka(level, fac, message);
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
@@ -65,18 +65,6 @@ impl ClientContext for WorkerContext {
 
     fn stats(&self, statistics: rdkafka::Statistics) {
         self.stats.kafka_statistics(&statistics);
-    }
-}
-
-fn log_librdkafka(level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
-    use rdkafka::config::RDKafkaLogLevel as L;
-    match level {
-        L::Emerg | L::Alert | L::Critical | L::Error => {
-            error!(target: "librdkafka", fac, "{message}")
-        }
-        L::Warning => warn!(target: "librdkafka", fac, "{message}"),
-        L::Notice | L::Info => info!(target: "librdkafka", fac, "{message}"),
-        L::Debug => debug!(target: "librdkafka", fac, "{message}"),
     }
 }
 

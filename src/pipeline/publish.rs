@@ -6,7 +6,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
@@ -112,7 +111,7 @@ impl Publisher {
         Ok(Publisher {
             producer: kafka::producer_config(k, max_message_bytes)
                 .create()
-                .context("creating the Kafka producer")?,
+                .map_err(kafka::config_error(k, "creating the Kafka producer"))?,
             stats,
             timeout: k.produce_timeout,
             backoff: retry::backoff(&settings.retry),

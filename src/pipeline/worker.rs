@@ -99,6 +99,7 @@ impl Worker {
     pub async fn build(settings: Settings, stats: Arc<Stats>) -> anyhow::Result<Worker> {
         let settings = Arc::new(settings);
         let k = &settings.kafka;
+        kafka::check_connection(k).await?;
         let assignment = Arc::new(Assignment::default());
         let context = WorkerContext::new(
             assignment.clone(),
@@ -107,7 +108,7 @@ impl Worker {
         );
         let consumer: StreamConsumer<WorkerContext> = kafka::consumer_config(k)
             .create_with_context(context)
-            .context("creating the Kafka consumer")?;
+            .map_err(kafka::config_error(k, "creating the Kafka consumer"))?;
         let enricher = Arc::new(Enricher::build(settings.clone(), stats.clone()).await?);
         let worker = Worker {
             settings,

@@ -27,7 +27,6 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
@@ -170,11 +169,12 @@ impl Replay {
     /// records to read; `None` when there is nothing to read.
     async fn open(settings: &Settings, args: ReplayArgs) -> anyhow::Result<Option<Replay>> {
         let k = &settings.kafka;
+        kafka::check_connection(k).await?;
         let topic = k.dead_letter_topic.clone();
         let group = (args.group.clone()).unwrap_or_else(|| args.filter.default_group(&k.group_id));
         let consumer: StreamConsumer = kafka::replay_consumer_config(k, &group)
             .create()
-            .context("creating the replay consumer")?;
+            .map_err(kafka::config_error(k, "creating the replay consumer"))?;
         let consumer = Arc::new(consumer);
         let positions = {
             let (consumer, topic) = (consumer.clone(), topic.clone());
