@@ -56,7 +56,15 @@ ALL_FEATURES = {
     "global": {"imageRegistry": "registry.example"},
 }
 HPA = {"hpa": {"enabled": True}, "existingSecret": "tokens-from-vault"}
-VALUE_SETS = {"defaults": {}, "all-features": ALL_FEATURES, "hpa-existing-secret": HPA}
+# Secured Kafka, one file per mode, shared with the broker tests: the chart
+# values, the non-secret properties the ConfigMap must carry, and the
+# variables the pod must get from the Secret `kafka-credentials`.
+KAFKA_AUTH = {p.stem: json.loads(p.read_text())
+              for p in sorted((ROOT / "tests" / "fixtures" / "kafka-auth").glob("*.json"))}
+KAFKA_SECRET = "kafka-credentials"
+VALUE_SETS = {"defaults": {}, "all-features": ALL_FEATURES, "hpa-existing-secret": HPA,
+              **{f"kafka-auth-{mode}": f["values"] for mode, f in KAFKA_AUTH.items()}}
+KAFKA_COMPONENT = "production+kafka-credentials"
 
 
 def chart_docs(values):
@@ -76,14 +84,34 @@ def kustomize_docs(overlay):
     return [d for d in yaml.safe_load_all(out) if d]
 
 
+def kustomize_with_component(overlay, component):
+    """An overlay with a component of deploy/components added, as an
+    overlay of one's own would add it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        # kustomize takes relative paths only.
+        deploy = os.path.relpath(ROOT / "deploy", tmp)
+        Path(tmp, "kustomization.yaml").write_text(
+            "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+            f"resources:\n  - {deploy}/overlays/{overlay}\n"
+            f"components:\n  - {deploy}/components/{component}\n")
+        out = subprocess.run(["kubectl", "kustomize", tmp],
+                             check=True, capture_output=True, text=True).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
 def all_renderings():
     for name, values in VALUE_SETS.items():
         yield f"chart:{name}", chart_docs(values)
     for overlay in OVERLAYS:
         yield f"kustomize:{overlay}", kustomize_docs(overlay)
+    yield f"kustomize:{KAFKA_COMPONENT}", kustomize_with_component("production", "kafka-credentials")
 
 
 RENDERINGS = dict(all_renderings())
+# Renderings whose pods need a secured broker's credentials (a CA file, a
+# password) to start: the broker tests start those; the rest start here.
+SECURED = {f"chart:kafka-auth-{mode}" for mode in KAFKA_AUTH} | {f"kustomize:{KAFKA_COMPONENT}"}
+STARTABLE = [name for name in RENDERINGS if name not in SECURED]
 
 
 def one(docs, kind):
@@ -228,7 +256,7 @@ def http_status(url):
         return None
 
 
-@pytest.mark.parametrize("name", RENDERINGS.keys())
+@pytest.mark.parametrize("name", STARTABLE)
 def test_probes_ports_and_signal_handling_match_the_binary(name):
     docs = RENDERINGS[name]
     settings = tomllib.loads(settings_text(docs))
@@ -337,3 +365,218 @@ def test_strimzi_topics_and_a_user_with_the_acls_worker_and_replay_need():
         ("group", "uincall-enricher.replay.", "prefix"): {"Describe", "Read"},
     }
     assert not [d for d in RENDERINGS["chart:defaults"] if d["kind"] in ("KafkaTopic", "KafkaUser")]
+
+
+def container_of(docs):
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    return pod, container
+
+
+def mounted_secret_key(pod, container, path):
+    """(Secret, key) of the file the container sees at `path`: the innermost
+    mount holding it, a secret or projected volume, the item at that path."""
+    mounts = [m for m in container["volumeMounts"] if path.startswith(m["mountPath"].rstrip("/") + "/")]
+    assert mounts, f"{path} is not on a volume"
+    mount = max(mounts, key=lambda m: len(m["mountPath"]))
+    assert mount.get("readOnly") is True, mount
+    relative = path[len(mount["mountPath"].rstrip("/")) + 1:]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    if "secret" in volume:
+        sources = [{"secret": {"name": volume["secret"]["secretName"], **volume["secret"]}}]
+    else:
+        sources = volume.get("projected", {}).get("sources", [])
+    for source in sources:
+        secret = source.get("secret")
+        for item in (secret or {}).get("items", []):
+            if item["path"] == relative:
+                return secret["name"], item["key"]
+    raise AssertionError(f"{path}: no Secret item at {relative} in volume {mount['name']}")
+
+
+def property_of(variable):
+    """The librdkafka property an UINCALL__KAFKA__PROPERTIES__* variable sets."""
+    prefix = "UINCALL__KAFKA__PROPERTIES__"
+    assert variable.startswith(prefix), variable
+    return variable[len(prefix):].lower().replace("_", ".")
+
+
+# Values of these properties are secrets; the binary's check-config prints
+# them as [redacted]. User names and client ids are identifiers.
+SECRET_PROPERTY = re.compile(r"password|secret|key\.pem$|jaas|^sasl\.oauthbearer\.config$")
+
+
+def check_config_with_pod_env(docs, container, tmp):
+    """check-config on a rendering's settings with the container's
+    environment: plain values as rendered, a fake value for each
+    secretKeyRef. Returns the result and the fake values by variable."""
+    path = write_settings(docs, tmp)
+    fakes = {e["name"]: f"s3cret-value-{e['valueFrom']['secretKeyRef']['key']}"
+             for e in container["env"] if "secretKeyRef" in e.get("valueFrom", {})}
+    own = {e["name"]: e["value"].replace("$(POD_NAME)", "enricher-0")
+           for e in container["env"] if "value" in e}
+    env = {**os.environ, **own, **fakes, "UINCALL__API__TOKENS_DIR": tmp}
+    result = subprocess.run([BINARY, "--config", str(path), "check-config"],
+                            capture_output=True, text=True, env=env)
+    return result, fakes
+
+
+@pytest.mark.parametrize("mode", KAFKA_AUTH.keys())
+def test_secured_kafka_fixture_credentials_come_from_the_secret(mode):
+    # Linted strict and validated with the other renderings
+    # (chart:kafka-auth-<mode>); here what the broker tests rely on.
+    fixture = KAFKA_AUTH[mode]
+    assert set(fixture) == {"values", "properties", "env"}
+    docs = RENDERINGS[f"chart:kafka-auth-{mode}"]
+    settings = tomllib.loads(settings_text(docs))
+    assert settings["kafka"]["properties"] == fixture["properties"]
+
+    pod, container = container_of(docs)
+    env = {e["name"]: e for e in container["env"]}
+    for want in fixture["env"]:
+        got = env[want["name"]]
+        if "secret" in want:
+            assert got == {"name": want["name"], "valueFrom": {
+                "secretKeyRef": {"name": KAFKA_SECRET, "key": want["secret"]}}}
+        else:
+            assert set(got) == {"name", "value"}, got
+            assert mounted_secret_key(pod, container, got["value"]) == (KAFKA_SECRET, want["file"])
+    mapped = {property_of(e["name"]) for e in fixture["env"]}
+
+    # The ConfigMap carries no credential: no mapped property, no secret-looking one, no PEM.
+    (cm,) = [d for d in docs if d["kind"] == "ConfigMap"]
+    assert not mapped & set(settings["kafka"]["properties"])
+    assert not [p for p in settings["kafka"]["properties"] if SECRET_PROPERTY.search(p)]
+    assert "-----BEGIN" not in json.dumps(cm) and "s3cret-value" not in json.dumps(cm)
+    assert "Secret" not in {d["kind"] for d in docs}, "the chart creates no Secret for Kafka"
+
+    with tempfile.TemporaryDirectory() as tmp:
+        result, fakes = check_config_with_pod_env(docs, container, tmp)
+    assert result.returncode == 0, result.stderr
+    printed = tomllib.loads(result.stdout)["kafka"]["properties"]
+    for key, value in fixture["properties"].items():
+        assert printed[key] in (value, "[redacted]"), key
+    for want in fixture["env"]:
+        prop = property_of(want["name"])
+        if "file" in want:
+            assert printed[prop] == env[want["name"]]["value"]
+        elif SECRET_PROPERTY.search(prop):
+            assert printed[prop] == "[redacted]", prop
+            assert fakes[want["name"]] not in result.stdout + result.stderr
+        else:
+            # An identifier (a user name, a client id): shown or redacted.
+            assert printed[prop] in (fakes[want["name"]], "[redacted]"), prop
+
+
+def test_kafka_credentials_follow_the_charts_env_and_precede_extra_env():
+    values = {**KAFKA_AUTH["scram"]["values"],
+              "tracing": {"otlpEndpoint": "http://127.0.0.1:1"},
+              "extraEnv": [{"name": "UINCALL__PIPELINE__MAX_IN_FLIGHT", "value": "128"}]}
+    pod, container = container_of(chart_docs(values))
+    names = [e["name"] for e in container["env"]]
+    kafka = [i for i, n in enumerate(names) if n.startswith("UINCALL__KAFKA__PROPERTIES__")]
+    assert [names[i] for i in kafka] == sorted(names[i] for i in kafka), "sorted by property"
+    assert kafka == list(range(kafka[0], kafka[-1] + 1))
+    assert max(names.index(n) for n in ("POD_NAME", "UINCALL__KAFKA__CLIENT_ID",
+                                        "OTEL_EXPORTER_OTLP_ENDPOINT")) < kafka[0]
+    assert names.index("UINCALL__PIPELINE__MAX_IN_FLIGHT") == kafka[-1] + 1 == len(names) - 1
+    volume = {v["name"]: v for v in pod["volumes"]}["kafka-credentials"]
+    assert volume == {"name": "kafka-credentials", "projected": {"sources": [
+        {"secret": {"name": KAFKA_SECRET, "items": [{"key": "ca.crt", "path": "kafka-credentials/ca.crt"}]}}]}}
+    assert {"name": "kafka-credentials", "mountPath": "/etc/uincall-enricher/kafka",
+            "readOnly": True} in container["volumeMounts"]
+
+
+def test_kafka_files_from_other_secrets_and_nothing_by_default():
+    # Strimzi: the user's Secret, and the cluster CA from the cluster's own Secret.
+    values = {"kafka": {"existingSecret": {
+        "name": "enricher", "properties": {"sasl.password": "password"},
+        "files": {"ssl.ca.location": {"secret": "main-cluster-ca-cert", "key": "ca.crt"},
+                  "ssl.truststore.location": {"secret": "main-cluster-ca-cert", "key": "ca.p12"}}}}}
+    docs = chart_docs(values)
+    pod, container = container_of(docs)
+    env = {e["name"]: e for e in container["env"]}
+    ca = env["UINCALL__KAFKA__PROPERTIES__SSL_CA_LOCATION"]["value"]
+    assert ca == "/etc/uincall-enricher/kafka/main-cluster-ca-cert/ca.crt"
+    assert mounted_secret_key(pod, container, ca) == ("main-cluster-ca-cert", "ca.crt")
+    sources = {v["name"]: v for v in pod["volumes"]}["kafka-credentials"]["projected"]["sources"]
+    assert [s["secret"]["name"] for s in sources] == ["main-cluster-ca-cert"], "one source per Secret"
+    for doc in docs:
+        if doc["kind"] not in CRD_KINDS:
+            kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+    # A file from another Secret needs no name.
+    only_ca = {"kafka": {"existingSecret": {"files": {
+        "ssl.ca.location": {"secret": "main-cluster-ca-cert", "key": "ca.crt"}}}}}
+    pod, container = container_of(chart_docs(only_ca))
+    assert "kafka-credentials" in {v["name"] for v in pod["volumes"]}
+    # Nothing mapped, nothing rendered (a name alone included).
+    for values in ({}, {"kafka": {"existingSecret": {"name": "kafka-credentials"}}}):
+        pod, container = container_of(chart_docs(values))
+        assert "kafka-credentials" not in {v["name"] for v in pod["volumes"]}
+        assert "kafka-credentials" not in {m["name"] for m in container["volumeMounts"]}
+        assert not [e for e in container["env"] if e["name"].startswith("UINCALL__KAFKA__PROPERTIES__")]
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"kafka": {"existingSecret": {"properties": {"sasl.password": "password"}}}},
+     "kafka.existingSecret.name is empty"),
+    ({"kafka": {"existingSecret": {"files": {"ssl.ca.location": "ca.crt"}}}},
+     "kafka.existingSecret.name is empty"),
+    ({"settings": {"kafka": {"properties": {"sasl.username": "enricher"}}},
+      "kafka": {"existingSecret": {"name": "k", "properties": {"sasl.username": "username"}}}},
+     "set both in settings.kafka.properties and in kafka.existingSecret"),
+    ({"kafka": {"existingSecret": {"name": "k", "properties": {"ssl.ca.location": "ca"},
+                                   "files": {"ssl.ca.location": "ca.crt"}}}},
+     "in both properties and files"),
+], ids=["property-without-name", "file-without-name", "also-in-settings", "property-and-file"])
+def test_kafka_credentials_mistakes_fail_the_rendering(values, message):
+    with pytest.raises(helm.HelmRenderError, match=re.escape(message)):
+        chart_docs(values)
+
+
+def test_values_schema_refuses_kafka_secrets_in_settings():
+    chart = helm.Chart.load(CHART)
+    for prop in ("sasl.password", "ssl.key.password", "ssl.key.pem",
+                 "sasl.oauthbearer.client.secret", "sasl.oauthbearer.config", "sasl.jaas.config"):
+        with pytest.raises(helm.HelmValuesError):
+            chart.validate_schema({"settings": {"kafka": {"brokers": "b:9092", "properties": {prop: "x"}}}})
+    for bad in ({"name": "Not_A_Name"}, {"properties": {"SASL_PASSWORD": "password"}},
+                {"files": {"ssl.ca.location": {"secret": "ca"}}}, {"files": {"ssl.ca.location": "../x"}},
+                {"secretName": "x"}):
+        with pytest.raises(helm.HelmValuesError):
+            chart.validate_schema({"kafka": {"existingSecret": bad}})
+    # Non-secret properties, the token endpoint's URL among them, stay in settings.
+    chart.validate_schema({"settings": {"kafka": {"brokers": "b:9092", "properties": {
+        "security.protocol": "SASL_SSL", "sasl.username": "enricher",
+        "sasl.oauthbearer.token.endpoint.url": "https://login.example.com/oauth2/token",
+        "ssl.key.location": "/x"}}}})
+
+
+def test_kafka_credentials_component_matches_the_chart_and_is_opt_in():
+    docs = RENDERINGS[f"kustomize:{KAFKA_COMPONENT}"]
+    pod, container = container_of(docs)
+    env = {e["name"]: e for e in container["env"]}
+    secret = "uincall-enricher-kafka"
+    for variable, key in (("UINCALL__KAFKA__PROPERTIES__SASL_USERNAME", "username"),
+                          ("UINCALL__KAFKA__PROPERTIES__SASL_PASSWORD", "password")):
+        assert env[variable]["valueFrom"] == {"secretKeyRef": {"name": secret, "key": key}}
+    ca = env["UINCALL__KAFKA__PROPERTIES__SSL_CA_LOCATION"]["value"]
+    assert ca == f"/etc/uincall-enricher/kafka/{secret}/ca.crt", "the chart's layout"
+    assert mounted_secret_key(pod, container, ca) == (secret, "ca.crt")
+    # The rest of the pod is the production overlay's.
+    production = RENDERINGS["kustomize:production"]
+    _, plain = container_of(production)
+    assert {e["name"] for e in plain["env"]} <= set(env)
+    assert container["resources"] == plain["resources"]
+    # Neither overlay uses it unless asked.
+    for overlay in OVERLAYS:
+        pod, _ = container_of(RENDERINGS[f"kustomize:{overlay}"])
+        assert "kafka-credentials" not in {v["name"] for v in pod["volumes"]}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        result, fakes = check_config_with_pod_env(docs, container, tmp)
+    assert result.returncode == 0, result.stderr
+    printed = tomllib.loads(result.stdout)["kafka"]["properties"]
+    assert printed["security.protocol"] == "SASL_SSL" and printed["sasl.mechanism"] == "SCRAM-SHA-512"
+    assert printed["sasl.password"] == "[redacted]" and printed["ssl.ca.location"] == ca
+    assert fakes["UINCALL__KAFKA__PROPERTIES__SASL_PASSWORD"] not in result.stdout + result.stderr

@@ -46,3 +46,62 @@ app.kubernetes.io/part-of: uincall-enricher
 {{- $_ := set $s "http" (dict "listen" (printf "0.0.0.0:%d" (int .Values.metricsPort))) }}
 {{- toToml $s }}
 {{- end }}
+
+{{/*
+Kafka credentials from Secrets (values kafka.existingSecret), as JSON:
+"env", one variable per librdkafka property sorted by property (a
+secretKeyRef, or the path of a mounted file), and "sources", the projected
+volume's sources (one Secret each, its items at <secret>/<key>). Both empty
+when nothing is mapped.
+*/}}
+{{- define "uincall-enricher.kafkaCredentials" -}}
+{{- $c := default dict (dig "existingSecret" dict (default dict .Values.kafka)) }}
+{{- $name := default "" $c.name }}
+{{- $props := default dict $c.properties }}
+{{- $files := default dict $c.files }}
+{{- $settings := default dict (dig "kafka" "properties" dict .Values.settings) }}
+{{- $root := "/etc/uincall-enricher/kafka" }}
+{{- $byProperty := dict }}
+{{- $bySecret := dict }}
+{{- range $prop, $key := $props }}
+{{- if not $name }}
+{{- fail (printf "kafka.existingSecret.properties maps %s to key %q, but kafka.existingSecret.name is empty: name the Secret" $prop $key) }}
+{{- end }}
+{{- $_ := set $byProperty $prop (dict "valueFrom" (dict "secretKeyRef" (dict "name" $name "key" $key))) }}
+{{- end }}
+{{- range $prop, $f := $files }}
+{{- $secret := $name }}
+{{- $key := $f }}
+{{- if kindIs "map" $f }}
+{{- $secret = $f.secret }}
+{{- $key = $f.key }}
+{{- else if not $name }}
+{{- fail (printf "kafka.existingSecret.files maps %s to key %q, but kafka.existingSecret.name is empty: name the Secret, or use {secret: <name>, key: %s}" $prop $f $f) }}
+{{- end }}
+{{- if hasKey $props $prop }}
+{{- fail (printf "kafka.existingSecret: %s is in both properties and files" $prop) }}
+{{- end }}
+{{- $_ := set $byProperty $prop (dict "value" (printf "%s/%s/%s" $root $secret $key)) }}
+{{- $keys := default list (get $bySecret $secret) }}
+{{- if not (has $key $keys) }}
+{{- $_ := set $bySecret $secret (append $keys $key) }}
+{{- end }}
+{{- end }}
+{{- $env := list }}
+{{- range $prop, $entry := $byProperty }}
+{{- if hasKey $settings $prop }}
+{{- fail (printf "%s is set both in settings.kafka.properties and in kafka.existingSecret: keep it in one place" $prop) }}
+{{- end }}
+{{- $var := printf "UINCALL__KAFKA__PROPERTIES__%s" ($prop | upper | replace "." "_") }}
+{{- $env = append $env (merge (dict "name" $var) $entry) }}
+{{- end }}
+{{- $sources := list }}
+{{- range $secret, $keys := $bySecret }}
+{{- $items := list }}
+{{- range $key := sortAlpha $keys }}
+{{- $items = append $items (dict "key" $key "path" (printf "%s/%s" $secret $key)) }}
+{{- end }}
+{{- $sources = append $sources (dict "secret" (dict "name" $secret "items" $items)) }}
+{{- end }}
+{{- toJson (dict "env" $env "sources" $sources "mountPath" $root) }}
+{{- end }}
