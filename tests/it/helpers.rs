@@ -62,6 +62,17 @@ impl TestEnv {
         Self::build(name, partitions, latency, Some(cluster), &[]).await
     }
 
+    /// On a cluster that outlives this test (`bootstrap`: its plaintext
+    /// listener, where the test makes its topics).
+    pub async fn on_bootstrap(
+        name: &str,
+        partitions: i32,
+        latency: Duration,
+        bootstrap: String,
+    ) -> TestEnv {
+        Self::build_at(name, partitions, latency, Some(bootstrap), None, &[]).await
+    }
+
     /// On the shared broker, with topic-level configuration for the output
     /// and dead-letter topics (e.g. `max.message.bytes`).
     pub async fn with_output_config(
@@ -80,9 +91,21 @@ impl TestEnv {
         cluster: Option<KafkaCluster>,
         output_config: &[(&str, &str)],
     ) -> TestEnv {
-        let bootstrap = match &cluster {
-            Some(c) => c.bootstrap(),
-            None => testkit::shared_bootstrap(),
+        Self::build_at(name, partitions, latency, None, cluster, output_config).await
+    }
+
+    async fn build_at(
+        name: &str,
+        partitions: i32,
+        latency: Duration,
+        bootstrap: Option<String>,
+        cluster: Option<KafkaCluster>,
+        output_config: &[(&str, &str)],
+    ) -> TestEnv {
+        let bootstrap = match (bootstrap, &cluster) {
+            (Some(b), _) => b,
+            (None, Some(c)) => c.bootstrap(),
+            (None, None) => testkit::shared_bootstrap(),
         };
         // Unique across runs too: KAFKA_BOOTSTRAP may name a cluster that
         // keeps earlier runs' topics.
@@ -304,10 +327,24 @@ impl TestEnv {
     /// code and what it printed on stdout (the summary). The wait does not
     /// block this test's runtime, which serves the fake API.
     pub async fn replay(&self, args: &[&str]) -> (i32, String) {
+        self.replay_with_env(args, &[]).await
+    }
+
+    /// [`TestEnv::replay`] with more environment variables.
+    pub async fn replay_with_env(
+        &self,
+        args: &[&str],
+        extra_env: &[(&str, &str)],
+    ) -> (i32, String) {
         let dir = tempfile::tempdir().unwrap();
         let mut all = vec!["replay"];
         all.extend_from_slice(args);
-        let child = self.spawn_command(&all, &dir.path().join("replay.log"), &[], Stdio::piped());
+        let child = self.spawn_command(
+            &all,
+            &dir.path().join("replay.log"),
+            extra_env,
+            Stdio::piped(),
+        );
         let out = tokio::task::spawn_blocking(move || child.wait_with_output())
             .await
             .unwrap()
@@ -324,9 +361,19 @@ impl TestEnv {
 
     /// Starts `uincall-enricher replay ARGS` in the background.
     pub fn spawn_replay(&self, args: &[&str], log: &PathBuf) -> Child {
+        self.spawn_replay_with_env(args, log, &[])
+    }
+
+    /// [`TestEnv::spawn_replay`] with more environment variables.
+    pub fn spawn_replay_with_env(
+        &self,
+        args: &[&str],
+        log: &PathBuf,
+        extra_env: &[(&str, &str)],
+    ) -> Child {
         let mut all = vec!["replay"];
         all.extend_from_slice(args);
-        self.spawn_command(&all, log, &[], Stdio::null())
+        self.spawn_command(&all, log, extra_env, Stdio::null())
     }
 
     fn spawn_command(

@@ -1,79 +1,223 @@
-//! A secured cluster: the real binary connects over SASL_SSL (SCRAM-SHA-512,
-//! a test CA) with the variables the chart's `extraEnv` would give it, and a
-//! wrong password stops start-up with a message naming the problem, not the
-//! password.
+//! Secured clusters, one test per way of authenticating: SASL_SSL with
+//! SCRAM-SHA-512, SASL_SSL with OAUTHBEARER tokens from an OpenID Connect
+//! provider (librdkafka's own OIDC client against a token endpoint and JWKS
+//! served by the test), and mutual TLS. Each starts the real binary with
+//! the variables the chart renders for that mode (the same fixture in
+//! `tests/fixtures/kafka-auth/` is checked against the chart's rendering by
+//! the deploy tests), values from the test's "Secret": the worker enriches
+//! and dead-letters over the secured listener and reports ready, `replay`
+//! re-submits over it, and wrong credentials stop start-up of both at once
+//! with a message naming the cause and no secret.
 
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::OnceLock;
 use std::time::Duration;
 
+use serde_json::Value;
+
 use crate::helpers::*;
+use crate::testkit::oidc::TestOidc;
 use crate::testkit::{KafkaCluster, SCRAM_PASSWORD, SCRAM_USER, TestPki};
 
-/// The variables a pod gets for SASL_SSL with SCRAM (password from a Secret
-/// through `extraEnv`), for `password`.
-fn sasl_env(bootstrap: &str, ca: &str, password: &str) -> Vec<(&'static str, String)> {
-    vec![
-        ("UINCALL__KAFKA__BROKERS", bootstrap.to_string()),
-        (
-            "UINCALL__KAFKA__PROPERTIES__SECURITY_PROTOCOL",
-            "SASL_SSL".into(),
-        ),
-        (
-            "UINCALL__KAFKA__PROPERTIES__SASL_MECHANISM",
-            "SCRAM-SHA-512".into(),
-        ),
-        (
-            "UINCALL__KAFKA__PROPERTIES__SASL_USERNAME",
-            SCRAM_USER.into(),
-        ),
-        ("UINCALL__KAFKA__PROPERTIES__SASL_PASSWORD", password.into()),
-        (
-            "UINCALL__KAFKA__PROPERTIES__SSL_CA_LOCATION",
-            ca.to_string(),
-        ),
-    ]
+/// One secured broker for the three tests (SASL_SSL and MTLS listeners).
+struct SecuredCluster {
+    cluster: KafkaCluster,
+    pki: TestPki,
+    oidc: TestOidc,
+}
+
+fn secured() -> &'static SecuredCluster {
+    static SECURED: OnceLock<SecuredCluster> = OnceLock::new();
+    SECURED.get_or_init(|| {
+        // Kept for the process: the broker reads its key store from here.
+        let dir = tempfile::tempdir().unwrap().keep();
+        let pki = TestPki::create(&dir.join("pki")).expect("test certificates");
+        let oidc = TestOidc::start().expect("the identity provider starts");
+        let cluster = KafkaCluster::start_secured(1, &pki, &oidc).expect("a secured broker starts");
+        SecuredCluster { cluster, pki, oidc }
+    })
+}
+
+/// What the pod's Secret holds for a mode: values by key, files by key.
+#[derive(Clone)]
+struct Secret {
+    values: HashMap<&'static str, String>,
+    files: HashMap<&'static str, PathBuf>,
+}
+
+impl Secret {
+    fn with_value(mut self, key: &'static str, value: &str) -> Secret {
+        self.values.insert(key, value.to_string());
+        self
+    }
+
+    fn with_file(mut self, key: &'static str, path: &std::path::Path) -> Secret {
+        self.files.insert(key, path.to_path_buf());
+        self
+    }
+}
+
+/// The environment a pod gets for `mode` (`tests/fixtures/kafka-auth/`):
+/// its non-secret properties (the ConfigMap's, here as variables), and the
+/// Secret's values and mounted files; `bootstrap` the secured listener.
+fn auth_env(mode: &str, bootstrap: &str, secret: &Secret) -> Vec<(String, String)> {
+    let path = format!(
+        "{}/tests/fixtures/kafka-auth/{mode}.json",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let fixture: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let mut env = vec![("UINCALL__KAFKA__BROKERS".to_string(), bootstrap.to_string())];
+    for (property, value) in fixture["properties"].as_object().unwrap() {
+        let value = match property.as_str() {
+            // The test's identity provider instead of the example's.
+            "sasl.oauthbearer.token.endpoint.url" => secured().oidc.token_url.clone(),
+            _ => value.as_str().unwrap().to_string(),
+        };
+        let name = format!(
+            "UINCALL__KAFKA__PROPERTIES__{}",
+            property.to_ascii_uppercase().replace('.', "_")
+        );
+        env.push((name, value));
+    }
+    for var in fixture["env"].as_array().unwrap() {
+        let name = var["name"].as_str().unwrap().to_string();
+        let value = match (var["secret"].as_str(), var["file"].as_str()) {
+            (Some(key), None) => secret.values[key].clone(),
+            (None, Some(key)) => secret.files[key].to_string_lossy().to_string(),
+            _ => panic!("{path}: {var}"),
+        };
+        env.push((name, value));
+    }
+    env
+}
+
+fn pairs(env: &[(String, String)]) -> Vec<(&str, &str)> {
+    env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+}
+
+/// With `good`, the worker enriches two events and dead-letters a broken
+/// one over the secured listener, `/readyz` says ready, and `replay`
+/// re-submits the dead letter; with `bad`, the worker and `replay` both
+/// stop at start-up with a message holding `cause` and not `secret`.
+async fn check_mode(
+    mode: &str,
+    bootstrap: &str,
+    good: &Secret,
+    bad: &Secret,
+    cause: &str,
+    secret: &str,
+) {
+    let env = TestEnv::on_bootstrap(mode, 1, Duration::ZERO, secured().cluster.bootstrap()).await;
+    let dir = tempfile::tempdir().unwrap();
+
+    let good = auth_env(mode, bootstrap, good);
+    let worker = env.spawn_replica("worker", dir.path(), &pairs(&good));
+    env.seed(&[format!("{mode}-1"), format!("{mode}-2")]).await;
+    env.seed_raw(&[(Some("broken"), b"not json", &[])]).await;
+    assert_eq!(env.read_output(2).await.len(), 2);
+    assert_eq!(env.read_dlq(1).await.len(), 1);
+    until_status(&format!("{}/readyz", worker.side), 200).await;
+    worker.stop().await;
+
+    let (code, summary) = env.replay_with_env(&[], &pairs(&good)).await;
+    assert_eq!(
+        (code, summary_count(&summary, "replayed")),
+        (0, 1),
+        "{summary}"
+    );
+
+    let bad = auth_env(mode, bootstrap, bad);
+    for (what, log) in [("worker", "refused.log"), ("replay", "refused-replay.log")] {
+        let log = dir.path().join(log);
+        let mut child = match what {
+            "worker" => env.spawn_binary(&log, &pairs(&bad)),
+            _ => env.spawn_replay_with_env(&[], &log, &pairs(&bad)),
+        };
+        let status = wait_exit(&mut child, WAIT).await;
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert_eq!(status.code(), Some(1), "{what}: {text}");
+        let last = text.lines().last().unwrap_or_default();
+        assert!(
+            last.contains("refused the connection") && last.contains(cause),
+            "{what}'s last line should name the cause `{cause}`:\n{text}"
+        );
+        assert!(!text.contains(secret), "{what}: {text}");
+        println!("{mode}, {what} with wrong credentials: {last}");
+    }
 }
 
 #[tokio::test]
-async fn the_worker_enriches_over_sasl_ssl_and_a_wrong_password_stops_start_up() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = TestPki::create(&dir.path().join("pki")).unwrap();
-    let cluster = KafkaCluster::start_secured(1, &pki).unwrap();
-    let secured = cluster.secured_bootstrap();
-    let env = TestEnv::on_cluster("sasl", 2, Duration::ZERO, cluster).await;
-    let ca = pki.ca.to_string_lossy().to_string();
+async fn scram_over_sasl_ssl() {
+    let s = secured();
+    let good = Secret {
+        values: HashMap::from([
+            ("username", SCRAM_USER.to_string()),
+            ("password", SCRAM_PASSWORD.to_string()),
+        ]),
+        files: HashMap::from([("ca.crt", s.pki.ca.clone())]),
+    };
+    let wrong = "not-the-password-4711";
+    let bad = good.clone().with_value("password", wrong);
+    let bootstrap = s.cluster.secured_bootstrap();
+    check_mode(
+        "scram",
+        &bootstrap,
+        &good,
+        &bad,
+        "SASL authentication error",
+        wrong,
+    )
+    .await;
+}
 
-    // The right password: records are enriched over the secured listener.
-    let good = sasl_env(&secured, &ca, SCRAM_PASSWORD);
-    let good: Vec<(&str, &str)> = good.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let log = dir.path().join("worker.log");
-    let mut child = env.spawn_binary(&log, &good);
-    env.seed(&["sasl-1".to_string(), "sasl-2".to_string()])
-        .await;
-    let out = env.read_output(2).await;
-    assert_eq!(out.len(), 2);
-    sigterm(&child);
-    assert!(wait_exit(&mut child, WAIT).await.success());
+#[tokio::test]
+async fn oauthbearer_tokens_from_an_oidc_provider() {
+    let s = secured();
+    let good = Secret {
+        values: HashMap::from([
+            ("client-id", s.oidc.client_id.clone()),
+            ("client-secret", s.oidc.client_secret.clone()),
+        ]),
+        files: HashMap::from([("ca.crt", s.pki.ca.clone())]),
+    };
+    let wrong = "not-the-client-secret-4711";
+    let bad = good.clone().with_value("client-secret", wrong);
+    let bootstrap = s.cluster.secured_bootstrap();
+    let (issued, refused) = (s.oidc.issued(), s.oidc.refused());
+    check_mode("oauthbearer", &bootstrap, &good, &bad, "OAUTHBEARER", wrong).await;
+    // The tokens came from the provider, and the wrong secret was refused
+    // there.
+    assert!(s.oidc.issued() > issued);
+    assert!(s.oidc.refused() > refused);
+}
 
-    // A wrong password: start-up fails, saying why, without the password.
-    let wrong_password = "not-the-password-4711";
-    let bad = sasl_env(&secured, &ca, wrong_password);
-    let bad: Vec<(&str, &str)> = bad.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let bad_log = dir.path().join("wrong.log");
-    let mut child = env.spawn_binary(&bad_log, &bad);
-    let status = wait_exit(&mut child, Duration::from_secs(120)).await;
-    let text = std::fs::read_to_string(&bad_log).unwrap();
-    assert!(!status.success(), "{text}");
-    // librdkafka's error lines say why; the worker's last line says it
-    // could not read the cluster's metadata.
-    assert!(text.contains("SASL authentication error"), "{text}");
-    let last = text.lines().last().unwrap_or_default();
-    assert!(
-        last.contains("worker failed") && last.contains("kafka.brokers"),
-        "{text}"
-    );
-    assert!(!text.contains(wrong_password), "{text}");
-    println!(
-        "start-up with a wrong password ended: {status}; its last line: {}",
-        text.lines().last().unwrap_or_default()
-    );
+#[tokio::test]
+async fn mutual_tls() {
+    let s = secured();
+    let good = Secret {
+        values: HashMap::new(),
+        files: HashMap::from([
+            ("ca.crt", s.pki.ca.clone()),
+            ("tls.crt", s.pki.client_cert.clone()),
+            ("tls.key", s.pki.client_key.clone()),
+        ]),
+    };
+    // A certificate of a CA the broker does not trust.
+    let bad = good
+        .clone()
+        .with_file("tls.crt", &s.pki.stranger_cert)
+        .with_file("tls.key", &s.pki.stranger_key);
+    let key = std::fs::read_to_string(&s.pki.stranger_key).unwrap();
+    let key_body = key.lines().nth(1).unwrap().to_string();
+    let bootstrap = s.cluster.mtls_bootstrap();
+    check_mode(
+        "mtls",
+        &bootstrap,
+        &good,
+        &bad,
+        "bad certificate",
+        &key_body,
+    )
+    .await;
 }

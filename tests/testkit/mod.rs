@@ -27,6 +27,7 @@ use rdkafka::{Offset, TopicPartitionList};
 pub use uincall_enricher::topics::*;
 
 pub mod jaeger;
+pub mod oidc;
 
 /// The directory holding the broker's jars: `KAFKA_LIB`, else what
 /// `scripts/install-kafka.sh` prints (it fetches them on first use).
@@ -116,27 +117,37 @@ struct KafkaNode {
     controller_port: u16,
     dir: PathBuf,
     child: Option<Child>,
-    /// A SASL_SSL listener (SCRAM-SHA-512, the test CA's certificate).
+    /// The secured listeners, on a cluster started secured.
     secured: Option<Secured>,
 }
 
-/// A broker's SASL_SSL listener: its port and its PEM key store.
+/// A broker's secured listeners: SASL_SSL (SCRAM-SHA-512 and OAUTHBEARER
+/// tokens verified with an identity provider's keys) and MTLS (TLS with a
+/// client certificate required), both with the test CA's certificates.
 #[derive(Clone)]
 struct Secured {
-    port: u16,
+    sasl_port: u16,
+    mtls_port: u16,
     key_store: PathBuf,
+    trust_store: PathBuf,
+    jwks_url: String,
 }
 
 /// The SCRAM user of a secured test cluster.
 pub const SCRAM_USER: &str = "enricher";
 pub const SCRAM_PASSWORD: &str = "enricher-test-secret";
 
-/// A test certificate authority and a broker certificate for 127.0.0.1,
-/// made with the openssl command: `ca.pem`, and `broker.pem` (the broker's
-/// PKCS#8 key followed by its certificate and the CA's).
+/// A test certificate authority and certificates made with the openssl
+/// command: `ca.pem`; `broker.pem` (the broker's PKCS#8 key followed by its
+/// certificate for 127.0.0.1 and the CA's); a client certificate and key
+/// signed by the CA; and one signed by another CA the broker does not trust.
 pub struct TestPki {
     pub ca: PathBuf,
     pub broker_key_store: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+    pub stranger_cert: PathBuf,
+    pub stranger_key: PathBuf,
 }
 
 impl TestPki {
@@ -216,9 +227,65 @@ impl TestPki {
             .map(|f| std::fs::read_to_string(dir.join(f)))
             .collect::<Result<_, _>>()?;
         std::fs::write(dir.join("broker.pem"), store)?;
+        std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n")?;
+        run(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "stranger-ca.key",
+            "-out",
+            "stranger-ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=another CA",
+        ])?;
+        for (name, ca) in [("client", "ca"), ("stranger", "stranger-ca")] {
+            let (key, csr, crt) = (
+                format!("{name}.key"),
+                format!("{name}.csr"),
+                format!("{name}.crt"),
+            );
+            run(&[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                &key,
+                "-out",
+                &csr,
+                "-subj",
+                "/CN=uincall-enricher",
+            ])?;
+            run(&[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                &format!("{ca}.pem"),
+                "-CAkey",
+                &format!("{ca}.key"),
+                "-CAcreateserial",
+                "-out",
+                &crt,
+                "-days",
+                "2",
+                "-extfile",
+                "client.ext",
+            ])?;
+        }
         Ok(TestPki {
             ca: dir.join("ca.pem"),
             broker_key_store: dir.join("broker.pem"),
+            client_cert: dir.join("client.crt"),
+            client_key: dir.join("client.key"),
+            stranger_cert: dir.join("stranger.crt"),
+            stranger_key: dir.join("stranger.key"),
         })
     }
 }
@@ -230,13 +297,28 @@ impl KafkaNode {
         let (listener, secured) = match &self.secured {
             None => (String::new(), String::new()),
             Some(s) => (
-                format!(",SASL_SSL://127.0.0.1:{}", s.port),
                 format!(
-                    "sasl.enabled.mechanisms=SCRAM-SHA-512\n\
+                    ",SASL_SSL://127.0.0.1:{},MTLS://127.0.0.1:{}",
+                    s.sasl_port, s.mtls_port
+                ),
+                format!(
+                    "sasl.enabled.mechanisms=SCRAM-SHA-512,OAUTHBEARER\n\
                      listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;\n\
+                     listener.name.sasl_ssl.oauthbearer.sasl.jaas.config=org.apache.kafka.common.security.oauthbearer.OAuthBearerLoginModule required;\n\
+                     listener.name.sasl_ssl.oauthbearer.sasl.server.callback.handler.class=org.apache.kafka.common.security.oauthbearer.OAuthBearerValidatorCallbackHandler\n\
+                     sasl.oauthbearer.jwks.endpoint.url={jwks}\n\
+                     sasl.oauthbearer.expected.audience={audience}\n\
+                     sasl.oauthbearer.expected.issuer={issuer}\n\
                      ssl.keystore.type=PEM\n\
-                     ssl.keystore.location={}\n",
-                    s.key_store.display()
+                     ssl.keystore.location={key_store}\n\
+                     listener.name.mtls.ssl.client.auth=required\n\
+                     listener.name.mtls.ssl.truststore.type=PEM\n\
+                     listener.name.mtls.ssl.truststore.location={trust_store}\n",
+                    jwks = s.jwks_url,
+                    audience = oidc::AUDIENCE,
+                    issuer = oidc::ISSUER,
+                    key_store = s.key_store.display(),
+                    trust_store = s.trust_store.display(),
                 ),
             ),
         };
@@ -248,7 +330,7 @@ impl KafkaNode {
              advertised.listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{cport}{listener}\n\
              inter.broker.listener.name=PLAINTEXT\n\
              controller.listener.names=CONTROLLER\n\
-             listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_SSL:SASL_SSL\n\
+             listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_SSL:SASL_SSL,MTLS:SSL\n\
              {secured}\
              log.dirs={logs}\n\
              num.partitions=1\n\
@@ -285,19 +367,26 @@ impl KafkaNode {
         // production-like flags instead.
         let flags = std::env::var("KAFKA_JVM_FLAGS")
             .unwrap_or_else(|_| "-Xms128m -Xmx768m -XX:+UseG1GC -XX:TieredStopAtLevel=1".into());
-        java.args(flags.split_whitespace())
-            .arg(format!(
-                "-Dlog4j2.configurationFile={}",
-                self.dir.join("log4j2.properties").display()
-            ))
-            .arg("-cp")
-            .arg(lib.join("*"))
-            .arg("kafka.Kafka")
-            .arg(self.dir.join("server.properties"))
-            .current_dir(&self.dir)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
+        java.args(flags.split_whitespace());
+        if let Some(secured) = &self.secured {
+            // Kafka fetches OAUTHBEARER keys only from URLs allowed here.
+            java.arg(format!(
+                "-Dorg.apache.kafka.sasl.oauthbearer.allowed.urls={}",
+                secured.jwks_url
+            ));
+        }
+        java.arg(format!(
+            "-Dlog4j2.configurationFile={}",
+            self.dir.join("log4j2.properties").display()
+        ))
+        .arg("-cp")
+        .arg(lib.join("*"))
+        .arg("kafka.Kafka")
+        .arg(self.dir.join("server.properties"))
+        .current_dir(&self.dir)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
         self.child = Some(spawn_owned(java).context("starting java (Java 17+ is required)")?);
         Ok(())
     }
@@ -392,13 +481,23 @@ impl KafkaCluster {
     }
 
     /// Like [`KafkaCluster::start`], each node also with a SASL_SSL listener
-    /// ([`KafkaCluster::secured_bootstrap`]): SCRAM-SHA-512 with the user
-    /// [`SCRAM_USER`], the broker certificate of `pki`.
-    pub fn start_secured(nodes: usize, pki: &TestPki) -> anyhow::Result<KafkaCluster> {
-        KafkaCluster::start_with(nodes, Some(pki))
+    /// ([`KafkaCluster::secured_bootstrap`]: SCRAM-SHA-512 with the user
+    /// [`SCRAM_USER`], or OAUTHBEARER with a token of `oidc`) and an MTLS
+    /// listener ([`KafkaCluster::mtls_bootstrap`]: a client certificate
+    /// signed by the CA of `pki` required), with the broker certificate of
+    /// `pki`.
+    pub fn start_secured(
+        nodes: usize,
+        pki: &TestPki,
+        oidc: &oidc::TestOidc,
+    ) -> anyhow::Result<KafkaCluster> {
+        KafkaCluster::start_with(nodes, Some((pki, oidc)))
     }
 
-    fn start_with(nodes: usize, pki: Option<&TestPki>) -> anyhow::Result<KafkaCluster> {
+    fn start_with(
+        nodes: usize,
+        secured: Option<(&TestPki, &oidc::TestOidc)>,
+    ) -> anyhow::Result<KafkaCluster> {
         let lib = kafka_lib()?;
         let dir = tempfile::Builder::new().prefix("kafka-").tempdir()?;
         let mut list: Vec<KafkaNode> = (1..=nodes as u32)
@@ -408,9 +507,12 @@ impl KafkaCluster {
                 controller_port: free_port(),
                 dir: dir.path().join(format!("node-{id}")),
                 child: None,
-                secured: pki.map(|p| Secured {
-                    port: free_port(),
-                    key_store: p.broker_key_store.clone(),
+                secured: secured.map(|(pki, oidc)| Secured {
+                    sasl_port: free_port(),
+                    mtls_port: free_port(),
+                    key_store: pki.broker_key_store.clone(),
+                    trust_store: pki.ca.clone(),
+                    jwks_url: oidc.jwks_url.clone(),
                 }),
             })
             .collect();
@@ -428,7 +530,7 @@ impl KafkaCluster {
             let props = props.to_string_lossy();
             let mut args = vec!["format", "-t", cluster_id.trim(), "-c", &props];
             let scram = format!("SCRAM-SHA-512=[name={SCRAM_USER},password={SCRAM_PASSWORD}]");
-            if pki.is_some() {
+            if secured.is_some() {
                 args.extend(["--add-scram", &scram]);
             }
             storage_tool(&lib, &args)?;
@@ -451,9 +553,19 @@ impl KafkaCluster {
     /// All nodes' SASL_SSL addresses, comma separated (a cluster started
     /// with [`KafkaCluster::start_secured`]).
     pub fn secured_bootstrap(&self) -> String {
+        self.addresses(|s| s.sasl_port)
+    }
+
+    /// All nodes' MTLS addresses, comma separated (a cluster started with
+    /// [`KafkaCluster::start_secured`]).
+    pub fn mtls_bootstrap(&self) -> String {
+        self.addresses(|s| s.mtls_port)
+    }
+
+    fn addresses(&self, port: impl Fn(&Secured) -> u16) -> String {
         self.nodes
             .iter()
-            .filter_map(|n| Some(format!("127.0.0.1:{}", n.secured.as_ref()?.port)))
+            .filter_map(|n| Some(format!("127.0.0.1:{}", port(n.secured.as_ref()?))))
             .collect::<Vec<_>>()
             .join(",")
     }
