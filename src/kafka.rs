@@ -231,10 +231,12 @@ pub async fn check_connection(k: &KafkaSettings) -> anyhow::Result<()> {
     let brokers = k.brokers.clone();
     tokio::task::spawn_blocking(move || {
         let deadline = Instant::now() + CONNECT_TIMEOUT;
+        // Short first waits notice a refusal soon; longer ones let a slow
+        // cluster answer.
+        let mut wait = Duration::from_millis(250);
         loop {
-            let attempt = client
-                .client()
-                .fetch_metadata(None, Duration::from_millis(500));
+            let attempt = client.client().fetch_metadata(None, wait);
+            wait = (wait * 2).min(Duration::from_secs(4));
             // Delivers librdkafka's error events to the context.
             client.poll(Duration::ZERO);
             if let Some(reason) = client.context().refused.lock().unwrap().take() {
