@@ -165,101 +165,25 @@ impl TestPki {
             }
             Ok(())
         };
-        run(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=uincall-enricher test CA",
-        ])?;
-        run(&[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "broker.key",
-            "-out",
-            "broker.csr",
-            "-subj",
-            "/CN=127.0.0.1",
-        ])?;
-        std::fs::write(
-            dir.join("san.ext"),
-            "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
-        )?;
-        run(&[
-            "x509",
-            "-req",
-            "-in",
-            "broker.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "broker.crt",
-            "-days",
-            "2",
-            "-extfile",
-            "san.ext",
-        ])?;
-        run(&[
-            "pkcs8",
-            "-topk8",
-            "-nocrypt",
-            "-in",
-            "broker.key",
-            "-out",
-            "broker.p8",
-        ])?;
-        let store: String = ["broker.p8", "broker.crt", "ca.pem"]
-            .iter()
-            .map(|f| std::fs::read_to_string(dir.join(f)))
-            .collect::<Result<_, _>>()?;
-        std::fs::write(dir.join("broker.pem"), store)?;
-        std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n")?;
-        run(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "stranger-ca.key",
-            "-out",
-            "stranger-ca.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=another CA",
-        ])?;
-        for (name, ca) in [("client", "ca"), ("stranger", "stranger-ca")] {
+        // A self-signed CA `NAME.pem` (key `NAME.key`).
+        let ca = |name: &str, subject: &str| {
+            let (key, pem) = (format!("{name}.key"), format!("{name}.pem"));
+            run(&[
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &pem,
+                "-days", "2", "-subj", subject,
+            ])
+        };
+        // `NAME.key` and `NAME.crt` signed by the CA `CA`, with the
+        // extensions in the file `ext`.
+        let issue = |name: &str, ca: &str, subject: &str, ext: &str| {
             let (key, csr, crt) = (
                 format!("{name}.key"),
                 format!("{name}.csr"),
                 format!("{name}.crt"),
             );
             run(&[
-                "req",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-keyout",
-                &key,
-                "-out",
-                &csr,
-                "-subj",
-                "/CN=uincall-enricher",
+                "req", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &csr, "-subj",
+                subject,
             ])?;
             run(&[
                 "x509",
@@ -276,9 +200,38 @@ impl TestPki {
                 "-days",
                 "2",
                 "-extfile",
-                "client.ext",
-            ])?;
-        }
+                ext,
+            ])
+        };
+        std::fs::write(
+            dir.join("san.ext"),
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+        )?;
+        std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n")?;
+        ca("ca", "/CN=uincall-enricher test CA")?;
+        ca("stranger-ca", "/CN=another CA")?;
+        issue("broker", "ca", "/CN=127.0.0.1", "san.ext")?;
+        issue("client", "ca", "/CN=uincall-enricher", "client.ext")?;
+        issue(
+            "stranger",
+            "stranger-ca",
+            "/CN=uincall-enricher",
+            "client.ext",
+        )?;
+        run(&[
+            "pkcs8",
+            "-topk8",
+            "-nocrypt",
+            "-in",
+            "broker.key",
+            "-out",
+            "broker.p8",
+        ])?;
+        let store: String = ["broker.p8", "broker.crt", "ca.pem"]
+            .iter()
+            .map(|f| std::fs::read_to_string(dir.join(f)))
+            .collect::<Result<_, _>>()?;
+        std::fs::write(dir.join("broker.pem"), store)?;
         Ok(TestPki {
             ca: dir.join("ca.pem"),
             broker_key_store: dir.join("broker.pem"),
