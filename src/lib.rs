@@ -24,7 +24,10 @@
 //!   consumer's callbacks.
 //! - [`replay`]: dead letters back to the input topic (or enriched directly):
 //!   filters, positions, re-submission, summary.
-//! - [`kafka`]: librdkafka client configuration.
+//! - [`ingest`]: the push receiver: Uincall's HTTP pushes into the input
+//!   topic, answered once the broker acknowledged them.
+//! - [`kafka`]: librdkafka client configuration, the start-up connection
+//!   check.
 //! - [`stats`]: metrics and their log lines, one method per event.
 //! - [`telemetry`]: logging set-up; [`otel`]: trace context in and out,
 //!   spans, OTLP export.
@@ -43,6 +46,7 @@ pub mod detail;
 pub mod event;
 #[cfg(feature = "demo")]
 pub mod fake_api;
+pub mod ingest;
 pub mod kafka;
 pub mod labels;
 pub mod offsets;

@@ -5,7 +5,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 use uincall_enricher::settings::{self, Settings};
-use uincall_enricher::{pipeline, replay, telemetry};
+use uincall_enricher::{ingest, pipeline, replay, telemetry};
 
 /// Enriches Uincall call-ended events from Kafka with the full call record
 /// from the Uincall OpenAPI, at least once, with a dead-letter topic.
@@ -43,6 +43,12 @@ enum Command {
     /// rerun continues. Exit code 1 when a re-submission failed, 130 when
     /// interrupted.
     Replay(Box<replay::ReplayArgs>),
+    /// Receive Uincall's HTTP pushes (call events, call records) on
+    /// ingest.listen and write the call-ended ones to the input topic,
+    /// answering 200 only once the broker acknowledged them (503 when it
+    /// did not: the sender may retry). Until SIGTERM or SIGINT (then finish
+    /// the pushes in flight, exit 0). See docs/ingest.md.
+    Ingest,
     /// Run the whole pipeline on embedded defaults: an in-process Kafka
     /// cluster, a local fake Uincall API and sample events.
     #[cfg(feature = "demo")]
@@ -61,6 +67,7 @@ fn main() -> ExitCode {
         Command::Replay(args) => {
             with_telemetry(config, |s| runtime.block_on(replay::run(s, *args)))
         }
+        Command::Ingest => with_telemetry(config, |s| runtime.block_on(ingest::run(s))),
         #[cfg(feature = "demo")]
         Command::Demo(opts) => runtime.block_on(uincall_enricher::demo::run(opts)),
     };

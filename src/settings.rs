@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use config::{Config, Environment, File, FileFormat};
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize, Serializer};
 use url::Url;
 
@@ -40,6 +40,68 @@ pub struct Settings {
     /// Per-tenant overrides, by tenant_id (`[tenants."<tenant_id>"]`).
     #[serde(default)]
     pub tenants: BTreeMap<String, TenantSettings>,
+    /// `uincall-enricher ingest`: Uincall's HTTP pushes into the input topic.
+    #[serde(default)]
+    pub ingest: IngestSettings,
+}
+
+/// The push receiver (`uincall-enricher ingest`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestSettings {
+    /// Where Uincall's pushes are received (its health checks and metrics
+    /// are on `http.listen`).
+    pub listen: SocketAddr,
+    /// Call-event pushes whose `command` is one of these are forwarded
+    /// (`call_hangup`: the call ended); others are answered and counted.
+    pub forward_commands: Vec<String>,
+    /// Larger bodies are refused with 413.
+    pub max_body_bytes: usize,
+    /// How long a push waits for the broker's acknowledgement before it is
+    /// answered 503 (the sender may retry).
+    #[serde(with = "humantime_serde")]
+    pub forward_timeout: Duration,
+    /// The secret of each tenant's push URL (`/push/<tenant>/<secret>/…`,
+    /// or HTTP basic auth with the tenant as user). Never logged or printed.
+    #[serde(serialize_with = "redact_map")]
+    pub secrets: BTreeMap<String, SecretString>,
+}
+
+impl Default for IngestSettings {
+    fn default() -> Self {
+        IngestSettings {
+            listen: "0.0.0.0:8080".parse().unwrap(),
+            forward_commands: vec!["call_hangup".into()],
+            max_body_bytes: 64 * 1024,
+            forward_timeout: Duration::from_secs(5),
+            secrets: BTreeMap::new(),
+        }
+    }
+}
+
+impl IngestSettings {
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        check(
+            !self.forward_commands.is_empty()
+                && self.forward_commands.iter().all(|c| !c.trim().is_empty()),
+            "ingest.forward_commands",
+            "must name at least one command, none empty",
+        )?;
+        check(
+            self.max_body_bytes >= 1024,
+            "ingest.max_body_bytes",
+            "must be at least 1024",
+        )?;
+        more_than_zero("ingest.forward_timeout", self.forward_timeout)?;
+        for (tenant, secret) in &self.secrets {
+            check(
+                secret.expose_secret().len() >= 16,
+                &format!("ingest.secrets.{tenant}"),
+                "must be at least 16 characters (it is all that authenticates a push)",
+            )?;
+        }
+        Ok(())
+    }
 }
 
 /// What one tenant does differently.
@@ -599,6 +661,7 @@ impl Settings {
             t.validate(tenant)?;
         }
         self.headers.validate()?;
+        self.ingest.validate()?;
         self.log.validate()
     }
 
@@ -1062,6 +1125,21 @@ mod tests {
         std::fs::write(&path, &text).unwrap();
         let again = Settings::load_from(Some(&path), env(&[])).unwrap();
         assert_eq!(again.kafka.output_topic, s.kafka.output_topic);
+    }
+
+    #[test]
+    fn push_secrets_are_redacted_and_a_short_one_is_named() {
+        let secret = "push-secret-not-for-print";
+        let s =
+            Settings::load_from(None, env(&[("UINCALL__INGEST__SECRETS__t1", secret)])).unwrap();
+        let text = s.to_redacted_toml();
+        assert!(!text.contains(secret), "{text}");
+        assert!(text.contains("[ingest.secrets]"), "{text}");
+        let e = Settings::load_from(None, env(&[("UINCALL__INGEST__SECRETS__t1", "short")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("ingest.secrets.t1"), "{e}");
+        assert!(!e.contains("short\""), "{e}");
     }
 
     #[test]

@@ -376,7 +376,7 @@ impl TestEnv {
         self.spawn_command(&all, log, extra_env, Stdio::null())
     }
 
-    fn spawn_command(
+    pub fn spawn_command(
         &self,
         args: &[&str],
         log: &PathBuf,

@@ -9,6 +9,7 @@ mod delivery;
 mod faults;
 mod group;
 mod helpers;
+mod ingest;
 mod interop;
 mod jaeger_receiver;
 mod replay;

@@ -1,0 +1,424 @@
+//! `uincall-enricher ingest`: receives Uincall's pushes over HTTP and writes
+//! the call-ended ones to `kafka.input_topic` (key `session_id`, the body as
+//! received, headers for the source, tenant and receive time). A push is
+//! answered 200 only after the broker acknowledged it (idempotent producer,
+//! `acks=all`), 503 when it did not within `ingest.forward_timeout`, so a
+//! sender that retries loses nothing. Each tenant's pushes are
+//! authenticated by a secret in the URL path or by HTTP basic auth
+//! (Uincall signs nothing); secrets are compared in constant time and never
+//! logged. Health checks and metrics are on `http.listen`.
+
+pub mod push;
+
+use std::collections::HashMap;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use base64::Engine;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::{Registry, Unit};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::util::Timeout;
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::json;
+use subtle::ConstantTimeEq;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::kafka;
+use crate::settings::Settings;
+use push::{Decision, Kind};
+
+/// Runs the receiver until SIGTERM or SIGINT: then stops accepting, answers
+/// the pushes in flight (each waits for its acknowledgement), flushes and
+/// exits 0.
+pub async fn run(settings: Settings) -> ExitCode {
+    let result = match crate::shutdown::on_signals() {
+        Ok(stop) => serve(settings, stop).await,
+        Err(e) => Err(e.into()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!(error = format!("{e:#}"), "ingest failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// What the handlers share.
+struct Receiver {
+    producer: FutureProducer,
+    topic: String,
+    secrets: HashMap<String, SecretString>,
+    forward_commands: Vec<String>,
+    max_body_bytes: usize,
+    metrics: Metrics,
+}
+
+/// Serves pushes on `ingest.listen` and health checks and metrics on
+/// `http.listen` until `stop`.
+pub async fn serve(settings: Settings, stop: CancellationToken) -> anyhow::Result<()> {
+    let k = &settings.kafka;
+    let i = &settings.ingest;
+    kafka::check_connection(k).await?;
+    let mut config = kafka::producer_config(k, None);
+    // A push waits this long for its acknowledgement; past it librdkafka
+    // gives the record up and the sender is told to retry.
+    config.set(
+        "message.timeout.ms",
+        i.forward_timeout.as_millis().to_string(),
+    );
+    let producer: FutureProducer = config
+        .create()
+        .map_err(kafka::config_error(k, "creating the Kafka producer"))?;
+    let receiver = Arc::new(Receiver {
+        producer,
+        topic: k.input_topic.clone(),
+        secrets: i.secrets.clone().into_iter().collect(),
+        forward_commands: i.forward_commands.clone(),
+        max_body_bytes: i.max_body_bytes,
+        metrics: Metrics::new(),
+    });
+    let pushes = Router::new()
+        .route(
+            "/push/{tenant}/{secret}/{kind}",
+            post(push_with_path_secret),
+        )
+        .route("/push/{kind}", post(push_with_basic_auth))
+        .with_state(receiver.clone());
+    let side = Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(receiver.clone());
+    let listener = tokio::net::TcpListener::bind(i.listen)
+        .await
+        .with_context(|| format!("binding ingest.listen {}", i.listen))?;
+    let side_listener = tokio::net::TcpListener::bind(settings.http.listen)
+        .await
+        .with_context(|| format!("binding http.listen {}", settings.http.listen))?;
+    info!(
+        addr = %listener.local_addr()?,
+        side = %side_listener.local_addr()?,
+        topic = %k.input_topic,
+        tenants = i.secrets.len(),
+        "ingest serving pushes"
+    );
+    let side_stop = stop.clone();
+    let side_server = tokio::spawn(async move {
+        axum::serve(side_listener, side)
+            .with_graceful_shutdown(side_stop.cancelled_owned())
+            .await
+    });
+    // Graceful: stops accepting, then waits for the requests in flight,
+    // each until its record is acknowledged or refused.
+    axum::serve(listener, pushes)
+        .with_graceful_shutdown(stop.cancelled_owned())
+        .await
+        .context("serving pushes")?;
+    let _ = side_server.await;
+    let producer = receiver.producer.clone();
+    tokio::task::spawn_blocking(move || producer.flush(Timeout::After(Duration::from_secs(10))))
+        .await?
+        .context("flushing the producer")?;
+    info!("ingest stopped");
+    Ok(())
+}
+
+/// Uincall's answer shape: `{"code":200,"data":null,"msg":"success"}`.
+fn answer(status: StatusCode, msg: &str) -> Response {
+    let body = json!({"code": status.as_u16(), "data": null, "msg": msg});
+    (status, axum::Json(body)).into_response()
+}
+
+async fn push_with_path_secret(
+    State(r): State<Arc<Receiver>>,
+    Path((tenant, secret, kind)): Path<(String, String, String)>,
+    Query(query): Query<HashMap<String, String>>,
+    body: Body,
+) -> Response {
+    let Some(kind) = Kind::from_path(&kind) else {
+        return answer(StatusCode::NOT_FOUND, "not found");
+    };
+    if !r.authentic(&tenant, &secret) {
+        // Not found, as any other unknown URL: a guess learns nothing.
+        return r.reply(kind, "unauthorized", StatusCode::NOT_FOUND, "not found");
+    }
+    r.receive(kind, &tenant, query.get("type").map(String::as_str), body)
+        .await
+}
+
+async fn push_with_basic_auth(
+    State(r): State<Arc<Receiver>>,
+    Path(kind): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let Some(kind) = Kind::from_path(&kind) else {
+        return answer(StatusCode::NOT_FOUND, "not found");
+    };
+    match basic_credentials(&headers) {
+        Some((tenant, secret)) if r.authentic(&tenant, &secret) => {
+            r.receive(kind, &tenant, query.get("type").map(String::as_str), body)
+                .await
+        }
+        _ => {
+            let mut resp = r.reply(
+                kind,
+                "unauthorized",
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+            );
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"uincall-enricher\""),
+            );
+            resp
+        }
+    }
+}
+
+/// The tenant and secret of an `Authorization: Basic` header.
+fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let encoded = value.strip_prefix("Basic ")?;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .ok()?;
+    let (tenant, secret) = std::str::from_utf8(&decoded).ok()?.split_once(':')?;
+    Some((tenant.to_string(), secret.to_string()))
+}
+
+impl Receiver {
+    /// Whether `secret` is `tenant`'s push secret (compared in constant
+    /// time).
+    fn authentic(&self, tenant: &str, secret: &str) -> bool {
+        self.secrets.get(tenant).is_some_and(|known| {
+            bool::from(known.expose_secret().as_bytes().ct_eq(secret.as_bytes()))
+        })
+    }
+
+    /// Counts the push's result and answers it.
+    fn reply(&self, kind: Kind, result: &'static str, status: StatusCode, msg: &str) -> Response {
+        self.metrics.count(kind, result);
+        answer(status, msg)
+    }
+
+    async fn receive(
+        &self,
+        kind: Kind,
+        tenant: &str,
+        record_type: Option<&str>,
+        body: Body,
+    ) -> Response {
+        let body = match axum::body::to_bytes(body, self.max_body_bytes).await {
+            Ok(b) => b,
+            Err(_) => {
+                info!(
+                    tenant,
+                    kind = kind.name(),
+                    limit = self.max_body_bytes,
+                    "push refused: body too large"
+                );
+                return self.reply(
+                    kind,
+                    "too_large",
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "body too large",
+                );
+            }
+        };
+        match push::decide(kind, record_type, &body, tenant, &self.forward_commands) {
+            Err(refusal) => {
+                info!(tenant, kind = kind.name(), reason = %refusal, "push refused");
+                self.reply(
+                    kind,
+                    "invalid",
+                    StatusCode::BAD_REQUEST,
+                    &refusal.to_string(),
+                )
+            }
+            Ok(Decision::Ignore { why }) => {
+                debug!(
+                    tenant,
+                    kind = kind.name(),
+                    why,
+                    "push answered, not forwarded"
+                );
+                self.reply(kind, "ignored", StatusCode::OK, "success")
+            }
+            Ok(Decision::Forward { session_id }) => {
+                self.forward(kind, tenant, &session_id, &body).await
+            }
+        }
+    }
+
+    /// Writes the push to the input topic and answers once the broker
+    /// acknowledged it.
+    async fn forward(&self, kind: Kind, tenant: &str, session_id: &str, body: &Bytes) -> Response {
+        let started = Instant::now();
+        let in_flight = InFlight::new(&self.metrics.in_flight);
+        let source = format!("uincall.push.{}", kind.name());
+        let received_at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: "uincall.source",
+                value: Some(source.as_str()),
+            })
+            .insert(Header {
+                key: "uincall.tenant",
+                value: Some(tenant),
+            })
+            .insert(Header {
+                key: "uincall.received_at",
+                value: Some(received_at.as_str()),
+            });
+        let record = FutureRecord::to(&self.topic)
+            .key(session_id)
+            .payload(&body[..])
+            .headers(headers);
+        let sent = self.producer.send(record, Timeout::Never).await;
+        drop(in_flight);
+        match sent {
+            Ok(_) => {
+                self.metrics
+                    .forward_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                debug!(tenant, kind = kind.name(), session_id, "push forwarded");
+                self.reply(kind, "forwarded", StatusCode::OK, "success")
+            }
+            Err((e, _)) => {
+                warn!(tenant, kind = kind.name(), session_id, error = %e, "push not acknowledged by the broker; answered 503");
+                let mut resp = self.reply(
+                    kind,
+                    "unavailable",
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the broker did not acknowledge the event; retry",
+                );
+                resp.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+                resp
+            }
+        }
+    }
+}
+
+/// Counts a push in flight until dropped (also when the sender hangs up
+/// and the request is abandoned).
+struct InFlight<'a>(&'a Gauge);
+
+impl<'a> InFlight<'a> {
+    fn new(gauge: &'a Gauge) -> Self {
+        gauge.inc();
+        InFlight(gauge)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// Ready while a broker answers a metadata request.
+async fn readyz(State(r): State<Arc<Receiver>>) -> Response {
+    let producer = r.producer.clone();
+    let reached = tokio::task::spawn_blocking(move || {
+        producer
+            .client()
+            .fetch_metadata(None, Duration::from_secs(2))
+            .is_ok()
+    })
+    .await
+    .unwrap_or(false);
+    match reached {
+        true => (StatusCode::OK, "ready").into_response(),
+        false => (StatusCode::SERVICE_UNAVAILABLE, "no broker reached").into_response(),
+    }
+}
+
+async fn metrics(State(r): State<Arc<Receiver>>) -> Response {
+    let mut text = String::new();
+    if prometheus_client::encoding::text::encode(&mut text, &r.metrics.registry).is_err() {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    kind: &'static str,
+    /// forwarded, ignored, invalid, too_large, unauthorized, unavailable.
+    result: &'static str,
+}
+
+/// The receiver's metrics.
+struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    forward_seconds: Histogram,
+    in_flight: Gauge,
+}
+
+impl Metrics {
+    fn new() -> Metrics {
+        let requests = Family::<RequestLabels, Counter>::default();
+        // 1 ms .. ~16 s.
+        let forward_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 15));
+        let in_flight = Gauge::default();
+        let mut registry = Registry::with_prefix("uincall_enricher_ingest");
+        registry.register(
+            "requests",
+            "Pushes received, by kind and result",
+            requests.clone(),
+        );
+        registry.register_with_unit(
+            "forward",
+            "Time from a push's arrival to the broker's acknowledgement",
+            Unit::Seconds,
+            forward_seconds.clone(),
+        );
+        registry.register(
+            "in_flight",
+            "Pushes waiting for the broker's acknowledgement",
+            in_flight.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            forward_seconds,
+            in_flight,
+        }
+    }
+
+    fn count(&self, kind: Kind, result: &'static str) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                kind: kind.name(),
+                result,
+            })
+            .inc();
+    }
+}

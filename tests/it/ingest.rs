@@ -1,0 +1,463 @@
+//! The push receiver (`uincall-enricher ingest`) in its own process against
+//! the broker, pushed to over real HTTP: the call-ended pushes of each kind
+//! reach the input topic, each once, and the worker enriches them; other
+//! pushes are answered and counted, not forwarded; wrong secrets, bodies
+//! that are not events and bodies over the limit are refused with their
+//! status, and no secret reaches a log line.
+
+use std::collections::BTreeSet;
+use std::process::Child;
+use std::time::Duration;
+
+use rdkafka::Message;
+use serde_json::{Value, json};
+
+use crate::helpers::*;
+use crate::testkit;
+
+/// A running receiver: its push base URL and side port.
+struct Receiver {
+    child: Child,
+    push: String,
+    side: String,
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn_receiver(env: &TestEnv, log: &std::path::Path, secret: &str) -> Receiver {
+    spawn_receiver_with(env, log, secret, &[])
+}
+
+fn spawn_receiver_with(
+    env: &TestEnv,
+    log: &std::path::Path,
+    secret: &str,
+    extra: &[(&str, &str)],
+) -> Receiver {
+    let listen = format!("127.0.0.1:{}", testkit::free_port());
+    let side = format!("127.0.0.1:{}", testkit::free_port());
+    let secret_var = format!("UINCALL__INGEST__SECRETS__{}", env.tenant);
+    let mut vars = vec![
+        ("UINCALL__INGEST__LISTEN", listen.as_str()),
+        ("UINCALL__HTTP__LISTEN", side.as_str()),
+        ("UINCALL__INGEST__MAX_BODY_BYTES", "4096"),
+        (secret_var.as_str(), secret),
+    ];
+    vars.extend_from_slice(extra);
+    let child = env.spawn_command(
+        &["ingest"],
+        &log.to_path_buf(),
+        &vars,
+        std::process::Stdio::null(),
+    );
+    Receiver {
+        child,
+        push: format!("http://{listen}/push"),
+        side: format!("http://{side}"),
+    }
+}
+
+/// Posts `body` to `url` (optionally with basic auth); the status and the
+/// answer's JSON (`Null` when it is not JSON).
+async fn post(
+    client: &reqwest::Client,
+    url: &str,
+    basic: Option<(&str, &str)>,
+    body: Vec<u8>,
+) -> (u16, Value) {
+    let mut req = client.post(url).body(body);
+    if let Some((user, password)) = basic {
+        req = req.basic_auth(user, Some(password));
+    }
+    let resp = req.send().await.expect("the receiver answers");
+    let status = resp.status().as_u16();
+    let json = resp.json().await.unwrap_or(Value::Null);
+    (status, json)
+}
+
+fn event(env: &TestEnv, session: &str, command: &str) -> Vec<u8> {
+    json!({
+        "session_id": session,
+        "tenant_id": env.tenant,
+        "command": command,
+        "call_id": format!("c-{session}"),
+        "dir": "UP",
+        "agent_num": "8001",
+    })
+    .to_string()
+    .into_bytes()
+}
+
+#[tokio::test]
+async fn pushes_of_each_kind_reach_the_input_topic_once_and_are_enriched() {
+    let env = TestEnv::new("ingest", 2, Duration::ZERO).await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = "push-secret-0123456789";
+    let log = dir.path().join("ingest.log");
+    let mut receiver = spawn_receiver(&env, &log, secret);
+    until_status(&format!("{}/readyz", receiver.side), 200).await;
+    let client = reqwest::Client::new();
+    let path = format!("{}/{}/{secret}", receiver.push, env.tenant);
+    let success = json!({"code": 200, "data": null, "msg": "success"});
+
+    // Forwarded: 20 hang-ups (secret in the path), 10 whole-session
+    // records (basic auth).
+    let mut forwarded = BTreeSet::new();
+    for i in 0..20 {
+        let s = format!("push-event-{i}");
+        let answer = post(
+            &client,
+            &format!("{path}/call-event"),
+            None,
+            event(&env, &s, "call_hangup"),
+        )
+        .await;
+        assert_eq!(answer, (200, success.clone()));
+        forwarded.insert(s);
+    }
+    for i in 0..10 {
+        let s = format!("push-record-{i}");
+        let url = format!("{}/call-record?type=1", receiver.push);
+        let body = json!({"session_id": s, "tenant_id": env.tenant})
+            .to_string()
+            .into_bytes();
+        let answer = post(&client, &url, Some((&env.tenant, secret)), body).await;
+        assert_eq!(answer, (200, success.clone()));
+        forwarded.insert(s);
+    }
+    // Answered, not forwarded: other commands, a leg's record.
+    for command in ["call_process", "call_talking", "callout_process"] {
+        let answer = post(
+            &client,
+            &format!("{path}/call-event"),
+            None,
+            event(&env, "push-talking", command),
+        )
+        .await;
+        assert_eq!(answer, (200, success.clone()));
+    }
+    let leg = json!({"session_id": "push-leg", "tenant_id": env.tenant})
+        .to_string()
+        .into_bytes();
+    assert_eq!(
+        post(&client, &format!("{path}/call-record?type=0"), None, leg).await,
+        (200, success.clone())
+    );
+
+    // Refused.
+    let wrong = format!(
+        "{}/{}/not-the-secret-0000000/call-event",
+        receiver.push, env.tenant
+    );
+    assert_eq!(
+        post(&client, &wrong, None, event(&env, "x", "call_hangup"))
+            .await
+            .0,
+        404
+    );
+    let url = format!("{}/call-event", receiver.push);
+    let basic_wrong = post(
+        &client,
+        &url,
+        Some((&env.tenant, "not-the-secret-0000000")),
+        event(&env, "x", "call_hangup"),
+    )
+    .await;
+    assert_eq!(basic_wrong.0, 401);
+    assert_eq!(
+        post(&client, &url, None, event(&env, "x", "call_hangup"))
+            .await
+            .0,
+        401
+    );
+    let (status, answer) = post(
+        &client,
+        &format!("{path}/call-event"),
+        None,
+        b"not json".to_vec(),
+    )
+    .await;
+    assert_eq!(
+        (status, answer["code"].as_u64()),
+        (400, Some(400)),
+        "{answer}"
+    );
+    let other = json!({"session_id": "x", "tenant_id": "someone-else", "command": "call_hangup"});
+    assert_eq!(
+        post(
+            &client,
+            &format!("{path}/call-event"),
+            None,
+            other.to_string().into_bytes()
+        )
+        .await
+        .0,
+        400
+    );
+    let mut big = event(&env, "big", "call_hangup");
+    big.extend(std::iter::repeat_n(b' ', 8192));
+    assert_eq!(
+        post(&client, &format!("{path}/call-event"), None, big)
+            .await
+            .0,
+        413
+    );
+
+    // Exactly the forwarded pushes are on the input topic, each once, with
+    // the body as sent and the source headers.
+    let input = testkit::read_topic(&env.bootstrap(), &env.input, forwarded.len(), WAIT)
+        .await
+        .unwrap();
+    let total: i64 = testkit::end_offsets(&env.bootstrap(), &env.input)
+        .unwrap()
+        .iter()
+        .sum();
+    assert_eq!(total as usize, forwarded.len());
+    let keys: BTreeSet<String> = input.iter().map(key).collect();
+    assert_eq!(keys, forwarded);
+    for m in &input {
+        let source = header(m, "uincall.source").unwrap();
+        let k = key(m);
+        let want = if k.starts_with("push-event") {
+            "uincall.push.call-event"
+        } else {
+            "uincall.push.call-record"
+        };
+        assert_eq!(source, want);
+        assert_eq!(
+            header(m, "uincall.tenant").as_deref(),
+            Some(env.tenant.as_str())
+        );
+        assert!(header(m, "uincall.received_at").is_some());
+        let body: Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
+        assert_eq!(body["session_id"], k.as_str());
+    }
+
+    // The counts on /metrics.
+    let metrics = reqwest::get(format!("{}/metrics", receiver.side))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for (line, want) in [
+        (
+            "uincall_enricher_ingest_requests_total{kind=\"call-event\",result=\"forwarded\"}",
+            20,
+        ),
+        (
+            "uincall_enricher_ingest_requests_total{kind=\"call-record\",result=\"forwarded\"}",
+            10,
+        ),
+        (
+            "uincall_enricher_ingest_requests_total{kind=\"call-event\",result=\"ignored\"}",
+            3,
+        ),
+        (
+            "uincall_enricher_ingest_requests_total{kind=\"call-record\",result=\"ignored\"}",
+            1,
+        ),
+        (
+            "uincall_enricher_ingest_requests_total{kind=\"call-event\",result=\"unauthorized\"}",
+            3,
+        ),
+        (
+            "uincall_enricher_ingest_requests_total{kind=\"call-event\",result=\"invalid\"}",
+            2,
+        ),
+        (
+            "uincall_enricher_ingest_requests_total{kind=\"call-event\",result=\"too_large\"}",
+            1,
+        ),
+        ("uincall_enricher_ingest_forward_seconds_count", 30),
+    ] {
+        let value = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(line)?.trim().parse::<f64>().ok());
+        assert_eq!(value, Some(want as f64), "{line}:\n{metrics}");
+    }
+
+    // The worker enriches what the receiver wrote.
+    let worker = env.spawn_replica("worker", dir.path(), &[]);
+    let out = env.read_output(forwarded.len()).await;
+    let enriched: BTreeSet<String> = out.iter().map(key).collect();
+    assert_eq!(enriched, forwarded);
+    worker.stop().await;
+
+    sigterm(&receiver.child);
+    assert!(wait_exit(&mut receiver.child, WAIT).await.success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!text.contains(secret), "{text}");
+    assert!(!text.contains("not-the-secret"), "{text}");
+}
+
+/// Pushers posting hang-ups for distinct sessions until `stop`; every
+/// answer (0: no answer) by session.
+struct Load {
+    answers: std::sync::Arc<std::sync::Mutex<Vec<(String, u16)>>>,
+    stop: tokio_util::sync::CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(env: &TestEnv, url: String, pushers: usize) -> Load {
+        let answers = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = tokio_util::sync::CancellationToken::new();
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .unwrap();
+        let tasks = (0..pushers)
+            .map(|w| {
+                let (answers, stop, client, url) =
+                    (answers.clone(), stop.clone(), client.clone(), url.clone());
+                let tenant = env.tenant.clone();
+                tokio::spawn(async move {
+                    for n in 0.. {
+                        if stop.is_cancelled() {
+                            return;
+                        }
+                        let session = format!("load-{w}-{n:05}");
+                        let body = json!({"session_id": session, "tenant_id": tenant, "command": "call_hangup"});
+                        let status = match client.post(&url).body(body.to_string()).send().await {
+                            Ok(resp) => resp.status().as_u16(),
+                            Err(_) => 0,
+                        };
+                        answers.lock().unwrap().push((session, status));
+                    }
+                })
+            })
+            .collect();
+        Load {
+            answers,
+            stop,
+            tasks,
+        }
+    }
+
+    fn count(&self, status: u16) -> usize {
+        (self.answers.lock().unwrap().iter())
+            .filter(|(_, s)| *s == status)
+            .count()
+    }
+
+    async fn until(&self, status: u16, n: usize) {
+        wait_until(&format!("{n} pushes answered {status}"), || {
+            self.count(status) >= n
+        })
+        .await;
+    }
+
+    async fn finish(self) -> Vec<(String, u16)> {
+        self.stop.cancel();
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+        std::mem::take(&mut self.answers.lock().unwrap())
+    }
+}
+
+/// Every session answered 200 is on the input topic.
+async fn every_acknowledged_push_is_on_the_topic(
+    env: &TestEnv,
+    answers: &[(String, u16)],
+) -> usize {
+    let acknowledged: BTreeSet<&str> = (answers.iter())
+        .filter(|(_, s)| *s == 200)
+        .map(|(k, _)| k.as_str())
+        .collect();
+    let input = testkit::read_topic_until(&env.bootstrap(), &env.input, WAIT, |msgs| {
+        let keys: BTreeSet<String> = msgs.iter().map(key).collect();
+        acknowledged.iter().all(|k| keys.contains(*k))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("a push answered 200 is missing from the input topic: {e:#}"));
+    input.len()
+}
+
+#[tokio::test]
+async fn pushes_answered_200_survive_a_broker_outage_and_those_during_it_get_503() {
+    let cluster = tokio::task::spawn_blocking(|| testkit::KafkaCluster::start(1))
+        .await
+        .unwrap()
+        .expect("a broker starts");
+    let mut env = TestEnv::on_cluster("ingest-outage", 2, Duration::ZERO, cluster).await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = "push-secret-0123456789";
+    let receiver = spawn_receiver_with(
+        &env,
+        &dir.path().join("ingest.log"),
+        secret,
+        &[("UINCALL__INGEST__FORWARD_TIMEOUT", "2s")],
+    );
+    let ready = format!("{}/readyz", receiver.side);
+    until_status(&ready, 200).await;
+    let url = format!("{}/{}/{secret}/call-event", receiver.push, env.tenant);
+    let load = Load::start(&env, url, 4);
+    load.until(200, 100).await;
+
+    let mut cluster = env.cluster.take().unwrap();
+    cluster = tokio::task::spawn_blocking(move || cluster.stop_node(0, "TERM").map(|_| cluster))
+        .await
+        .unwrap()
+        .unwrap();
+    load.until(503, 8).await;
+    until_status(&ready, 503).await;
+    let before_restart = load.count(200);
+    cluster = tokio::task::spawn_blocking(move || cluster.start_node(0).map(|_| cluster))
+        .await
+        .unwrap()
+        .unwrap();
+    env.cluster = Some(cluster);
+    load.until(200, before_restart + 100).await;
+    until_status(&ready, 200).await;
+    let answers = load.finish().await;
+
+    let on_topic = every_acknowledged_push_is_on_the_topic(&env, &answers).await;
+    let count = |status| answers.iter().filter(|(_, s)| *s == status).count();
+    assert!(count(503) > 0);
+    assert_eq!(
+        count(200) + count(503),
+        answers.len(),
+        "every push answered 200 or 503"
+    );
+    println!(
+        "broker outage under push load: {} pushes, {} answered 200 (all on the topic), {} answered 503, {} records on the topic",
+        answers.len(),
+        count(200),
+        count(503),
+        on_topic
+    );
+}
+
+#[tokio::test]
+async fn sigterm_under_push_load_loses_no_acknowledged_push_and_exits_0() {
+    let env = TestEnv::new("ingest-stop", 2, Duration::ZERO).await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = "push-secret-0123456789";
+    let mut receiver = spawn_receiver(&env, &dir.path().join("ingest.log"), secret);
+    until_status(&format!("{}/readyz", receiver.side), 200).await;
+    let url = format!("{}/{}/{secret}/call-event", receiver.push, env.tenant);
+    let load = Load::start(&env, url, 4);
+    load.until(200, 200).await;
+    sigterm(&receiver.child);
+    let status = wait_exit(&mut receiver.child, WAIT).await;
+    assert!(status.success(), "{status}");
+    let answers = load.finish().await;
+    let on_topic = every_acknowledged_push_is_on_the_topic(&env, &answers).await;
+    // After the stop nothing is accepted: no answer at all, never a 5xx.
+    let refused = answers.iter().filter(|(_, s)| *s == 0).count();
+    assert!(
+        answers.iter().all(|(_, s)| *s == 200 || *s == 0),
+        "{answers:?}"
+    );
+    println!(
+        "SIGTERM under push load: {} answered 200 (all on the topic, {on_topic} records), {refused} not accepted after the stop",
+        answers.len() - refused
+    );
+}
