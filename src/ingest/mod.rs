@@ -75,31 +75,8 @@ pub async fn serve(settings: Settings, stop: CancellationToken) -> anyhow::Resul
     let k = &settings.kafka;
     let i = &settings.ingest;
     kafka::check_connection(k).await?;
-    let mut config = kafka::producer_config(k, None);
-    // A push waits this long for its acknowledgement; past it librdkafka
-    // gives the record up and the sender is told to retry.
-    config.set(
-        "message.timeout.ms",
-        i.forward_timeout.as_millis().to_string(),
-    );
-    let producer: FutureProducer = config
-        .create()
-        .map_err(kafka::config_error(k, "creating the Kafka producer"))?;
-    let receiver = Arc::new(Receiver {
-        producer,
-        topic: k.input_topic.clone(),
-        secrets: i.secrets.clone().into_iter().collect(),
-        forward_commands: i.forward_commands.clone(),
-        max_body_bytes: i.max_body_bytes,
-        metrics: Metrics::new(),
-    });
-    let pushes = Router::new()
-        .route(
-            "/push/{tenant}/{secret}/{kind}",
-            post(push_with_path_secret),
-        )
-        .route("/push/{kind}", post(push_with_basic_auth))
-        .with_state(receiver.clone());
+    let receiver = Receiver::new(&settings)?;
+    let pushes = push_routes(receiver.clone());
     let side = Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
@@ -137,6 +114,41 @@ pub async fn serve(settings: Settings, stop: CancellationToken) -> anyhow::Resul
         .context("flushing the producer")?;
     info!("ingest stopped");
     Ok(())
+}
+
+impl Receiver {
+    fn new(settings: &Settings) -> anyhow::Result<Arc<Receiver>> {
+        let (k, i) = (&settings.kafka, &settings.ingest);
+        let mut config = kafka::producer_config(k, None);
+        // A push waits this long for its acknowledgement; past it librdkafka
+        // gives the record up and the sender is told to retry.
+        config.set(
+            "message.timeout.ms",
+            i.forward_timeout.as_millis().to_string(),
+        );
+        let producer: FutureProducer = config
+            .create()
+            .map_err(kafka::config_error(k, "creating the Kafka producer"))?;
+        Ok(Arc::new(Receiver {
+            producer,
+            topic: k.input_topic.clone(),
+            secrets: i.secrets.clone().into_iter().collect(),
+            forward_commands: i.forward_commands.clone(),
+            max_body_bytes: i.max_body_bytes,
+            metrics: Metrics::new(),
+        }))
+    }
+}
+
+/// The push URLs: the secret in the path, or HTTP basic auth.
+fn push_routes(receiver: Arc<Receiver>) -> Router {
+    Router::new()
+        .route(
+            "/push/{tenant}/{secret}/{kind}",
+            post(push_with_path_secret),
+        )
+        .route("/push/{kind}", post(push_with_basic_auth))
+        .with_state(receiver)
 }
 
 /// Uincall's answer shape: `{"code":200,"data":null,"msg":"success"}`.
@@ -422,3 +434,6 @@ impl Metrics {
             .inc();
     }
 }
+
+#[cfg(test)]
+mod tests;
