@@ -54,6 +54,7 @@ pub struct IngestSettings {
     pub listen: SocketAddr,
     /// Call-event pushes whose `command` is one of these are forwarded
     /// (`call_hangup`: the call ended); others are answered and counted.
+    #[serde(deserialize_with = "text_list")]
     pub forward_commands: Vec<String>,
     /// Larger bodies are refused with 413.
     pub max_body_bytes: usize,
@@ -65,6 +66,19 @@ pub struct IngestSettings {
     /// or HTTP basic auth with the tenant as user). Never logged or printed.
     #[serde(serialize_with = "redact_map")]
     pub secrets: BTreeMap<String, SecretString>,
+    /// Networks pushes are accepted from (CIDR); empty: any. The address is
+    /// the connection's peer (behind an Ingress, the controller's).
+    #[serde(deserialize_with = "text_list")]
+    pub allow_from: Vec<ipnet::IpNet>,
+    /// Pushes a second per tenant (0: no limit); beyond it 429.
+    pub per_tenant_per_second: u32,
+    /// A push repeated within this window after it was forwarded (same
+    /// tenant, kind, session and command or type) is answered 200 and not
+    /// forwarded again; `0s` turns this off.
+    #[serde(with = "humantime_serde")]
+    pub dedup_window: Duration,
+    /// Forwarded pushes remembered for that (the oldest forgotten first).
+    pub dedup_capacity: usize,
 }
 
 impl Default for IngestSettings {
@@ -75,6 +89,10 @@ impl Default for IngestSettings {
             max_body_bytes: 64 * 1024,
             forward_timeout: Duration::from_secs(5),
             secrets: BTreeMap::new(),
+            allow_from: Vec::new(),
+            per_tenant_per_second: 0,
+            dedup_window: Duration::from_secs(600),
+            dedup_capacity: 50_000,
         }
     }
 }
@@ -93,6 +111,11 @@ impl IngestSettings {
             "must be at least 1024",
         )?;
         more_than_zero("ingest.forward_timeout", self.forward_timeout)?;
+        check(
+            self.dedup_window.is_zero() || self.dedup_capacity > 0,
+            "ingest.dedup_capacity",
+            "must be at least 1 while ingest.dedup_window is on",
+        )?;
         for (tenant, secret) in &self.secrets {
             check(
                 secret.expose_secret().len() >= 16,
@@ -580,6 +603,35 @@ fn errcode_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<i64>, D::E
             })
             .collect(),
     }
+}
+
+/// A list from TOML (`["a", "b"]`) or the environment (`"a,b"`), each item
+/// parsed as `T`.
+fn text_list<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        List(Vec<String>),
+        Text(String),
+    }
+    let items: Vec<String> = match Raw::deserialize(d)? {
+        Raw::List(v) => v,
+        Raw::Text(t) => t.split(',').map(str::to_string).collect(),
+    };
+    items
+        .iter()
+        .map(|s| s.trim())
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse::<T>()
+                .map_err(|e| serde::de::Error::custom(format!("{s:?}: {e}")))
+        })
+        .collect()
 }
 
 impl Settings {
@@ -1140,6 +1192,25 @@ mod tests {
             .to_string();
         assert!(e.contains("ingest.secrets.t1"), "{e}");
         assert!(!e.contains("short\""), "{e}");
+        let e = Settings::load_from(
+            None,
+            env(&[("UINCALL__INGEST__ALLOW_FROM", "10.0.0.0/8,10.0.0.0/33")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("ingest.allow_from") && e.contains("10.0.0.0/33"),
+            "{e}"
+        );
+        let s = Settings::load_from(
+            None,
+            env(&[(
+                "UINCALL__INGEST__FORWARD_COMMANDS",
+                "call_hangup, call_talking",
+            )]),
+        )
+        .unwrap();
+        assert_eq!(s.ingest.forward_commands, ["call_hangup", "call_talking"]);
     }
 
     #[test]

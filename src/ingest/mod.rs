@@ -11,18 +11,25 @@
 pub mod push;
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::num::{NonZeroU32, NonZeroUsize};
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, Query, State};
+use axum::extract::{ConnectInfo, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use base64::Engine;
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use ipnet::IpNet;
+use lru::LruCache;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -66,6 +73,10 @@ struct Receiver {
     secrets: HashMap<String, SecretString>,
     forward_commands: Vec<String>,
     max_body_bytes: usize,
+    allow_from: Vec<IpNet>,
+    limiter: Option<DefaultKeyedRateLimiter<String>>,
+    /// Forwarded pushes and when, for `ingest.dedup_window`.
+    forwarded: Option<(Mutex<LruCache<String, Instant>>, Duration)>,
     metrics: Metrics,
 }
 
@@ -103,10 +114,13 @@ pub async fn serve(settings: Settings, stop: CancellationToken) -> anyhow::Resul
     });
     // Graceful: stops accepting, then waits for the requests in flight,
     // each until its record is acknowledged or refused.
-    axum::serve(listener, pushes)
-        .with_graceful_shutdown(stop.cancelled_owned())
-        .await
-        .context("serving pushes")?;
+    axum::serve(
+        listener,
+        pushes.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(stop.cancelled_owned())
+    .await
+    .context("serving pushes")?;
     let _ = side_server.await;
     let producer = receiver.producer.clone();
     tokio::task::spawn_blocking(move || producer.flush(Timeout::After(Duration::from_secs(10))))
@@ -129,18 +143,27 @@ impl Receiver {
         let producer: FutureProducer = config
             .create()
             .map_err(kafka::config_error(k, "creating the Kafka producer"))?;
+        let limiter = NonZeroU32::new(i.per_tenant_per_second)
+            .map(|n| RateLimiter::keyed(Quota::per_second(n)));
+        let forwarded = NonZeroUsize::new(i.dedup_capacity)
+            .filter(|_| !i.dedup_window.is_zero())
+            .map(|n| (Mutex::new(LruCache::new(n)), i.dedup_window));
         Ok(Arc::new(Receiver {
             producer,
             topic: k.input_topic.clone(),
             secrets: i.secrets.clone().into_iter().collect(),
             forward_commands: i.forward_commands.clone(),
             max_body_bytes: i.max_body_bytes,
+            allow_from: i.allow_from.clone(),
+            limiter,
+            forwarded,
             metrics: Metrics::new(),
         }))
     }
 }
 
-/// The push URLs: the secret in the path, or HTTP basic auth.
+/// The push URLs: the secret in the path, or HTTP basic auth; before
+/// either, the source address against `ingest.allow_from`.
 fn push_routes(receiver: Arc<Receiver>) -> Router {
     Router::new()
         .route(
@@ -148,7 +171,35 @@ fn push_routes(receiver: Arc<Receiver>) -> Router {
             post(push_with_path_secret),
         )
         .route("/push/{kind}", post(push_with_basic_auth))
+        .layer(middleware::from_fn_with_state(
+            receiver.clone(),
+            allowed_source,
+        ))
         .with_state(receiver)
+}
+
+/// 403 for a connection from outside `ingest.allow_from` (when set).
+async fn allowed_source(State(r): State<Arc<Receiver>>, req: Request, next: Next) -> Response {
+    if r.allow_from.is_empty() {
+        return next.run(req).await;
+    }
+    let peer = (req.extensions().get::<ConnectInfo<SocketAddr>>()).map(|c| c.0.ip());
+    match peer {
+        Some(ip) if r.allow_from.iter().any(|net| net.contains(&ip)) => next.run(req).await,
+        _ => {
+            let kind = req
+                .uri()
+                .path()
+                .rsplit('/')
+                .next()
+                .and_then(Kind::from_path);
+            warn!(peer = ?peer, "push refused: source not in ingest.allow_from");
+            if let Some(kind) = kind {
+                r.metrics.count(kind, "forbidden");
+            }
+            answer(StatusCode::FORBIDDEN, "forbidden")
+        }
+    }
 }
 
 /// Uincall's answer shape: `{"code":200,"data":null,"msg":"success"}`.
@@ -238,6 +289,26 @@ impl Receiver {
         record_type: Option<&str>,
         body: Body,
     ) -> Response {
+        if let Some(limiter) = &self.limiter
+            && let Err(not_until) = limiter.check_key(&tenant.to_string())
+        {
+            let wait = not_until.wait_time_from(DefaultClock::default().now());
+            debug!(
+                tenant,
+                kind = kind.name(),
+                "push refused: over ingest.per_tenant_per_second"
+            );
+            let mut resp = self.reply(
+                kind,
+                "rate_limited",
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many pushes; retry",
+            );
+            let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            return resp;
+        }
         let body = match axum::body::to_bytes(body, self.max_body_bytes).await {
             Ok(b) => b,
             Err(_) => {
@@ -274,9 +345,49 @@ impl Receiver {
                 );
                 self.reply(kind, "ignored", StatusCode::OK, "success")
             }
-            Ok(Decision::Forward { session_id }) => {
-                self.forward(kind, tenant, &session_id, &body).await
+            Ok(Decision::Forward { session_id, what }) => {
+                let key = format!(
+                    "{tenant}\u{1f}{}\u{1f}{session_id}\u{1f}{what}",
+                    kind.name()
+                );
+                if self.seen(&key) {
+                    debug!(
+                        tenant,
+                        kind = kind.name(),
+                        session_id,
+                        "repeated push answered, not forwarded again"
+                    );
+                    return self.reply(kind, "duplicate", StatusCode::OK, "success");
+                }
+                let resp = self.forward(kind, tenant, &session_id, &body).await;
+                if resp.status() == StatusCode::OK {
+                    self.remember(key);
+                }
+                resp
             }
+        }
+    }
+
+    /// Whether the push `key` was forwarded within the de-duplication
+    /// window.
+    fn seen(&self, key: &str) -> bool {
+        let Some((forwarded, window)) = &self.forwarded else {
+            return false;
+        };
+        let mut forwarded = forwarded.lock().unwrap();
+        match forwarded.get(key) {
+            Some(at) if at.elapsed() < *window => true,
+            Some(_) => {
+                forwarded.pop(key);
+                false
+            }
+            None => false,
+        }
+    }
+
+    fn remember(&self, key: String) {
+        if let Some((forwarded, _)) = &self.forwarded {
+            forwarded.lock().unwrap().put(key, Instant::now());
         }
     }
 
@@ -382,7 +493,8 @@ async fn metrics(State(r): State<Arc<Receiver>>) -> Response {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
     kind: &'static str,
-    /// forwarded, ignored, invalid, too_large, unauthorized, unavailable.
+    /// forwarded, duplicate, ignored, invalid, too_large, unauthorized,
+    /// forbidden, rate_limited, unavailable.
     result: &'static str,
 }
 

@@ -37,7 +37,9 @@ impl Kind {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Decision {
     /// A call ended: write the body to the input topic under this key.
-    Forward { session_id: String },
+    /// `what` (the command, or the record type) tells a repeat of this
+    /// push from another push of the session.
+    Forward { session_id: String, what: String },
     /// Answered and counted, not forwarded (another command, a leg's
     /// record).
     Ignore { why: String },
@@ -79,9 +81,10 @@ pub fn decide(
     }
     match kind {
         Kind::CallEvent => match text("command") {
-            Some(command) if forward_commands.contains(&command) => {
-                Ok(Decision::Forward { session_id })
-            }
+            Some(command) if forward_commands.contains(&command) => Ok(Decision::Forward {
+                session_id,
+                what: command,
+            }),
             Some(command) => Ok(Decision::Ignore {
                 why: format!("command {command}"),
             }),
@@ -90,7 +93,10 @@ pub fn decide(
             }),
         },
         Kind::CallRecord => match record_type.map(str::trim) {
-            Some("1") => Ok(Decision::Forward { session_id }),
+            Some("1") => Ok(Decision::Forward {
+                session_id,
+                what: "type=1".into(),
+            }),
             Some(t) => Ok(Decision::Ignore {
                 why: format!("record type {t}"),
             }),
@@ -115,7 +121,8 @@ mod tests {
         assert_eq!(
             decide(Kind::CallEvent, None, body, "t", &hangup()),
             Ok(Decision::Forward {
-                session_id: "s-1".into()
+                session_id: "s-1".into(),
+                what: "call_hangup".into()
             })
         );
         let body = br#"{"session_id":"s-1","tenant_id":"t","command":"call_talking"}"#;
@@ -133,7 +140,8 @@ mod tests {
         assert_eq!(
             decide(Kind::CallRecord, Some("1"), body, "t", &hangup()),
             Ok(Decision::Forward {
-                session_id: "12345".into()
+                session_id: "12345".into(),
+                what: "type=1".into()
             })
         );
         for t in [Some("0"), None] {

@@ -174,36 +174,144 @@ fn request(
     req.body(Body::from(body)).unwrap()
 }
 
-#[test]
-fn every_push_gets_the_answer_it_calls_for_and_never_a_5xx() {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+/// A receiver writing to librdkafka's in-process mock cluster, with the
+/// secrets of `t-1` and `t-2`, the body limit [`LIMIT`] and `extra`
+/// settings.
+fn mock_receiver(
+    extra: &[(&str, &str)],
+) -> (MockCluster<'static, DefaultProducerContext>, Arc<Receiver>) {
     let cluster: MockCluster<'static, DefaultProducerContext> = MockCluster::new(1).unwrap();
-    let settings = Settings::load_from(
-        None,
-        [
-            (
-                "UINCALL__KAFKA__BROKERS",
-                cluster.bootstrap_servers().as_str(),
-            ),
-            ("UINCALL__KAFKA__PROPERTIES__LINGER_MS", "0"),
-            ("UINCALL__INGEST__MAX_BODY_BYTES", &LIMIT.to_string()),
-            (
-                format!("UINCALL__INGEST__SECRETS__{TENANT}").as_str(),
-                SECRET,
-            ),
-            ("UINCALL__INGEST__SECRETS__t-2", "another-secret-0123456789"),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v.to_string())),
-    )
-    .unwrap();
+    let mut env = vec![
+        (
+            "UINCALL__KAFKA__BROKERS".to_string(),
+            cluster.bootstrap_servers(),
+        ),
+        ("UINCALL__KAFKA__PROPERTIES__LINGER_MS".into(), "0".into()),
+        ("UINCALL__INGEST__MAX_BODY_BYTES".into(), LIMIT.to_string()),
+        (format!("UINCALL__INGEST__SECRETS__{TENANT}"), SECRET.into()),
+        (
+            "UINCALL__INGEST__SECRETS__t-2".into(),
+            "another-secret-0123456789".into(),
+        ),
+    ];
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    let settings = Settings::load_from(None, env).unwrap();
     cluster
         .create_topic(&settings.kafka.input_topic, 1, 1)
         .unwrap();
-    let receiver: Arc<Receiver> = Receiver::new(&settings).unwrap();
+    let receiver = Receiver::new(&settings).unwrap();
+    (cluster, receiver)
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// The count of `result` pushes of `kind` on the receiver's metrics.
+fn count(r: &Receiver, kind: Kind, result: &'static str) -> u64 {
+    r.metrics
+        .requests
+        .get_or_create(&super::RequestLabels {
+            kind: kind.name(),
+            result,
+        })
+        .get()
+}
+
+fn hangup(session: &str) -> Request<Body> {
+    let body = json!({"session_id": session, "tenant_id": TENANT, "command": "call_hangup"});
+    request(
+        "call-event",
+        &Auth::PathRight,
+        None,
+        "application/json",
+        body.to_string().into_bytes(),
+    )
+}
+
+#[test]
+fn a_repeated_push_is_answered_and_not_forwarded_again() {
+    let rt = runtime();
+    let (_cluster, receiver) = mock_receiver(&[]);
+    let router = push_routes(receiver.clone());
+    for session in ["a", "a", "b", "a"] {
+        let resp = rt
+            .block_on(router.clone().oneshot(hangup(session)))
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+    }
+    assert_eq!(count(&receiver, Kind::CallEvent, "forwarded"), 2);
+    assert_eq!(count(&receiver, Kind::CallEvent, "duplicate"), 2);
+
+    // Off with a window of 0s.
+    let (_cluster, receiver) = mock_receiver(&[("UINCALL__INGEST__DEDUP_WINDOW", "0s")]);
+    let router = push_routes(receiver.clone());
+    for _ in 0..2 {
+        rt.block_on(router.clone().oneshot(hangup("a"))).unwrap();
+    }
+    assert_eq!(count(&receiver, Kind::CallEvent, "forwarded"), 2);
+}
+
+#[test]
+fn a_tenant_over_its_rate_is_told_to_retry_and_the_others_go_on() {
+    let rt = runtime();
+    let (_cluster, receiver) = mock_receiver(&[("UINCALL__INGEST__PER_TENANT_PER_SECOND", "5")]);
+    // One push an hour: the second within the hour is over the rate,
+    // however slow the machine.
+    let mut receiver = Arc::into_inner(receiver).unwrap();
+    receiver.limiter = Some(governor::RateLimiter::keyed(
+        governor::Quota::with_period(std::time::Duration::from_secs(3600)).unwrap(),
+    ));
+    let receiver = Arc::new(receiver);
+    let router = push_routes(receiver.clone());
+    let first = rt.block_on(router.clone().oneshot(hangup("r-1"))).unwrap();
+    assert_eq!(first.status(), StatusCode::OK);
+    let second = rt.block_on(router.clone().oneshot(hangup("r-2"))).unwrap();
+    assert_eq!(second.status(), StatusCode::TOO_MANY_REQUESTS);
+    let retry: u64 = second.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(retry >= 1);
+    // Another tenant has its own allowance.
+    let body = json!({"session_id": "r-3", "tenant_id": "t-2", "command": "call_hangup"});
+    let other = Request::post("/push/t-2/another-secret-0123456789/call-event")
+        .body(Body::from(body.to_string()))
+        .unwrap();
+    let other = rt.block_on(router.clone().oneshot(other)).unwrap();
+    assert_eq!(other.status(), StatusCode::OK);
+    assert_eq!(count(&receiver, Kind::CallEvent, "rate_limited"), 1);
+}
+
+#[test]
+fn pushes_from_outside_the_allowed_networks_are_forbidden() {
+    use axum::extract::ConnectInfo;
+    let rt = runtime();
+    let (_cluster, receiver) =
+        mock_receiver(&[("UINCALL__INGEST__ALLOW_FROM", "10.1.0.0/16, 192.168.0.0/24")]);
+    let router = push_routes(receiver.clone());
+    let from = |ip: &str, session: &str| {
+        let mut req = hangup(session);
+        let addr: std::net::SocketAddr = format!("{ip}:40000").parse().unwrap();
+        req.extensions_mut().insert(ConnectInfo(addr));
+        req
+    };
+    let status = |req: Request<Body>| rt.block_on(router.clone().oneshot(req)).unwrap().status();
+    assert_eq!(status(from("10.1.2.3", "n-1")), StatusCode::OK);
+    assert_eq!(status(from("10.2.0.1", "n-2")), StatusCode::FORBIDDEN);
+    // No known source: refused while a list is set.
+    assert_eq!(status(hangup("n-3")), StatusCode::FORBIDDEN);
+    assert_eq!(count(&receiver, Kind::CallEvent, "forbidden"), 2);
+}
+
+#[test]
+fn every_push_gets_the_answer_it_calls_for_and_never_a_5xx() {
+    let rt = runtime();
+    let (_cluster, receiver) = mock_receiver(&[]);
     let router = push_routes(receiver);
     let kind = prop_oneof![
         3 => Just("call-event".to_string()),
