@@ -56,6 +56,19 @@ ALL_FEATURES = {
     "global": {"imageRegistry": "registry.example"},
 }
 HPA = {"hpa": {"enabled": True}, "existingSecret": "tokens-from-vault"}
+# The push receiver with everything it has switched on.
+TENANT = "acf528a2-d0e2-4a7b-8513-000000000000"
+PUSH_HOST = "push.example.com"
+INGEST = {"ingest": {
+    "enabled": True,
+    "secrets": {"existingSecret": "push-secrets", "tenants": [TENANT]},
+    "ingress": {"enabled": True, "className": "nginx",
+                "annotations": {"nginx.ingress.kubernetes.io/proxy-body-size": "64k"},
+                "hosts": [PUSH_HOST], "tls": [{"secretName": "push-example-com-tls", "hosts": [PUSH_HOST]}]},
+    "autoscaling": {"enabled": True},
+    "networkPolicy": {"enabled": True, "from": [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}]},
+}}
 # Secured Kafka, one file per mode, shared with the broker tests: the chart
 # values, the non-secret properties the ConfigMap must carry, and the
 # variables the pod must get from the Secret `kafka-credentials`.
@@ -63,8 +76,13 @@ KAFKA_AUTH = {p.stem: json.loads(p.read_text())
               for p in sorted((ROOT / "tests" / "fixtures" / "kafka-auth").glob("*.json"))}
 KAFKA_SECRET = "kafka-credentials"
 VALUE_SETS = {"defaults": {}, "all-features": ALL_FEATURES, "hpa-existing-secret": HPA,
-              **{f"kafka-auth-{mode}": f["values"] for mode, f in KAFKA_AUTH.items()}}
+              **{f"kafka-auth-{mode}": f["values"] for mode, f in KAFKA_AUTH.items()},
+              "ingest": {**INGEST, "serviceMonitor": {"enabled": True}},
+              "ingest-kafka-auth-scram": {**KAFKA_AUTH["scram"]["values"], **INGEST}}
 KAFKA_COMPONENT = "production+kafka-credentials"
+INGEST_COMPONENT = "production+ingest"
+INGEST_KAFKA_COMPONENTS = "production+ingest+kafka-credentials"
+PUSH_SECRETS_PREFIX = "UINCALL__INGEST__SECRETS__"
 
 
 def chart_docs(values):
@@ -84,16 +102,18 @@ def kustomize_docs(overlay):
     return [d for d in yaml.safe_load_all(out) if d]
 
 
-def kustomize_with_component(overlay, component):
-    """An overlay with a component of deploy/components added, as an
-    overlay of one's own would add it."""
+def kustomize_with_component(overlay, *components, namespace=None):
+    """An overlay with components of deploy/components added, in this
+    order, as an overlay of one's own would add them (one adding resources
+    sets the overlay's namespace, as deploy/components/ingest says)."""
     with tempfile.TemporaryDirectory() as tmp:
         # kustomize takes relative paths only.
         deploy = os.path.relpath(ROOT / "deploy", tmp)
         Path(tmp, "kustomization.yaml").write_text(
             "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
-            f"resources:\n  - {deploy}/overlays/{overlay}\n"
-            f"components:\n  - {deploy}/components/{component}\n")
+            + (f"namespace: {namespace}\n" if namespace else "")
+            + f"resources:\n  - {deploy}/overlays/{overlay}\n"
+            + "components:\n" + "".join(f"  - {deploy}/components/{c}\n" for c in components))
         out = subprocess.run(["kubectl", "kustomize", tmp],
                              check=True, capture_output=True, text=True).stdout
     return [d for d in yaml.safe_load_all(out) if d]
@@ -105,18 +125,34 @@ def all_renderings():
     for overlay in OVERLAYS:
         yield f"kustomize:{overlay}", kustomize_docs(overlay)
     yield f"kustomize:{KAFKA_COMPONENT}", kustomize_with_component("production", "kafka-credentials")
+    yield f"kustomize:{INGEST_COMPONENT}", kustomize_with_component("production", "ingest", namespace="uincall")
+    yield (f"kustomize:{INGEST_KAFKA_COMPONENTS}",
+           kustomize_with_component("production", "ingest", "kafka-credentials", namespace="uincall"))
 
 
 RENDERINGS = dict(all_renderings())
 # Renderings whose pods need a secured broker's credentials (a CA file, a
-# password) to start: the broker tests start those; the rest start here.
-SECURED = {f"chart:kafka-auth-{mode}" for mode in KAFKA_AUTH} | {f"kustomize:{KAFKA_COMPONENT}"}
+# password) to start: the broker tests start the worker with those
+# (tests/it/secured.rs); the rest start here.
+SECURED = ({f"chart:kafka-auth-{mode}" for mode in KAFKA_AUTH}
+           | {f"kustomize:{KAFKA_COMPONENT}", "chart:ingest-kafka-auth-scram",
+              f"kustomize:{INGEST_KAFKA_COMPONENTS}"})
 STARTABLE = [name for name in RENDERINGS if name not in SECURED]
 
 
-def one(docs, kind):
-    found = [d for d in docs if d["kind"] == kind]
-    assert len(found) == 1, f"expected one {kind}, found {len(found)}"
+# Renderings with the push receiver (chart:ingest*, kustomize:*+ingest*).
+INGEST_RENDERINGS = [name for name in RENDERINGS if "ingest" in name]
+
+
+def is_ingest(doc):
+    """A resource of the push receiver (labelled app.kubernetes.io/component: ingest)."""
+    return doc["metadata"].get("labels", {}).get("app.kubernetes.io/component") == "ingest"
+
+
+def one(docs, kind, ingest=False):
+    """The one resource of a kind: the worker's, or with ingest=True the push receiver's."""
+    found = [d for d in docs if d["kind"] == kind and is_ingest(d) == ingest]
+    assert len(found) == 1, f"expected one {kind}{' of ingest' if ingest else ''}, found {len(found)}"
     return found[0]
 
 
@@ -193,7 +229,7 @@ def test_config_change_rolls_the_pods():
 
 
 def test_standard_labels_on_every_chart_resource():
-    for doc in RENDERINGS["chart:all-features"]:
+    for doc in RENDERINGS["chart:all-features"] + RENDERINGS["chart:ingest"]:
         labels = doc["metadata"]["labels"]
         for key in ("app.kubernetes.io/name", "app.kubernetes.io/instance",
                     "app.kubernetes.io/version", "app.kubernetes.io/managed-by"):
@@ -211,16 +247,22 @@ def test_manifests_validate_against_kubernetes_schemas(name):
 
 @pytest.mark.parametrize("name", RENDERINGS.keys())
 def test_pod_security_and_resources(name):
-    pdb = one(RENDERINGS[name], "PodDisruptionBudget")
-    assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow", "drains pass an outage"
-    pod = one(RENDERINGS[name], "Deployment")["spec"]["template"]["spec"]
-    assert pod["securityContext"]["runAsNonRoot"] is True
-    assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
-    (container,) = pod["containers"]
-    sc = container["securityContext"]
-    assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
-    assert sc["capabilities"]["drop"] == ["ALL"]
-    assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
+    docs = RENDERINGS[name]
+    deployments = [d for d in docs if d["kind"] == "Deployment"]
+    assert len(deployments) == (2 if name in INGEST_RENDERINGS else 1)
+    for deployment in deployments:
+        ingest = is_ingest(deployment)
+        pdb = one(docs, "PodDisruptionBudget", ingest=ingest)
+        assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow", "drains pass an outage"
+        pod = deployment["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+        assert pod["automountServiceAccountToken"] is False
+        (container,) = pod["containers"]
+        sc = container["securityContext"]
+        assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+        assert sc["capabilities"]["drop"] == ["ALL"]
+        assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
 
 
 def write_settings(docs, directory):
@@ -369,6 +411,12 @@ def test_strimzi_topics_and_a_user_with_the_acls_worker_and_replay_need():
 
 def container_of(docs):
     pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    return pod, container
+
+
+def container_of_ingest(docs):
+    pod = one(docs, "Deployment", ingest=True)["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     return pod, container
 
@@ -580,3 +628,290 @@ def test_kafka_credentials_component_matches_the_chart_and_is_opt_in():
     assert printed["security.protocol"] == "SASL_SSL" and printed["sasl.mechanism"] == "SCRAM-SHA-512"
     assert printed["sasl.password"] == "[redacted]" and printed["ssl.ca.location"] == ca
     assert fakes["UINCALL__KAFKA__PROPERTIES__SASL_PASSWORD"] not in result.stdout + result.stderr
+
+
+# The push receiver, `uincall-enricher ingest` (docs/ingest.md).
+
+def seconds(duration):
+    """A settings duration as the binary writes it ("5s", "500ms", "1m") in seconds."""
+    value, unit = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s|m)", duration).groups()
+    return float(value) * {"ms": 0.001, "s": 1, "m": 60}[unit]
+
+
+def selects(selector, labels):
+    """Whether a matchLabels selector (or a Service's plain selector) selects these labels."""
+    match = selector.get("matchLabels", selector)
+    assert match and not selector.get("matchExpressions"), selector
+    return all(labels.get(k) == v for k, v in match.items())
+
+
+def pod_labels(deployment):
+    return deployment["spec"]["template"]["metadata"]["labels"]
+
+
+def test_ingest_is_off_by_default():
+    for name in ("chart:defaults", "chart:all-features", *(f"kustomize:{o}" for o in OVERLAYS)):
+        docs = RENDERINGS[name]
+        assert not [d for d in docs if is_ingest(d)], name
+        assert "ingest" not in tomllib.loads(settings_text(docs)), name
+    # Both overlays leave the component out (the production one says how to add it).
+    for overlay in OVERLAYS:
+        text = (ROOT / "deploy" / "overlays" / overlay / "kustomization.yaml").read_text()
+        assert not re.search(r"^\s*-\s*\S*components/ingest", text, re.M), overlay
+
+
+@pytest.mark.parametrize("mode", KAFKA_AUTH.keys())
+def test_ingest_container_runs_ingest_with_the_push_secrets_and_the_workers_kafka_credentials(mode):
+    fixture = KAFKA_AUTH[mode]
+    docs = chart_docs({**fixture["values"], **INGEST})
+    worker = one(docs, "Deployment")
+    deployment = one(docs, "Deployment", ingest=True)
+    assert deployment["metadata"]["name"] == f"{worker['metadata']['name']}-ingest"
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    (worker_container,) = worker["spec"]["template"]["spec"]["containers"]
+    assert container["args"] == ["ingest", "--config", "/etc/uincall-enricher/settings.toml"]
+    assert container["image"] == worker_container["image"]
+    # Each key of the Secret becomes UINCALL__INGEST__SECRETS__<tenant id>.
+    assert container["envFrom"] == [{"prefix": PUSH_SECRETS_PREFIX, "secretRef": {"name": "push-secrets"}}]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["UINCALL__KAFKA__CLIENT_ID"]["value"] == "uincall-enricher-ingest-$(POD_NAME)"
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    # The fixture's Kafka credentials, exactly as the worker gets them.
+    for want in fixture["env"]:
+        got = env[want["name"]]
+        if "secret" in want:
+            assert got == {"name": want["name"], "valueFrom": {
+                "secretKeyRef": {"name": KAFKA_SECRET, "key": want["secret"]}}}
+        else:
+            assert mounted_secret_key(pod, container, got["value"]) == (KAFKA_SECRET, want["file"])
+    kafka_env = [e for e in container["env"] if e["name"].startswith("UINCALL__KAFKA__PROPERTIES__")]
+    assert kafka_env == [e for e in worker_container["env"] if e["name"].startswith("UINCALL__KAFKA__PROPERTIES__")]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    worker_volumes = {v["name"]: v for v in worker["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["kafka-credentials"] == worker_volumes["kafka-credentials"]
+    assert volumes["config"] == worker_volumes["config"], "the worker's ConfigMap"
+    # No access token on the receiver: an empty directory at api.tokens_dir.
+    settings = tomllib.loads(settings_text(docs))
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert "emptyDir" in volumes[mounts[settings["api"]["tokens_dir"]]]
+    assert not [v for v in pod["volumes"] if "secret" in v], "no Secret volume but Kafka's"
+    # Pushes on http, health and metrics on metrics, as the settings say.
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": 8080, "metrics": 9464}
+    assert settings["ingest"]["listen"] == "0.0.0.0:8080"
+    assert settings["http"]["listen"] == "0.0.0.0:9464"
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    assert container["lifecycle"]["preStop"] == {"exec": {"command": ["sleep", "5"]}}
+    assert "replicas" not in deployment["spec"], "the HPA sets them"
+    assert pod["securityContext"] == worker["spec"]["template"]["spec"]["securityContext"]
+    assert container["securityContext"] == worker_container["securityContext"]
+
+
+def ingest_check_config(docs, tmp):
+    """check-config with the receiver's container environment as a pod
+    would have it: plain values as rendered, a fake value for each
+    secretKeyRef, and the push-secrets Secret's keys (TENANT) under the
+    envFrom prefix; the empty tokens directory is `tmp`. Returns the
+    container, the result and the fake push secret."""
+    deployment = one(docs, "Deployment", ingest=True)
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    path = write_settings(docs, tmp)
+    fakes = {e["name"]: f"s3cret-value-{e['valueFrom']['secretKeyRef']['key']}"
+             for e in container["env"] if "secretKeyRef" in e.get("valueFrom", {})}
+    own = {e["name"]: e["value"].replace("$(POD_NAME)", "enricher-ingest-0")
+           for e in container["env"] if "value" in e}
+    (source,) = container["envFrom"]
+    push_secret = "push-s3cret-0123456789abcdef"
+    pushed = {f"{source['prefix']}{TENANT}": push_secret}
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("UINCALL__")},
+           **own, **fakes, **pushed, "UINCALL__API__TOKENS_DIR": tmp}
+    result = subprocess.run([BINARY, "--config", str(path), "check-config"],
+                            capture_output=True, text=True, env=env)
+    return container, result, push_secret
+
+
+@pytest.mark.parametrize("name", INGEST_RENDERINGS)
+def test_ingest_ports_and_grace_period_match_the_settings_the_binary_reads(name):
+    # `ingest` connects to a broker before it opens its ports, and without
+    # one gives up after 30 s with exit 1: it is not started here. The
+    # settings it would run with are: check-config with the container's
+    # environment prints them.
+    docs = RENDERINGS[name]
+    pod = one(docs, "Deployment", ingest=True)["spec"]["template"]["spec"]
+    with tempfile.TemporaryDirectory() as tmp:
+        container, result, push_secret = ingest_check_config(docs, tmp)
+    assert result.returncode == 0, result.stderr
+    assert container["args"][0] == "ingest"
+    settings = tomllib.loads(result.stdout)
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert set(ports) == {"http", "metrics"}
+    assert settings["ingest"]["listen"] == f"0.0.0.0:{ports['http']}"
+    assert settings["http"]["listen"] == f"0.0.0.0:{ports['metrics']}"
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    # The Secret's key is the tenant of the push URL; its value is never shown.
+    assert settings["ingest"]["secrets"] == {TENANT: "[redacted]"}
+    assert push_secret not in result.stdout + result.stderr
+    assert settings["kafka"]["client_id"] == "uincall-enricher-ingest-enricher-ingest-0"
+    # SIGTERM comes after the preStop sleep; then the pushes in flight wait
+    # up to forward_timeout each and the producer flushes (up to 10 s).
+    (sleep,) = [int(a) for a in container["lifecycle"]["preStop"]["exec"]["command"][1:]]
+    assert 0 < sleep and pod["terminationGracePeriodSeconds"] > sleep + seconds(settings["ingest"]["forward_timeout"]) + 10
+
+
+@pytest.mark.parametrize("name", RENDERINGS.keys())
+def test_services_and_disruption_budgets_select_their_pods(name):
+    docs = RENDERINGS[name]
+    for kind, selector in (("Service", lambda d: d["spec"].get("selector")),
+                           ("PodDisruptionBudget", lambda d: d["spec"].get("selector"))):
+        for doc in (d for d in docs if d["kind"] == kind):
+            # A budget without a selector selects no pod (policy/v1).
+            assert selector(doc), (kind, doc["metadata"]["name"])
+            labels = pod_labels(one(docs, "Deployment", ingest=is_ingest(doc)))
+            assert selects(selector(doc), labels), (kind, doc["metadata"]["name"])
+
+
+@pytest.mark.parametrize("name", INGEST_RENDERINGS)
+def test_worker_and_ingest_selectors_do_not_overlap(name):
+    docs = RENDERINGS[name]
+    worker, ingest = one(docs, "Deployment"), one(docs, "Deployment", ingest=True)
+    workers, receivers = pod_labels(worker), pod_labels(ingest)
+    assert selects(worker["spec"]["selector"], workers) and not selects(worker["spec"]["selector"], receivers)
+    assert selects(ingest["spec"]["selector"], receivers) and not selects(ingest["spec"]["selector"], workers)
+    # Everything else selecting pods selects one side only.
+    for doc in docs:
+        selector = {"Service": lambda d: d["spec"]["selector"],
+                    "PodDisruptionBudget": lambda d: d["spec"]["selector"],
+                    "NetworkPolicy": lambda d: d["spec"]["podSelector"]}.get(doc["kind"])
+        if selector:
+            own, other = (receivers, workers) if is_ingest(doc) else (workers, receivers)
+            assert selects(selector(doc), own) and not selects(selector(doc), other), doc["metadata"]["name"]
+    # Each ServiceMonitor selects its side's Services only.
+    services = [d for d in docs if d["kind"] == "Service"]
+    for monitor in (d for d in docs if d["kind"] == "ServiceMonitor"):
+        chosen = [s for s in services if selects(monitor["spec"]["selector"], s["metadata"]["labels"])]
+        assert chosen and all(is_ingest(s) == is_ingest(monitor) for s in chosen)
+        assert any(p["name"] == "metrics" for s in chosen for p in s["spec"]["ports"])
+    # The worker's Deployment selector is immutable: the same as without the receiver.
+    plain = RENDERINGS["chart:defaults" if name.startswith("chart:") else "kustomize:production"]
+    assert worker["spec"]["selector"] == one(plain, "Deployment")["spec"]["selector"]
+
+
+def test_ingest_service_ingress_autoscaler_network_policy_and_disruption_budget():
+    docs = RENDERINGS["chart:ingest"]
+    deployment = one(docs, "Deployment", ingest=True)
+    name = deployment["metadata"]["name"]
+    selector = deployment["spec"]["selector"]["matchLabels"]
+    services = {s["metadata"]["name"]: s for s in docs if s["kind"] == "Service" and is_ingest(s)}
+    assert set(services) == {name, f"{name}-metrics"}
+    assert services[name]["spec"]["ports"] == [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]
+    assert services[f"{name}-metrics"]["spec"]["ports"] == [
+        {"name": "metrics", "port": 9464, "targetPort": "metrics", "protocol": "TCP"}]
+    assert all(s["spec"]["selector"] == selector for s in services.values())
+    assert one(docs, "ServiceMonitor", ingest=True)["spec"]["endpoints"][0]["port"] == "metrics"
+
+    ingress = one(docs, "Ingress", ingest=True)
+    assert ingress["spec"]["ingressClassName"] == "nginx"
+    assert ingress["spec"]["tls"] == [{"secretName": "push-example-com-tls", "hosts": [PUSH_HOST]}]
+    (rule,) = ingress["spec"]["rules"]
+    assert rule["host"] == PUSH_HOST
+    assert rule["http"]["paths"] == [{"path": "/push", "pathType": "Prefix", "backend": {
+        "service": {"name": name, "port": {"name": "http"}}}}]
+    # Without hosts: one rule for any host.
+    (rule,) = one(chart_docs({"ingest": {**INGEST["ingest"], "ingress": {"enabled": True}}}),
+                  "Ingress", ingest=True)["spec"]["rules"]
+    assert "host" not in rule and rule["http"]["paths"][0]["path"] == "/push"
+
+    hpa = one(docs, "HorizontalPodAutoscaler", ingest=True)
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": name}
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 6)
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["resource"] == {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 70}}
+    assert not [d for d in docs if d["kind"] == "HorizontalPodAutoscaler" and not is_ingest(d)]
+
+    policy = one(docs, "NetworkPolicy", ingest=True)
+    assert policy["spec"]["podSelector"]["matchLabels"] == selector
+    assert policy["spec"]["policyTypes"] == ["Ingress"], "egress not restricted"
+    rules = {r["ports"][0]["port"]: r.get("from") for r in policy["spec"]["ingress"]}
+    assert rules == {"http": INGEST["ingest"]["networkPolicy"]["from"], "metrics": [{"podSelector": {}}]}
+    # Defaults: pushes from anywhere, metrics from the namespace.
+    plain = one(chart_docs({"ingest": {**INGEST["ingest"], "networkPolicy": {"enabled": True}}}),
+                "NetworkPolicy", ingest=True)
+    rules = {r["ports"][0]["port"]: r.get("from") for r in plain["spec"]["ingress"]}
+    assert rules == {"http": None, "metrics": [{"podSelector": {}}]}
+
+    pdb = one(docs, "PodDisruptionBudget", ingest=True)
+    assert pdb["spec"]["minAvailable"] == 1 and pdb["spec"]["selector"]["matchLabels"] == selector
+    assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+    # One replica: no budget (it would block every drain); the replicas as set.
+    single = chart_docs({"ingest": {"enabled": True, "replicaCount": 1,
+                                    "secrets": {"existingSecret": "push-secrets"}}})
+    assert one(single, "Deployment", ingest=True)["spec"]["replicas"] == 1
+    assert not [d for d in single if d["kind"] == "PodDisruptionBudget" and is_ingest(d)]
+    assert not [d for d in single if d["kind"] in ("Ingress", "NetworkPolicy", "HorizontalPodAutoscaler")]
+
+
+def test_ingest_notes_give_the_push_urls_and_where_the_secrets_are():
+    notes = helm.Chart.load(CHART).render(VALUE_SETS["ingest"], name="enricher", namespace="uincall")
+    (text,) = [t for p, t in notes.items() if p.endswith("NOTES.txt")]
+    assert f"https://{PUSH_HOST}/push/{TENANT}/<secret>/call-event" in text
+    assert "Secret push-secrets" in text and PUSH_SECRETS_PREFIX + "<tenant_id>" in text
+    plain = helm.Chart.load(CHART).render({"ingest": {"enabled": True, "secrets": {"existingSecret": "p"}}},
+                                          name="enricher", namespace="uincall")
+    (text,) = [t for p, t in plain.items() if p.endswith("NOTES.txt")]
+    assert "https://<host>/push/<tenant_id>/<secret>/call-event" in text and "TLS" in text
+
+
+def test_ingest_values_mistakes_are_refused():
+    with pytest.raises(helm.HelmRenderError, match=re.escape("ingest.secrets.existingSecret")):
+        chart_docs({"ingest": {"enabled": True}})
+    chart = helm.Chart.load(CHART)
+    for bad in ({"ingest": {"enabled": "yes"}}, {"ingest": {"replicas": 2}},
+                {"ingest": {"secrets": {"existingSecret": "Not_A_Name"}}},
+                {"ingest": {"ingress": {"hosts": ["https://push.example.com"]}}},
+                {"ingest": {"autoscaling": {"targetCPUUtilizationPercentage": 170}}},
+                {"settings": {"kafka": {"brokers": "b:9092"}, "ingest": {"listen": "0.0.0.0:80"}}},
+                {"settings": {"kafka": {"brokers": "b:9092"}, "ingest": {"secrets": {TENANT: "x" * 16}}}}):
+        with pytest.raises(helm.HelmValuesError):
+            chart.validate_schema(bad)
+    chart.validate_schema({"settings": {"kafka": {"brokers": "b:9092"}, "ingest": {
+        "forward_timeout": "3s", "max_body_bytes": 131072, "forward_commands": ["call_hangup"]}}})
+
+
+def test_ingest_component_matches_the_chart_and_gets_the_kafka_credentials():
+    docs = RENDERINGS[f"kustomize:{INGEST_COMPONENT}"]
+    deployment = one(docs, "Deployment", ingest=True)
+    assert deployment["metadata"]["namespace"] == "uincall"
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    # The ConfigMap's generated name reached the receiver.
+    (config,) = [v for v in pod["volumes"] if v["name"] == "config"]
+    assert config["configMap"]["name"] in {d["metadata"]["name"] for d in docs if d["kind"] == "ConfigMap"}
+    assert container["envFrom"] == [{"prefix": PUSH_SECRETS_PREFIX,
+                                     "secretRef": {"name": "uincall-enricher-ingest-secrets"}}]
+    _, worker = container_of(docs)
+    assert container["image"] == worker["image"], "the overlay's image"
+    # As the chart renders it.
+    _, chart = container_of_ingest(RENDERINGS["chart:ingest"])
+    for key in ("name", "args", "ports", "livenessProbe", "readinessProbe", "lifecycle", "securityContext"):
+        assert container[key] == chart[key], key
+    assert {m["mountPath"] for m in container["volumeMounts"]} == {m["mountPath"] for m in chart["volumeMounts"]}
+    assert {e["name"]: e.get("value") for e in container["env"]} == {
+        e["name"]: e.get("value") for e in chart["env"]}
+    assert one(docs, "PodDisruptionBudget", ingest=True)["spec"]["minAvailable"] == 1
+    assert {s["metadata"]["name"] for s in docs if s["kind"] == "Service" and is_ingest(s)} == {
+        "uincall-enricher-ingest", "uincall-enricher-ingest-metrics"}
+
+    # With kafka-credentials after it: the worker's credentials, the same way.
+    docs = RENDERINGS[f"kustomize:{INGEST_KAFKA_COMPONENTS}"]
+    pod, container = container_of_ingest(docs)
+    worker_pod, worker = container_of(docs)
+    kafka = [e for e in container["env"] if e["name"].startswith("UINCALL__KAFKA__PROPERTIES__")]
+    assert kafka and kafka == [e for e in worker["env"] if e["name"].startswith("UINCALL__KAFKA__PROPERTIES__")]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["kafka-credentials"] == {v["name"]: v for v in worker_pod["volumes"]}["kafka-credentials"]
+    ca = {e["name"]: e for e in container["env"]}["UINCALL__KAFKA__PROPERTIES__SSL_CA_LOCATION"]["value"]
+    assert mounted_secret_key(pod, container, ca) == ("uincall-enricher-kafka", "ca.crt")

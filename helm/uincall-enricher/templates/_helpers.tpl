@@ -44,7 +44,76 @@ app.kubernetes.io/part-of: uincall-enricher
 {{- $_ := set $api "tokens_dir" "/var/run/secrets/uincall" }}
 {{- $_ := set $s "api" $api }}
 {{- $_ := set $s "http" (dict "listen" (printf "0.0.0.0:%d" (int .Values.metricsPort))) }}
+{{- if .Values.ingest.enabled }}
+{{- $ingest := default dict $s.ingest }}
+{{- $_ := set $ingest "listen" (printf "0.0.0.0:%d" (int .Values.ingest.port)) }}
+{{- $_ := set $s "ingest" $ingest }}
+{{- end }}
 {{- toToml $s }}
+{{- end }}
+
+{{/*
+The OTEL_* variables of values tracing, as a YAML list (empty unless
+tracing.otlpEndpoint is set); they follow POD_NAME in a container's env.
+*/}}
+{{- define "uincall-enricher.tracingEnv" -}}
+{{- with .Values.tracing }}
+{{- if .otlpEndpoint }}
+- name: OTEL_EXPORTER_OTLP_ENDPOINT
+  value: {{ .otlpEndpoint | quote }}
+- name: OTEL_RESOURCE_ATTRIBUTES
+  value: "k8s.pod.name=$(POD_NAME),k8s.namespace.name={{ $.Release.Namespace }}"
+{{- with .serviceName }}
+- name: OTEL_SERVICE_NAME
+  value: {{ . | quote }}
+{{- end }}
+{{- with .sampler }}
+- name: OTEL_TRACES_SAMPLER
+  value: {{ . | quote }}
+{{- end }}
+{{- with .samplerArg }}
+- name: OTEL_TRACES_SAMPLER_ARG
+  value: {{ . | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+The push receiver (ingest). Its pods have their own app.kubernetes.io/name,
+<name>-ingest: the worker's selectors (name and instance; its Deployment's
+cannot change) never match them, and the receiver's never match the
+worker's pods.
+*/}}
+{{- define "uincall-enricher.ingest.name" -}}
+{{- printf "%s-ingest" (include "uincall-enricher.name" . | trunc 56 | trimSuffix "-") }}
+{{- end }}
+
+{{- define "uincall-enricher.ingest.fullname" -}}
+{{- printf "%s-ingest" (include "uincall-enricher.fullname" . | trunc 56 | trimSuffix "-") }}
+{{- end }}
+
+{{- define "uincall-enricher.ingest.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "uincall-enricher.ingest.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: ingest
+{{- end }}
+
+{{- define "uincall-enricher.ingest.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{ include "uincall-enricher.ingest.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: uincall-enricher
+{{- end }}
+
+{{/* The receiver's replicas: at least this many run (the HPA's minimum when it scales them). */}}
+{{- define "uincall-enricher.ingest.minReplicas" -}}
+{{- if .Values.ingest.autoscaling.enabled }}
+{{- .Values.ingest.autoscaling.minReplicas }}
+{{- else }}
+{{- .Values.ingest.replicaCount }}
+{{- end }}
 {{- end }}
 
 {{/*
