@@ -49,6 +49,10 @@ use crate::kafka;
 use crate::settings::Settings;
 use push::{Decision, Kind};
 
+/// The header naming the tenant whose push URL a record came through; the
+/// worker takes it for an event without a tenant field.
+pub const TENANT_HEADER: &str = "uincall.tenant";
+
 /// Runs the receiver until SIGTERM or SIGINT: then stops accepting, answers
 /// the pushes in flight (each waits for its acknowledgement), flushes and
 /// exits 0.
@@ -404,7 +408,7 @@ impl Receiver {
                 value: Some(source.as_str()),
             })
             .insert(Header {
-                key: "uincall.tenant",
+                key: TENANT_HEADER,
                 value: Some(tenant),
             })
             .insert(Header {

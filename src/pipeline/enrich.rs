@@ -331,7 +331,10 @@ impl Enricher {
     /// event (unreadable, or a tenant without a token).
     fn parse(&self, rec: &InRecord) -> Result<(CallEnded, SecretString), Box<DeadLetter>> {
         let s = &self.settings;
-        let default_tenant = s.api.default_tenant.as_deref();
+        // An event without a tenant field: the tenant whose push URL it came
+        // through (`uincall-enricher ingest`), else `api.default_tenant`.
+        let default_tenant =
+            (rec.header(crate::ingest::TENANT_HEADER)).or(s.api.default_tenant.as_deref());
         let event = parse_event(rec.payload.as_deref(), &s.event, default_tenant)
             .map_err(|invalid| Box::new(DeadLetter::invalid(invalid.to_string(), None, None)))?;
         let span = tracing::Span::current();

@@ -37,11 +37,47 @@ impl InRecord {
         }
     }
 
+    /// The last value of header `name`, as text.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        (self.headers.iter().rev())
+            .find(|(k, _)| k == name)
+            .and_then(|(_, v)| std::str::from_utf8(v.as_deref()?).ok())
+    }
+
     /// The record's own headers for producing it again: any `dlq.*` (and
     /// Kafka Connect error header) of an earlier failure dropped.
     pub fn headers_without_dlq(&self) -> impl Iterator<Item = (&str, Option<&[u8]>)> {
         (self.headers.iter())
             .filter(|(k, _)| !k.starts_with(dlq::PREFIX) && !k.starts_with("__connect.errors."))
             .map(|(k, v)| (k.as_str(), v.as_deref()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_header_is_its_last_value_as_text() {
+        let rec = InRecord {
+            key: None,
+            payload: None,
+            headers: vec![
+                ("uincall.tenant".into(), Some(b"a".to_vec())),
+                ("uincall.tenant".into(), Some(b"b".to_vec())),
+                ("empty".into(), None),
+                ("binary".into(), Some(vec![0xff, 0xfe])),
+            ],
+            source: Source {
+                topic: "in".into(),
+                partition: 0,
+                offset: 0,
+                timestamp_ms: None,
+            },
+        };
+        assert_eq!(rec.header("uincall.tenant"), Some("b"));
+        assert_eq!(rec.header("empty"), None);
+        assert_eq!(rec.header("binary"), None);
+        assert_eq!(rec.header("missing"), None);
     }
 }
