@@ -28,6 +28,10 @@
 //! tenant's throughput alone and beside a tenant whose token the API
 //! refuses, or whose own API answers in 2 s.
 //!
+//! `--ingest` measures the push receiver instead (`ingest.rs`): pushes a
+//! second and answer latency at steady rates (`--push-rates`), from a load
+//! generator in its own process, beside the broker's raw produce rate.
+//!
 //! The raw limit runs the same measurement on a consume + produce loop with
 //! no HTTP call (this binary started with `--raw-pipe`): the worker's Kafka
 //! client settings, at most as many records between consume and
@@ -40,6 +44,8 @@
 //! the sweep is stopped when the sweep leaves a point, fails, is
 //! interrupted (SIGINT, SIGTERM), or dies (`PR_SET_PDEATHSIG`).
 
+#[path = "sweep/ingest.rs"]
+mod ingest;
 #[path = "sweep/tenants.rs"]
 mod tenants;
 #[path = "../tests/testkit/mod.rs"]
@@ -129,6 +135,22 @@ struct Args {
     /// With `--tenants`: the scenarios to run (`refused`, `slow`).
     #[arg(long, value_delimiter = ',', default_values_t = ["refused".to_string(), "slow".to_string()])]
     scenarios: Vec<String>,
+    /// Measure the push receiver instead of the sweep (docs/benchmarks.md,
+    /// "Push receiver").
+    #[arg(long)]
+    ingest: bool,
+    /// With `--ingest`: the steady rates to push at, pushes a second.
+    #[arg(long = "push-rates", value_delimiter = ',', default_values_t = [1000, 2500, 5000, 7500])]
+    push_rates: Vec<u64>,
+    /// With `--ingest`: how long to push at each rate, in seconds.
+    #[arg(long = "push-seconds", default_value_t = 10.0)]
+    push_seconds: f64,
+    /// Internal: the load generator, pushing to this URL.
+    #[arg(long = "push-load", hide = true)]
+    push_load: Option<String>,
+    /// Internal: the load generator's rate, with `--push-load`.
+    #[arg(long = "push-rate", hide = true, default_value_t = 1000)]
+    push_rate: u64,
     /// Passed by `cargo bench`.
     #[arg(long, hide = true)]
     bench: bool,
@@ -215,6 +237,9 @@ fn main() -> anyhow::Result<()> {
     if let Some(raw) = &args.raw_pipe {
         return rt.block_on(raw_pipe(raw));
     }
+    if let Some(url) = &args.push_load {
+        return rt.block_on(ingest::push_load(url, args.push_rate, args.push_seconds));
+    }
     if args.fake_api {
         return rt.block_on(serve_fake_api(args.latency_ms, &args.api_tenants));
     }
@@ -252,6 +277,9 @@ async fn sweep(args: Args) -> anyhow::Result<()> {
     };
     if args.tenants {
         return tenants::run(&ctx).await;
+    }
+    if args.ingest {
+        return ingest::run(&ctx).await;
     }
 
     let mut raw: HashMap<usize, Measured> = HashMap::new();
