@@ -79,6 +79,10 @@ pub struct IngestSettings {
     pub dedup_window: Duration,
     /// Forwarded pushes remembered for that (the oldest forgotten first).
     pub dedup_capacity: usize,
+    /// Pushes being read and forwarded at once; beyond it a push is answered
+    /// 503 at once (the sender may retry), so an overload costs neither
+    /// memory nor the answers of the pushes already taken.
+    pub max_in_flight: usize,
 }
 
 impl Default for IngestSettings {
@@ -93,6 +97,7 @@ impl Default for IngestSettings {
             per_tenant_per_second: 0,
             dedup_window: Duration::from_secs(600),
             dedup_capacity: 50_000,
+            max_in_flight: 1024,
         }
     }
 }
@@ -111,6 +116,11 @@ impl IngestSettings {
             "must be at least 1024",
         )?;
         more_than_zero("ingest.forward_timeout", self.forward_timeout)?;
+        check(
+            self.max_in_flight > 0,
+            "ingest.max_in_flight",
+            "must be at least 1",
+        )?;
         check(
             self.dedup_window.is_zero() || self.dedup_capacity > 0,
             "ingest.dedup_capacity",

@@ -42,6 +42,7 @@ use rdkafka::util::Timeout;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::json;
 use subtle::ConstantTimeEq;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
@@ -81,6 +82,8 @@ struct Receiver {
     limiter: Option<DefaultKeyedRateLimiter<String>>,
     /// Forwarded pushes and when, for `ingest.dedup_window`.
     forwarded: Option<(Mutex<LruCache<String, Instant>>, Duration)>,
+    /// Places for pushes being read and forwarded (`ingest.max_in_flight`).
+    slots: Semaphore,
     metrics: Metrics,
 }
 
@@ -161,6 +164,7 @@ impl Receiver {
             allow_from: i.allow_from.clone(),
             limiter,
             forwarded,
+            slots: Semaphore::new(i.max_in_flight),
             metrics: Metrics::new(),
         }))
     }
@@ -313,6 +317,23 @@ impl Receiver {
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
             return resp;
         }
+        // Held until the push is answered: its body and its record.
+        let Ok(_slot) = self.slots.try_acquire() else {
+            debug!(
+                tenant,
+                kind = kind.name(),
+                "push refused: ingest.max_in_flight reached"
+            );
+            let mut resp = self.reply(
+                kind,
+                "busy",
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many pushes in flight; retry",
+            );
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            return resp;
+        };
         let body = match axum::body::to_bytes(body, self.max_body_bytes).await {
             Ok(b) => b,
             Err(_) => {
@@ -498,7 +519,7 @@ async fn metrics(State(r): State<Arc<Receiver>>) -> Response {
 struct RequestLabels {
     kind: &'static str,
     /// forwarded, duplicate, ignored, invalid, too_large, unauthorized,
-    /// forbidden, rate_limited, unavailable.
+    /// forbidden, rate_limited, busy, unavailable.
     result: &'static str,
 }
 

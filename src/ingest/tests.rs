@@ -309,6 +309,52 @@ fn pushes_from_outside_the_allowed_networks_are_forbidden() {
 }
 
 #[test]
+fn pushes_beyond_the_in_flight_bound_are_answered_503_at_once() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (cluster, receiver) = mock_receiver(&[
+        ("UINCALL__INGEST__MAX_IN_FLIGHT", "4"),
+        ("UINCALL__INGEST__FORWARD_TIMEOUT", "60s"),
+    ]);
+    let router = push_routes(receiver.clone());
+    // The producer knows the cluster before it goes away.
+    let first = rt
+        .block_on(router.clone().oneshot(hangup("before")))
+        .unwrap();
+    assert_eq!(first.status(), StatusCode::OK);
+    cluster.broker_down(1).unwrap();
+    // Four pushes wait for an acknowledgement that cannot come yet.
+    let held: Vec<_> = (0..4)
+        .map(|i| rt.spawn(router.clone().oneshot(hangup(&format!("held-{i}")))))
+        .collect();
+    let started = std::time::Instant::now();
+    while receiver.metrics.in_flight.get() < 4 {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "the four pushes never waited for the broker"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let over = rt.block_on(router.clone().oneshot(hangup("over"))).unwrap();
+    assert_eq!(over.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(over.headers()["retry-after"], "1");
+    assert_eq!(count(&receiver, Kind::CallEvent, "busy"), 1);
+    // Back: the held pushes are acknowledged, and places are free again.
+    cluster.broker_up(1).unwrap();
+    for h in held {
+        let resp = rt.block_on(h).unwrap().unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+    }
+    let after = rt
+        .block_on(router.clone().oneshot(hangup("after")))
+        .unwrap();
+    assert_eq!(after.status(), StatusCode::OK);
+}
+
+#[test]
 fn every_push_gets_the_answer_it_calls_for_and_never_a_5xx() {
     let rt = runtime();
     let (_cluster, receiver) = mock_receiver(&[]);
