@@ -17,7 +17,8 @@ use crate::event::parse_event;
 use crate::record::{self, Source};
 use crate::settings::EventSettings;
 
-fn config() -> ProptestConfig {
+/// The cases of every property test: 10 000, or `PROPTEST_CASES`.
+pub(crate) fn config() -> ProptestConfig {
     let cases = std::env::var("PROPTEST_CASES")
         .ok()
         .and_then(|v| v.parse().ok())

@@ -290,6 +290,21 @@ impl Receiver {
         answer(status, msg)
     }
 
+    /// [`Receiver::reply`] telling the sender to retry after `secs`.
+    fn reply_retry(
+        &self,
+        kind: Kind,
+        result: &'static str,
+        status: StatusCode,
+        msg: &str,
+        secs: u64,
+    ) -> Response {
+        let mut resp = self.reply(kind, result, status, msg);
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        resp
+    }
+
     async fn receive(
         &self,
         kind: Kind,
@@ -306,16 +321,14 @@ impl Receiver {
                 kind = kind.name(),
                 "push refused: over ingest.per_tenant_per_second"
             );
-            let mut resp = self.reply(
+            let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+            return self.reply_retry(
                 kind,
                 "rate_limited",
                 StatusCode::TOO_MANY_REQUESTS,
                 "too many pushes; retry",
+                secs,
             );
-            let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
-            return resp;
         }
         // Held until the push is answered: its body and its record.
         let Ok(_slot) = self.slots.try_acquire() else {
@@ -324,15 +337,13 @@ impl Receiver {
                 kind = kind.name(),
                 "push refused: ingest.max_in_flight reached"
             );
-            let mut resp = self.reply(
+            return self.reply_retry(
                 kind,
                 "busy",
                 StatusCode::SERVICE_UNAVAILABLE,
                 "too many pushes in flight; retry",
+                1,
             );
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-            return resp;
         };
         let body = match axum::body::to_bytes(body, self.max_body_bytes).await {
             Ok(b) => b,
@@ -452,15 +463,13 @@ impl Receiver {
             }
             Err((e, _)) => {
                 warn!(tenant, kind = kind.name(), session_id, error = %e, "push not acknowledged by the broker; answered 503");
-                let mut resp = self.reply(
+                self.reply_retry(
                     kind,
                     "unavailable",
                     StatusCode::SERVICE_UNAVAILABLE,
                     "the broker did not acknowledge the event; retry",
-                );
-                resp.headers_mut()
-                    .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
-                resp
+                    5,
+                )
             }
         }
     }

@@ -20,23 +20,12 @@ use tower::ServiceExt;
 
 use super::push::{self, Kind};
 use super::{Receiver, push_routes};
+use crate::properties::config;
 use crate::settings::Settings;
 
 const TENANT: &str = "t-1";
 const SECRET: &str = "push-secret-0123456789";
 const LIMIT: usize = 2048;
-
-fn config() -> ProptestConfig {
-    let cases = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10_000);
-    ProptestConfig {
-        cases,
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    }
-}
 
 /// How a request presents itself.
 #[derive(Debug, Clone)]
