@@ -3,6 +3,9 @@
 //! Seeds sample call-ended events (some with transient and permanent API
 //! errors, some invalid), runs the worker until every event is accounted
 //! for, then prints an enriched record, the dead letters and a summary.
+//! Before the worker starts, the push receiver (`ingest`) takes a set of
+//! Uincall pushes over HTTP and writes the call-ended ones to the same input
+//! topic: the whole path from Uincall's push to the enriched record.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -27,6 +30,7 @@ use crate::topics;
 
 pub const DEMO_TENANT: &str = "demo-tenant";
 const DEMO_TOKEN: &str = "demo-token-not-a-secret";
+const DEMO_PUSH_SECRET: &str = "demo-push-secret-not-a-secret";
 
 /// Options of `uincall-enricher demo`.
 #[derive(Debug, Clone, clap::Args)]
@@ -37,6 +41,11 @@ pub struct DemoOptions {
     /// Latency of the fake API per call, in milliseconds.
     #[arg(long = "api-latency-ms", default_value = "20", value_name = "MS", value_parser = parse_millis)]
     pub api_latency: Duration,
+    /// Calls whose events arrive as Uincall's HTTP pushes through the push
+    /// receiver (each call pushes a few events; one record push in four);
+    /// 0 leaves the receiver out.
+    #[arg(long, default_value_t = 20)]
+    pub pushes: usize,
 }
 
 fn parse_millis(s: &str) -> Result<Duration, String> {
@@ -80,6 +89,8 @@ pub fn settings(brokers: &str, base_url: &str) -> anyhow::Result<Settings> {
     s.kafka.brokers = brokers.to_string();
     s.kafka.group_id = "uincall-enricher-demo".into();
     s.kafka.commit_interval = Duration::from_secs(1);
+    // The mock cluster does not answer DescribeConfigs: its default.
+    s.kafka.max_message_bytes = Some(1_000_000);
     s.api.base_url = base_url.parse()?;
     s.api
         .tokens
@@ -160,7 +171,11 @@ struct Timing {
 }
 
 pub async fn execute(opts: DemoOptions) -> anyhow::Result<()> {
-    let mut out = std::io::stdout();
+    execute_to(opts, &mut std::io::stdout()).await
+}
+
+/// [`execute`], writing to `out`.
+pub async fn execute_to(opts: DemoOptions, mut out: &mut impl Write) -> anyhow::Result<()> {
     let world = World::start(opts.api_latency).await?;
     writeln!(
         out,
@@ -170,14 +185,119 @@ pub async fn execute(opts: DemoOptions) -> anyhow::Result<()> {
         opts.api_latency.as_millis()
     )?;
     let events = sample_events(opts.events);
-    let total = events.len();
+    let seeded = events.len();
     topics::produce(&world.brokers, &world.input, events).await?;
-    writeln!(out, "seeded {total} call-ended events on {}", world.input)?;
+    writeln!(out, "seeded {seeded} call-ended events on {}", world.input)?;
+    let pushed = match opts.pushes {
+        0 => 0,
+        calls => push_calls(&mut out, &world, calls).await?,
+    };
+    let total = seeded + pushed;
     let stats = Arc::new(Stats::default());
     let timing = run_worker(&world, stats.clone(), total as u64).await?;
     show_records(&mut out, &world, &stats).await?;
     show_summary(&mut out, &stats, total, &timing)?;
     Ok(())
+}
+
+/// Runs the push receiver against the demo's cluster and sends it the
+/// pushes of `calls` calls as Uincall would: call-event pushes for the
+/// call's progress and its hang-up (one call in four as a whole-session
+/// record push, without `tenant_id`), one repeated hang-up and one push
+/// with a wrong secret. Returns how many were forwarded to the input topic.
+async fn push_calls(out: &mut impl Write, world: &World, calls: usize) -> anyhow::Result<usize> {
+    let mut settings = settings(&world.brokers, &world.api.base_url())?;
+    (settings.ingest.secrets).insert(DEMO_TENANT.into(), SecretString::from(DEMO_PUSH_SECRET));
+    let local = |what| async move {
+        tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .with_context(|| format!("binding a local port for the receiver's {what}"))
+    };
+    let (listener, side) = (local("pushes").await?, local("side port").await?);
+    let base = format!("http://{}/push/{DEMO_TENANT}", listener.local_addr()?);
+    let side_addr = side.local_addr()?;
+    let ready = format!("http://{side_addr}/readyz");
+    let stop = CancellationToken::new();
+    let receiver = tokio::spawn(crate::ingest::serve_on(
+        settings,
+        listener,
+        side,
+        stop.clone(),
+    ));
+    let client = reqwest::Client::new();
+    let waiting = Instant::now();
+    while !(client.get(&ready).send().await).is_ok_and(|r| r.status().is_success()) {
+        if receiver.is_finished() || waiting.elapsed() > Duration::from_secs(30) {
+            stop.cancel();
+            receiver.await??;
+            bail!("the push receiver did not become ready");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let event = |session: &str, command: &str| {
+        serde_json::json!({
+            "session_id": session, "tenant_id": DEMO_TENANT, "command": command,
+            "call_id": format!("{session}-leg-1"), "dir": "UP", "ani": "13800000000",
+        })
+    };
+    let mut pushes = Vec::new();
+    for i in 0..calls {
+        let session = format!("push-{i:04}");
+        let url = format!("{base}/{DEMO_PUSH_SECRET}");
+        pushes.push((format!("{url}/call-event"), event(&session, "call_process")));
+        pushes.push((format!("{url}/call-event"), event(&session, "call_talking")));
+        if i % 4 == 3 {
+            let record =
+                serde_json::json!({"session_id": session, "call_id": format!("{session}-leg-1")});
+            pushes.push((format!("{url}/call-record?type=1"), record));
+        } else {
+            pushes.push((format!("{url}/call-event"), event(&session, "call_hangup")));
+        }
+    }
+    let url = format!("{base}/{DEMO_PUSH_SECRET}/call-event");
+    pushes.push((url, event("push-0000", "call_hangup")));
+    let url = format!("{base}/not-the-secret/call-event");
+    pushes.push((url, event("push-forged", "call_hangup")));
+    for (url, body) in &pushes {
+        client.post(url).json(body).send().await?;
+    }
+    // The receiver's own account of its answers.
+    let metrics = format!("http://{}/metrics", side_addr);
+    let metrics = client.get(&metrics).send().await?.text().await?;
+    let results = results(&metrics);
+    stop.cancel();
+    receiver.await??;
+    let n = |r: &str| results.get(r).copied().unwrap_or(0);
+    writeln!(
+        out,
+        "pushed {} Uincall pushes over HTTP to {base}/<secret>/…: {} call-ended forwarded to {} after the broker's acknowledgement, {} progress events answered and not forwarded, {} repeat answered and not forwarded again, {} with a wrong secret refused",
+        pushes.len(),
+        n("forwarded"),
+        world.input,
+        n("ignored"),
+        n("duplicate"),
+        n("unauthorized"),
+    )?;
+    Ok(n("forwarded") as usize)
+}
+
+/// `uincall_enricher_ingest_requests_total` by `result`, summed over kinds,
+/// from the receiver's `/metrics` text.
+fn results(metrics: &str) -> HashMap<String, u64> {
+    let mut by_result = HashMap::new();
+    for line in metrics.lines() {
+        let Some(rest) = line.strip_prefix("uincall_enricher_ingest_requests_total{") else {
+            continue;
+        };
+        let (labels, value) = rest.split_once("} ").unwrap_or_default();
+        let result = labels
+            .split(',')
+            .find_map(|l| l.strip_prefix("result=\"")?.strip_suffix('"'));
+        if let (Some(result), Ok(value)) = (result, value.trim().parse::<f64>()) {
+            *by_result.entry(result.to_string()).or_default() += value as u64;
+        }
+    }
+    by_result
 }
 
 /// Runs the worker until every event is accounted for (enriched or
@@ -243,6 +363,15 @@ async fn show_records(out: &mut impl Write, world: &World, stats: &Stats) -> any
         )?;
         writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
     }
+    let from_pushes = (enriched.iter())
+        .filter(|m| topics::key(m).is_some_and(|k| k.starts_with("push-")))
+        .count();
+    if from_pushes > 0 {
+        writeln!(
+            out,
+            "\n{from_pushes} enriched records came through the push receiver (keys push-…)"
+        )?;
+    }
     writeln!(out, "\ndead letters on {}:", world.dead)?;
     for m in &dead_letters {
         let h = |name| topics::header(m, name).unwrap_or_default();
@@ -278,4 +407,36 @@ fn show_summary(
         t.flowing.as_secs_f64(),
         total as f64 / t.flowing.as_secs_f64().max(0.001)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The demo's whole path: seeded events and Uincall pushes through the
+    /// receiver, every one enriched or dead-lettered, the pushes' records
+    /// among the enriched.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_demo_takes_pushes_through_the_receiver_to_enriched_records() {
+        let opts = DemoOptions {
+            events: 10,
+            api_latency: Duration::from_millis(1),
+            pushes: 4,
+        };
+        let mut out = Vec::new();
+        execute_to(opts, &mut out).await.unwrap();
+        let out = String::from_utf8(out).unwrap();
+        for line in [
+            "pushed 14 Uincall pushes",
+            ": 4 call-ended forwarded",
+            "8 progress events answered and not forwarded",
+            "1 repeat answered and not forwarded again",
+            "1 with a wrong secret refused",
+            "4 enriched records came through the push receiver",
+            "  events            17\n",
+            "  enriched          13\n",
+        ] {
+            assert!(out.contains(line), "{line:?} missing from:\n{out}");
+        }
+    }
 }

@@ -83,6 +83,19 @@ pub struct IngestSettings {
     /// 503 at once (the sender may retry), so an overload costs neither
     /// memory nor the answers of the pushes already taken.
     pub max_in_flight: usize,
+    /// Tenants the worker holds an API access token for (names only; the
+    /// receiver holds no tokens). When set, a push for any other tenant is
+    /// still forwarded, with the header `uincall.flag: no_access_token`,
+    /// counted as `result="flagged"` and logged once per tenant: the worker
+    /// will dead-letter it (`invalid_event`) until the token is added.
+    /// Empty: not checked.
+    #[serde(deserialize_with = "text_list")]
+    pub token_tenants: Vec<String>,
+    /// Write each push refused with 400 (not JSON, no `session_id`, another
+    /// tenant) to the dead-letter topic as received, with the reason in
+    /// `dlq.reason`; the 400 is answered once the broker has it (503 if it
+    /// does not, so the sender tries again).
+    pub dead_letter_refused: bool,
 }
 
 impl Default for IngestSettings {
@@ -98,6 +111,8 @@ impl Default for IngestSettings {
             dedup_window: Duration::from_secs(600),
             dedup_capacity: 50_000,
             max_in_flight: 1024,
+            token_tenants: Vec::new(),
+            dead_letter_refused: false,
         }
     }
 }
@@ -211,6 +226,12 @@ pub struct KafkaSettings {
     /// it is retried (librdkafka `message.timeout.ms`).
     #[serde(with = "humantime_serde")]
     pub produce_timeout: Duration,
+    /// The output and dead-letter topics' `max.message.bytes`, when the
+    /// worker should not ask the cluster for it (DescribeConfigs) at start:
+    /// a cluster that does not answer that request (librdkafka's mock
+    /// cluster) otherwise costs 30 s before the defaults are kept.
+    #[serde(default)]
+    pub max_message_bytes: Option<usize>,
     /// Extra librdkafka properties for consumer and producer (SASL, TLS,
     /// tuning). Underscores in keys read from the environment become dots.
     /// Secret-looking values (see [`is_secret_property`]) are printed
@@ -774,6 +795,11 @@ impl KafkaSettings {
         ] {
             not_empty(key, value)?;
         }
+        check(
+            self.max_message_bytes.is_none_or(|b| b >= 1024),
+            "kafka.max_message_bytes",
+            "must be at least 1024 when set",
+        )?;
         check(
             self.output_topic != self.input_topic,
             "kafka.output_topic",

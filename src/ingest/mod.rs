@@ -10,7 +10,7 @@
 
 pub mod push;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::process::ExitCode;
@@ -36,6 +36,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
+use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
@@ -46,13 +47,22 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use crate::dead_letter::{ErrorClass, Stamp};
 use crate::kafka;
+use crate::pipeline::{ProducePolicy, produce_policy};
 use crate::settings::Settings;
 use push::{Decision, Kind};
 
 /// The header naming the tenant whose push URL a record came through; the
 /// worker takes it for an event without a tenant field.
 pub const TENANT_HEADER: &str = "uincall.tenant";
+
+/// Set on a forwarded push the receiver has doubts about; its value says
+/// which ([`NO_ACCESS_TOKEN`]).
+pub const FLAG_HEADER: &str = "uincall.flag";
+
+/// The tenant is not in `ingest.token_tenants`.
+pub const NO_ACCESS_TOKEN: &str = "no_access_token";
 
 /// Runs the receiver until SIGTERM or SIGINT: then stops accepting, answers
 /// the pushes in flight (each waits for its acknowledgement), flushes and
@@ -84,28 +94,62 @@ struct Receiver {
     forwarded: Option<(Mutex<LruCache<String, Instant>>, Duration)>,
     /// Places for pushes being read and forwarded (`ingest.max_in_flight`).
     slots: Semaphore,
+    /// Stops the receiver; cancelled here too when the producer failed for
+    /// good (authorisation, lost idempotence state), so that it exits 1 and
+    /// is restarted with a new producer instead of answering 503 for ever.
+    stop: CancellationToken,
+    /// Why the producer failed for good.
+    failure: std::sync::OnceLock<String>,
+    /// `ingest.token_tenants` (None: not checked), and the tenants already
+    /// logged as flagged.
+    token_tenants: Option<HashSet<String>>,
+    flagged: Mutex<HashSet<String>>,
+    /// `ingest.dead_letter_refused`: where refused bodies go, if anywhere.
+    dead_letter_topic: Option<String>,
     metrics: Metrics,
 }
 
 /// Serves pushes on `ingest.listen` and health checks and metrics on
 /// `http.listen` until `stop`.
 pub async fn serve(settings: Settings, stop: CancellationToken) -> anyhow::Result<()> {
+    let (i, http) = (&settings.ingest, &settings.http);
+    let listener = tokio::net::TcpListener::bind(i.listen)
+        .await
+        .with_context(|| format!("binding ingest.listen {}", i.listen))?;
+    let side_listener = tokio::net::TcpListener::bind(http.listen)
+        .await
+        .with_context(|| format!("binding http.listen {}", http.listen))?;
+    serve_on(settings, listener, side_listener, stop).await
+}
+
+/// [`serve`] on listeners already bound: pushes on `listener`, health
+/// checks and metrics on `side_listener`.
+pub async fn serve_on(
+    settings: Settings,
+    listener: tokio::net::TcpListener,
+    side_listener: tokio::net::TcpListener,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
     let k = &settings.kafka;
     let i = &settings.ingest;
     kafka::check_connection(k).await?;
-    let receiver = Receiver::new(&settings)?;
+    // A producer that failed for good stops the receiver as a signal does.
+    let stop = stop.child_token();
+    let receiver = Receiver::new(&settings, stop.clone())?;
     let pushes = push_routes(receiver.clone());
     let side = Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(receiver.clone());
-    let listener = tokio::net::TcpListener::bind(i.listen)
-        .await
-        .with_context(|| format!("binding ingest.listen {}", i.listen))?;
-    let side_listener = tokio::net::TcpListener::bind(settings.http.listen)
-        .await
-        .with_context(|| format!("binding http.listen {}", settings.http.listen))?;
+    if let Some(known) = &receiver.token_tenants {
+        for tenant in i.secrets.keys().filter(|t| !known.contains(*t)) {
+            warn!(
+                tenant,
+                "tenant has a push secret but is not in ingest.token_tenants: its pushes will be flagged and dead-lettered by the worker"
+            );
+        }
+    }
     info!(
         addr = %listener.local_addr()?,
         side = %side_listener.local_addr()?,
@@ -133,12 +177,15 @@ pub async fn serve(settings: Settings, stop: CancellationToken) -> anyhow::Resul
     tokio::task::spawn_blocking(move || producer.flush(Timeout::After(Duration::from_secs(10))))
         .await?
         .context("flushing the producer")?;
+    if let Some(why) = receiver.failure.get() {
+        anyhow::bail!("the Kafka producer failed for good: {why}");
+    }
     info!("ingest stopped");
     Ok(())
 }
 
 impl Receiver {
-    fn new(settings: &Settings) -> anyhow::Result<Arc<Receiver>> {
+    fn new(settings: &Settings, stop: CancellationToken) -> anyhow::Result<Arc<Receiver>> {
         let (k, i) = (&settings.kafka, &settings.ingest);
         let mut config = kafka::producer_config(k, None);
         // A push waits this long for its acknowledgement; past it librdkafka
@@ -165,6 +212,12 @@ impl Receiver {
             limiter,
             forwarded,
             slots: Semaphore::new(i.max_in_flight),
+            stop,
+            failure: std::sync::OnceLock::new(),
+            token_tenants: (!i.token_tenants.is_empty())
+                .then(|| i.token_tenants.iter().cloned().collect()),
+            flagged: Mutex::new(HashSet::new()),
+            dead_letter_topic: i.dead_letter_refused.then(|| k.dead_letter_topic.clone()),
             metrics: Metrics::new(),
         }))
     }
@@ -347,6 +400,17 @@ impl Receiver {
         };
         let body = match axum::body::to_bytes(body, self.max_body_bytes).await {
             Ok(b) => b,
+            Err(e) if !over_limit(&e) => {
+                // The sender hung up or sent a broken body; it will not
+                // read this answer, or should send the push again.
+                info!(tenant, kind = kind.name(), error = %e, "push refused: body could not be read");
+                return self.reply(
+                    kind,
+                    "unreadable",
+                    StatusCode::BAD_REQUEST,
+                    "the body could not be read",
+                );
+            }
             Err(_) => {
                 info!(
                     tenant,
@@ -365,6 +429,9 @@ impl Receiver {
         match push::decide(kind, record_type, &body, tenant, &self.forward_commands) {
             Err(refusal) => {
                 info!(tenant, kind = kind.name(), reason = %refusal, "push refused");
+                if let Err(resp) = self.dead_letter(kind, tenant, &refusal, &body).await {
+                    return resp;
+                }
                 self.reply(
                     kind,
                     "invalid",
@@ -432,21 +499,14 @@ impl Receiver {
     async fn forward(&self, kind: Kind, tenant: &str, session_id: &str, body: &Bytes) -> Response {
         let started = Instant::now();
         let in_flight = InFlight::new(&self.metrics.in_flight);
-        let source = format!("uincall.push.{}", kind.name());
-        let received_at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-        let headers = OwnedHeaders::new()
-            .insert(Header {
-                key: "uincall.source",
-                value: Some(source.as_str()),
-            })
-            .insert(Header {
-                key: TENANT_HEADER,
-                value: Some(tenant),
-            })
-            .insert(Header {
-                key: "uincall.received_at",
-                value: Some(received_at.as_str()),
+        let mut headers = push_headers(kind, tenant);
+        let flagged = self.without_token(tenant);
+        if flagged {
+            headers = headers.insert(Header {
+                key: FLAG_HEADER,
+                value: Some(NO_ACCESS_TOKEN),
             });
+        }
         let record = FutureRecord::to(&self.topic)
             .key(session_id)
             .payload(&body[..])
@@ -459,10 +519,34 @@ impl Receiver {
                     .forward_seconds
                     .observe(started.elapsed().as_secs_f64());
                 debug!(tenant, kind = kind.name(), session_id, "push forwarded");
-                self.reply(kind, "forwarded", StatusCode::OK, "success")
+                let result = if flagged { "flagged" } else { "forwarded" };
+                self.reply(kind, result, StatusCode::OK, "success")
             }
             Err((e, _)) => {
-                warn!(tenant, kind = kind.name(), session_id, error = %e, "push not acknowledged by the broker; answered 503");
+                warn!(tenant, kind = kind.name(), session_id, error = %e, "push not acknowledged by the broker");
+                self.not_acknowledged(kind, &e)
+            }
+        }
+    }
+
+    /// The answer to a push whose record the broker did not acknowledge:
+    /// 413 for a record it refuses for good, else 503 (the sender retries).
+    /// A producer that failed for good stops the receiver.
+    fn not_acknowledged(&self, kind: Kind, e: &KafkaError) -> Response {
+        match produce_policy(e) {
+            ProducePolicy::Reject(why) => self.reply(
+                kind,
+                "rejected",
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &format!("the broker refuses this event: {why}"),
+            ),
+            policy => {
+                if let ProducePolicy::Fatal(why) = policy {
+                    let why = format!("{e} ({why})");
+                    error!(error = %why, "the Kafka producer failed for good; stopping the receiver");
+                    let _ = self.failure.set(why);
+                    self.stop.cancel();
+                }
                 self.reply_retry(
                     kind,
                     "unavailable",
@@ -473,6 +557,100 @@ impl Receiver {
             }
         }
     }
+
+    /// Whether `ingest.token_tenants` is set and leaves `tenant` out
+    /// (logged the first time).
+    fn without_token(&self, tenant: &str) -> bool {
+        let Some(known) = &self.token_tenants else {
+            return false;
+        };
+        if known.contains(tenant) {
+            return false;
+        }
+        if self.flagged.lock().unwrap().insert(tenant.to_string()) {
+            warn!(
+                tenant,
+                "push for a tenant not in ingest.token_tenants: forwarded with uincall.flag=no_access_token; the worker will dead-letter it until it has the tenant's token"
+            );
+        }
+        true
+    }
+
+    /// With `ingest.dead_letter_refused`, writes a refused push to the
+    /// dead-letter topic as received, with the reason; `Err` with the
+    /// answer when the broker did not acknowledge it.
+    async fn dead_letter(
+        &self,
+        kind: Kind,
+        tenant: &str,
+        refusal: &push::Refusal,
+        body: &Bytes,
+    ) -> Result<(), Response> {
+        let Some(topic) = &self.dead_letter_topic else {
+            return Ok(());
+        };
+        let stamp = Stamp {
+            error_class: Some(ErrorClass::InvalidEvent),
+            reason: Some(format!("push refused by the receiver: {refusal}")),
+            failed_at: Some(chrono::Utc::now()),
+            tenant_id: Some(tenant.to_string()),
+            enricher: Some(crate::record::ENRICHER.to_string()),
+            ..Stamp::default()
+        };
+        let stamp = stamp.headers();
+        let headers = stamp.iter().fold(push_headers(kind, tenant), |h, (k, v)| {
+            h.insert(Header {
+                key: k,
+                value: Some(v.as_str()),
+            })
+        });
+        let record = FutureRecord::<(), _>::to(topic)
+            .payload(&body[..])
+            .headers(headers);
+        match self.producer.send(record, Timeout::Never).await {
+            Ok(_) => {
+                self.metrics.dead_letters.inc();
+                Ok(())
+            }
+            Err((e, _)) => {
+                warn!(tenant, kind = kind.name(), error = %e, "refused push not acknowledged by the broker");
+                Err(self.not_acknowledged(kind, &e))
+            }
+        }
+    }
+}
+
+/// Whether reading a body failed at `ingest.max_body_bytes` (rather than
+/// because the sender broke off).
+fn over_limit(e: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if err.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = err.source();
+    }
+    false
+}
+
+/// Where a push came from: `uincall.source`, `uincall.tenant`,
+/// `uincall.received_at`.
+fn push_headers(kind: Kind, tenant: &str) -> OwnedHeaders {
+    let source = format!("uincall.push.{}", kind.name());
+    let received_at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    OwnedHeaders::new()
+        .insert(Header {
+            key: "uincall.source",
+            value: Some(source.as_str()),
+        })
+        .insert(Header {
+            key: TENANT_HEADER,
+            value: Some(tenant),
+        })
+        .insert(Header {
+            key: "uincall.received_at",
+            value: Some(received_at.as_str()),
+        })
 }
 
 /// Counts a push in flight until dropped (also when the sender hangs up
@@ -492,8 +670,12 @@ impl Drop for InFlight<'_> {
     }
 }
 
-/// Ready while a broker answers a metadata request.
+/// Ready while a broker answers a metadata request and the producer has
+/// not failed for good.
 async fn readyz(State(r): State<Arc<Receiver>>) -> Response {
+    if r.failure.get().is_some() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "the producer failed").into_response();
+    }
     let producer = r.producer.clone();
     let reached = tokio::task::spawn_blocking(move || {
         producer
@@ -527,8 +709,9 @@ async fn metrics(State(r): State<Arc<Receiver>>) -> Response {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
     kind: &'static str,
-    /// forwarded, duplicate, ignored, invalid, too_large, unauthorized,
-    /// forbidden, rate_limited, busy, unavailable.
+    /// forwarded, flagged, duplicate, ignored, invalid, unreadable,
+    /// too_large, rejected,
+    /// unauthorized, forbidden, rate_limited, busy, unavailable.
     result: &'static str,
 }
 
@@ -538,6 +721,7 @@ struct Metrics {
     requests: Family<RequestLabels, Counter>,
     forward_seconds: Histogram,
     in_flight: Gauge,
+    dead_letters: Counter,
 }
 
 impl Metrics {
@@ -546,6 +730,7 @@ impl Metrics {
         // 1 ms .. ~16 s.
         let forward_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 15));
         let in_flight = Gauge::default();
+        let dead_letters = Counter::default();
         let mut registry = Registry::with_prefix("uincall_enricher_ingest");
         registry.register(
             "requests",
@@ -563,11 +748,17 @@ impl Metrics {
             "Pushes waiting for the broker's acknowledgement",
             in_flight.clone(),
         );
+        registry.register(
+            "dead_letters",
+            "Refused pushes written to the dead-letter topic (ingest.dead_letter_refused)",
+            dead_letters.clone(),
+        );
         Metrics {
             registry,
             requests,
             forward_seconds,
             in_flight,
+            dead_letters,
         }
     }
 

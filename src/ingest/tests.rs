@@ -188,7 +188,7 @@ fn mock_receiver(
     cluster
         .create_topic(&settings.kafka.input_topic, 1, 1)
         .unwrap();
-    let receiver = Receiver::new(&settings).unwrap();
+    let receiver = Receiver::new(&settings, Default::default()).unwrap();
     (cluster, receiver)
 }
 
@@ -370,4 +370,164 @@ fn every_push_gets_the_answer_it_calls_for_and_never_a_5xx() {
         let answer: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
         prop_assert_eq!(answer["code"].as_u64(), Some(status.as_u16() as u64), "{}", answer);
     });
+}
+
+#[test]
+fn a_producer_failed_for_good_stops_the_receiver_and_a_refused_record_is_413() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let rt = runtime();
+    let (cluster, receiver) = mock_receiver(&[]);
+    let router = push_routes(receiver.clone());
+    // The broker refuses the record itself: the sender must not retry it.
+    cluster.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE],
+    );
+    let refused = rt.block_on(router.clone().oneshot(hangup("big"))).unwrap();
+    assert_eq!(refused.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(count(&receiver, Kind::CallEvent, "rejected"), 1);
+    assert!(!receiver.stop.is_cancelled());
+    // Not authorised to write the topic: no push can ever be forwarded,
+    // so the receiver stops (and exits 1) rather than answer 503 for ever.
+    cluster.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED],
+    );
+    let resp = rt
+        .block_on(router.clone().oneshot(hangup("denied")))
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(receiver.stop.is_cancelled());
+    let why = receiver.failure.get().expect("the failure is kept");
+    assert!(why.contains("authoriz"), "{why}");
+    let ready = rt.block_on(super::readyz(axum::extract::State(receiver.clone())));
+    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+}
+
+/// The records on `topic` of the mock cluster: value and headers as text.
+fn records(
+    cluster: &MockCluster<'static, DefaultProducerContext>,
+    topic: &str,
+    n: usize,
+) -> Vec<(Vec<u8>, std::collections::BTreeMap<String, String>)> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::{Headers, Message};
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", cluster.bootstrap_servers())
+        .set("group.id", "ingest-tests")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let started = std::time::Instant::now();
+    let mut out = Vec::new();
+    while out.len() < n {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "{} of {n} records on {topic}",
+            out.len()
+        );
+        if let Some(Ok(m)) = consumer.poll(std::time::Duration::from_millis(100)) {
+            let headers = (m.headers().into_iter())
+                .flat_map(|h| h.iter())
+                .map(|h| {
+                    let v = h.value.map(String::from_utf8_lossy).unwrap_or_default();
+                    (h.key.to_string(), v.into_owned())
+                })
+                .collect();
+            out.push((m.payload().unwrap_or_default().to_vec(), headers));
+        }
+    }
+    out
+}
+
+#[test]
+fn a_push_for_a_tenant_without_an_access_token_is_forwarded_flagged() {
+    let rt = runtime();
+    let (cluster, receiver) = mock_receiver(&[("UINCALL__INGEST__TOKEN_TENANTS", "t-2, t-3")]);
+    let router = push_routes(receiver.clone());
+    let resp = rt.block_on(router.clone().oneshot(hangup("f-1"))).unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body = json!({"session_id": "f-2", "tenant_id": "t-2", "command": "call_hangup"});
+    let known = Request::post("/push/t-2/another-secret-0123456789/call-event")
+        .body(Body::from(body.to_string()))
+        .unwrap();
+    assert_eq!(
+        rt.block_on(router.clone().oneshot(known)).unwrap().status(),
+        StatusCode::OK
+    );
+    assert_eq!(count(&receiver, Kind::CallEvent, "flagged"), 1);
+    assert_eq!(count(&receiver, Kind::CallEvent, "forwarded"), 1);
+    let input = records(&cluster, &receiver.topic, 2);
+    let flag = |tenant: &str| {
+        let (_, h) = (input.iter())
+            .find(|(_, h)| h.get("uincall.tenant").map(String::as_str) == Some(tenant))
+            .unwrap();
+        h.get(super::FLAG_HEADER).cloned()
+    };
+    assert_eq!(flag(TENANT).as_deref(), Some(super::NO_ACCESS_TOKEN));
+    assert_eq!(flag("t-2"), None);
+}
+
+#[test]
+fn refused_pushes_are_dead_lettered_as_received_with_the_reason() {
+    let rt = runtime();
+    let (cluster, receiver) = mock_receiver(&[
+        ("UINCALL__INGEST__DEAD_LETTER_REFUSED", "true"),
+        ("UINCALL__INGEST__FORWARD_TIMEOUT", "1s"),
+    ]);
+    let topic = receiver.dead_letter_topic.clone().unwrap();
+    cluster.create_topic(&topic, 1, 1).unwrap();
+    let router = push_routes(receiver.clone());
+    let refused = |body: &[u8]| {
+        let req = request(
+            "call-event",
+            &Auth::PathRight,
+            None,
+            "application/json",
+            body.to_vec(),
+        );
+        rt.block_on(router.clone().oneshot(req)).unwrap().status()
+    };
+    assert_eq!(refused(b"not json at all"), StatusCode::BAD_REQUEST);
+    assert_eq!(
+        refused(br#"{"command":"call_hangup"}"#),
+        StatusCode::BAD_REQUEST
+    );
+    let letters = records(&cluster, &topic, 2);
+    let (value, headers) = &letters[0];
+    assert_eq!(value, b"not json at all");
+    assert_eq!(headers["dlq.error_class"], "invalid_event");
+    assert!(
+        headers["dlq.reason"].contains("not a JSON object"),
+        "{headers:?}"
+    );
+    assert_eq!(headers["dlq.tenant_id"], TENANT);
+    assert_eq!(headers["uincall.source"], "uincall.push.call-event");
+    assert!(letters[1].1["dlq.reason"].contains("no session_id"));
+    // Not acknowledged: the sender is told to retry, not that it is wrong.
+    cluster.broker_down(1).unwrap();
+    assert_eq!(refused(b"still not json"), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(count(&receiver, Kind::CallEvent, "invalid"), 2);
+}
+
+#[test]
+fn a_body_broken_off_is_unreadable_not_too_large() {
+    let rt = runtime();
+    let (_cluster, receiver) = mock_receiver(&[]);
+    let router = push_routes(receiver.clone());
+    let chunks: Vec<Result<&'static [u8], std::io::Error>> = vec![
+        Ok(b"{\"session_id\":"),
+        Err(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "gone",
+        )),
+    ];
+    let req = Request::post(format!("/push/{TENANT}/{SECRET}/call-event"))
+        .body(Body::from_stream(futures::stream::iter(chunks)))
+        .unwrap();
+    let resp = rt.block_on(router.oneshot(req)).unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(count(&receiver, Kind::CallEvent, "unreadable"), 1);
+    assert_eq!(count(&receiver, Kind::CallEvent, "too_large"), 0);
 }

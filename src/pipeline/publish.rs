@@ -107,7 +107,10 @@ impl Publisher {
         topics: &[&str],
     ) -> anyhow::Result<Publisher> {
         let k = &settings.kafka;
-        let max_message_bytes = kafka::max_message_bytes(k, topics).await;
+        let max_message_bytes = match k.max_message_bytes {
+            Some(bytes) => Some(bytes),
+            None => kafka::max_message_bytes(k, topics).await,
+        };
         Ok(Publisher {
             producer: kafka::producer_config(k, max_message_bytes)
                 .create()

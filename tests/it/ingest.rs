@@ -20,12 +20,20 @@ struct Receiver {
     child: Child,
     push: String,
     side: String,
+    log: std::path::PathBuf,
 }
 
 impl Drop for Receiver {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // A failed test shows what the receiver said last.
+        if std::thread::panicking() {
+            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(60)..];
+            eprintln!("last lines of the receiver's log:\n{}", tail.join("\n"));
+        }
     }
 }
 
@@ -59,6 +67,7 @@ fn spawn_receiver_with(
         child,
         push: format!("http://{listen}/push"),
         side: format!("http://{side}"),
+        log: log.to_path_buf(),
     }
 }
 
@@ -350,10 +359,19 @@ impl Load {
     }
 
     async fn until(&self, status: u16, n: usize) {
-        wait_until(&format!("{n} pushes answered {status}"), || {
-            self.count(status) >= n
-        })
-        .await;
+        let started = std::time::Instant::now();
+        while self.count(status) < n {
+            if started.elapsed() > WAIT {
+                let mut seen = std::collections::BTreeMap::new();
+                for (_, s) in self.answers.lock().unwrap().iter() {
+                    *seen.entry(*s).or_insert(0) += 1;
+                }
+                panic!(
+                    "waited in vain for {n} pushes answered {status}; answers by status so far: {seen:?}"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     async fn finish(self) -> Vec<(String, u16)> {
