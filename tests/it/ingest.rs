@@ -108,7 +108,20 @@ async fn pushes_of_each_kind_reach_the_input_topic_once_and_are_enriched() {
     let dir = tempfile::tempdir().unwrap();
     let secret = "push-secret-0123456789";
     let log = dir.path().join("ingest.log");
-    let mut receiver = spawn_receiver(&env, &log, secret);
+    // A second tenant the worker has no access token for, and refused
+    // bodies kept on the dead-letter topic.
+    let (no_token, no_token_secret) = ("tenant-without-token", "another-secret-0123456789");
+    let no_token_var = format!("UINCALL__INGEST__SECRETS__{no_token}");
+    let mut receiver = spawn_receiver_with(
+        &env,
+        &log,
+        secret,
+        &[
+            (no_token_var.as_str(), no_token_secret),
+            ("UINCALL__INGEST__TOKEN_TENANTS", env.tenant.as_str()),
+            ("UINCALL__INGEST__DEAD_LETTER_REFUSED", "true"),
+        ],
+    );
     until_status(&format!("{}/readyz", receiver.side), 200).await;
     let client = reqwest::Client::new();
     let path = format!("{}/{}/{secret}", receiver.push, env.tenant);
@@ -142,6 +155,17 @@ async fn pushes_of_each_kind_reach_the_input_topic_once_and_are_enriched() {
         assert_eq!(answer, (200, success.clone()));
         forwarded.insert(s);
     }
+    // Forwarded and flagged: the worker has no token for this tenant.
+    let flagged =
+        json!({"session_id": "push-flagged", "tenant_id": no_token, "command": "call_hangup"});
+    let answer = post(
+        &client,
+        &format!("{}/{no_token}/{no_token_secret}/call-event", receiver.push),
+        None,
+        flagged.to_string().into_bytes(),
+    )
+    .await;
+    assert_eq!(answer, (200, success.clone()));
     // Answered, not forwarded: other commands, a leg's record.
     for command in ["call_process", "call_talking", "callout_process"] {
         let answer = post(
@@ -222,17 +246,29 @@ async fn pushes_of_each_kind_reach_the_input_topic_once_and_are_enriched() {
 
     // Exactly the forwarded pushes are on the input topic, each once, with
     // the body as sent and the source headers.
-    let input = testkit::read_topic(&env.bootstrap(), &env.input, forwarded.len(), WAIT)
+    let input = testkit::read_topic(&env.bootstrap(), &env.input, forwarded.len() + 1, WAIT)
         .await
         .unwrap();
     let total: i64 = testkit::end_offsets(&env.bootstrap(), &env.input)
         .unwrap()
         .iter()
         .sum();
-    assert_eq!(total as usize, forwarded.len());
+    assert_eq!(total as usize, forwarded.len() + 1);
+    let (flagged, input): (Vec<_>, Vec<_>) =
+        input.into_iter().partition(|m| key(m) == "push-flagged");
+    assert_eq!(flagged.len(), 1);
+    assert_eq!(
+        header(&flagged[0], "uincall.tenant").as_deref(),
+        Some(no_token)
+    );
+    assert_eq!(
+        header(&flagged[0], "uincall.flag").as_deref(),
+        Some("no_access_token")
+    );
     let keys: BTreeSet<String> = input.iter().map(key).collect();
     assert_eq!(keys, forwarded);
     for m in &input {
+        assert_eq!(header(m, "uincall.flag"), None);
         let source = header(m, "uincall.source").unwrap();
         let k = key(m);
         let want = if k.starts_with("push-event") {
@@ -286,7 +322,12 @@ async fn pushes_of_each_kind_reach_the_input_topic_once_and_are_enriched() {
             "uincall_enricher_ingest_requests_total{kind=\"call-event\",result=\"too_large\"}",
             1,
         ),
-        ("uincall_enricher_ingest_forward_seconds_count", 30),
+        (
+            "uincall_enricher_ingest_requests_total{kind=\"call-event\",result=\"flagged\"}",
+            1,
+        ),
+        ("uincall_enricher_ingest_dead_letters_total", 2),
+        ("uincall_enricher_ingest_forward_seconds_count", 31),
     ] {
         let value = metrics
             .lines()
@@ -294,18 +335,53 @@ async fn pushes_of_each_kind_reach_the_input_topic_once_and_are_enriched() {
         assert_eq!(value, Some(want as f64), "{line}:\n{metrics}");
     }
 
-    // The worker enriches what the receiver wrote.
+    // The worker enriches what the receiver wrote, and dead-letters the
+    // flagged push beside the two bodies the receiver refused.
     let worker = env.spawn_replica("worker", dir.path(), &[]);
     let out = env.read_output(forwarded.len()).await;
     let enriched: BTreeSet<String> = out.iter().map(key).collect();
     assert_eq!(enriched, forwarded);
+    let dead = env.read_dlq(3).await;
     worker.stop().await;
+    let (raw, worker_dead): (Vec<_>, Vec<_>) = (dead.iter())
+        .partition(|m| header(m, "dlq.reason").is_some_and(|r| r.starts_with("push refused")));
+    let mut reasons: Vec<String> = (raw.iter())
+        .map(|m| header(m, "dlq.reason").unwrap())
+        .collect();
+    reasons.sort();
+    assert_eq!(
+        reasons,
+        [
+            "push refused by the receiver: the body is not a JSON object",
+            "push refused by the receiver: the body's tenant_id is not the tenant of the push URL",
+        ]
+    );
+    assert!(raw.iter().any(|m| m.payload() == Some(&b"not json"[..])));
+    for m in &raw {
+        assert_eq!(
+            header(m, "dlq.error_class").as_deref(),
+            Some("invalid_event")
+        );
+        assert_eq!(
+            header(m, "dlq.tenant_id").as_deref(),
+            Some(env.tenant.as_str())
+        );
+    }
+    assert_eq!(worker_dead.len(), 1);
+    assert_eq!(key(worker_dead[0]), "push-flagged");
+    assert_eq!(
+        header(worker_dead[0], "dlq.error_class").as_deref(),
+        Some("invalid_event")
+    );
+    let reason = header(worker_dead[0], "dlq.reason").unwrap();
+    assert!(reason.contains("no access token"), "{reason}");
 
     sigterm(&receiver.child);
     assert!(wait_exit(&mut receiver.child, WAIT).await.success());
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(!text.contains(secret), "{text}");
     assert!(!text.contains("not-the-secret"), "{text}");
+    assert!(!text.contains(no_token_secret), "{text}");
 }
 
 /// Pushers posting hang-ups for distinct sessions until `stop`; every
