@@ -18,6 +18,14 @@
 //!
 //! A wrong tenant or token gets errcode 40001 "invalid access_token".
 //!
+//! The call list (查询通话记录V2.0, `POST /openapi/call/v2`) serves the
+//! calls given to [`FakeApi::set_calls`]: those of the tenant whose
+//! `start_time` is in `[start_time, end_time)` (a range longer than 60 days
+//! is cut to 60 days from its start, silently, as the real API does), by
+//! start time, `size` (at most 50) per 1-based `page`, as
+//! `{"errcode":0,"data":{"total":…,"list":[…]}}`; [`FakeApi::set_list_fault`]
+//! makes it answer an errcode, an unreadable shape or HTTP 503 instead.
+//!
 //! Faults can be switched on while it runs: a total outage (HTTP 503 for
 //! every call, [`FakeApi::set_outage`]) and token rotation
 //! ([`FakeApi::set_token`]). It counts calls per second of its own clock
@@ -33,7 +41,8 @@ use axum::Router;
 use axum::extract::{OriginalUri, Path, Query, State};
 use axum::http::{StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
+use chrono::NaiveDateTime;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
@@ -76,6 +85,36 @@ struct Shared {
     /// Calls being answered now, and the most there ever were at once.
     concurrent: AtomicU64,
     max_concurrent: AtomicU64,
+    /// The call list: per tenant, (start time, session id) by start time.
+    list: RwLock<HashMap<String, Vec<(NaiveDateTime, String)>>>,
+    list_fault: RwLock<Option<ListFault>>,
+    /// Every page asked: (tenant, start_time, end_time, page).
+    list_requests: Mutex<Vec<ListRequest>>,
+}
+
+/// What the call list answers instead of a page.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListFault {
+    /// This errcode, from the next page on.
+    Errcode(i64),
+    /// errcode 0 with a `data` that holds no list of sessions.
+    Unreadable,
+    /// HTTP 503.
+    Outage,
+    /// The answer is this many milliseconds late.
+    Slow(u64),
+    /// Pages are answered for the first N requests; later ones are not
+    /// answered for ten minutes.
+    HangAfter(usize),
+}
+
+/// One page asked of the call list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListRequest {
+    pub tenant: String,
+    pub start_time: String,
+    pub end_time: String,
+    pub page: u32,
 }
 
 /// Counts a call as concurrent while it is being answered.
@@ -126,9 +165,13 @@ impl FakeApi {
             per_second: Mutex::default(),
             concurrent: AtomicU64::new(0),
             max_concurrent: AtomicU64::new(0),
+            list: RwLock::default(),
+            list_fault: RwLock::default(),
+            list_requests: Mutex::default(),
         });
         let app = Router::new()
             .route("/openapi/call/v2/detail/{session_id}", get(detail))
+            .route("/openapi/call/v2", post(call_list))
             .with_state((Arc::new(config), shared.clone()));
         let stop = CancellationToken::new();
         let stopped = stop.clone();
@@ -184,6 +227,26 @@ impl FakeApi {
         self.shared.max_concurrent.load(Ordering::SeqCst)
     }
 
+    /// The calls the call list holds for `tenant`: session ids and their
+    /// start times (wall clock, as the API writes them).
+    pub fn set_calls(&self, tenant: &str, calls: Vec<(String, NaiveDateTime)>) {
+        let mut calls: Vec<(NaiveDateTime, String)> =
+            calls.into_iter().map(|(s, t)| (t, s)).collect();
+        calls.sort();
+        (self.shared.list.write().unwrap()).insert(tenant.to_string(), calls);
+    }
+
+    /// From now on the call list answers `fault` instead of pages (`None`:
+    /// pages again).
+    pub fn set_list_fault(&self, fault: Option<ListFault>) {
+        *self.shared.list_fault.write().unwrap() = fault;
+    }
+
+    /// Every page asked of the call list, in order.
+    pub fn list_requests(&self) -> Vec<ListRequest> {
+        self.shared.list_requests.lock().unwrap().clone()
+    }
+
     /// Calls received in each whole second since the fake started.
     pub fn calls_per_second(&self) -> Vec<u64> {
         self.shared.per_second.lock().unwrap().clone()
@@ -233,6 +296,98 @@ async fn detail(
         "errcode": 0,
         "errmsg": "success",
         "data": data,
+    }))
+    .into_response()
+}
+
+#[derive(Debug, Deserialize)]
+struct ListQuery {
+    tenant_id: Option<String>,
+    access_token: Option<String>,
+}
+
+/// The API's time format, wall clock in the tenant's zone.
+const TIME_FORMAT: &str = "%Y-%m-%d %H:%M:%S";
+
+async fn call_list(
+    State((config, shared)): State<(Arc<FakeApiConfig>, Arc<Shared>)>,
+    Query(q): Query<ListQuery>,
+    axum::Json(body): axum::Json<Value>,
+) -> Response {
+    shared.total.fetch_add(1, Ordering::Relaxed);
+    let tenant = q.tenant_id.unwrap_or_default();
+    let text = |k: &str| {
+        body.get(k)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string()
+    };
+    let number = |k: &str, default: u64| body.get(k).and_then(Value::as_u64).unwrap_or(default);
+    let page = number("page", 1).max(1) as u32;
+    let size = number("size", 10).clamp(1, 50) as usize;
+    // Recorded on arrival: a test sees the request while it is answered.
+    let nth = {
+        let mut requests = shared.list_requests.lock().unwrap();
+        requests.push(ListRequest {
+            tenant: tenant.clone(),
+            start_time: text("start_time"),
+            end_time: text("end_time"),
+            page,
+        });
+        requests.len()
+    };
+    let fault = shared.list_fault.read().unwrap().clone();
+    let slow = match fault {
+        Some(ListFault::Slow(ms)) => Duration::from_millis(ms),
+        Some(ListFault::HangAfter(n)) if nth > n => Duration::from_secs(600),
+        _ => Duration::ZERO,
+    };
+    if !(config.latency + slow).is_zero() {
+        tokio::time::sleep(config.latency + slow).await;
+    }
+    match fault {
+        Some(ListFault::Outage) => {
+            return (StatusCode::SERVICE_UNAVAILABLE, "service unavailable").into_response();
+        }
+        Some(ListFault::Errcode(code)) => return errcode(code, "refused"),
+        Some(ListFault::Unreadable) => {
+            return axum::Json(json!({"errcode": 0, "data": {"total": 1, "calls": "one"}}))
+                .into_response();
+        }
+        _ => {}
+    }
+    if !shared.token_ok(&tenant, q.access_token.as_deref()) {
+        return errcode(ERRCODE_BAD_TOKEN, "invalid access_token");
+    }
+    let parse = |k: &str| NaiveDateTime::parse_from_str(&text(k), TIME_FORMAT).ok();
+    // The time range applies only with all=true; without times, the last
+    // week. A range over 60 days is cut to 60 days from its start.
+    let now = chrono::Local::now().naive_local();
+    let (start, end) = match (
+        body.get("all") == Some(&json!(true)),
+        parse("start_time"),
+        parse("end_time"),
+    ) {
+        (true, Some(s), Some(e)) => (s, e.min(s + chrono::Duration::days(60))),
+        _ => (now - chrono::Duration::days(7), now),
+    };
+    let list = shared.list.read().unwrap();
+    let calls: Vec<&(NaiveDateTime, String)> = (list.get(&tenant).into_iter().flatten())
+        .filter(|(t, _)| *t >= start && *t < end)
+        .collect();
+    let rows: Vec<Value> = (calls.iter().skip((page as usize - 1) * size).take(size))
+        .map(|(t, s)| {
+            json!({
+                "session_id": s,
+                "start_time": t.format(TIME_FORMAT).to_string(),
+                "call_direction": "call in",
+            })
+        })
+        .collect();
+    axum::Json(json!({
+        "errcode": 0,
+        "errmsg": "success",
+        "data": {"total": calls.len(), "page": page, "size": size, "list": rows},
     }))
     .into_response()
 }

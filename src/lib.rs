@@ -26,6 +26,8 @@
 //!   filters, positions, re-submission, summary.
 //! - [`ingest`]: the push receiver: Uincall's HTTP pushes into the input
 //!   topic, answered once the broker acknowledged them.
+//! - [`backfill`]: call-ended events from Uincall's call list, for calls
+//!   whose event never arrived (and the nightly reconcile).
 //! - [`kafka`]: librdkafka client configuration, the start-up connection
 //!   check.
 //! - [`stats`]: metrics and their log lines, one method per event.
@@ -38,6 +40,7 @@
 //!   and [`topics`] (produce and read back), which tests and benchmarks
 //!   use too. The Apache Kafka test brokers live in `tests/testkit`.
 
+pub mod backfill;
 pub mod classify;
 pub mod dead_letter;
 #[cfg(feature = "demo")]

@@ -5,7 +5,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 use uincall_enricher::settings::{self, Settings};
-use uincall_enricher::{ingest, pipeline, replay, telemetry};
+use uincall_enricher::{backfill, ingest, pipeline, replay, telemetry};
 
 /// Enriches Uincall call-ended events from Kafka with the full call record
 /// from the Uincall OpenAPI, at least once, with a dead-letter topic.
@@ -49,14 +49,23 @@ enum Command {
     /// did not: the sender may retry). Until SIGTERM or SIGINT (then finish
     /// the pushes in flight, exit 0). See docs/ingest.md.
     Ingest,
+    /// Produce call-ended events for the calls Uincall's call list holds in
+    /// a time range (per tenant, in windows of at most 60 days, page by
+    /// page), so the worker enriches calls whose event never arrived; with
+    /// --skip-enriched only those missing from the output topic (a
+    /// reconcile). Resumes from its state file. Exit code 1 when it failed
+    /// (an unreadable answer, Kafka), 3 when the API is unusable (systemic
+    /// errcode, or unreachable through the retries), 130 when interrupted.
+    /// See docs/backfill.md.
+    Backfill(Box<backfill::BackfillArgs>),
     /// Run the whole pipeline on embedded defaults: an in-process Kafka
     /// cluster, a local fake Uincall API and sample events.
     #[cfg(feature = "demo")]
     Demo(uincall_enricher::demo::DemoOptions),
 }
 
-/// Exit codes: 0 done, 1 runtime failure, 2 bad settings (replay: 130
-/// when interrupted).
+/// Exit codes: 0 done, 1 runtime failure, 2 bad settings (replay and
+/// backfill: 130 when interrupted; backfill: 3 when the API is unusable).
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
@@ -68,6 +77,9 @@ fn main() -> ExitCode {
             with_telemetry(config, |s| runtime.block_on(replay::run(s, *args)))
         }
         Command::Ingest => with_telemetry(config, |s| runtime.block_on(ingest::run(s))),
+        Command::Backfill(args) => {
+            with_telemetry(config, |s| runtime.block_on(backfill::run(s, *args)))
+        }
         #[cfg(feature = "demo")]
         Command::Demo(opts) => runtime.block_on(uincall_enricher::demo::run(opts)),
     };

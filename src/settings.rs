@@ -43,6 +43,53 @@ pub struct Settings {
     /// `uincall-enricher ingest`: Uincall's HTTP pushes into the input topic.
     #[serde(default)]
     pub ingest: IngestSettings,
+    /// `uincall-enricher backfill`: call-ended events from the call list.
+    #[serde(default)]
+    pub backfill: BackfillSettings,
+}
+
+/// The backfill from the call list (`uincall-enricher backfill`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackfillSettings {
+    /// The zone the call list's times are in, and `--from`/`--to` without
+    /// an offset (an IANA name); `tenants.<id>.time_zone` overrides it.
+    pub time_zone: String,
+    /// The longest window asked of the call list at once; at most 60 (the
+    /// API cuts a longer range to 60 days from its start, silently).
+    pub window_days: u32,
+    /// Sessions asked per page; at most 50 (the API's limit).
+    pub page_size: u32,
+}
+
+impl Default for BackfillSettings {
+    fn default() -> Self {
+        BackfillSettings {
+            time_zone: "Asia/Shanghai".into(),
+            window_days: 60,
+            page_size: 50,
+        }
+    }
+}
+
+impl BackfillSettings {
+    fn validate(&self) -> Result<(), SettingsError> {
+        check(
+            self.time_zone.parse::<chrono_tz::Tz>().is_ok(),
+            "backfill.time_zone",
+            "must be an IANA time zone name such as Asia/Shanghai",
+        )?;
+        check(
+            (1..=60).contains(&self.window_days),
+            "backfill.window_days",
+            "must be between 1 and 60 (the call list cuts longer ranges)",
+        )?;
+        check(
+            (1..=50).contains(&self.page_size),
+            "backfill.page_size",
+            "must be between 1 and 50 (the call list's limit)",
+        )
+    }
 }
 
 /// The push receiver (`uincall-enricher ingest`).
@@ -163,10 +210,19 @@ pub struct TenantSettings {
     /// `rate_limit.per_tenant_per_second` (0 = no limit).
     #[serde(default)]
     pub per_second: Option<u32>,
+    /// The tenant's time zone for the backfill instead of
+    /// `backfill.time_zone`.
+    #[serde(default)]
+    pub time_zone: Option<String>,
 }
 
 impl TenantSettings {
     fn validate(&self, tenant: &str) -> Result<(), SettingsError> {
+        check(
+            (self.time_zone.as_deref()).is_none_or(|z| z.parse::<chrono_tz::Tz>().is_ok()),
+            &format!("tenants.{tenant}.time_zone"),
+            "must be an IANA time zone name such as Asia/Shanghai",
+        )?;
         match &self.base_url {
             Some(url) if !matches!(url.scheme(), "http" | "https") => Err(invalid(
                 &format!("tenants.{tenant}.base_url"),
@@ -745,6 +801,7 @@ impl Settings {
         }
         self.headers.validate()?;
         self.ingest.validate()?;
+        self.backfill.validate()?;
         self.log.validate()
     }
 

@@ -3,6 +3,7 @@
 //! one broker per run with their own topics, group and API port; the
 //! broker-fault tests start a three-node cluster of their own.
 
+mod backfill;
 mod brokers;
 mod crash;
 mod delivery;

@@ -69,7 +69,7 @@ async fn tenant_with_own_api(
     s.api.tokens.insert(tenant.clone(), token);
     let settings = TenantSettings {
         base_url: Some(own.base_url().parse().unwrap()),
-        per_second: None,
+        ..Default::default()
     };
     s.tenants.insert(tenant.clone(), settings);
     (tenant, own)
