@@ -32,6 +32,10 @@
 //! second and answer latency at steady rates (`--push-rates`), from a load
 //! generator in its own process, beside the broker's raw produce rate.
 //!
+//! `--backfill` measures `uincall-enricher backfill` instead
+//! (`backfill.rs`): sessions a second from the fake API's call list, and
+//! what `--skip-enriched` costs per million keys.
+//!
 //! The raw limit runs the same measurement on a consume + produce loop with
 //! no HTTP call (this binary started with `--raw-pipe`): the worker's Kafka
 //! client settings, at most as many records between consume and
@@ -44,6 +48,8 @@
 //! the sweep is stopped when the sweep leaves a point, fails, is
 //! interrupted (SIGINT, SIGTERM), or dies (`PR_SET_PDEATHSIG`).
 
+#[path = "sweep/backfill.rs"]
+mod backfill;
 #[path = "sweep/ingest.rs"]
 mod ingest;
 #[path = "sweep/tenants.rs"]
@@ -151,6 +157,23 @@ struct Args {
     /// Internal: the load generator's rate, with `--push-load`.
     #[arg(long = "push-rate", hide = true, default_value_t = 1000)]
     push_rate: u64,
+    /// Measure the backfill instead of the sweep (docs/benchmarks.md,
+    /// "Backfill").
+    #[arg(long)]
+    backfill: bool,
+    /// With `--backfill`: sessions in the call list.
+    #[arg(long, default_value_t = 100_000)]
+    backfill_sessions: usize,
+    /// With `--backfill`: how late the call list answers each page, in ms.
+    #[arg(long, default_value_t = 50)]
+    page_latency_ms: u64,
+    /// With `--backfill`: keys on the output topic for the
+    /// `--skip-enriched` measurement.
+    #[arg(long, default_value_t = 1_000_000)]
+    enriched_keys: usize,
+    /// Internal: calls in the fake API's call list, with `--fake-api`.
+    #[arg(long = "list-calls", hide = true, default_value_t = 0)]
+    list_calls: usize,
     /// Passed by `cargo bench`.
     #[arg(long, hide = true)]
     bench: bool,
@@ -241,7 +264,11 @@ fn main() -> anyhow::Result<()> {
         return rt.block_on(ingest::push_load(url, args.push_rate, args.push_seconds));
     }
     if args.fake_api {
-        return rt.block_on(serve_fake_api(args.latency_ms, &args.api_tenants));
+        return rt.block_on(serve_fake_api(
+            args.latency_ms,
+            &args.api_tenants,
+            args.list_calls,
+        ));
     }
     if !args.bench {
         println!("sweep: a benchmark, run it with `cargo bench --bench sweep`");
@@ -280,6 +307,9 @@ async fn sweep(args: Args) -> anyhow::Result<()> {
     }
     if args.ingest {
         return ingest::run(&ctx).await;
+    }
+    if args.backfill {
+        return backfill::run(&ctx).await;
     }
 
     let mut raw: HashMap<usize, Measured> = HashMap::new();
@@ -466,10 +496,22 @@ impl Ctx<'_> {
         latency_ms: u64,
         tenants: &[&str],
     ) -> anyhow::Result<(Proc, String)> {
+        self.start_fake_api_with(tag, latency_ms, tenants, 0).await
+    }
+
+    /// [`Ctx::start_fake_api`] with `list_calls` calls in its call list.
+    async fn start_fake_api_with(
+        &self,
+        tag: &str,
+        latency_ms: u64,
+        tenants: &[&str],
+        list_calls: usize,
+    ) -> anyhow::Result<(Proc, String)> {
         let log_path = self.args.out.join(format!("{tag}-api.log"));
         let mut command = Command::new(std::env::current_exe()?);
         command
             .args(["--fake-api", "--latency-ms", &latency_ms.to_string()])
+            .args(["--list-calls", &list_calls.to_string()])
             .args(tenants.iter().flat_map(|t| ["--api-tenant", t]))
             // Held open by `Proc`: the fake API exits when it closes.
             .stdin(Stdio::piped())
@@ -875,7 +917,11 @@ fn api_calls(api: &mut Proc) -> anyhow::Result<u64> {
 /// `TOKEN` for `tenants`, prints its address on stdout and serves until
 /// SIGTERM or until stdin closes (the sweep holds it open). Each line read
 /// on stdin is answered on stdout with the calls received so far.
-async fn serve_fake_api(latency_ms: u64, tenants: &[String]) -> anyhow::Result<()> {
+async fn serve_fake_api(
+    latency_ms: u64,
+    tenants: &[String],
+    list_calls: usize,
+) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let api = Arc::new(
         FakeApi::start(FakeApiConfig {
@@ -886,6 +932,11 @@ async fn serve_fake_api(latency_ms: u64, tenants: &[String]) -> anyhow::Result<(
         })
         .await?,
     );
+    if list_calls > 0 {
+        for tenant in tenants {
+            api.set_calls(tenant, backfill::list_calls(list_calls));
+        }
+    }
     {
         let mut out = std::io::stdout().lock();
         writeln!(out, "{}", api.addr())?;

@@ -219,11 +219,21 @@ pub async fn execute(
     stop: CancellationToken,
 ) -> anyhow::Result<Summary> {
     let tokens = TokenStore::from_settings(&settings.api)?;
-    let plans = plan(&settings, &args, &tokens, Utc::now())?;
+    let now = Utc::now();
+    // Without --to the range ends now; a rerun of a run stopped on the way
+    // keeps the end that run had, or it would be another run.
+    let kept = (args.to.is_none() && !args.dry_run && !args.restart)
+        .then(|| state::saved_open_end(&args.state))
+        .flatten();
+    let mut plans = plan(&settings, &args, &tokens, now, kept.unwrap_or(now))?;
+    if kept.is_some() && !state::holds(&args.state, &run_id(&settings, &plans)) {
+        plans = plan(&settings, &args, &tokens, now, now)?;
+    }
     let run_id = run_id(&settings, &plans);
+    let open_end = args.to.is_none().then(|| kept.unwrap_or(now));
     let (mut state, resumed) = match args.dry_run {
         true => (State::in_memory(&run_id), false),
-        false => State::open(&args.state, &run_id, args.restart)?,
+        false => State::open(&args.state, &run_id, open_end, args.restart)?,
     };
     let mut summary = Summary {
         tenants: plans.len(),
@@ -297,11 +307,13 @@ pub async fn execute(
 }
 
 /// The tenants, their zones and windows; every tenant must have a token.
+/// `now` resolves `today` and `yesterday`; `end` is the end without `--to`.
 fn plan(
     settings: &Settings,
     args: &BackfillArgs,
     tokens: &TokenStore,
     now: DateTime<Utc>,
+    end: DateTime<Utc>,
 ) -> anyhow::Result<Vec<Plan>> {
     let tenants = match args.all_tenants {
         true => tokens.tenant_ids(),
@@ -334,7 +346,7 @@ fn plan(
         let from = resolve(&args.from).context("--from")?;
         let to = match &args.to {
             Some(t) => resolve(t).context("--to")?,
-            None => now,
+            None => end,
         };
         if from >= to {
             bail!("--from ({from}) is not before --to ({to}) for tenant `{tenant}` in {zone}");

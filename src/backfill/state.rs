@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 /// Where one tenant is.
@@ -36,7 +37,25 @@ impl Position {
 struct Saved {
     /// What run this is: tenants, resolved range, window and page sizes.
     run: String,
+    /// The end of the range of a run without `--to` ("now" when it
+    /// started), which its rerun keeps.
+    #[serde(default)]
+    open_end: Option<DateTime<Utc>>,
     tenants: BTreeMap<String, Position>,
+}
+
+/// The end a run without `--to` kept in the file at `path`, if any.
+pub fn saved_open_end(path: &Path) -> Option<DateTime<Utc>> {
+    let bytes = std::fs::read(path).ok()?;
+    serde_json::from_slice::<Saved>(&bytes).ok()?.open_end
+}
+
+/// Whether the file at `path` holds the progress of `run`.
+pub fn holds(path: &Path, run: &str) -> bool {
+    std::fs::read(path)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Saved>(&b).ok())
+        .is_some_and(|s| s.run == run)
 }
 
 /// The progress of this run; writes nothing when it has no path (a dry
@@ -50,9 +69,15 @@ pub struct State {
 impl State {
     /// The progress of `run` at `path`: resumed when the file holds the
     /// same run (unless `restart`), else new.
-    pub fn open(path: &Path, run: &str, restart: bool) -> anyhow::Result<(State, bool)> {
+    pub fn open(
+        path: &Path,
+        run: &str,
+        open_end: Option<DateTime<Utc>>,
+        restart: bool,
+    ) -> anyhow::Result<(State, bool)> {
         let fresh = Saved {
             run: run.to_string(),
+            open_end,
             tenants: BTreeMap::new(),
         };
         let old = match std::fs::read(path) {
@@ -84,6 +109,7 @@ impl State {
             path: None,
             saved: Saved {
                 run: run.to_string(),
+                open_end: None,
                 tenants: BTreeMap::new(),
             },
         }
@@ -123,7 +149,7 @@ mod tests {
     fn progress_is_resumed_for_the_same_run_only() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.json");
-        let (mut s, resumed) = State::open(&path, "run-a", false).unwrap();
+        let (mut s, resumed) = State::open(&path, "run-a", None, false).unwrap();
         assert!(!resumed);
         assert_eq!(s.position("t"), Position::start());
         let at = Position {
@@ -132,16 +158,24 @@ mod tests {
             done: false,
         };
         s.advance("t", at).unwrap();
-        let (s, resumed) = State::open(&path, "run-a", false).unwrap();
+        let (s, resumed) = State::open(&path, "run-a", None, false).unwrap();
         assert!(resumed);
         assert_eq!(s.position("t"), at);
-        let (s, _) = State::open(&path, "run-a", true).unwrap();
+        let (s, _) = State::open(&path, "run-a", None, true).unwrap();
         assert_eq!(s.position("t"), Position::start(), "--restart");
-        let (s, resumed) = State::open(&path, "run-b", false).unwrap();
+        let (s, resumed) = State::open(&path, "run-b", None, false).unwrap();
         assert!(!resumed);
         assert_eq!(s.position("t"), Position::start(), "another run");
+        assert!(holds(&path, "run-a") && !holds(&path, "run-b"));
+        let end = Utc::now();
+        State::open(&path, "run-c", Some(end), false)
+            .unwrap()
+            .0
+            .advance("t", at)
+            .unwrap();
+        assert_eq!(saved_open_end(&path), Some(end));
         std::fs::write(&path, "garbage").unwrap();
-        let e = State::open(&path, "run-a", false).unwrap_err();
+        let e = State::open(&path, "run-a", None, false).unwrap_err();
         assert!(format!("{e:#}").contains("not a state file"), "{e:#}");
     }
 }

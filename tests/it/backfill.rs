@@ -199,10 +199,13 @@ async fn killed_mid_run_a_rerun_continues_and_submits_every_session_once() {
     let calls = calls(237, 90);
     env.api.set_calls(&env.tenant, calls.clone());
     let dir = tempfile::tempdir().unwrap();
+    // No --to: the range ends when the run starts; the rerun keeps that end
+    // (a later one would make it another run, started over).
+    const OPEN: [&str; 2] = ["--from", "2026-08-01"];
     // The first page is answered; the second hangs until the kill.
     env.api.set_list_fault(Some(ListFault::HangAfter(1)));
     let log = dir.path().join("first.log");
-    let mut child = spawn_backfill(&env, &log, dir.path(), &RANGE, &[], Stdio::null());
+    let mut child = spawn_backfill(&env, &log, dir.path(), &OPEN, &[], Stdio::null());
     wait_until("the second page asked", || {
         env.api.list_requests().len() >= 2
     })
@@ -218,7 +221,7 @@ async fn killed_mid_run_a_rerun_continues_and_submits_every_session_once() {
         50
     );
 
-    let ran = backfill(&env, dir.path(), &RANGE, &[]).await;
+    let ran = backfill(&env, dir.path(), &OPEN, &[]).await;
     assert_eq!(ran.code, 0, "{}\n{}", ran.stdout, ran.log);
     assert!(
         ran.stdout.contains("continued from the state file"),
@@ -243,7 +246,7 @@ async fn killed_mid_run_a_rerun_continues_and_submits_every_session_once() {
     assert_eq!(total, 237, "no page submitted twice");
 
     // Done: a third run of the same range has nothing left.
-    let again = backfill(&env, dir.path(), &RANGE, &[]).await;
+    let again = backfill(&env, dir.path(), &OPEN, &[]).await;
     assert_eq!(again.code, 0);
     assert!(
         again.stdout.contains("submitted              0"),
