@@ -231,10 +231,10 @@ fn errcode_verdict(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn http(status: u16, body: &str) -> ApiAnswer {
+    pub(crate) fn http(status: u16, body: &str) -> ApiAnswer {
         ApiAnswer::Http {
             status,
             retry_after: None,
@@ -242,7 +242,7 @@ mod tests {
         }
     }
 
-    fn policy() -> ErrcodePolicy {
+    pub(crate) fn policy() -> ErrcodePolicy {
         ErrcodePolicy {
             permanent: HashSet::from([40004]),
             systemic: HashSet::from([40001]),

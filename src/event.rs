@@ -73,17 +73,23 @@ pub fn parse_event(
     };
     // call_type is optional: a value that is not an integer is ignored rather
     // than failing the event, since the API call works without it.
-    let call_type = match lookup(&raw, &fields.call_type_field) {
-        Some(Value::Number(n)) => n.as_i64(),
-        Some(Value::String(s)) => s.trim().parse().ok(),
-        _ => None,
-    };
+    let call_type = call_type(lookup(&raw, &fields.call_type_field));
     Ok(CallEnded {
         session_id,
         tenant_id,
         call_type,
         raw,
     })
+}
+
+/// A `call_type` value: an integer, or text holding one; anything else is
+/// none.
+pub fn call_type(v: Option<&Value>) -> Option<i64> {
+    match v {
+        Some(Value::Number(n)) => n.as_i64(),
+        Some(Value::String(s)) => s.trim().parse().ok(),
+        _ => None,
+    }
 }
 
 #[cfg(test)]

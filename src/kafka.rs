@@ -104,6 +104,19 @@ pub fn replay_consumer_config(k: &KafkaSettings, group: &str) -> ClientConfig {
     c
 }
 
+/// A reader of assigned partitions (`<kafka.group_id>.backfill`: never
+/// joined, nothing committed), from the earliest offset, told when it
+/// reaches a partition's end.
+pub fn reader_config(k: &KafkaSettings) -> ClientConfig {
+    let mut c = base(k);
+    c.set("group.id", format!("{}.backfill", k.group_id))
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("enable.partition.eof", "true");
+    c
+}
+
 /// Producer: idempotent, acknowledged by all in-sync replicas. With
 /// `max_message_bytes` (the smallest `max.message.bytes` of the topics it
 /// writes) no batch is built larger than the broker takes: a record too

@@ -1,7 +1,9 @@
 //! The sessions already enriched (`--skip-enriched`): the keys of the
 //! output topic, read from its start up to the end offsets taken when the
 //! run starts (records enriched meanwhile are not waited for). Partitions
-//! are assigned directly: no consumer group, nothing committed.
+//! are assigned directly under the group `<kafka.group_id>.backfill`
+//! (librdkafka wants a group for `assign`, and looks up its coordinator:
+//! Describe on it), which never joins and commits nothing.
 //!
 //! Each key is kept as a 128-bit digest, not as text: about 20 bytes a key
 //! in the set (docs/backfill.md has the measured figures), and a false
@@ -68,11 +70,9 @@ pub fn read(
     mut progress: impl FnMut(u64, u64),
 ) -> anyhow::Result<Option<Enriched>> {
     let topic = &k.output_topic;
-    let consumer: BaseConsumer =
-        kafka::replay_consumer_config(k, &format!("{}.backfill", k.group_id))
-            .set("enable.partition.eof", "true")
-            .create()
-            .map_err(kafka::config_error(k, "creating the output topic's reader"))?;
+    let consumer: BaseConsumer = kafka::reader_config(k)
+        .create()
+        .map_err(kafka::config_error(k, "creating the output topic's reader"))?;
     let wait = Timeout::After(Duration::from_secs(30));
     let metadata = consumer
         .fetch_metadata(Some(topic), wait)

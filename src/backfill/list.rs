@@ -139,14 +139,9 @@ fn listed(item: &Value) -> Result<Listed, String> {
             "a call list entry has no session_id: it has {keys}"
         ));
     };
-    let call_type = match item.get("call_type") {
-        Some(Value::Number(n)) => n.as_i64(),
-        Some(Value::String(s)) => s.trim().parse().ok(),
-        _ => None,
-    };
     Ok(Listed {
         session_id,
-        call_type,
+        call_type: crate::event::call_type(item.get("call_type")),
     })
 }
 
@@ -178,27 +173,8 @@ fn keys_of(answer: &ApiAnswer) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashSet;
-
-    use bytes::Bytes;
-
     use super::*;
-
-    fn http(status: u16, body: &str) -> ApiAnswer {
-        ApiAnswer::Http {
-            status,
-            retry_after: None,
-            body: Bytes::copy_from_slice(body.as_bytes()),
-        }
-    }
-
-    fn policy() -> ErrcodePolicy {
-        ErrcodePolicy {
-            permanent: HashSet::from([40004]),
-            systemic: HashSet::from([40001]),
-            rate_limited: HashSet::from([42900]),
-        }
-    }
+    use crate::classify::tests::{http, policy};
 
     fn ids(body: &str) -> Result<Vec<String>, PageError> {
         read_page(&http(200, body), &policy())
@@ -270,7 +246,7 @@ mod tests {
             Err(PageError::Systemic(_))
         ));
         assert!(matches!(
-            page(200, r#"{"errcode":42900}"#),
+            page(200, r#"{"errcode":503}"#),
             Err(PageError::RateLimited(_))
         ));
         assert!(matches!(

@@ -75,13 +75,29 @@ INGEST = {"ingest": {
 KAFKA_AUTH = {p.stem: json.loads(p.read_text())
               for p in sorted((ROOT / "tests" / "fixtures" / "kafka-auth").glob("*.json"))}
 KAFKA_SECRET = "kafka-credentials"
+# The nightly reconcile: a CronJob running `backfill` (docs/backfill.md).
+RECONCILE = {"reconcile": {"enabled": True}}
+# Its state on a claim, more arguments, its own placement, beside the receiver.
+RECONCILE_PVC = {**INGEST, "reconcile": {
+    "enabled": True, "stateVolume": {"existingClaim": "reconcile-state"}, "extraArgs": ["--dry-run"],
+    "schedule": "15 2 * * *", "timeZone": "Europe/London", "startingDeadlineSeconds": None,
+    "podAnnotations": {"example.com/team": "contact-centre"}, "podLabels": {"example.com/cost": "nightly"},
+    "nodeSelector": {"kubernetes.io/arch": "amd64"},
+    "tolerations": [{"key": "batch", "operator": "Exists", "effect": "NoSchedule"}]}}
 VALUE_SETS = {"defaults": {}, "all-features": ALL_FEATURES, "hpa-existing-secret": HPA,
               **{f"kafka-auth-{mode}": f["values"] for mode, f in KAFKA_AUTH.items()},
               "ingest": {**INGEST, "serviceMonitor": {"enabled": True}},
-              "ingest-kafka-auth-scram": {**KAFKA_AUTH["scram"]["values"], **INGEST}}
+              "ingest-kafka-auth-scram": {**KAFKA_AUTH["scram"]["values"], **INGEST},
+              "reconcile": RECONCILE,
+              "reconcile-all-features": {**ALL_FEATURES, **RECONCILE},
+              **{f"reconcile-kafka-auth-{mode}": {**f["values"], **RECONCILE} for mode, f in KAFKA_AUTH.items()},
+              "reconcile-pvc-ingest": RECONCILE_PVC}
 KAFKA_COMPONENT = "production+kafka-credentials"
 INGEST_COMPONENT = "production+ingest"
 INGEST_KAFKA_COMPONENTS = "production+ingest+kafka-credentials"
+BACKFILL_COMPONENT = "production+backfill"
+# Everything: the receiver, the reconcile and both with the worker's Kafka credentials.
+BACKFILL_KAFKA_COMPONENTS = "production+ingest+backfill+kafka-credentials+backfill/kafka-credentials"
 PUSH_SECRETS_PREFIX = "UINCALL__INGEST__SECRETS__"
 
 
@@ -128,6 +144,9 @@ def all_renderings():
     yield f"kustomize:{INGEST_COMPONENT}", kustomize_with_component("production", "ingest", namespace="uincall")
     yield (f"kustomize:{INGEST_KAFKA_COMPONENTS}",
            kustomize_with_component("production", "ingest", "kafka-credentials", namespace="uincall"))
+    yield f"kustomize:{BACKFILL_COMPONENT}", kustomize_with_component("production", "backfill", namespace="uincall")
+    yield (f"kustomize:{BACKFILL_KAFKA_COMPONENTS}",
+           kustomize_with_component("production", *BACKFILL_KAFKA_COMPONENTS.split("+")[1:], namespace="uincall"))
 
 
 RENDERINGS = dict(all_renderings())
@@ -135,13 +154,16 @@ RENDERINGS = dict(all_renderings())
 # password) to start: the broker tests start the worker with those
 # (tests/it/secured.rs); the rest start here.
 SECURED = ({f"chart:kafka-auth-{mode}" for mode in KAFKA_AUTH}
+           | {f"chart:reconcile-kafka-auth-{mode}" for mode in KAFKA_AUTH}
            | {f"kustomize:{KAFKA_COMPONENT}", "chart:ingest-kafka-auth-scram",
-              f"kustomize:{INGEST_KAFKA_COMPONENTS}"})
-STARTABLE = [name for name in RENDERINGS if name not in SECURED]
-
-
+              f"kustomize:{INGEST_KAFKA_COMPONENTS}", f"kustomize:{BACKFILL_KAFKA_COMPONENTS}"})
 # Renderings with the push receiver (chart:ingest*, kustomize:*+ingest*).
 INGEST_RENDERINGS = [name for name in RENDERINGS if "ingest" in name]
+# Renderings with the nightly reconcile's CronJob (chart:reconcile*, kustomize:*+backfill*).
+RECONCILE_RENDERINGS = [name for name in RENDERINGS if "reconcile" in name or "backfill" in name]
+# The reconcile changes nothing of the worker (test_reconcile_leaves_the_rest_of_the_release_alone):
+# its renderings' workers are started as the ones without it.
+STARTABLE = [name for name in RENDERINGS if name not in SECURED and name not in RECONCILE_RENDERINGS]
 
 
 def is_ingest(doc):
@@ -229,7 +251,7 @@ def test_config_change_rolls_the_pods():
 
 
 def test_standard_labels_on_every_chart_resource():
-    for doc in RENDERINGS["chart:all-features"] + RENDERINGS["chart:ingest"]:
+    for doc in RENDERINGS["chart:all-features"] + RENDERINGS["chart:reconcile-pvc-ingest"]:
         labels = doc["metadata"]["labels"]
         for key in ("app.kubernetes.io/name", "app.kubernetes.io/instance",
                     "app.kubernetes.io/version", "app.kubernetes.io/managed-by"):
@@ -254,7 +276,12 @@ def test_pod_security_and_resources(name):
         ingest = is_ingest(deployment)
         pdb = one(docs, "PodDisruptionBudget", ingest=ingest)
         assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow", "drains pass an outage"
-        pod = deployment["spec"]["template"]["spec"]
+    cronjobs = [d for d in docs if d["kind"] == "CronJob"]
+    assert len(cronjobs) == (1 if name in RECONCILE_RENDERINGS else 0)
+    templates = ([d["spec"]["template"] for d in deployments]
+                 + [c["spec"]["jobTemplate"]["spec"]["template"] for c in cronjobs])
+    for template in templates:
+        pod = template["spec"]
         assert pod["securityContext"]["runAsNonRoot"] is True
         assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
         assert pod["automountServiceAccountToken"] is False
@@ -388,7 +415,7 @@ def test_keda_reads_the_lag_with_the_clusters_credentials():
     assert not [d for d in plain if d["kind"] == "TriggerAuthentication"]
 
 
-def test_strimzi_topics_and_a_user_with_the_acls_worker_and_replay_need():
+def test_strimzi_topics_and_a_user_with_the_acls_worker_replay_and_backfill_need():
     docs = RENDERINGS["chart:all-features"]
     topics = {d["spec"]["topicName"]: d for d in docs if d["kind"] == "KafkaTopic"}
     assert set(topics) == {"uincall.call-ended", "uincall.call-enriched", "uincall.call-ended.dlq"}
@@ -400,11 +427,16 @@ def test_strimzi_topics_and_a_user_with_the_acls_worker_and_replay_need():
     acls = {(a["resource"]["type"], a["resource"]["name"], a["resource"]["patternType"]):
             set(a["operations"]) for a in user["spec"]["authorization"]["acls"]}
     assert acls == {
-        ("topic", "uincall.call-ended", "literal"): {"Describe", "Read", "Write"},
-        ("topic", "uincall.call-enriched", "literal"): {"Describe", "DescribeConfigs", "Write"},
+        # backfill (the reconcile) writes to it, its producer reading max.message.bytes.
+        ("topic", "uincall.call-ended", "literal"): {"Describe", "DescribeConfigs", "Read", "Write"},
+        # backfill --skip-enriched reads it, assigned partitions, nothing committed.
+        ("topic", "uincall.call-enriched", "literal"): {"Describe", "DescribeConfigs", "Write", "Read"},
         ("topic", "uincall.call-ended.dlq", "literal"): {"Describe", "DescribeConfigs", "Write", "Read"},
         ("group", "uincall-enricher", "literal"): {"Describe", "Read"},
-        ("group", "uincall-enricher.replay.", "prefix"): {"Describe", "Read"},
+        # Both `uincall-enricher.replay` (no filters) and `….replay.<digest>`.
+        ("group", "uincall-enricher.replay", "prefix"): {"Describe", "Read"},
+        # ... and looks up the coordinator of its reader's group all the same.
+        ("group", "uincall-enricher.backfill", "literal"): {"Describe"},
     }
     assert not [d for d in RENDERINGS["chart:defaults"] if d["kind"] in ("KafkaTopic", "KafkaUser")]
 
@@ -764,13 +796,20 @@ def test_ingest_ports_and_grace_period_match_the_settings_the_binary_reads(name)
 @pytest.mark.parametrize("name", RENDERINGS.keys())
 def test_services_and_disruption_budgets_select_their_pods(name):
     docs = RENDERINGS[name]
+    # The reconcile's pods, as a Job of the CronJob creates them.
+    jobs = [c["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"]
+            for c in docs if c["kind"] == "CronJob"]
     for kind, selector in (("Service", lambda d: d["spec"].get("selector")),
-                           ("PodDisruptionBudget", lambda d: d["spec"].get("selector"))):
+                           ("PodDisruptionBudget", lambda d: d["spec"].get("selector")),
+                           ("NetworkPolicy", lambda d: d["spec"].get("podSelector")),
+                           ("Deployment", lambda d: d["spec"].get("selector"))):
         for doc in (d for d in docs if d["kind"] == kind):
             # A budget without a selector selects no pod (policy/v1).
             assert selector(doc), (kind, doc["metadata"]["name"])
             labels = pod_labels(one(docs, "Deployment", ingest=is_ingest(doc)))
             assert selects(selector(doc), labels), (kind, doc["metadata"]["name"])
+            for job in jobs:
+                assert not selects(selector(doc), job), (kind, doc["metadata"]["name"], "selects the reconcile's pods")
 
 
 @pytest.mark.parametrize("name", INGEST_RENDERINGS)
@@ -915,3 +954,227 @@ def test_ingest_component_matches_the_chart_and_gets_the_kafka_credentials():
     assert volumes["kafka-credentials"] == {v["name"]: v for v in worker_pod["volumes"]}["kafka-credentials"]
     ca = {e["name"]: e for e in container["env"]}["UINCALL__KAFKA__PROPERTIES__SSL_CA_LOCATION"]["value"]
     assert mounted_secret_key(pod, container, ca) == ("uincall-enricher-kafka", "ca.crt")
+
+
+# The nightly reconcile: a CronJob running `uincall-enricher backfill`
+# (docs/backfill.md), values reconcile, component deploy/components/backfill.
+
+STATE_FILE = "backfill.state.json"
+# After `--config <settings file>`; then `--state <dir>/backfill.state.json`.
+NIGHTLY = ["backfill", "--all-tenants", "--from", "yesterday", "--to", "today", "--skip-enriched"]
+CLIENT_ID = "UINCALL__KAFKA__CLIENT_ID"
+
+
+def cronjob_of(docs):
+    """The reconcile's CronJob, its pod spec and its container."""
+    cronjob = one(docs, "CronJob")
+    pod = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    return cronjob, pod, container
+
+
+def state_volume(pod, container):
+    """The volume holding --state's file, and that file's path."""
+    args = container["args"]
+    path = args[args.index("--state") + 1]
+    mounts = [m for m in container["volumeMounts"] if path.startswith(m["mountPath"].rstrip("/") + "/")]
+    (mount,) = mounts
+    assert not mount.get("readOnly"), "the state is written"
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    return volume, path
+
+
+def without(entries, name):
+    return [e for e in entries if e["name"] != name]
+
+
+def test_reconcile_is_off_by_default():
+    for name in ("chart:defaults", "chart:all-features", "chart:ingest", *(f"kustomize:{o}" for o in OVERLAYS)):
+        assert not [d for d in RENDERINGS[name] if d["kind"] == "CronJob"], name
+    for overlay in OVERLAYS:
+        text = (ROOT / "deploy" / "overlays" / overlay / "kustomization.yaml").read_text()
+        assert not re.search(r"^\s*-\s*\S*components/backfill", text, re.M), overlay
+
+
+def test_reconcile_leaves_the_rest_of_the_release_alone():
+    # Enabling it adds the CronJob and changes no other resource (the
+    # renderings with it are not started: their workers are these).
+    for plain, name in (("chart:defaults", "chart:reconcile"), ("chart:all-features", "chart:reconcile-all-features"),
+                        *((f"chart:kafka-auth-{m}", f"chart:reconcile-kafka-auth-{m}") for m in KAFKA_AUTH),
+                        ("kustomize:production", f"kustomize:{BACKFILL_COMPONENT}")):
+        docs = [d for d in RENDERINGS[name] if d["kind"] != "CronJob"]
+        before = RENDERINGS[plain]
+        if name.startswith("kustomize:"):
+            # The component's overlay sets the namespace again: the same one.
+            assert {d["metadata"].get("namespace") for d in docs} == {"uincall"}
+        assert sorted(map(json.dumps, docs)) == sorted(map(json.dumps, before)), name
+
+
+def test_reconcile_runs_the_nightly_backfill():
+    cronjob, pod, container = cronjob_of(RENDERINGS["chart:reconcile"])
+    _, worker = container_of(RENDERINGS["chart:reconcile"])
+    config = worker["args"][worker["args"].index("--config") + 1]
+    volume, state = state_volume(pod, container)
+    assert container["args"] == ["--config", config, *NIGHTLY, "--state", state]
+    assert state.endswith(f"/{STATE_FILE}")
+    # An emptyDir, kept across the container's restarts in the same pod.
+    assert pod["restartPolicy"] == "OnFailure"
+    assert set(volume) == {"name", "emptyDir"} and volume["emptyDir"]["sizeLimit"]
+    spec = cronjob["spec"]
+    assert (spec["schedule"], spec["timeZone"], spec["concurrencyPolicy"]) == ("30 1 * * *", "Asia/Shanghai", "Forbid")
+    assert spec["startingDeadlineSeconds"] == 3600
+    assert (spec["successfulJobsHistoryLimit"], spec["failedJobsHistoryLimit"]) == (3, 3)
+    job = spec["jobTemplate"]["spec"]
+    assert job["backoffLimit"] == 6 and job["activeDeadlineSeconds"] == 21600
+    # kubectl create job --from=cronjob/<name> <name>-manual fits in 63 characters.
+    assert len(cronjob["metadata"]["name"]) <= 52
+    long = chart_docs({"fullnameOverride": "x" * 63, **RECONCILE})
+    assert len(one(long, "CronJob")["metadata"]["name"]) <= 52
+    for doc in long:
+        kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+
+    # The claim, more arguments after the chart's, the schedule and placement as set.
+    cronjob, pod, container = cronjob_of(RENDERINGS["chart:reconcile-pvc-ingest"])
+    values = RECONCILE_PVC["reconcile"]
+    volume, state = state_volume(pod, container)
+    assert container["args"] == ["--config", config, *NIGHTLY, "--state", state, *values["extraArgs"]]
+    assert volume == {"name": volume["name"], "persistentVolumeClaim": {"claimName": "reconcile-state"}}
+    assert (cronjob["spec"]["schedule"], cronjob["spec"]["timeZone"]) == (values["schedule"], values["timeZone"])
+    assert "startingDeadlineSeconds" not in cronjob["spec"], "null: no limit"
+    template = cronjob["spec"]["jobTemplate"]["spec"]["template"]
+    assert template["metadata"]["annotations"] == values["podAnnotations"]
+    assert template["metadata"]["labels"]["example.com/cost"] == "nightly"
+    assert pod["nodeSelector"] == values["nodeSelector"] and pod["tolerations"] == values["tolerations"]
+    worker_pod, _ = container_of(RENDERINGS["chart:reconcile-pvc-ingest"])
+    assert "nodeSelector" not in worker_pod, "the reconcile's placement is its own"
+
+
+@pytest.mark.parametrize("name", [n for n in RECONCILE_RENDERINGS if n.startswith("chart:")])
+def test_reconcile_pod_gets_the_workers_settings_tokens_and_kafka_credentials(name):
+    docs = RENDERINGS[name]
+    cronjob, pod, container = cronjob_of(docs)
+    worker_pod, worker = container_of(docs)
+    for key in ("image", "imagePullPolicy", "securityContext"):
+        assert container[key] == worker[key], key
+    for key in ("serviceAccountName", "automountServiceAccountToken", "securityContext",
+                "imagePullSecrets", "priorityClassName"):
+        assert pod.get(key) == worker_pod.get(key), key
+    # The worker's env in the worker's order (the chart's variables, the
+    # OTEL_* ones, kafka.existingSecret's sorted, extraEnv); a client id of its own.
+    assert without(container["env"], CLIENT_ID) == without(worker["env"], CLIENT_ID)
+    assert [e["name"] for e in container["env"]] == [e["name"] for e in worker["env"]]
+    client_id = {e["name"]: e for e in container["env"]}[CLIENT_ID]
+    assert client_id == {"name": CLIENT_ID, "value": "uincall-enricher-reconcile-$(POD_NAME)"}
+    assert container.get("envFrom") == worker.get("envFrom")
+    # The worker's volumes and mounts (settings, tokens Secret, Kafka
+    # files, extraVolumes), and the state's.
+    state, _ = state_volume(pod, container)
+    assert without(pod["volumes"], state["name"]) == worker_pod["volumes"]
+    assert without(container["volumeMounts"], state["name"]) == worker["volumeMounts"]
+    settings = tomllib.loads(settings_text(docs))
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert mounts["tokens"] == settings["api"]["tokens_dir"], "--all-tenants: the tokens Secret's keys"
+    assert "secret" in {v["name"]: v for v in pod["volumes"]}["tokens"]
+    assert container["args"][:2] == ["--config", f"{mounts['config']}/settings.toml"]
+    # A kafka.existingSecret fixture's credentials, from the fixture's Secret.
+    mode = name.removeprefix("chart:reconcile-kafka-auth-")
+    for want in KAFKA_AUTH[mode]["env"] if mode in KAFKA_AUTH else []:
+        got = {e["name"]: e for e in container["env"]}[want["name"]]
+        if "secret" in want:
+            assert got["valueFrom"] == {"secretKeyRef": {"name": KAFKA_SECRET, "key": want["secret"]}}
+        else:
+            assert mounted_secret_key(pod, container, got["value"]) == (KAFKA_SECRET, want["file"])
+    # The binary takes the settings with the container's environment.
+    with tempfile.TemporaryDirectory() as tmp:
+        result, fakes = check_config_with_pod_env(docs, container, tmp)
+    assert result.returncode == 0, result.stderr
+    printed = tomllib.loads(result.stdout)
+    assert printed["kafka"]["client_id"] == "uincall-enricher-reconcile-enricher-0"
+    for variable, fake in fakes.items():
+        if SECRET_PROPERTY.search(property_of(variable)):
+            assert fake not in result.stdout + result.stderr, variable
+
+
+def test_reconcile_values_mistakes_are_refused():
+    chart = helm.Chart.load(CHART)
+    for bad in ({"schedule": 5}, {"schedule": ""}, {"enabled": "yes"}, {"timeZone": "Asia Shanghai"},
+                {"concurrencyPolicy": "Never"}, {"backoffLimit": -1}, {"startingDeadlineSeconds": 5},
+                {"activeDeadlineSeconds": "6h"}, {"extraArgs": "--dry-run"}, {"extraArgs": [3]},
+                {"extraArgs": ["--from", "2024-01-01"]}, {"extraArgs": ["--state=/tmp/x"]},
+                {"stateVolume": {"existingClaim": "Not_A_Name"}}, {"stateVolume": {"sizeLimit": "lots"}},
+                {"stateVolume": {"emptyDir": {}}}, {"restartPolicy": "Never"}, {"podLabels": {"a": 1}}):
+        with pytest.raises(helm.HelmValuesError):
+            chart.validate_schema({"reconcile": {"enabled": True, **bad}})
+    chart.validate_schema({"reconcile": {"enabled": True, "timeZone": "", "schedule": "@daily",
+                                         "activeDeadlineSeconds": None, "extraArgs": ["--dry-run"],
+                                         "stateVolume": {"existingClaim": "reconcile-state", "sizeLimit": "1Mi"}}})
+
+
+def test_reconcile_notes_say_how_to_run_it_once():
+    def notes(values):
+        rendered = helm.Chart.load(CHART).render(values, name="enricher", namespace="uincall")
+        (text,) = [t for p, t in rendered.items() if p.endswith("NOTES.txt")]
+        return text
+    name = one(RENDERINGS["chart:reconcile"], "CronJob")["metadata"]["name"]
+    text = notes(RECONCILE)
+    assert f"kubectl -n uincall create job --from=cronjob/{name} {name}-manual" in text
+    assert " ".join(NIGHTLY) in text and "emptyDir" in text
+    assert "emptyDir" not in notes(RECONCILE_PVC)
+    assert "cronjob/" not in notes({})
+
+
+def test_backfill_component_matches_the_chart_and_gets_the_kafka_credentials():
+    docs = RENDERINGS[f"kustomize:{BACKFILL_COMPONENT}"]
+    cronjob, pod, container = cronjob_of(docs)
+    assert cronjob["metadata"]["namespace"] == "uincall"
+    # The ConfigMap's generated name reached the CronJob.
+    (config,) = [v for v in pod["volumes"] if v["name"] == "config"]
+    assert config["configMap"]["name"] in {d["metadata"]["name"] for d in docs if d["kind"] == "ConfigMap"}
+    worker_pod, worker = container_of(docs)
+    assert config == {v["name"]: v for v in worker_pod["volumes"]}["config"]
+    assert {v["name"]: v for v in pod["volumes"]}["tokens"] == {v["name"]: v for v in worker_pod["volumes"]}["tokens"]
+    assert container["image"] == worker["image"], "the overlay's image"
+    assert pod["serviceAccountName"] == worker_pod["serviceAccountName"]
+    # As the chart renders it.
+    chart_job, chart_pod, chart = cronjob_of(RENDERINGS["chart:reconcile"])
+    for key in ("name", "args", "securityContext", "resources"):
+        assert container[key] == chart[key], key
+    assert {e["name"]: e.get("value") for e in container["env"]} == {e["name"]: e.get("value") for e in chart["env"]}
+    assert ({m["mountPath"]: m.get("readOnly") for m in container["volumeMounts"]}
+            == {m["mountPath"]: m.get("readOnly") for m in chart["volumeMounts"]})
+    assert state_volume(pod, container)[0] == state_volume(chart_pod, chart)[0]
+    for key in ("restartPolicy", "automountServiceAccountToken", "securityContext"):
+        assert pod[key] == chart_pod[key], key
+    spec, chart_spec = cronjob["spec"], chart_job["spec"]
+    for key in ("schedule", "timeZone", "concurrencyPolicy", "startingDeadlineSeconds",
+                "successfulJobsHistoryLimit", "failedJobsHistoryLimit"):
+        assert spec[key] == chart_spec[key], key
+    for key in ("backoffLimit", "activeDeadlineSeconds"):
+        assert spec["jobTemplate"]["spec"][key] == chart_spec["jobTemplate"]["spec"][key], key
+    labels = spec["jobTemplate"]["spec"]["template"]["metadata"]["labels"]
+    assert labels["app.kubernetes.io/component"] == "reconcile"
+
+    # With kafka-credentials and backfill/kafka-credentials: the worker's credentials, the same way.
+    docs = RENDERINGS[f"kustomize:{BACKFILL_KAFKA_COMPONENTS}"]
+    _, pod, container = cronjob_of(docs)
+    worker_pod, worker = container_of(docs)
+    kafka = [e for e in container["env"] if e["name"].startswith("UINCALL__KAFKA__PROPERTIES__")]
+    assert kafka and kafka == [e for e in worker["env"] if e["name"].startswith("UINCALL__KAFKA__PROPERTIES__")]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["kafka-credentials"] == {v["name"]: v for v in worker_pod["volumes"]}["kafka-credentials"]
+    ca = {e["name"]: e for e in container["env"]}["UINCALL__KAFKA__PROPERTIES__SSL_CA_LOCATION"]["value"]
+    assert mounted_secret_key(pod, container, ca) == ("uincall-enricher-kafka", "ca.crt")
+    # And the receiver's (ingest listed before kafka-credentials) are the same.
+    _, receiver = container_of_ingest(docs)
+    assert kafka == [e for e in receiver["env"] if e["name"].startswith("UINCALL__KAFKA__PROPERTIES__")]
+
+
+def test_backfill_help_mentions_every_flag_the_cronjob_passes():
+    # Needs a binary with the backfill subcommand.
+    _, _, container = cronjob_of(RENDERINGS["chart:reconcile-pvc-ingest"])
+    result = subprocess.run([BINARY, "backfill", "--help"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    flags = {a.split("=")[0] for a in container["args"] if a.startswith("--")}
+    assert {"--config", "--all-tenants", "--from", "--to", "--skip-enriched", "--state", "--dry-run"} <= flags
+    for flag in sorted(flags):
+        assert re.search(rf"(^|[\s,]){re.escape(flag)}([\s=,]|$)", result.stdout, re.M), flag

@@ -304,6 +304,18 @@ impl TestEnv {
             .unwrap()
     }
 
+    /// The first `n` records of `topic`, and how many it holds in all.
+    pub async fn read_all(&self, topic: &str, n: usize) -> (Vec<OwnedMessage>, usize) {
+        let records = testkit::read_topic(&self.bootstrap(), topic, n, WAIT)
+            .await
+            .unwrap();
+        let total: i64 = testkit::end_offsets(&self.bootstrap(), topic)
+            .unwrap()
+            .iter()
+            .sum();
+        (records, total as usize)
+    }
+
     /// Whether a topic holds no record.
     pub fn is_empty(&self, topic: &str) -> bool {
         testkit::end_offsets(&self.bootstrap(), topic)

@@ -246,14 +246,8 @@ async fn pushes_of_each_kind_reach_the_input_topic_once_and_are_enriched() {
 
     // Exactly the forwarded pushes are on the input topic, each once, with
     // the body as sent and the source headers.
-    let input = testkit::read_topic(&env.bootstrap(), &env.input, forwarded.len() + 1, WAIT)
-        .await
-        .unwrap();
-    let total: i64 = testkit::end_offsets(&env.bootstrap(), &env.input)
-        .unwrap()
-        .iter()
-        .sum();
-    assert_eq!(total as usize, forwarded.len() + 1);
+    let (input, total) = env.read_all(&env.input, forwarded.len() + 1).await;
+    assert_eq!(total, forwarded.len() + 1);
     let (flagged, input): (Vec<_>, Vec<_>) =
         input.into_iter().partition(|m| key(m) == "push-flagged");
     assert_eq!(flagged.len(), 1);

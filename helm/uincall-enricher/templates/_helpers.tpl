@@ -18,8 +18,13 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
 {{- define "uincall-enricher.labels" -}}
-helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{ include "uincall-enricher.selectorLabels" . }}
+{{ include "uincall-enricher.commonLabels" . }}
+{{- end }}
+
+{{/* The labels of every resource of the chart besides name and instance (and component). */}}
+{{- define "uincall-enricher.commonLabels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: uincall-enricher
@@ -80,31 +85,64 @@ tracing.otlpEndpoint is set); they follow POD_NAME in a container's env.
 {{- end }}
 
 {{/*
-The push receiver (ingest). Its pods have their own app.kubernetes.io/name,
-<name>-ingest: the worker's selectors (name and instance; its Deployment's
-cannot change) never match them, and the receiver's never match the
-worker's pods.
+The parts of the release besides the worker, each with its own
+app.kubernetes.io/name, <name>-<component>, and app.kubernetes.io/component
+<component>: the worker's selectors (name and instance; its Deployment's
+cannot change) never match their pods, and theirs never match the worker's
+pods or each other's. A dict: root (the chart's context) and component;
+the full name fits in max characters (default 63).
 */}}
+{{- define "uincall-enricher.component.name" -}}
+{{- $suffix := printf "-%s" .component }}
+{{- $base := include "uincall-enricher.name" .root | trunc (int (sub 63 (len $suffix))) | trimSuffix "-" }}
+{{- printf "%s%s" $base $suffix }}
+{{- end }}
+
+{{- define "uincall-enricher.component.fullname" -}}
+{{- $suffix := printf "-%s" .component }}
+{{- $max := int (default 63 .max) }}
+{{- $base := include "uincall-enricher.fullname" .root | trunc (int (sub $max (len $suffix))) | trimSuffix "-" }}
+{{- printf "%s%s" $base $suffix }}
+{{- end }}
+
+{{- define "uincall-enricher.component.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "uincall-enricher.component.name" . }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "uincall-enricher.component.labels" -}}
+{{ include "uincall-enricher.component.selectorLabels" . }}
+{{ include "uincall-enricher.commonLabels" .root }}
+{{- end }}
+
+{{/* The push receiver (ingest): <name>-ingest. */}}
 {{- define "uincall-enricher.ingest.name" -}}
-{{- printf "%s-ingest" (include "uincall-enricher.name" . | trunc 56 | trimSuffix "-") }}
+{{- include "uincall-enricher.component.name" (dict "root" . "component" "ingest") }}
 {{- end }}
 
 {{- define "uincall-enricher.ingest.fullname" -}}
-{{- printf "%s-ingest" (include "uincall-enricher.fullname" . | trunc 56 | trimSuffix "-") }}
+{{- include "uincall-enricher.component.fullname" (dict "root" . "component" "ingest") }}
 {{- end }}
 
 {{- define "uincall-enricher.ingest.selectorLabels" -}}
-app.kubernetes.io/name: {{ include "uincall-enricher.ingest.name" . }}
-app.kubernetes.io/instance: {{ .Release.Name }}
-app.kubernetes.io/component: ingest
+{{- include "uincall-enricher.component.selectorLabels" (dict "root" . "component" "ingest") }}
 {{- end }}
 
 {{- define "uincall-enricher.ingest.labels" -}}
-helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
-{{ include "uincall-enricher.ingest.selectorLabels" . }}
-app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
-app.kubernetes.io/managed-by: {{ .Release.Service }}
-app.kubernetes.io/part-of: uincall-enricher
+{{- include "uincall-enricher.component.labels" (dict "root" . "component" "ingest") }}
+{{- end }}
+
+{{/*
+The nightly reconcile (reconcile.enabled): a CronJob <fullname>-reconcile,
+within 52 characters (the Jobs it creates add 11 to the name).
+*/}}
+{{- define "uincall-enricher.reconcile.fullname" -}}
+{{- include "uincall-enricher.component.fullname" (dict "root" . "component" "reconcile" "max" 52) }}
+{{- end }}
+
+{{- define "uincall-enricher.reconcile.labels" -}}
+{{- include "uincall-enricher.component.labels" (dict "root" . "component" "reconcile") }}
 {{- end }}
 
 {{/* The receiver's replicas: at least this many run (the HPA's minimum when it scales them). */}}
@@ -173,4 +211,132 @@ when nothing is mapped.
 {{- $sources = append $sources (dict "secret" (dict "name" $secret "items" $items)) }}
 {{- end }}
 {{- toJson (dict "env" $env "sources" $sources "mountPath" $root) }}
+{{- end }}
+
+{{/*
+Pieces of the pod spec that every pod of the chart shares. podSpec: the
+service account, image pull secrets, priority class and the pod's security
+context; a dict: root (the chart's context) and securityContext.
+*/}}
+{{- define "uincall-enricher.podSpec" -}}
+serviceAccountName: {{ include "uincall-enricher.serviceAccountName" .root }}
+automountServiceAccountToken: false
+{{- with .root.Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .root.Values.priorityClassName }}
+priorityClassName: {{ . | quote }}
+{{- end }}
+{{- with .securityContext }}
+securityContext:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* Where the pod may run: topologySpreadConstraints, nodeSelector, affinity and tolerations of a values map (the worker's, ingest's, reconcile's). */}}
+{{- define "uincall-enricher.podPlacement" -}}
+{{- with (get . "topologySpreadConstraints") }}
+topologySpreadConstraints:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with (get . "nodeSelector") }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with (get . "affinity") }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with (get . "tolerations") }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* The container's image and pull policy. */}}
+{{- define "uincall-enricher.image" -}}
+image: "{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}"
+imagePullPolicy: {{ .Values.image.pullPolicy }}
+{{- end }}
+
+{{/*
+A container's env: POD_NAME, the Kafka client id (<clientId>-<pod name>),
+the OTEL_* variables of values tracing, the Kafka credentials from Secrets
+(kafka.existingSecret, sorted by property), then extraEnv. A dict: root,
+clientId and extraEnv.
+*/}}
+{{- define "uincall-enricher.env" -}}
+- name: POD_NAME
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.name
+# The Kafka client id names the pod (broker logs, quotas).
+- name: UINCALL__KAFKA__CLIENT_ID
+  value: "{{ .clientId }}-$(POD_NAME)"
+{{- with include "uincall-enricher.tracingEnv" .root | trim }}
+{{ . }}
+{{- end }}
+{{- with (include "uincall-enricher.kafkaCredentials" .root | fromJson).env }}
+{{ toYaml . }}
+{{- end }}
+{{- with .extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* The mount of the Kafka credentials' files (kafka.existingSecret.files), when any. */}}
+{{- define "uincall-enricher.kafkaVolumeMount" -}}
+{{- $kafka := include "uincall-enricher.kafkaCredentials" . | fromJson }}
+{{- if $kafka.sources }}
+- name: kafka-credentials
+  mountPath: {{ $kafka.mountPath }}
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{/* The volume of the Kafka credentials' files (kafka.existingSecret.files), when any. */}}
+{{- define "uincall-enricher.kafkaVolume" -}}
+{{- with (include "uincall-enricher.kafkaCredentials" . | fromJson).sources }}
+# Kafka CA and client certificates: <secret>/<key> under the mount.
+- name: kafka-credentials
+  projected:
+    sources:
+      {{- toYaml . | nindent 6 }}
+{{- end }}
+{{- end }}
+
+{{/*
+The worker's volumes, which the reconcile's pods get too: the settings
+file, the access tokens at api.tokens_dir, the Kafka credentials' files,
+then extraVolumes; volumeMounts the same, then extraVolumeMounts.
+*/}}
+{{- define "uincall-enricher.volumeMounts" -}}
+- name: config
+  mountPath: /etc/uincall-enricher
+  readOnly: true
+- name: tokens
+  mountPath: /var/run/secrets/uincall
+  readOnly: true
+{{- with include "uincall-enricher.kafkaVolumeMount" . | trim }}
+{{ . }}
+{{- end }}
+{{- with .Values.extraVolumeMounts }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{- define "uincall-enricher.volumes" -}}
+- name: config
+  configMap:
+    name: {{ include "uincall-enricher.fullname" . }}
+- name: tokens
+  secret:
+    secretName: {{ include "uincall-enricher.secretName" . }}
+{{- with include "uincall-enricher.kafkaVolume" . | trim }}
+{{ . }}
+{{- end }}
+{{- with .Values.extraVolumes }}
+{{ toYaml . }}
+{{- end }}
 {{- end }}
