@@ -947,6 +947,13 @@ def test_ingest_component_matches_the_chart_and_gets_the_kafka_credentials():
     # With kafka-credentials after it: the worker's credentials, the same way.
     docs = RENDERINGS[f"kustomize:{INGEST_KAFKA_COMPONENTS}"]
     pod, container = container_of_ingest(docs)
+    has_the_workers_kafka_credentials(docs, pod, container)
+
+
+def has_the_workers_kafka_credentials(docs, pod, container):
+    """The kustomize component kafka-credentials gave `container` of `pod`
+    the worker's Kafka variables and credentials volume, its CA file mounted
+    from the Secret's key; returns the variables."""
     worker_pod, worker = container_of(docs)
     kafka = [e for e in container["env"] if e["name"].startswith("UINCALL__KAFKA__PROPERTIES__")]
     assert kafka and kafka == [e for e in worker["env"] if e["name"].startswith("UINCALL__KAFKA__PROPERTIES__")]
@@ -954,7 +961,7 @@ def test_ingest_component_matches_the_chart_and_gets_the_kafka_credentials():
     assert volumes["kafka-credentials"] == {v["name"]: v for v in worker_pod["volumes"]}["kafka-credentials"]
     ca = {e["name"]: e for e in container["env"]}["UINCALL__KAFKA__PROPERTIES__SSL_CA_LOCATION"]["value"]
     assert mounted_secret_key(pod, container, ca) == ("uincall-enricher-kafka", "ca.crt")
-
+    return kafka
 
 # The nightly reconcile: a CronJob running `uincall-enricher backfill`
 # (docs/backfill.md), values reconcile, component deploy/components/backfill.
@@ -1157,13 +1164,7 @@ def test_backfill_component_matches_the_chart_and_gets_the_kafka_credentials():
     # With kafka-credentials and backfill/kafka-credentials: the worker's credentials, the same way.
     docs = RENDERINGS[f"kustomize:{BACKFILL_KAFKA_COMPONENTS}"]
     _, pod, container = cronjob_of(docs)
-    worker_pod, worker = container_of(docs)
-    kafka = [e for e in container["env"] if e["name"].startswith("UINCALL__KAFKA__PROPERTIES__")]
-    assert kafka and kafka == [e for e in worker["env"] if e["name"].startswith("UINCALL__KAFKA__PROPERTIES__")]
-    volumes = {v["name"]: v for v in pod["volumes"]}
-    assert volumes["kafka-credentials"] == {v["name"]: v for v in worker_pod["volumes"]}["kafka-credentials"]
-    ca = {e["name"]: e for e in container["env"]}["UINCALL__KAFKA__PROPERTIES__SSL_CA_LOCATION"]["value"]
-    assert mounted_secret_key(pod, container, ca) == ("uincall-enricher-kafka", "ca.crt")
+    kafka = has_the_workers_kafka_credentials(docs, pod, container)
     # And the receiver's (ingest listed before kafka-credentials) are the same.
     _, receiver = container_of_ingest(docs)
     assert kafka == [e for e in receiver["env"] if e["name"].startswith("UINCALL__KAFKA__PROPERTIES__")]
