@@ -114,6 +114,17 @@ pub fn reader_config(k: &KafkaSettings) -> ClientConfig {
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("enable.partition.eof", "true");
+    // It reads one pass, start to end, records of a few bytes: librdkafka's
+    // default prefetch (up to 100 000 records per partition) buys no speed
+    // and was most of its memory.
+    for (key, value) in [
+        ("queued.min.messages", "10000"),
+        ("queued.max.messages.kbytes", "8192"),
+    ] {
+        if !k.properties.contains_key(key) {
+            c.set(key, value);
+        }
+    }
     c
 }
 

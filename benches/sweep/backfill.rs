@@ -70,7 +70,7 @@ pub async fn run(ctx: &Ctx<'_>) -> anyhow::Result<()> {
          `backfill` of {sessions} sessions (one tenant, one 30-day window, pages of 50): **{:.0} sessions/s** ({:.1} s; {submitted} events on the input topic)\n\n\
          | backfill cores | fake API cores | broker cores | harness cores | backfill peak RSS MiB |\n|---|---|---|---|---|\n\
          | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} |\n",
-        machine(),
+        machine().trim_end(),
         args.page_latency_ms,
         sessions as f64 / whole.seconds,
         whole.seconds,

@@ -5,10 +5,9 @@
 //! (librdkafka wants a group for `assign`, and looks up its coordinator:
 //! Describe on it), which never joins and commits nothing.
 //!
-//! Each key is kept as a 128-bit digest, not as text: about 20 bytes a key
-//! in the set (docs/backfill.md has the measured figures), and a false
-//! match (which would skip a missing session) has odds of about 2^-128 per
-//! pair of keys.
+//! Each key is kept as a 128-bit digest, not as text (docs/benchmarks.md
+//! has the measured memory and time per million keys); a false match (which
+//! would skip a missing session) has odds of about 2^-128 per pair of keys.
 
 use std::collections::HashSet;
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -96,7 +95,10 @@ pub fn read(
             total += (high - low) as u64;
         }
     }
-    let mut enriched = Enriched::default();
+    // Sized once for every record: no rehash doubling the set at its peak.
+    let mut enriched = Enriched {
+        keys: HashSet::with_capacity(total as usize),
+    };
     if open.is_empty() {
         return Ok(Some(enriched));
     }
