@@ -956,6 +956,52 @@ async fn serve_fake_api(
     Ok(())
 }
 
+/// `--kafka-property` as the binary reads them: `UINCALL__KAFKA__PROPERTIES__…`.
+fn kafka_property_vars(args: &Args) -> Vec<(String, String)> {
+    (args.kafka_properties.iter())
+        .map(|(k, v)| {
+            let key = k.to_uppercase().replace('.', "_");
+            (format!("UINCALL__KAFKA__PROPERTIES__{key}"), v.clone())
+        })
+        .collect()
+}
+
+/// Produces `n` records, `record(i)` giving key and value, at most
+/// `in_flight` awaiting acknowledgement; the first error ends it.
+async fn produce_all(
+    producer: &FutureProducer,
+    topic: &str,
+    n: usize,
+    in_flight: usize,
+    record: impl Fn(usize) -> (String, String),
+) -> anyhow::Result<()> {
+    let mut pending = FuturesUnordered::new();
+    for i in 0..n {
+        if pending.len() >= in_flight
+            && let Some(r) = pending.next().await
+        {
+            r?;
+        }
+        let (key, value) = record(i);
+        let producer = producer.clone();
+        let topic = topic.to_string();
+        pending.push(async move {
+            producer
+                .send(
+                    FutureRecord::to(&topic).key(&key).payload(&value),
+                    Timeout::Never,
+                )
+                .await
+                .map(|_| ())
+                .map_err(|(e, _)| anyhow::anyhow!("producing to {topic}: {e}"))
+        });
+    }
+    while let Some(r) = pending.next().await {
+        r?;
+    }
+    Ok(())
+}
+
 fn percentile(sorted: &[f64], q: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;

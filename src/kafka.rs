@@ -108,12 +108,8 @@ pub fn replay_consumer_config(k: &KafkaSettings, group: &str) -> ClientConfig {
 /// joined, nothing committed), from the earliest offset, told when it
 /// reaches a partition's end.
 pub fn reader_config(k: &KafkaSettings) -> ClientConfig {
-    let mut c = base(k);
-    c.set("group.id", format!("{}.backfill", k.group_id))
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("enable.partition.eof", "true");
+    let mut c = replay_consumer_config(k, &format!("{}.backfill", k.group_id));
+    c.set("enable.partition.eof", "true");
     // It reads one pass, start to end, records of a few bytes: librdkafka's
     // default prefetch (up to 100 000 records per partition) buys no speed
     // and was most of its memory.

@@ -155,13 +155,7 @@ async fn backfill(
         .stderr(std::fs::File::create(
             out.join(format!("backfill-{tag}.log")),
         )?);
-    for (k, v) in &ctx.args.kafka_properties {
-        let var = format!(
-            "UINCALL__KAFKA__PROPERTIES__{}",
-            k.to_uppercase().replace('.', "_")
-        );
-        command.env(var, v);
-    }
+    command.envs(kafka_property_vars(ctx.args));
     let (api_pid, broker_pid) = (api.pid().to_string(), ctx.broker_pid.to_string());
     let (a0, b0, h0) = (
         cpu_seconds(&api_pid),
@@ -212,29 +206,11 @@ async fn produce_keys(bootstrap: &str, topic: &str, n: usize) -> anyhow::Result<
     let producer: FutureProducer = testkit::client_config(bootstrap)
         .set("linger.ms", "20")
         .create()?;
-    let mut pending = FuturesUnordered::new();
-    for i in 0..n {
-        if pending.len() >= 5_000
-            && let Some(r) = pending.next().await
-        {
-            r?;
-        }
-        let producer = producer.clone();
-        let topic = topic.to_string();
-        pending.push(async move {
-            let key = format!("{:08x}-0e00-4000-8000-{:012x}", i, i);
-            producer
-                .send(
-                    FutureRecord::to(&topic).key(&key).payload("{}"),
-                    Timeout::Never,
-                )
-                .await
-                .map(|_| ())
-                .map_err(|(e, _)| anyhow::anyhow!("producing keys: {e}"))
-        });
-    }
-    while let Some(r) = pending.next().await {
-        r?;
-    }
-    Ok(())
+    produce_all(&producer, topic, n, 5_000, |i| {
+        (
+            format!("{:08x}-0e00-4000-8000-{:012x}", i, i),
+            "{}".to_string(),
+        )
+    })
+    .await
 }

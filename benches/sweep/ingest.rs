@@ -72,13 +72,7 @@ pub async fn run(ctx: &Ctx<'_>) -> anyhow::Result<()> {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log);
-    for (k, v) in &args.kafka_properties {
-        let var = format!(
-            "UINCALL__KAFKA__PROPERTIES__{}",
-            k.to_uppercase().replace('.', "_")
-        );
-        command.env(var, v);
-    }
+    command.envs(kafka_property_vars(args));
     let mut receiver = Proc::spawn("the push receiver", command)?;
     let client = reqwest::Client::new();
     let ready = format!("http://{side}/readyz");
@@ -195,43 +189,17 @@ pub async fn run(ctx: &Ctx<'_>) -> anyhow::Result<()> {
 /// Records a second this process gets acknowledged with the receiver's
 /// producer settings.
 async fn raw_produce_rate(ctx: &Ctx<'_>, topic: &str) -> anyhow::Result<f64> {
-    let mut env: Vec<(String, String)> =
-        vec![("UINCALL__KAFKA__BROKERS".into(), ctx.bootstrap.into())];
-    for (k, v) in &ctx.args.kafka_properties {
-        let var = format!(
-            "UINCALL__KAFKA__PROPERTIES__{}",
-            k.to_uppercase().replace('.', "_")
-        );
-        env.push((var, v.clone()));
-    }
+    let mut env = kafka_property_vars(ctx.args);
+    env.push(("UINCALL__KAFKA__BROKERS".into(), ctx.bootstrap.into()));
     let settings = Settings::load_from(None, env)?;
     let producer: FutureProducer = kafka::producer_config(&settings.kafka, None).create()?;
     let started = Instant::now();
-    let mut pending = FuturesUnordered::new();
-    for i in 0..RAW_RECORDS {
-        if pending.len() >= RAW_IN_FLIGHT
-            && let Some(r) = pending.next().await
-        {
-            r?;
-        }
-        let producer = producer.clone();
-        let topic = topic.to_string();
-        pending.push(async move {
-            let key = format!("raw-{i:08}");
-            let body = push_body(&key);
-            producer
-                .send(
-                    FutureRecord::to(&topic).key(&key).payload(&body),
-                    Timeout::Never,
-                )
-                .await
-                .map(|_| ())
-                .map_err(|(e, _)| anyhow::anyhow!("raw produce: {e}"))
-        });
-    }
-    while let Some(r) = pending.next().await {
-        r?;
-    }
+    produce_all(&producer, topic, RAW_RECORDS, RAW_IN_FLIGHT, |i| {
+        let key = format!("raw-{i:08}");
+        let body = push_body(&key);
+        (key, body)
+    })
+    .await?;
     Ok(RAW_RECORDS as f64 / started.elapsed().as_secs_f64())
 }
 
