@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
+use rdkafka::message::{Header, OwnedHeaders};
 
 use crate::classify::ApiFailure;
 use crate::event::CallEnded;
@@ -260,6 +261,21 @@ impl Stamp {
         .into_iter()
         .filter_map(|(k, v)| v.map(|v| (k, v)))
         .collect()
+    }
+
+    /// `headers` with the `dlq.*` headers added, and Kafka Connect's with
+    /// `connect` (`headers.kafka_connect`).
+    pub fn onto(&self, headers: OwnedHeaders, connect: bool) -> OwnedHeaders {
+        let mut ours = self.headers();
+        if connect {
+            ours.extend(self.connect_headers());
+        }
+        ours.iter().fold(headers, |hs, (k, v)| {
+            hs.insert(Header {
+                key: k,
+                value: Some(v.as_bytes()),
+            })
+        })
     }
 
     pub fn headers(&self) -> Vec<(&'static str, String)> {

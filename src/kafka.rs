@@ -11,7 +11,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseProducer, DeliveryResult, Producer, ProducerContext};
 use tracing::{debug, error, info, warn};
 
-use crate::settings::{GroupProtocol, KafkaSettings, is_secret_property};
+use crate::settings::{GroupProtocol, KafkaSettings, property_secrets, redact};
 
 /// `kafka.client_id`, else `uincall-enricher-$HOSTNAME` (the pod name on
 /// Kubernetes), else `uincall-enricher`.
@@ -211,11 +211,10 @@ fn is_refusal(code: RDKafkaErrorCode, reason: &str) -> bool {
     }
 }
 
-/// The values of the secret-looking `kafka.properties`.
+/// The secret values (or parts of values) of `kafka.properties`.
 fn secrets(k: &KafkaSettings) -> Vec<String> {
     (k.properties.iter())
-        .filter(|(key, _)| is_secret_property(key))
-        .map(|(_, v)| v.clone())
+        .flat_map(|(key, v)| property_secrets(key, v))
         .collect()
 }
 
@@ -226,14 +225,6 @@ fn secrets(k: &KafkaSettings) -> Vec<String> {
 pub fn config_error(k: &KafkaSettings, what: &str) -> impl FnOnce(KafkaError) -> anyhow::Error {
     let (secrets, what) = (secrets(k), what.to_string());
     move |e| anyhow::anyhow!("{what}: {}", redact(&e.to_string(), &secrets))
-}
-
-/// `text` with every occurrence of a secret replaced.
-fn redact(text: &str, secrets: &[String]) -> String {
-    secrets
-        .iter()
-        .filter(|s| !s.is_empty())
-        .fold(text.to_string(), |t, s| t.replace(s.as_str(), "[redacted]"))
 }
 
 /// Connects to `kafka.brokers` with the configured security settings and

@@ -635,7 +635,8 @@ fn redact_map<S: Serializer>(
 /// Whether a librdkafka property holds a secret: a password, a secret, a
 /// token or credential, a private key (`ssl.key.pem`; not a file location),
 /// or a whole SASL/OAUTHBEARER configuration. Where a secret is
-/// (`*.location`) and where a token is fetched (`*.url`) are not secrets.
+/// (`*.location`) and where a token is fetched (`*.url`) are not secrets
+/// as a whole (a URL's secret parts: [`property_secrets`]).
 pub fn is_secret_property(key: &str) -> bool {
     let k = key.to_ascii_lowercase();
     if k.ends_with(".location") || k.ends_with(".url") {
@@ -643,6 +644,7 @@ pub fn is_secret_property(key: &str) -> bool {
     }
     [
         "password",
+        "passphrase",
         "secret",
         "token",
         "credential",
@@ -654,18 +656,50 @@ pub fn is_secret_property(key: &str) -> bool {
         || k.contains("key")
 }
 
+/// The secret parts of a librdkafka property's value: all of it for a
+/// secret-looking property; for a `*.url` (a token endpoint may carry
+/// credentials) its password and the values of secret-looking query
+/// parameters (`client_secret=…`); else nothing.
+pub fn property_secrets(key: &str, value: &str) -> Vec<String> {
+    if is_secret_property(key) {
+        return vec![value.to_string()];
+    }
+    if !key.to_ascii_lowercase().ends_with(".url") {
+        return Vec::new();
+    }
+    let Ok(url) = url::Url::parse(value) else {
+        // Not read as a URL: shown only if nothing in it could be a
+        // credential.
+        return match value.contains(['@', '?']) {
+            true => vec![value.to_string()],
+            false => Vec::new(),
+        };
+    };
+    let query = url.query().unwrap_or_default();
+    let query_secrets = (query.split('&'))
+        .filter_map(|pair| pair.split_once('='))
+        .filter(|(name, _)| is_secret_property(name))
+        .map(|(_, v)| v);
+    (url.password().into_iter())
+        .chain(query_secrets)
+        .filter(|v| !v.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// `text` with every occurrence of each of `secrets` replaced.
+pub fn redact(text: &str, secrets: &[String]) -> String {
+    secrets
+        .iter()
+        .filter(|s| !s.is_empty())
+        .fold(text.to_string(), |t, s| t.replace(s.as_str(), "[redacted]"))
+}
+
 fn redact_secret_properties<S: Serializer>(
     map: &BTreeMap<String, String>,
     serializer: S,
 ) -> Result<S::Ok, S::Error> {
-    serializer.collect_map(map.iter().map(|(k, v)| {
-        let shown = if is_secret_property(k) {
-            "[redacted]"
-        } else {
-            v.as_str()
-        };
-        (k, shown)
-    }))
+    serializer.collect_map((map.iter()).map(|(k, v)| (k, redact(v, &property_secrets(k, v)))))
 }
 
 /// A list of errcodes from TOML (`[1, 2]`) or the environment (`"1,2"`).
@@ -1331,6 +1365,20 @@ mod tests {
                     "UINCALL__KAFKA__PROPERTIES__SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL",
                     "https://login.example.com/token",
                 ),
+                (
+                    "UINCALL__KAFKA__PROPERTIES__HTTPS_EXAMPLE_URL",
+                    format!(
+                        "https://user:{secret}@idp.example.com/t?client_secret={secret}&scope=kafka"
+                    )
+                    .as_str(),
+                ),
+                ("UINCALL__KAFKA__PROPERTIES__SSL_KEYSTORE_PASSWORD", secret),
+                ("UINCALL__KAFKA__PROPERTIES__SSL_KEY_PASSWORD", secret),
+                ("UINCALL__KAFKA__PROPERTIES__SASL_JAAS_CONFIG", secret),
+                (
+                    "UINCALL__KAFKA__PROPERTIES__SSL_KEYSTORE_LOCATION",
+                    "/etc/kafka/client.p12",
+                ),
             ]),
         )
         .unwrap();
@@ -1347,6 +1395,9 @@ mod tests {
             "ssl.key.pem",
             "sasl.oauthbearer.client.secret",
             "sasl.oauthbearer.config",
+            "ssl.keystore.password",
+            "ssl.key.password",
+            "sasl.jaas.config",
         ] {
             assert!(
                 text.contains(&format!("\"{key}\" = \"[redacted]\"")),
@@ -1355,6 +1406,14 @@ mod tests {
         }
         assert!(
             text.contains("\"ssl.key.location\" = \"/etc/kafka/client.key\""),
+            "{text}"
+        );
+        assert!(
+            text.contains("\"ssl.keystore.location\" = \"/etc/kafka/client.p12\""),
+            "{text}"
+        );
+        assert!(
+            text.contains("\"https.example.url\" = \"https://user:[redacted]@idp.example.com/t?client_secret=[redacted]&scope=kafka\""),
             "{text}"
         );
         assert!(

@@ -106,6 +106,8 @@ struct Receiver {
     flagged: Mutex<HashSet<String>>,
     /// `ingest.dead_letter_refused`: where refused bodies go, if anywhere.
     dead_letter_topic: Option<String>,
+    /// `headers.kafka_connect`: Kafka Connect's error headers on those.
+    connect_headers: bool,
     metrics: Metrics,
 }
 
@@ -218,6 +220,7 @@ impl Receiver {
                 .then(|| i.token_tenants.iter().cloned().collect()),
             flagged: Mutex::new(HashSet::new()),
             dead_letter_topic: i.dead_letter_refused.then(|| k.dead_letter_topic.clone()),
+            connect_headers: settings.headers.kafka_connect,
             metrics: Metrics::new(),
         }))
     }
@@ -597,13 +600,7 @@ impl Receiver {
             enricher: Some(crate::record::ENRICHER.to_string()),
             ..Stamp::default()
         };
-        let stamp = stamp.headers();
-        let headers = stamp.iter().fold(push_headers(kind, tenant), |h, (k, v)| {
-            h.insert(Header {
-                key: k,
-                value: Some(v.as_str()),
-            })
-        });
+        let headers = stamp.onto(push_headers(kind, tenant), self.connect_headers);
         let record = FutureRecord::<(), _>::to(topic)
             .payload(&body[..])
             .headers(headers);

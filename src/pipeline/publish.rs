@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::message::OwnedHeaders;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 use tokio_util::sync::CancellationToken;
@@ -177,7 +177,7 @@ impl Publisher {
         stop: &CancellationToken,
     ) -> Result<(), ProduceError> {
         let payload = out.payload;
-        let full = self.with_stamp(out.headers.clone(), stamp);
+        let full = stamp.onto(out.headers.clone(), self.connect_headers);
         let mut result = self
             .send(
                 Outgoing {
@@ -199,7 +199,7 @@ impl Publisher {
                 }),
                 ..stamp.clone()
             };
-            let headers = self.with_stamp(OwnedHeaders::new(), &truncated);
+            let headers = truncated.onto(OwnedHeaders::new(), self.connect_headers);
             let cut = Outgoing {
                 payload: &payload[..size],
                 headers: &headers,
@@ -215,23 +215,6 @@ impl Publisher {
         let producer = self.producer.clone();
         tokio::task::spawn_blocking(move || producer.flush(limit)).await??;
         Ok(())
-    }
-}
-
-impl Publisher {
-    /// `headers` with the dead letter's `dlq.*` headers (and Kafka
-    /// Connect's, with `headers.kafka_connect`).
-    fn with_stamp(&self, headers: OwnedHeaders, stamp: &Stamp) -> OwnedHeaders {
-        let mut ours = stamp.headers();
-        if self.connect_headers {
-            ours.extend(stamp.connect_headers());
-        }
-        ours.iter().fold(headers, |hs, (k, v)| {
-            hs.insert(Header {
-                key: k,
-                value: Some(v.as_bytes()),
-            })
-        })
     }
 }
 

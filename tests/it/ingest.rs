@@ -120,6 +120,7 @@ async fn pushes_of_each_kind_reach_the_input_topic_once_and_are_enriched() {
             (no_token_var.as_str(), no_token_secret),
             ("UINCALL__INGEST__TOKEN_TENANTS", env.tenant.as_str()),
             ("UINCALL__INGEST__DEAD_LETTER_REFUSED", "true"),
+            ("UINCALL__HEADERS__KAFKA_CONNECT", "true"),
         ],
     );
     until_status(&format!("{}/readyz", receiver.side), 200).await;
@@ -360,6 +361,17 @@ async fn pushes_of_each_kind_reach_the_input_topic_once_and_are_enriched() {
             header(m, "dlq.tenant_id").as_deref(),
             Some(env.tenant.as_str())
         );
+        // Kafka Connect's names for the class and the reason; a push has
+        // no source record, so no topic, partition or offset.
+        assert_eq!(
+            header(m, "__connect.errors.exception.class.name").as_deref(),
+            Some("invalid_event")
+        );
+        assert_eq!(
+            header(m, "__connect.errors.exception.message"),
+            header(m, "dlq.reason")
+        );
+        assert_eq!(header(m, "__connect.errors.topic"), None);
     }
     assert_eq!(worker_dead.len(), 1);
     assert_eq!(key(worker_dead[0]), "push-flagged");
