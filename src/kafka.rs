@@ -248,8 +248,10 @@ pub async fn check_connection(k: &KafkaSettings) -> anyhow::Result<()> {
         loop {
             let attempt = client.client().fetch_metadata(None, wait);
             wait = (wait * 2).min(Duration::from_secs(4));
-            // Delivers librdkafka's error events to the context.
-            client.poll(Duration::ZERO);
+            // Delivers librdkafka's queued events (log lines, then errors)
+            // to the context: one poll with no wait takes a single event,
+            // and an error behind a few log lines was seen only 20 s later.
+            client.poll(Duration::from_millis(100));
             if let Some(reason) = client.context().refused.lock().unwrap().take() {
                 bail!(
                     "the Kafka cluster at kafka.brokers {brokers} refused the connection: \

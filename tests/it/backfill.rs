@@ -30,15 +30,15 @@ fn calls(n: usize, days: i64) -> Vec<(String, NaiveDateTime)> {
 /// The 90 days from 2026-08-01.
 const RANGE: [&str; 4] = ["--from", "2026-08-01", "--to", "2026-10-30"];
 
-struct Ran {
-    code: i32,
-    stdout: String,
-    log: String,
+pub struct Ran {
+    pub code: i32,
+    pub stdout: String,
+    pub log: String,
 }
 
 /// Runs `backfill ARGS` (for this test's tenant) to its end; the wait does
 /// not block this test's runtime, which serves the fake API.
-async fn backfill(env: &TestEnv, dir: &Path, args: &[&str], extra_env: &[(&str, &str)]) -> Ran {
+pub async fn backfill(env: &TestEnv, dir: &Path, args: &[&str], extra_env: &[(&str, &str)]) -> Ran {
     let log = dir.join("backfill.log");
     let child = spawn_backfill(env, &log, dir, args, extra_env, Stdio::piped());
     let out = tokio::task::spawn_blocking(move || child.wait_with_output())
@@ -52,7 +52,7 @@ async fn backfill(env: &TestEnv, dir: &Path, args: &[&str], extra_env: &[(&str, 
     }
 }
 
-fn spawn_backfill(
+pub fn spawn_backfill(
     env: &TestEnv,
     log: &PathBuf,
     dir: &Path,

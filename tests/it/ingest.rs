@@ -16,10 +16,10 @@ use crate::helpers::*;
 use crate::testkit;
 
 /// A running receiver: its push base URL and side port.
-struct Receiver {
-    child: Child,
-    push: String,
-    side: String,
+pub struct Receiver {
+    pub child: Child,
+    pub push: String,
+    pub side: String,
     log: std::path::PathBuf,
 }
 
@@ -41,7 +41,7 @@ fn spawn_receiver(env: &TestEnv, log: &std::path::Path, secret: &str) -> Receive
     spawn_receiver_with(env, log, secret, &[])
 }
 
-fn spawn_receiver_with(
+pub fn spawn_receiver_with(
     env: &TestEnv,
     log: &std::path::Path,
     secret: &str,
@@ -73,7 +73,7 @@ fn spawn_receiver_with(
 
 /// Posts `body` to `url` (optionally with basic auth); the status and the
 /// answer's JSON (`Null` when it is not JSON).
-async fn post(
+pub async fn post(
     client: &reqwest::Client,
     url: &str,
     basic: Option<(&str, &str)>,
@@ -89,7 +89,7 @@ async fn post(
     (status, json)
 }
 
-fn event(env: &TestEnv, session: &str, command: &str) -> Vec<u8> {
+pub fn event(env: &TestEnv, session: &str, command: &str) -> Vec<u8> {
     json!({
         "session_id": session,
         "tenant_id": env.tenant,

@@ -5,20 +5,25 @@
 //! the variables the chart renders for that mode (the same fixture in
 //! `tests/fixtures/kafka-auth/` is checked against the chart's rendering by
 //! the deploy tests), values from the test's "Secret": the worker enriches
-//! and dead-letters over the secured listener and reports ready, `replay`
-//! re-submits over it, and wrong credentials stop start-up of both at once
-//! with a message naming the cause and no secret.
+//! and dead-letters over the secured listener and reports ready, the push
+//! receiver forwards and reports ready, `backfill` submits and reads the
+//! output topic, `replay` re-submits, all over it; and wrong credentials
+//! stop start-up of each at once with a message naming the cause and no
+//! secret.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
+use std::process::Stdio;
 use std::sync::OnceLock;
 use std::time::Duration;
 
 use serde_json::Value;
 
+use crate::backfill::{backfill, spawn_backfill};
 use crate::helpers::*;
+use crate::ingest::{event, post, spawn_receiver_with};
 use crate::testkit::oidc::TestOidc;
-use crate::testkit::{KafkaCluster, SCRAM_PASSWORD, SCRAM_USER, TestPki};
+use crate::testkit::{self, KafkaCluster, SCRAM_PASSWORD, SCRAM_USER, TestPki};
 
 /// One secured broker for the three tests (SASL_SSL and MTLS listeners).
 struct SecuredCluster {
@@ -96,10 +101,13 @@ fn pairs(env: &[(String, String)]) -> Vec<(&str, &str)> {
     env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
 }
 
-/// With `good`, the worker enriches two events and dead-letters a broken
-/// one over the secured listener, `/readyz` says ready, and `replay`
-/// re-submits the dead letter; with `bad`, the worker and `replay` both
-/// stop at start-up with a message holding `cause` and not `secret`.
+/// With `good`, over the secured listener: the worker enriches two events
+/// and dead-letters a broken one and both its health checks say 200; the
+/// push receiver reports ready and forwards a push, and `backfill` (its
+/// producer and its reader of the output topic) submits a call from the
+/// call list, both enriched by the worker; `replay` re-submits the dead
+/// letter. With `bad`, the worker, `replay`, the receiver and `backfill`
+/// each stop at start-up with a last line naming `cause` and no `secret`.
 async fn check_mode(
     mode: &str,
     bootstrap: &str,
@@ -118,6 +126,45 @@ async fn check_mode(
     assert_eq!(env.read_output(2).await.len(), 2);
     assert_eq!(env.read_dlq(1).await.len(), 1);
     until_status(&format!("{}/readyz", worker.side), 200).await;
+    until_status(&format!("{}/healthz", worker.side), 200).await;
+
+    // The push receiver.
+    let push_secret = "push-secret-0123456789";
+    let receiver = spawn_receiver_with(
+        &env,
+        &dir.path().join("ingest.log"),
+        push_secret,
+        &pairs(&good),
+    );
+    until_status(&format!("{}/readyz", receiver.side), 200).await;
+    let url = format!("{}/{}/{push_secret}/call-event", receiver.push, env.tenant);
+    let pushed = format!("{mode}-pushed");
+    let body = event(&env, &pushed, "call_hangup");
+    let (status, _) = post(&reqwest::Client::new(), &url, None, body).await;
+    assert_eq!(status, 200);
+    drop(receiver);
+
+    // The backfill, reading the output topic for what is enriched.
+    let listed = format!("{mode}-listed");
+    let at = chrono::NaiveDate::from_ymd_opt(2026, 8, 1)
+        .unwrap()
+        .and_hms_opt(10, 0, 0)
+        .unwrap();
+    env.api.set_calls(&env.tenant, vec![(listed.clone(), at)]);
+    let range = [
+        "--from",
+        "2026-08-01",
+        "--to",
+        "2026-08-02",
+        "--skip-enriched",
+    ];
+    let ran = backfill(&env, dir.path(), &range, &pairs(&good)).await;
+    assert_eq!(ran.code, 0, "{}\n{}", ran.stdout, ran.log);
+    let enriched: BTreeSet<String> = env.read_output(4).await.iter().map(key).collect();
+    assert!(
+        enriched.contains(&pushed) && enriched.contains(&listed),
+        "{enriched:?}"
+    );
     worker.stop().await;
 
     let (code, summary) = env.replay_with_env(&[], &pairs(&good)).await;
@@ -128,11 +175,24 @@ async fn check_mode(
     );
 
     let bad = auth_env(mode, bootstrap, bad);
-    for (what, log) in [("worker", "refused.log"), ("replay", "refused-replay.log")] {
-        let log = dir.path().join(log);
+    for what in ["worker", "replay", "ingest", "backfill"] {
+        let log = dir.path().join(format!("refused-{what}.log"));
         let mut child = match what {
             "worker" => env.spawn_binary(&log, &pairs(&bad)),
-            _ => env.spawn_replay_with_env(&[], &log, &pairs(&bad)),
+            "replay" => env.spawn_replay_with_env(&[], &log, &pairs(&bad)),
+            "ingest" => {
+                let secret_var = format!("UINCALL__INGEST__SECRETS__{}", env.tenant);
+                let listen = format!("127.0.0.1:{}", testkit::free_port());
+                let side = format!("127.0.0.1:{}", testkit::free_port());
+                let mut vars = pairs(&bad);
+                vars.extend([
+                    (secret_var.as_str(), push_secret),
+                    ("UINCALL__INGEST__LISTEN", &listen),
+                    ("UINCALL__HTTP__LISTEN", &side),
+                ]);
+                env.spawn_command(&["ingest"], &log, &vars, Stdio::null())
+            }
+            _ => spawn_backfill(&env, &log, dir.path(), &range, &pairs(&bad), Stdio::null()),
         };
         let status = wait_exit(&mut child, WAIT).await;
         let text = std::fs::read_to_string(&log).unwrap();
