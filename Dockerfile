@@ -27,9 +27,18 @@ RUN touch src/main.rs src/lib.rs && cargo build --release --locked --bin uincall
 
 FROM debian:bookworm-slim
 ARG VERSION=0.1.0
+# The commit built and the URL of its source, given by the build, e.g.
+#   --build-arg REVISION="$(git rev-parse HEAD)" --build-arg SOURCE=https://git.example.com/uincall-enricher
+# Cargo.toml names no repository, so neither has a default: the labels are
+# empty without them (the OCI annotation rules allow an empty value). No
+# licenses label: Cargo.toml declares no licence.
+ARG REVISION=""
+ARG SOURCE=""
 LABEL org.opencontainers.image.title="uincall-enricher" \
       org.opencontainers.image.description="Enriches Uincall call-ended events from Kafka with the call record from the Uincall OpenAPI" \
       org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.source="${SOURCE}" \
       org.opencontainers.image.base.name="docker.io/library/debian:bookworm-slim"
 RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates \

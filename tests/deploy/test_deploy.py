@@ -83,21 +83,82 @@ RECONCILE_PVC = {**INGEST, "reconcile": {
     "schedule": "15 2 * * *", "timeZone": "Europe/London", "startingDeadlineSeconds": None,
     "podAnnotations": {"example.com/team": "contact-centre"}, "podLabels": {"example.com/cost": "nightly"},
     "nodeSelector": {"kubernetes.io/arch": "amd64"},
-    "tolerations": [{"key": "batch", "operator": "Exists", "effect": "NoSchedule"}]}}
+    "tolerations": [{"key": "batch", "operator": "Exists", "effect": "NoSchedule"}],
+    "topologySpreadConstraints": [{
+        "maxSkew": 1, "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "ScheduleAnyway",
+        "labelSelector": {"matchLabels": {"app.kubernetes.io/component": "reconcile"}}}]}}
+# OpenShift: the restricted SCC assigns the uid and gids (values.yaml).
+OPENSHIFT = {"podSecurityContext": {"runAsUser": None, "runAsGroup": None, "fsGroup": None}}
+UID_FIELDS = ("runAsUser", "runAsGroup", "fsGroup")
+# A container security context with more than the default's.
+CONTAINER_SECURITY = {"containerSecurityContext": {
+    "runAsNonRoot": True, "privileged": False, "seccompProfile": {"type": "RuntimeDefault"}}}
+# The receiver's own pod and container security contexts.
+INGEST_SECURITY = {"ingest": {
+    **INGEST["ingest"],
+    "podSecurityContext": {"runAsNonRoot": True, "runAsUser": 10002, "runAsGroup": 10002, "fsGroup": 10002,
+                           "seccompProfile": {"type": "RuntimeDefault"}},
+    "containerSecurityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                 "capabilities": {"drop": ["ALL"]}, "runAsNonRoot": True}}}
+RUNBOOKS = "https://runbooks.example.com/uincall/operations.md"
+# Kafka credentials and the brokers' CA through extraEnv, extraEnvFrom,
+# extraVolumes and extraVolumeMounts (not kafka.existingSecret), which the
+# shared settings file points at; the receiver overrides one variable and
+# adds one of its own.
+EXTRA_CA = "/etc/kafka-ca/ca.crt"
+EXTRA_KAFKA = {
+    "settings": {"kafka": {"properties": {
+        "security.protocol": "SASL_SSL", "sasl.mechanism": "SCRAM-SHA-512", "ssl.ca.location": EXTRA_CA}}},
+    "extraEnv": [
+        {"name": "UINCALL__KAFKA__PROPERTIES__SASL_USERNAME", "value": "enricher"},
+        {"name": "UINCALL__KAFKA__PROPERTIES__SASL_PASSWORD",
+         "valueFrom": {"secretKeyRef": {"name": "kafka-client", "key": "password"}}},
+        {"name": "UINCALL__LOG__LEVEL", "value": "debug"},
+    ],
+    "extraEnvFrom": [{"secretRef": {"name": "kafka-client-extra"}}],
+    "extraVolumes": [{"name": "kafka-ca", "secret": {"secretName": "kafka-ca",
+                                                     "items": [{"key": "ca.crt", "path": "ca.crt"}]}}],
+    "extraVolumeMounts": [{"name": "kafka-ca", "mountPath": "/etc/kafka-ca", "readOnly": True}],
+}
+INGEST_EXTRA = {**EXTRA_KAFKA, "ingest": {**INGEST["ingest"], "extraEnv": [
+    {"name": "UINCALL__LOG__LEVEL", "value": "warn"},
+    {"name": "UINCALL__INGEST__FORWARD_TIMEOUT", "value": "3s"}]}}
+# KEDA reading the lag as the worker does: OAUTHBEARER (the token endpoint
+# and scope from the worker's settings, extensions from values) and mTLS.
+KEDA_SECRET = "keda-kafka"
+KEDA_EXTENSIONS = "logicalCluster=lkc-1,identityPoolId=pool-1"
+KEDA_OAUTHBEARER = {**KAFKA_AUTH["oauthbearer"]["values"], "keda": {"enabled": True, "authentication": {
+    "secretName": KEDA_SECRET, "sasl": "oauthbearer", "tls": True, "oauth": {"extensions": KEDA_EXTENSIONS}}}}
+KEDA_MTLS = {**KAFKA_AUTH["mtls"]["values"], "keda": {"enabled": True, "authentication": {
+    "secretName": KEDA_SECRET, "tls": True, "clientCertificate": True, "keyPassword": True}}}
+STRIMZI_TLS = {"strimzi": {"cluster": "main", "topics": {"create": True},
+                           "user": {"create": True, "authentication": "tls"}}}
 VALUE_SETS = {"defaults": {}, "all-features": ALL_FEATURES, "hpa-existing-secret": HPA,
               **{f"kafka-auth-{mode}": f["values"] for mode, f in KAFKA_AUTH.items()},
               "ingest": {**INGEST, "serviceMonitor": {"enabled": True}},
-              "ingest-kafka-auth-scram": {**KAFKA_AUTH["scram"]["values"], **INGEST},
+              **{f"ingest-kafka-auth-{mode}": {**f["values"], **INGEST} for mode, f in KAFKA_AUTH.items()},
+              "ingest-extra-env": INGEST_EXTRA,
+              "ingest-security-contexts": INGEST_SECURITY,
               "reconcile": RECONCILE,
               "reconcile-all-features": {**ALL_FEATURES, **RECONCILE},
               **{f"reconcile-kafka-auth-{mode}": {**f["values"], **RECONCILE} for mode, f in KAFKA_AUTH.items()},
-              "reconcile-pvc-ingest": RECONCILE_PVC}
+              "reconcile-pvc-ingest": RECONCILE_PVC,
+              "openshift-ingest-reconcile": {**OPENSHIFT, **INGEST, **RECONCILE},
+              "container-security-context-ingest-reconcile": {**CONTAINER_SECURITY, **INGEST, **RECONCILE},
+              "runbook-base-url": {"prometheusRule": {"enabled": True, "runbookBaseUrl": RUNBOOKS}},
+              "strimzi-tls": STRIMZI_TLS,
+              "keda-kafka-auth-oauthbearer": KEDA_OAUTHBEARER,
+              "keda-kafka-auth-mtls": KEDA_MTLS}
 KAFKA_COMPONENT = "production+kafka-credentials"
 INGEST_COMPONENT = "production+ingest"
 INGEST_KAFKA_COMPONENTS = "production+ingest+kafka-credentials"
 BACKFILL_COMPONENT = "production+backfill"
 # Everything: the receiver, the reconcile and both with the worker's Kafka credentials.
 BACKFILL_KAFKA_COMPONENTS = "production+ingest+backfill+kafka-credentials+backfill/kafka-credentials"
+OPENSHIFT_COMPONENT = "production+openshift"
+# The receiver and the reconcile before openshift: it patches them too.
+OPENSHIFT_COMPONENTS = "production+ingest+backfill+openshift"
+STRIMZI_COMPONENT = "production+strimzi"
 PUSH_SECRETS_PREFIX = "UINCALL__INGEST__SECRETS__"
 
 
@@ -147,15 +208,18 @@ def all_renderings():
     yield f"kustomize:{BACKFILL_COMPONENT}", kustomize_with_component("production", "backfill", namespace="uincall")
     yield (f"kustomize:{BACKFILL_KAFKA_COMPONENTS}",
            kustomize_with_component("production", *BACKFILL_KAFKA_COMPONENTS.split("+")[1:], namespace="uincall"))
+    yield f"kustomize:{OPENSHIFT_COMPONENT}", kustomize_with_component("production", "openshift")
+    yield (f"kustomize:{OPENSHIFT_COMPONENTS}",
+           kustomize_with_component("production", *OPENSHIFT_COMPONENTS.split("+")[1:], namespace="uincall"))
+    yield f"kustomize:{STRIMZI_COMPONENT}", kustomize_with_component("production", "strimzi", namespace="uincall")
 
 
 RENDERINGS = dict(all_renderings())
 # Renderings whose pods need a secured broker's credentials (a CA file, a
 # password) to start: the broker tests start the worker with those
 # (tests/it/secured.rs); the rest start here.
-SECURED = ({f"chart:kafka-auth-{mode}" for mode in KAFKA_AUTH}
-           | {f"chart:reconcile-kafka-auth-{mode}" for mode in KAFKA_AUTH}
-           | {f"kustomize:{KAFKA_COMPONENT}", "chart:ingest-kafka-auth-scram",
+SECURED = ({f"chart:{name}" for name in VALUE_SETS if "kafka-auth-" in name}
+           | {f"kustomize:{KAFKA_COMPONENT}", "chart:ingest-extra-env",
               f"kustomize:{INGEST_KAFKA_COMPONENTS}", f"kustomize:{BACKFILL_KAFKA_COMPONENTS}"})
 # Renderings with the push receiver (chart:ingest*, kustomize:*+ingest*).
 INGEST_RENDERINGS = [name for name in RENDERINGS if "ingest" in name]
@@ -236,11 +300,64 @@ def test_extra_values_reach_the_pod():
     assert pod["priorityClassName"] == "contact-centre"
     pdb = one(docs, "PodDisruptionBudget")
     assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
-    # OpenShift: the fixed uid can be left out.
-    openshift = {"podSecurityContext": {"runAsNonRoot": True, "runAsUser": None,
-                                        "runAsGroup": None, "fsGroup": None}}
-    ctx = one(chart_docs(openshift), "Deployment")["spec"]["template"]["spec"]["securityContext"]
-    assert ctx == {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def pod_templates(docs):
+    """The pod templates of a rendering's Deployments and CronJobs."""
+    return ([d["spec"]["template"] for d in docs if d["kind"] == "Deployment"]
+            + [d["spec"]["jobTemplate"]["spec"]["template"] for d in docs if d["kind"] == "CronJob"])
+
+
+def without_uid_fields(docs):
+    """The rendering with runAsUser, runAsGroup and fsGroup taken out of every pod's security context."""
+    docs = json.loads(json.dumps(docs))
+    for template in pod_templates(docs):
+        for field in UID_FIELDS:
+            template["spec"]["securityContext"].pop(field, None)
+    return docs
+
+
+@pytest.mark.parametrize("name, plain", [
+    ("chart:openshift-ingest-reconcile", lambda: chart_docs({**INGEST, **RECONCILE})),
+    (f"kustomize:{OPENSHIFT_COMPONENT}", lambda: RENDERINGS["kustomize:production"]),
+    (f"kustomize:{OPENSHIFT_COMPONENTS}",
+     lambda: kustomize_with_component("production", "ingest", "backfill", namespace="uincall")),
+], ids=["chart", "component", "component-ingest-backfill"])
+def test_openshift_leaves_the_uid_and_gids_to_the_cluster(name, plain):
+    # Its restricted SCC assigns them from the namespace's range and refuses
+    # a pod asking for the image's 10001.
+    docs = RENDERINGS[name]
+    templates = pod_templates(docs)
+    assert len(templates) == (3 if "ingest" in name else 1), "the worker, the receiver, the reconcile"
+    for template in templates:
+        ctx = template["spec"]["securityContext"]
+        assert not set(UID_FIELDS) & set(ctx), (template["metadata"]["labels"], ctx)
+        assert ctx == {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+    # And nothing else changes.
+    before = plain()
+    assert all(set(UID_FIELDS) <= set(t["spec"]["securityContext"]) for t in pod_templates(before))
+    assert sorted(map(json.dumps, docs)) == sorted(map(json.dumps, without_uid_fields(before)))
+
+
+def test_container_and_receiver_security_contexts_as_set():
+    # containerSecurityContext: every container of the release.
+    docs = RENDERINGS["chart:container-security-context-ingest-reconcile"]
+    templates = pod_templates(docs)
+    assert len(templates) == 3
+    want = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]},
+            **CONTAINER_SECURITY["containerSecurityContext"]}
+    for template in templates:
+        (container,) = template["spec"]["containers"]
+        assert container["securityContext"] == want, container["name"]
+    # ingest's own: the receiver's pod and container only.
+    docs = RENDERINGS["chart:ingest-security-contexts"]
+    pod, container = container_of_ingest(docs)
+    assert pod["securityContext"] == INGEST_SECURITY["ingest"]["podSecurityContext"]
+    assert container["securityContext"] == INGEST_SECURITY["ingest"]["containerSecurityContext"]
+    worker_pod, worker = container_of(docs)
+    default_pod, default = container_of(RENDERINGS["chart:defaults"])
+    assert worker_pod["securityContext"] == default_pod["securityContext"]
+    assert worker["securityContext"] == default["securityContext"]
 
 
 def test_config_change_rolls_the_pods():
@@ -391,6 +508,14 @@ def test_every_alert_links_its_runbook_in_the_operations_guide():
         assert anchor == r["alert"].lower() and anchor in anchors, (r["alert"], url)
 
 
+def test_runbook_links_follow_the_base_url_set():
+    rule = one(RENDERINGS["chart:runbook-base-url"], "PrometheusRule")
+    alerts = [r for g in rule["spec"]["groups"] for r in g["rules"] if "alert" in r]
+    assert alerts
+    for r in alerts:
+        assert r["annotations"]["runbook_url"] == f"{RUNBOOKS}#{r['alert'].lower()}", r["alert"]
+
+
 def test_the_dashboard_configmap_carries_the_dashboard_file():
     cms = [d for d in RENDERINGS["chart:all-features"]
            if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-dashboard")]
@@ -410,35 +535,170 @@ def test_keda_reads_the_lag_with_the_clusters_credentials():
     refs = {r["parameter"]: (r["name"], r["key"]) for r in auth["spec"]["secretTargetRef"]}
     assert refs == {"username": ("kafka-client", "username"),
                     "password": ("kafka-client", "password"), "ca": ("kafka-client", "ca")}
+    assert "configMapTargetRef" not in auth["spec"]
     plain = chart_docs({"keda": {"enabled": True}})
     assert "authenticationRef" not in one(plain, "ScaledObject")["spec"]["triggers"][0]
     assert not [d for d in plain if d["kind"] == "TriggerAuthentication"]
 
 
-def test_strimzi_topics_and_a_user_with_the_acls_worker_replay_and_backfill_need():
-    docs = RENDERINGS["chart:all-features"]
-    topics = {d["spec"]["topicName"]: d for d in docs if d["kind"] == "KafkaTopic"}
+def keda_auth(docs):
+    """The trigger's metadata, and the TriggerAuthentication's parameters:
+    {parameter: (kind, name, key)}, from Secrets and ConfigMaps."""
+    (trigger,) = one(docs, "ScaledObject")["spec"]["triggers"]
+    auth = one(docs, "TriggerAuthentication")
+    assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"]
+    assert set(auth["spec"]) <= {"secretTargetRef", "configMapTargetRef"}, "nothing else is rendered"
+    refs = {}
+    for field, kind in (("secretTargetRef", "Secret"), ("configMapTargetRef", "ConfigMap")):
+        for r in auth["spec"].get(field, []):
+            assert r["parameter"] not in refs, r
+            refs[r["parameter"]] = (kind, r["name"], r["key"])
+    return trigger["metadata"], refs
+
+
+def test_keda_oauthbearer_gets_its_token_as_the_worker_does():
+    # KEDA's parameters (its Apache Kafka scaler): the client id and secret
+    # as username and password; the token endpoint, scopes and extensions
+    # read from the TriggerAuthentication only, from a ConfigMap here.
+    docs = RENDERINGS["chart:keda-kafka-auth-oauthbearer"]
+    metadata, refs = keda_auth(docs)
+    assert (metadata["sasl"], metadata["tls"]) == ("oauthbearer", "enable")
+    secret = {p: r for p, r in refs.items() if r[0] == "Secret"}
+    assert secret == {p: ("Secret", KEDA_SECRET, p) for p in ("username", "password", "ca")}
+    config = {p: r for p, r in refs.items() if r[0] == "ConfigMap"}
+    assert set(config) == {"oauthTokenEndpointUri", "scopes", "oauthExtensions"}
+    (name,) = {r[1] for r in config.values()}
+    (cm,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == name]
+    values = {p: cm["data"][key] for p, (_, _, key) in config.items()}
+    # The worker's own endpoint and scope (settings.kafka.properties), the extensions set.
+    properties = KAFKA_AUTH["oauthbearer"]["properties"]
+    assert values == {"oauthTokenEndpointUri": properties["sasl.oauthbearer.token.endpoint.url"],
+                      "scopes": properties["sasl.oauthbearer.scope"], "oauthExtensions": KEDA_EXTENSIONS}
+    assert not SECRET_PROPERTY.search(json.dumps(cm["data"]))
+
+    # Values before the worker's; librdkafka's space separated scope becomes KEDA's comma separated scopes.
+    def oauth_values(oauth, scope):
+        values = json.loads(json.dumps(KEDA_OAUTHBEARER))
+        values["settings"]["kafka"]["properties"]["sasl.oauthbearer.scope"] = scope
+        values["keda"]["authentication"]["oauth"] = oauth
+        docs = chart_docs(values)
+        _, refs = keda_auth(docs)
+        data = {d["metadata"]["name"]: d.get("data", {}) for d in docs if d["kind"] == "ConfigMap"}
+        return {p: data[n][k] for p, (kind, n, k) in refs.items() if kind == "ConfigMap"}
+    assert oauth_values({"tokenEndpointUri": "https://idp.example.com/token", "scopes": "a,b"}, "kafka") == {
+        "oauthTokenEndpointUri": "https://idp.example.com/token", "scopes": "a,b"}
+    assert oauth_values({}, " kafka  openid ")["scopes"] == "kafka,openid"
+
+
+def test_keda_client_certificate_takes_cert_key_and_key_password():
+    metadata, refs = keda_auth(RENDERINGS["chart:keda-kafka-auth-mtls"])
+    assert metadata["tls"] == "enable" and "sasl" not in metadata
+    assert refs == {p: ("Secret", KEDA_SECRET, p) for p in ("ca", "cert", "key", "keyPassword")}
+    assert not [d for d in RENDERINGS["chart:keda-kafka-auth-mtls"]
+                if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-keda")]
+    # Without keyPassword: no such parameter (an unencrypted key).
+    values = json.loads(json.dumps(KEDA_MTLS))
+    del values["keda"]["authentication"]["keyPassword"]
+    _, refs = keda_auth(chart_docs(values))
+    assert set(refs) == {"ca", "cert", "key"}
+
+
+@pytest.mark.parametrize("authentication, message", [
+    ({"sasl": "oauthbearer"}, "needs the token endpoint"),
+    ({"clientCertificate": True}, "clientCertificate needs keda.authentication.tls"),
+    ({"tls": True, "keyPassword": True}, "set keda.authentication.clientCertificate too"),
+], ids=["oauthbearer-without-endpoint", "certificate-without-tls", "key-password-without-certificate"])
+def test_keda_authentication_mistakes_fail_the_rendering(authentication, message):
+    values = {"keda": {"enabled": True, "authentication": {"secretName": KEDA_SECRET, **authentication}}}
+    with pytest.raises(helm.HelmRenderError, match=re.escape(message)):
+        chart_docs(values)
+
+
+def test_keda_authentication_values_schema():
+    chart = helm.Chart.load(CHART)
+    for bad in ({"sasl": "oidc"}, {"oauth": {"tokenEndpointUri": "login.example.com/token"}},
+                {"oauth": {"scopes": "kafka openid"}}, {"oauth": {"extensions": "logicalCluster"}},
+                {"oauth": {"clientSecret": "x"}}, {"keyPassword": "secret"}):
+        with pytest.raises(helm.HelmValuesError):
+            chart.validate_schema({"keda": {"enabled": True, "authentication": bad}})
+    chart.validate_schema({"keda": {"enabled": True, "authentication": {
+        "secretName": KEDA_SECRET, "sasl": "oauthbearer", "tls": True, "oauth": {
+            "tokenEndpointUri": "https://idp.example.com/token", "scopes": "kafka,openid",
+            "extensions": KEDA_EXTENSIONS}}}})
+
+
+# The ACLs of the KafkaUser (chart and component): (type, name, pattern)
+# -> operations, for the default settings.
+STRIMZI_ACLS = {
+    # backfill (the reconcile) writes to it, its producer reading
+    # max.message.bytes; the push receiver writes to it.
+    ("topic", "uincall.call-ended", "literal"): {"Describe", "DescribeConfigs", "Read", "Write"},
+    # backfill --skip-enriched reads it, assigned partitions, nothing committed.
+    ("topic", "uincall.call-enriched", "literal"): {"Describe", "DescribeConfigs", "Write", "Read"},
+    # The push receiver writes to it too with ingest.dead_letter_refused.
+    ("topic", "uincall.call-ended.dlq", "literal"): {"Describe", "DescribeConfigs", "Write", "Read"},
+    ("group", "uincall-enricher", "literal"): {"Describe", "Read"},
+    # Both `uincall-enricher.replay` (no filters) and `….replay.<digest>`.
+    ("group", "uincall-enricher.replay", "prefix"): {"Describe", "Read"},
+    # ... and looks up the coordinator of its reader's group all the same.
+    ("group", "uincall-enricher.backfill", "literal"): {"Describe"},
+}
+
+
+def acls_of(user):
+    acls = {}
+    for a in user["spec"]["authorization"]["acls"]:
+        key = (a["resource"]["type"], a["resource"]["name"], a["resource"]["patternType"])
+        assert key not in acls and len(set(a["operations"])) == len(a["operations"]), a
+        acls[key] = set(a["operations"])
+    return acls
+
+
+def topics_of(docs):
+    return {d["spec"]["topicName"]: d for d in docs if d["kind"] == "KafkaTopic"}
+
+
+@pytest.mark.parametrize("name, authentication", [("chart:all-features", "scram-sha-512"), ("chart:strimzi-tls", "tls")])
+def test_strimzi_topics_and_a_user_with_the_acls_worker_replay_backfill_and_receiver_need(name, authentication):
+    docs = RENDERINGS[name]
+    topics = topics_of(docs)
     assert set(topics) == {"uincall.call-ended", "uincall.call-enriched", "uincall.call-ended.dlq"}
     for t in topics.values():
         assert t["metadata"]["labels"]["strimzi.io/cluster"] == "main"
         assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", t["metadata"]["name"])
     user = one(docs, "KafkaUser")
-    assert user["spec"]["authentication"]["type"] == "scram-sha-512"
-    acls = {(a["resource"]["type"], a["resource"]["name"], a["resource"]["patternType"]):
-            set(a["operations"]) for a in user["spec"]["authorization"]["acls"]}
-    assert acls == {
-        # backfill (the reconcile) writes to it, its producer reading max.message.bytes.
-        ("topic", "uincall.call-ended", "literal"): {"Describe", "DescribeConfigs", "Read", "Write"},
-        # backfill --skip-enriched reads it, assigned partitions, nothing committed.
-        ("topic", "uincall.call-enriched", "literal"): {"Describe", "DescribeConfigs", "Write", "Read"},
-        ("topic", "uincall.call-ended.dlq", "literal"): {"Describe", "DescribeConfigs", "Write", "Read"},
-        ("group", "uincall-enricher", "literal"): {"Describe", "Read"},
-        # Both `uincall-enricher.replay` (no filters) and `….replay.<digest>`.
-        ("group", "uincall-enricher.replay", "prefix"): {"Describe", "Read"},
-        # ... and looks up the coordinator of its reader's group all the same.
-        ("group", "uincall-enricher.backfill", "literal"): {"Describe"},
-    }
+    assert user["spec"]["authentication"] == {"type": authentication}
+    assert user["spec"]["authorization"]["type"] == "simple"
+    assert acls_of(user) == STRIMZI_ACLS
     assert not [d for d in RENDERINGS["chart:defaults"] if d["kind"] in ("KafkaTopic", "KafkaUser")]
+
+
+def test_strimzi_component_has_the_charts_topics_and_acls():
+    # Both derive from the same settings: the base's settings.toml names
+    # the chart's default topics and group.
+    base = tomllib.loads((ROOT / "deploy" / "base" / "settings.toml").read_text())["kafka"]
+    chart_values = yaml.safe_load((CHART / "values.yaml").read_text())["settings"]["kafka"]
+    for key in ("group_id", "input_topic", "output_topic", "dead_letter_topic"):
+        assert base[key] == chart_values[key], key
+    docs = RENDERINGS[f"kustomize:{STRIMZI_COMPONENT}"]
+    chart = chart_docs({"strimzi": {"cluster": "main", "topics": {"create": True}, "user": {"create": True}}})
+    user, chart_user = one(docs, "KafkaUser"), one(chart, "KafkaUser")
+    assert acls_of(user) == acls_of(chart_user) == STRIMZI_ACLS
+    assert user["spec"]["authentication"] == chart_user["spec"]["authentication"]
+    assert user["spec"]["authorization"]["type"] == chart_user["spec"]["authorization"]["type"]
+    topics, chart_topics = topics_of(docs), topics_of(chart)
+    assert set(topics) == set(chart_topics) == {base["input_topic"], base["output_topic"], base["dead_letter_topic"]}
+    for name, topic in topics.items():
+        assert topic["metadata"]["name"] == chart_topics[name]["metadata"]["name"]
+        assert topic["spec"] == chart_topics[name]["spec"], name
+    # One Kafka cluster for all, in the overlay's namespace.
+    strimzi = [d for d in docs if d["apiVersion"].startswith("kafka.strimzi.io/")]
+    assert len(strimzi) == 4
+    assert {d["metadata"]["labels"]["strimzi.io/cluster"] for d in strimzi} == {"my-cluster"}
+    assert {d["metadata"]["namespace"] for d in strimzi} == {"uincall"}
+    # The rest is the production overlay's.
+    rest = [d for d in docs if d not in strimzi]
+    assert sorted(map(json.dumps, rest)) == sorted(map(json.dumps, RENDERINGS["kustomize:production"]))
 
 
 def container_of(docs):
@@ -754,7 +1014,7 @@ def ingest_check_config(docs, tmp):
              for e in container["env"] if "secretKeyRef" in e.get("valueFrom", {})}
     own = {e["name"]: e["value"].replace("$(POD_NAME)", "enricher-ingest-0")
            for e in container["env"] if "value" in e}
-    (source,) = container["envFrom"]
+    (source,) = [s for s in container["envFrom"] if s.get("prefix") == PUSH_SECRETS_PREFIX]
     push_secret = "push-s3cret-0123456789abcdef"
     pushed = {f"{source['prefix']}{TENANT}": push_secret}
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("UINCALL__")},
@@ -762,6 +1022,54 @@ def ingest_check_config(docs, tmp):
     result = subprocess.run([BINARY, "--config", str(path), "check-config"],
                             capture_output=True, text=True, env=env)
     return container, result, push_secret
+
+
+def test_ingest_gets_the_release_wide_extra_env_env_from_and_volumes():
+    # extraEnv, extraEnvFrom, extraVolumes and extraVolumeMounts carry Kafka
+    # credentials and CA files that the settings both read point at: the
+    # receiver needs them as much as the worker.
+    docs = RENDERINGS["chart:ingest-extra-env"]
+    pod, container = container_of_ingest(docs)
+    worker_pod, worker = container_of(docs)
+    names = [e["name"] for e in container["env"]]
+    assert len(names) == len(set(names)), "no variable twice"
+    overridden = {e["name"] for e in INGEST_EXTRA["ingest"]["extraEnv"]}
+    extra = [e for e in EXTRA_KAFKA["extraEnv"] if e["name"] not in overridden]
+    # The chart's own variables, extraEnv (less what ingest.extraEnv sets), then ingest.extraEnv.
+    tail = extra + INGEST_EXTRA["ingest"]["extraEnv"]
+    assert container["env"][-len(tail):] == tail
+    assert container["env"][:-len(tail)] == [
+        e if e["name"] != CLIENT_ID else {"name": CLIENT_ID, "value": "uincall-enricher-ingest-$(POD_NAME)"}
+        for e in worker["env"][:-len(EXTRA_KAFKA["extraEnv"])]]
+    # The push secrets first, then extraEnvFrom.
+    assert container["envFrom"] == [{"prefix": PUSH_SECRETS_PREFIX, "secretRef": {"name": "push-secrets"}},
+                                    *EXTRA_KAFKA["extraEnvFrom"]]
+    assert worker["envFrom"] == EXTRA_KAFKA["extraEnvFrom"]
+    for volume in EXTRA_KAFKA["extraVolumes"]:
+        assert volume in pod["volumes"] and volume in worker_pod["volumes"]
+    for mount in EXTRA_KAFKA["extraVolumeMounts"]:
+        assert mount in container["volumeMounts"] and mount in worker["volumeMounts"]
+    # The CA file the shared settings name is there in both pods.
+    settings = tomllib.loads(settings_text(docs))
+    assert settings["kafka"]["properties"]["ssl.ca.location"] == EXTRA_CA
+    assert mounted_secret_key(pod, container, EXTRA_CA) == ("kafka-ca", "ca.crt")
+    assert mounted_secret_key(worker_pod, worker, EXTRA_CA) == ("kafka-ca", "ca.crt")
+
+    # The binary takes the receiver's settings with that environment: the
+    # worker's credentials and level, ingest.extraEnv's overrides.
+    with tempfile.TemporaryDirectory() as tmp:
+        _, result, _ = ingest_check_config(docs, tmp)
+    assert result.returncode == 0, result.stderr
+    printed = tomllib.loads(result.stdout)
+    assert printed["log"]["level"] == "warn" and printed["ingest"]["forward_timeout"] == "3s"
+    properties = printed["kafka"]["properties"]
+    assert properties["sasl.username"] in ("enricher", "[redacted]")
+    assert properties["sasl.password"] == "[redacted]" and properties["ssl.ca.location"] == EXTRA_CA
+    # ... and the worker's with its own.
+    with tempfile.TemporaryDirectory() as tmp:
+        result, _ = check_config_with_pod_env(docs, worker, tmp)
+    assert result.returncode == 0, result.stderr
+    assert tomllib.loads(result.stdout)["log"]["level"] == "debug"
 
 
 @pytest.mark.parametrize("name", INGEST_RENDERINGS)
@@ -1052,8 +1360,13 @@ def test_reconcile_runs_the_nightly_backfill():
     assert template["metadata"]["annotations"] == values["podAnnotations"]
     assert template["metadata"]["labels"]["example.com/cost"] == "nightly"
     assert pod["nodeSelector"] == values["nodeSelector"] and pod["tolerations"] == values["tolerations"]
+    assert pod["topologySpreadConstraints"] == values["topologySpreadConstraints"]
     worker_pod, _ = container_of(RENDERINGS["chart:reconcile-pvc-ingest"])
     assert "nodeSelector" not in worker_pod, "the reconcile's placement is its own"
+    assert "topologySpreadConstraints" not in worker_pod
+    # Not the worker's either.
+    _, pod, _ = cronjob_of(RENDERINGS["chart:reconcile-all-features"])
+    assert "topologySpreadConstraints" not in pod
 
 
 @pytest.mark.parametrize("name", [n for n in RECONCILE_RENDERINGS if n.startswith("chart:")])

@@ -19,6 +19,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import tomllib
 from pathlib import Path
 
 import dockerfile
@@ -168,10 +169,25 @@ def test_the_image_builds_from_what_it_copies_and_runs_on_its_base():
 def test_the_image_carries_oci_labels():
     (_, _, runtime) = stages()[-1]
     labels = {}
+    args = {}
     for c in runtime:
         if c.cmd == "LABEL":
             values = [v.strip('"') for v in c.value]
             labels.update(dict(zip(values[::2], values[1::2])))
+        elif c.cmd == "ARG":
+            name, _, default = c.value[0].partition("=")
+            args[name] = default.strip('"')
+            assert not labels, f"ARG {name} after a LABEL: not expanded in it"
     for key in ("title", "description", "version", "base.name"):
         assert labels.get(f"org.opencontainers.image.{key}"), key
     assert labels["org.opencontainers.image.base.name"].endswith("debian:bookworm-slim")
+    # Set by the build (--build-arg), from build arguments of this stage:
+    # the version has a default, the commit and the source URL none (the
+    # label is then empty, which the OCI annotation rules allow).
+    for key, arg in (("version", "VERSION"), ("revision", "REVISION"), ("source", "SOURCE")):
+        assert labels[f"org.opencontainers.image.{key}"] == f"${{{arg}}}", key
+        assert arg in args, f"ARG {arg} is not declared in the runtime stage"
+    assert args["REVISION"] == args["SOURCE"] == ""
+    # A licenses label only with a licence Cargo.toml declares, and the same.
+    package = tomllib.loads((ROOT / "Cargo.toml").read_text())["package"]
+    assert labels.get("org.opencontainers.image.licenses") == package.get("license")

@@ -93,17 +93,21 @@ fn dashboard_names_only_served_metrics(metrics: &str) {
     );
     let dashboard: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    // The panels' queries and the variables' (`label_values(…)`).
+    let panels = (dashboard["panels"].as_array().unwrap().iter())
+        .flat_map(|panel| panel["targets"].as_array().unwrap())
+        .map(|target| target["expr"].as_str().unwrap());
+    let variables = (dashboard["templating"]["list"].as_array().unwrap().iter())
+        .filter(|v| v["type"] == "query")
+        .map(|v| v["query"].as_str().unwrap());
     let mut queried = Vec::new();
-    for panel in dashboard["panels"].as_array().unwrap() {
-        for target in panel["targets"].as_array().unwrap() {
-            let expr = target["expr"].as_str().unwrap();
-            let names: Vec<&str> = expr
-                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-                .filter(|w| w.starts_with("uincall_enricher_"))
-                .collect();
-            assert!(!names.is_empty(), "{expr}");
-            queried.extend(names);
-        }
+    for expr in panels.chain(variables) {
+        let names: Vec<&str> = expr
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|w| w.starts_with("uincall_enricher_"))
+            .collect();
+        assert!(!names.is_empty(), "{expr}");
+        queried.extend(names);
     }
     for name in queried {
         assert!(
