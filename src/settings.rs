@@ -178,6 +178,11 @@ impl IngestSettings {
             "must be at least 1024",
         )?;
         more_than_zero("ingest.forward_timeout", self.forward_timeout)?;
+        at_most(
+            "ingest.forward_timeout",
+            self.forward_timeout,
+            LIBRDKAFKA_MAX_MS,
+        )?;
         check(
             self.max_in_flight > 0,
             "ingest.max_in_flight",
@@ -590,6 +595,19 @@ fn at_least(key: &str, value: Duration, floor: Duration) -> Result<(), SettingsE
     )
 }
 
+/// The longest librdkafka takes for a `*.ms` property such as
+/// `message.timeout.ms` (a 32-bit signed count of milliseconds).
+const LIBRDKAFKA_MAX_MS: Duration = Duration::from_millis(i32::MAX as u64);
+
+/// `value` at most `ceiling` (librdkafka's range of the property it becomes).
+fn at_most(key: &str, value: Duration, ceiling: Duration) -> Result<(), SettingsError> {
+    check(
+        value <= ceiling,
+        key,
+        format!("must be at most {}", humantime::format_duration(ceiling)),
+    )
+}
+
 /// A share in (0, 1]; NaN is not one.
 fn share(key: &str, value: f64) -> Result<(), SettingsError> {
     check(
@@ -825,7 +843,7 @@ impl Settings {
         self.systemic.validate()?;
         self.rate_limit.validate()?;
         check(
-            p.stall_timeout > self.retry.max_elapsed + self.api.request_timeout,
+            p.stall_timeout > (self.retry.max_elapsed).saturating_add(self.api.request_timeout),
             "pipeline.stall_timeout",
             "must be longer than retry.max_elapsed plus api.request_timeout (a record retrying within its budget is not a stall)",
         )?;
@@ -930,6 +948,16 @@ impl KafkaSettings {
             "kafka.produce_timeout",
             self.produce_timeout,
             Duration::from_millis(100),
+        )?;
+        // librdkafka's ranges of the properties these become.
+        let hour = Duration::from_secs(3600);
+        at_most("kafka.session_timeout", self.session_timeout, hour)?;
+        at_most("kafka.max_poll_interval", self.max_poll_interval, 24 * hour)?;
+        at_most("kafka.commit_interval", self.commit_interval, 24 * hour)?;
+        at_most(
+            "kafka.produce_timeout",
+            self.produce_timeout,
+            LIBRDKAFKA_MAX_MS,
         )
     }
 
@@ -1255,6 +1283,54 @@ mod tests {
         let err =
             Settings::load_from(None, env(&[("UINCALL__API__BASE_URL", "not a url")])).unwrap_err();
         assert!(err.to_string().contains("base_url"), "{err}");
+    }
+
+    #[test]
+    fn durations_past_what_librdkafka_takes_or_absurd_name_the_key() {
+        for (var, value, key) in [
+            (
+                "UINCALL__KAFKA__SESSION_TIMEOUT",
+                "2h",
+                "kafka.session_timeout",
+            ),
+            (
+                "UINCALL__KAFKA__COMMIT_INTERVAL",
+                "25h",
+                "kafka.commit_interval",
+            ),
+            (
+                "UINCALL__KAFKA__PRODUCE_TIMEOUT",
+                "30days",
+                "kafka.produce_timeout",
+            ),
+            (
+                "UINCALL__INGEST__FORWARD_TIMEOUT",
+                "30days",
+                "ingest.forward_timeout",
+            ),
+            // Added to api.request_timeout in a check: no overflow.
+            (
+                "UINCALL__RETRY__MAX_ELAPSED",
+                "18446744073709551615s",
+                "pipeline.stall_timeout",
+            ),
+        ] {
+            let err = Settings::load_from(None, env(&[(var, value)])).unwrap_err();
+            assert!(err.to_string().contains(key), "{var}={value}: {err}");
+        }
+        let err = Settings::load_from(
+            None,
+            env(&[
+                ("UINCALL__KAFKA__MAX_POLL_INTERVAL", "25h"),
+                ("UINCALL__PIPELINE__STALL_TIMEOUT", "26h"),
+            ]),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("kafka.max_poll_interval")
+                && err.to_string().contains("at most 1day"),
+            "{err}"
+        );
     }
 
     #[test]
