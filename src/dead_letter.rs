@@ -65,14 +65,19 @@ pub enum ErrorClass {
     RetriesExhausted,
     /// The output topic refused the enriched record (e.g. too large).
     PublishFailed,
+    /// Its tenant was held and `pipeline.max_held_records` records waited
+    /// already (`pipeline.held_overflow = "dead_letter"`): not a failure of
+    /// the record; replay it once the tenant is resumed.
+    TenantHeld,
 }
 
 impl ErrorClass {
-    pub const ALL: [ErrorClass; 4] = [
+    pub const ALL: [ErrorClass; 5] = [
         ErrorClass::InvalidEvent,
         ErrorClass::PermanentError,
         ErrorClass::RetriesExhausted,
         ErrorClass::PublishFailed,
+        ErrorClass::TenantHeld,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -81,6 +86,7 @@ impl ErrorClass {
             ErrorClass::PermanentError => "permanent_error",
             ErrorClass::RetriesExhausted => "retries_exhausted",
             ErrorClass::PublishFailed => "publish_failed",
+            ErrorClass::TenantHeld => "tenant_held",
         }
     }
 }
@@ -131,6 +137,16 @@ impl DeadLetter {
             last_attempt_at: None,
             tenant_id,
             session_id,
+        }
+    }
+
+    /// A record of a held tenant that could not wait (`reason` says why).
+    pub fn tenant_held(reason: String, event: &CallEnded) -> Self {
+        DeadLetter {
+            class: ErrorClass::TenantHeld,
+            tenant_id: Some(event.tenant_id.clone()),
+            session_id: Some(event.session_id.clone()),
+            ..DeadLetter::invalid(reason, None, None)
         }
     }
 

@@ -238,6 +238,19 @@ impl TenantSettings {
     }
 }
 
+/// `pipeline.held_overflow`: a held tenant's record when
+/// `pipeline.max_held_records` wait already.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum HeldOverflow {
+    /// Dead-lettered (`tenant_held`, replayable), so the other tenants'
+    /// records go on being read.
+    #[default]
+    DeadLetter,
+    /// Waits too: the worker stops taking records, every tenant waits.
+    Wait,
+}
+
 /// The consumer group protocol (`kafka.group_protocol`).
 #[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -459,6 +472,9 @@ pub struct PipelineSettings {
     /// the window; beyond it they count against the window, so the worker
     /// stops taking records and memory stays bounded.
     pub max_held_records: usize,
+    /// What a held tenant's record does when `max_held_records` are
+    /// waiting already and another tenant is not held.
+    pub held_overflow: HeldOverflow,
     /// The most places of the window one tenant holds while another
     /// tenant's records wait for one (a free place goes to whoever asks).
     /// Unset: half the window. With one tenant it has the whole window.

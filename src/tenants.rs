@@ -10,7 +10,10 @@
 //! counted against the consume loop's window either, up to
 //! `pipeline.max_held_records` (beyond that the loop stops taking records, so
 //! memory stays bounded). Its offset is not committed while it waits: after a
-//! restart it, and what followed it in its partition, is read again.
+//! restart it, and what followed it in its partition, is read again. With
+//! `pipeline.held_overflow = "dead_letter"` (the default), a held tenant's
+//! record past that bound is dead-lettered as `tenant_held` instead, while
+//! another tenant is not held, so the others' records go on being read.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -87,6 +90,23 @@ impl Tenants {
         Held(&self.held)
     }
 
+    /// As [`Tenants::hold`] while fewer than `room` records are held;
+    /// `None` when that many are.
+    pub fn try_hold(&self, room: usize) -> Option<Held<'_>> {
+        (self.held)
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < room).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Held(&self.held))
+    }
+
+    /// How many tenants are held now.
+    pub fn held_tenants(&self) -> usize {
+        let breakers = self.breakers.lock().unwrap();
+        breakers.values().filter(|b| b.is_open()).count()
+    }
+
     /// Records held now.
     pub fn held_records(&self) -> usize {
         self.held.load(Ordering::SeqCst)
@@ -120,6 +140,19 @@ mod tests {
         let _ = tenants.breaker("t1");
         assert_eq!(created.try_recv().unwrap().0, "t1");
         assert!(created.try_recv().is_err(), "announced once");
+    }
+
+    #[test]
+    fn try_hold_counts_up_to_its_room_only() {
+        let (tenants, _created) = Tenants::new(&settings());
+        let first = tenants.try_hold(2).expect("room for two");
+        let second = tenants.try_hold(2).expect("room for two");
+        assert!(tenants.try_hold(2).is_none());
+        assert_eq!(tenants.held_records(), 2);
+        drop(first);
+        assert!(tenants.try_hold(2).is_some(), "a place came free");
+        drop(second);
+        assert_eq!(tenants.held_records(), 0);
     }
 
     #[test]

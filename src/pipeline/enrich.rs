@@ -25,7 +25,7 @@ use crate::otel;
 use crate::rate_limit::RateLimits;
 use crate::record;
 use crate::retry::{self, Attempts, Gate, RetryOutcome, RetryPolicy};
-use crate::settings::Settings;
+use crate::settings::{HeldOverflow, Settings};
 use crate::stats::Stats;
 use crate::systemic::{Breaker, CallOutcome, Cause, DeadLetterGate, Probe, ProbeTarget};
 use crate::tenants::{NewTenants, Tenants};
@@ -80,6 +80,9 @@ struct RecordGate<'a> {
     tenant: &'a str,
     /// The record's `pipeline.max_in_flight` place, while it has one.
     slot: Mutex<Option<Place>>,
+    /// Why the record could not wait for its held tenant
+    /// (`pipeline.held_overflow`): it is dead-lettered as `tenant_held`.
+    spilled: Mutex<Option<String>>,
 }
 
 impl<'a> RecordGate<'a> {
@@ -88,21 +91,42 @@ impl<'a> RecordGate<'a> {
             enricher,
             tenant,
             slot: Mutex::new(None),
+            spilled: Mutex::new(None),
         }
     }
 
     /// Waits while the tenant is held, without a window place and counted
-    /// as held; `false` on shutdown.
+    /// as held; `false` on shutdown, or when the record cannot wait (see
+    /// [`RecordGate::spilled`]).
     async fn wait_for_tenant(&self, stop: &CancellationToken) -> bool {
-        let tenants = &self.enricher.tenants;
-        while let Some(held) = tenants.get(self.tenant).filter(|b| b.is_open()) {
+        let e = self.enricher;
+        while let Some(held) = e.tenants.get(self.tenant).filter(|b| b.is_open()) {
             self.slot.lock().unwrap().take();
-            let _counted = tenants.hold();
+            let _counted = match e.room_to_hold() {
+                None => e.tenants.hold(),
+                Some(room) => match e.tenants.try_hold(room) {
+                    Some(counted) => counted,
+                    None => {
+                        let cause = held.cause().map(|c| c.to_string()).unwrap_or_default();
+                        *self.spilled.lock().unwrap() = Some(format!(
+                            "tenant {} is held ({cause}) and pipeline.max_held_records ({}) records wait already; replay it once the tenant is resumed",
+                            self.tenant, e.settings.pipeline.max_held_records
+                        ));
+                        return false;
+                    }
+                },
+            };
             if !held.wait_closed(stop).await {
                 return false;
             }
         }
         true
+    }
+
+    /// The dead letter of a record that could not wait for its held tenant.
+    fn spilled(&self, event: &CallEnded) -> Option<DeadLetter> {
+        let reason = self.spilled.lock().unwrap().take()?;
+        Some(DeadLetter::tenant_held(reason, event))
     }
 
     /// Takes a window place unless the record has one; `false` on shutdown.
@@ -286,6 +310,18 @@ impl Enricher {
         }
     }
 
+    /// With `pipeline.held_overflow = "dead_letter"` while some tenant
+    /// with a token is not held: how many records of held tenants may wait,
+    /// `pipeline.max_held_records` less those waiting for their share of
+    /// the window (together they are what the consume loop does not count).
+    /// `None`: held records always wait.
+    fn room_to_hold(&self) -> Option<usize> {
+        let p = &self.settings.pipeline;
+        let others_go_on = self.tenants.held_tenants() < self.tokens.tenants();
+        (p.held_overflow == HeldOverflow::DeadLetter && others_go_on)
+            .then(|| p.max_held_records.saturating_sub(self.window.over_share()))
+    }
+
     /// Records waiting now for their held tenant, and for a window place
     /// while their tenant holds its share or more.
     pub fn waiting_records(&self) -> (usize, usize) {
@@ -373,7 +409,10 @@ impl Enricher {
                 Fetched::Failed(DeadLetter::after_attempts(class, f, &a, event))
             };
             return match outcome {
-                RetryOutcome::Abandoned => Fetched::Abandoned,
+                RetryOutcome::Abandoned => match gate.spilled(event) {
+                    Some(dl) => Fetched::Failed(dl),
+                    None => Fetched::Abandoned,
+                },
                 RetryOutcome::Permanent(..) | RetryOutcome::Exhausted(..)
                     if self.holds_dead_letter(event) =>
                 {
@@ -381,7 +420,9 @@ impl Enricher {
                         "dead letter held (tenant held or systemic failure); the record starts over"
                     );
                     if !(gate.wait_for_tenant(stop).await && self.breaker.wait_closed(stop).await) {
-                        return Fetched::Abandoned;
+                        return gate
+                            .spilled(event)
+                            .map_or(Fetched::Abandoned, Fetched::Failed);
                     }
                     continue;
                 }

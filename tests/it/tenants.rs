@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use crate::testkit;
+use uincall_enricher::dead_letter::ErrorClass;
 use uincall_enricher::fake_api::ERRCODE_BAD_TOKEN;
 
 use crate::helpers::*;
@@ -75,32 +76,66 @@ async fn tenant_with_own_api(
     (tenant, own)
 }
 
+/// A second tenant whose token (a file in a tokens directory, read every
+/// 100 ms) the API will refuse once [`TokenTenant::refuse`] is called.
+struct TokenTenant {
+    id: String,
+    file: std::path::PathBuf,
+    rotated: String,
+    _dir: tempfile::TempDir,
+}
+
+impl TokenTenant {
+    /// Settings for it beside the test's tenant: tokens from files, its
+    /// refusal a systemic errcode, at most 2 counted attempts (a counted
+    /// failure would dead-letter soon), a window of 16, far smaller than the
+    /// held records (they must give their places back, in the window and in
+    /// what the loop admits).
+    fn new(env: &TestEnv, s: &mut uincall_enricher::settings::Settings) -> TokenTenant {
+        let id = format!("{}-b", env.tenant);
+        let token = format!("{}-b", env.token);
+        env.api.set_token(&id, &token);
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(&env.tenant), &env.token).unwrap();
+        let file = dir.path().join(&id);
+        std::fs::write(&file, &token).unwrap();
+        s.api.tokens.clear();
+        s.api.tokens_dir = Some(dir.path().to_path_buf());
+        s.api.tokens_reload_interval = Duration::from_millis(100);
+        s.retry.systemic_errcodes = vec![ERRCODE_BAD_TOKEN];
+        s.retry.max_attempts = 2;
+        s.pipeline.max_in_flight = 16;
+        TokenTenant {
+            id,
+            file,
+            rotated: format!("{token}-rotated"),
+            _dir: dir,
+        }
+    }
+
+    /// The API refuses the tenant's token from now on.
+    fn refuse(&self, env: &TestEnv) {
+        env.api.set_token(&self.id, &self.rotated);
+    }
+
+    /// The Secret is updated: the worker reads the token the API takes.
+    fn rotate(&self) {
+        std::fs::write(&self.file, &self.rotated).unwrap();
+    }
+}
+
 #[tokio::test]
 async fn a_tenant_whose_token_is_refused_is_held_alone_and_resumes_with_a_new_token() {
     let env = TestEnv::new("tenants", 2, Duration::from_millis(5)).await;
-    let (healthy, expired) = (env.tenant.clone(), format!("{}-b", env.tenant));
-    let expired_token = format!("{}-b", env.token);
-    env.api.set_token(&expired, &expired_token);
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join(&healthy), &env.token).unwrap();
-    let expired_file = dir.path().join(&expired);
-    std::fs::write(&expired_file, &expired_token).unwrap();
     let mut s = env.settings();
-    s.api.tokens.clear();
-    s.api.tokens_dir = Some(dir.path().to_path_buf());
-    s.api.tokens_reload_interval = Duration::from_millis(100);
-    s.retry.systemic_errcodes = vec![ERRCODE_BAD_TOKEN];
-    s.retry.max_attempts = 2; // a counted failure would dead-letter soon
-    // A window far smaller than the held records: held records must give
-    // their places back, in the window and in what the loop admits.
-    s.pipeline.max_in_flight = 16;
+    let refused = TokenTenant::new(&env, &mut s);
+    let (healthy, expired) = (env.tenant.clone(), refused.id.clone());
     let worker = env.start_worker(s).await;
     let side = serve_side_port(&worker).await;
 
     // The API refuses the second tenant's token from now on; its events
     // come first in both partitions, the healthy tenant's after them.
-    let rotated = format!("{expired_token}-rotated");
-    env.api.set_token(&expired, &rotated);
+    refused.refuse(&env);
     let (held, fine) = (sessions("held", 100), sessions("fine", 400));
     produce_events(&env, &expired, &held).await;
     let started = Instant::now();
@@ -131,12 +166,80 @@ async fn a_tenant_whose_token_is_refused_is_held_alone_and_resumes_with_a_new_to
     );
 
     // The Secret is updated: the held tenant's records go on.
-    std::fs::write(&expired_file, &rotated).unwrap();
+    refused.rotate();
     let keys = output_keys(&env, fine.len() + held.len()).await;
     assert_eq!(keys.len(), fine.len() + held.len());
     until_status(&format!("{side}/readyz"), 200).await;
     worker.stop().await.unwrap();
     assert!(env.is_empty(&env.dlq), "nothing dead-lettered");
+}
+
+#[tokio::test]
+async fn past_max_held_records_a_held_tenants_records_are_dead_lettered_and_the_others_go_on() {
+    let env = TestEnv::new("spill", 2, Duration::from_millis(5)).await;
+    let mut s = env.settings();
+    let refused = TokenTenant::new(&env, &mut s);
+    let max_held = 40;
+    s.pipeline.max_held_records = max_held;
+    let worker = env.start_worker(s).await;
+
+    // 200 records of the refused tenant ahead of the healthy tenant's 300
+    // in both partitions: more than may wait.
+    refused.refuse(&env);
+    let (held, fine) = (sessions("held", 200), sessions("fine", 300));
+    produce_events(&env, &refused.id, &held).await;
+    produce_events(&env, &env.tenant, &fine).await;
+
+    // Every record of the healthy tenant is enriched; of the refused
+    // tenant's, those that cannot wait are dead-lettered as tenant_held.
+    let keys = output_keys(&env, fine.len()).await;
+    assert_eq!(keys, fine.iter().cloned().collect::<BTreeSet<_>>());
+    let started = Instant::now();
+    let (waiting, spilled) = loop {
+        let metrics = worker.stats.encode();
+        let waiting: usize = (metrics.lines())
+            .find_map(|l| l.strip_prefix("uincall_enricher_records_held "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        let spilled = worker.stats.dead_lettered(ErrorClass::TenantHeld) as usize;
+        if waiting + spilled == held.len() {
+            break (waiting, spilled);
+        }
+        assert!(
+            started.elapsed() < WAIT,
+            "{waiting} waiting, {spilled} dead-lettered"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(waiting <= max_held, "{waiting} waiting");
+    assert_eq!(worker.stats.dead_lettered_total() as usize, spilled);
+    assert_never_systemic(&worker.stats);
+    let dead = env.read_dlq(spilled).await;
+    for m in &dead {
+        assert!(held.contains(&key(m)), "{}", key(m));
+        assert_eq!(header(m, "dlq.error_class").as_deref(), Some("tenant_held"));
+        assert_eq!(header(m, "dlq.tenant_id"), Some(refused.id.clone()));
+        let reason = header(m, "dlq.reason").unwrap();
+        assert!(
+            reason.contains("is held") && reason.contains("max_held_records"),
+            "{reason}"
+        );
+    }
+    println!("{waiting} held records waited, {spilled} dead-lettered as tenant_held");
+
+    // The token is replaced: those that waited are enriched; replaying the
+    // class brings the rest.
+    refused.rotate();
+    let _ = output_keys(&env, fine.len() + waiting).await;
+    let (code, summary) = env.replay(&["--error-class", "tenant_held"]).await;
+    assert_eq!(
+        (code, summary_count(&summary, "replayed")),
+        (0, spilled as u64),
+        "{summary}"
+    );
+    let keys = output_keys(&env, fine.len() + held.len()).await;
+    assert_eq!(keys.len(), fine.len() + held.len());
+    worker.stop().await.unwrap();
 }
 
 #[tokio::test]
