@@ -312,14 +312,17 @@ impl Enricher {
 
     /// With `pipeline.held_overflow = "dead_letter"` while some tenant
     /// with a token is not held: how many records of held tenants may wait,
-    /// `pipeline.max_held_records` less those waiting for their share of
-    /// the window (together they are what the consume loop does not count).
-    /// `None`: held records always wait.
+    /// `pipeline.max_held_records`. `None`: held records always wait.
+    ///
+    /// Records over their tenant's share are not subtracted: they share the
+    /// bound in what the consume loop counts, but they drain, so as held
+    /// records grow the loop reads less ahead of the other tenants (down to
+    /// the window) rather than a held record being dead-lettered for
+    /// another tenant's read-ahead.
     fn room_to_hold(&self) -> Option<usize> {
         let p = &self.settings.pipeline;
         let others_go_on = self.tenants.held_tenants() < self.tokens.tenants();
-        (p.held_overflow == HeldOverflow::DeadLetter && others_go_on)
-            .then(|| p.max_held_records.saturating_sub(self.window.over_share()))
+        (p.held_overflow == HeldOverflow::DeadLetter && others_go_on).then_some(p.max_held_records)
     }
 
     /// Records waiting now for their held tenant, and for a window place
