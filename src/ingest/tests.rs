@@ -472,9 +472,11 @@ fn a_push_for_a_tenant_without_an_access_token_is_forwarded_flagged() {
 #[test]
 fn refused_pushes_are_dead_lettered_as_received_with_the_reason() {
     let rt = runtime();
+    // Long enough that a loaded machine acknowledges the first records in
+    // time (1s was not, once); the last push waits all of it for its 503.
     let (cluster, receiver) = mock_receiver(&[
         ("UINCALL__INGEST__DEAD_LETTER_REFUSED", "true"),
-        ("UINCALL__INGEST__FORWARD_TIMEOUT", "1s"),
+        ("UINCALL__INGEST__FORWARD_TIMEOUT", "5s"),
     ]);
     let topic = receiver.dead_letter_topic.clone().unwrap();
     cluster.create_topic(&topic, 1, 1).unwrap();
