@@ -535,7 +535,8 @@ impl Stats {
     }
 
     /// Gives tenants a label of their own, up to `max` in all (see
-    /// `http.tenant_labels`).
+    /// `http.tenant_labels`); each of them shows `tenant_held` 0 from now
+    /// on, so a tenant not held is a series at 0 rather than none.
     pub fn label_tenants<'a>(&self, max: usize, tenants: impl IntoIterator<Item = &'a str>) {
         let mut labels = self.tenant_labels.write().unwrap();
         labels.max = max;
@@ -544,6 +545,10 @@ impl Stats {
                 break;
             }
             labels.labelled.insert(t.to_string());
+        }
+        for t in &labels.labelled {
+            let label = TenantLabel { tenant: t.clone() };
+            let _ = self.tenant_held.get_or_create(&label);
         }
     }
 

@@ -282,6 +282,7 @@ async fn push_with_path_secret(
         return answer(StatusCode::NOT_FOUND, "not found");
     };
     if !r.authentic(&tenant, &secret) {
+        info!(tenant, kind = kind.name(), "push refused: wrong secret");
         // Not found, as any other unknown URL: a guess learns nothing.
         return r.reply(kind, "unauthorized", StatusCode::NOT_FOUND, "not found");
     }
@@ -304,7 +305,9 @@ async fn push_with_basic_auth(
             r.receive(kind, &tenant, query.get("type").map(String::as_str), body)
                 .await
         }
-        _ => {
+        credentials => {
+            let tenant = credentials.map(|(tenant, _)| tenant);
+            info!(tenant, kind = kind.name(), "push refused: wrong secret");
             let mut resp = r.reply(
                 kind,
                 "unauthorized",

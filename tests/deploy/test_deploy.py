@@ -135,7 +135,7 @@ STRIMZI_TLS = {"strimzi": {"cluster": "main", "topics": {"create": True},
                            "user": {"create": True, "authentication": "tls"}}}
 VALUE_SETS = {"defaults": {}, "all-features": ALL_FEATURES, "hpa-existing-secret": HPA,
               **{f"kafka-auth-{mode}": f["values"] for mode, f in KAFKA_AUTH.items()},
-              "ingest": {**INGEST, "serviceMonitor": {"enabled": True}},
+              "ingest": {**INGEST, "serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}},
               **{f"ingest-kafka-auth-{mode}": {**f["values"], **INGEST} for mode, f in KAFKA_AUTH.items()},
               "ingest-extra-env": INGEST_EXTRA,
               "ingest-security-contexts": INGEST_SECURITY,
@@ -493,14 +493,18 @@ def test_probes_ports_and_signal_handling_match_the_binary(name):
                 proc.kill()
 
 
-def test_every_alert_links_its_runbook_in_the_operations_guide():
-    rule = one(RENDERINGS["chart:all-features"], "PrometheusRule")
+@pytest.mark.parametrize("name", ["chart:all-features", "chart:ingest"])
+def test_every_alert_links_its_runbook_in_the_operations_guide(name):
+    rule = one(RENDERINGS[name], "PrometheusRule")
     guide = (ROOT / "docs" / "operations.md").read_text()
     # GitHub's anchors: headings lower-cased, punctuation dropped.
     anchors = {re.sub(r"[^a-z0-9 -]", "", h.lower()).replace(" ", "-")
                for h in re.findall(r"^#+ (.+)$", guide, re.M)}
     alerts = [r for g in rule["spec"]["groups"] for r in g["rules"] if "alert" in r]
     assert alerts
+    # The push receiver's alerts come with it only.
+    receiver = {"UincallEnricherIngestUnavailable", "UincallEnricherIngestRefused"}
+    assert (receiver <= {r["alert"] for r in alerts}) == (name == "chart:ingest"), name
     for r in alerts:
         url = r["annotations"]["runbook_url"]
         base, _, anchor = url.partition("#")

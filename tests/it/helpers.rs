@@ -3,7 +3,7 @@
 //! handles. Tests share one broker (`testkit::shared_bootstrap`) with their
 //! own topics and group; broker-fault tests start their own cluster.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -751,5 +751,55 @@ where
     while !cond().await {
         assert!(started.elapsed() < WAIT, "waited in vain for {what}");
         tick.tick().await;
+    }
+}
+
+/// Whose metrics: the worker's, or the push receiver's
+/// (`uincall_enricher_ingest_…`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Process {
+    Worker,
+    Receiver,
+}
+
+/// Every metric of `process` that the chart's Grafana dashboard (its
+/// panels' and variables' queries) or its alert rules name is one that
+/// `metrics` (that process's `/metrics`) serves.
+pub fn only_served_metrics_are_monitored(metrics: &str, process: Process) {
+    let served: BTreeSet<&str> = metrics
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .collect();
+    let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/helm/uincall-enricher");
+    let read = |path: &str| std::fs::read_to_string(format!("{chart}/{path}")).unwrap();
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&read("dashboards/uincall-enricher.json")).unwrap();
+    let panels = (dashboard["panels"].as_array().unwrap().iter())
+        .flat_map(|panel| panel["targets"].as_array().unwrap())
+        .map(|target| target["expr"].as_str().unwrap().to_string());
+    let variables = (dashboard["templating"]["list"].as_array().unwrap().iter())
+        .filter(|v| v["type"] == "query")
+        .map(|v| v["query"].as_str().unwrap().to_string());
+    let queries: Vec<String> = panels.chain(variables).collect();
+    for query in &queries {
+        assert!(query.contains("uincall_enricher_"), "{query}");
+    }
+    // The rules' template: its Go template actions name no metric.
+    let rules = read("templates/prometheusrule.yaml");
+    let mut queried: BTreeSet<&str> = (queries.iter().map(String::as_str))
+        .chain([rules.as_str()])
+        .flat_map(|text| text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')))
+        .filter(|w| w.starts_with("uincall_enricher_"))
+        .collect();
+    queried.retain(|name| {
+        name.starts_with("uincall_enricher_ingest_") == (process == Process::Receiver)
+    });
+    assert!(!queried.is_empty());
+    for name in queried {
+        assert!(
+            served.contains(name),
+            "the dashboard or an alert queries {name}, which /metrics does not serve:\n{metrics}"
+        );
     }
 }

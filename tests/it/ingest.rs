@@ -329,6 +329,7 @@ async fn pushes_of_each_kind_reach_the_input_topic_once_and_are_enriched() {
             .find_map(|l| l.strip_prefix(line)?.trim().parse::<f64>().ok());
         assert_eq!(value, Some(want as f64), "{line}:\n{metrics}");
     }
+    only_served_metrics_are_monitored(&metrics, Process::Receiver);
 
     // The worker enriches what the receiver wrote, and dead-letters the
     // flagged push beside the two bodies the receiver refused.

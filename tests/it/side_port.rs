@@ -73,46 +73,8 @@ async fn side_port_serves_health_readiness_and_metrics_of_the_real_binary() {
         assert!(metrics.contains(line), "{line} missing in\n{metrics}");
     }
     assert!(!metrics.contains(&env.token));
-    dashboard_names_only_served_metrics(&metrics);
+    only_served_metrics_are_monitored(&metrics, Process::Worker);
 
     sigterm(&child);
     assert!(wait_exit(&mut child, WAIT).await.success());
-}
-
-/// Every metric the chart's Grafana dashboard queries is one the binary
-/// serves (a sample name in `metrics`).
-fn dashboard_names_only_served_metrics(metrics: &str) {
-    let served: std::collections::BTreeSet<&str> = metrics
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| l.split(['{', ' ']).next())
-        .collect();
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/helm/uincall-enricher/dashboards/uincall-enricher.json"
-    );
-    let dashboard: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    // The panels' queries and the variables' (`label_values(…)`).
-    let panels = (dashboard["panels"].as_array().unwrap().iter())
-        .flat_map(|panel| panel["targets"].as_array().unwrap())
-        .map(|target| target["expr"].as_str().unwrap());
-    let variables = (dashboard["templating"]["list"].as_array().unwrap().iter())
-        .filter(|v| v["type"] == "query")
-        .map(|v| v["query"].as_str().unwrap());
-    let mut queried = Vec::new();
-    for expr in panels.chain(variables) {
-        let names: Vec<&str> = expr
-            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-            .filter(|w| w.starts_with("uincall_enricher_"))
-            .collect();
-        assert!(!names.is_empty(), "{expr}");
-        queried.extend(names);
-    }
-    for name in queried {
-        assert!(
-            served.contains(name),
-            "the dashboard queries {name}, which /metrics does not serve:\n{metrics}"
-        );
-    }
 }
