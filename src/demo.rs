@@ -100,6 +100,8 @@ pub fn settings(brokers: &str, base_url: &str) -> anyhow::Result<Settings> {
     s.retry.max_attempts = 5;
     s.retry.permanent_errcodes = vec![ERRCODE_NOT_FOUND];
     s.pipeline.drain_timeout = Duration::from_secs(5);
+    // The demo's pushes are all acknowledged, on a busy machine too.
+    s.ingest.forward_timeout = Duration::from_secs(30);
     s.validate()?;
     Ok(s)
 }

@@ -176,6 +176,9 @@ fn mock_receiver(
             cluster.bootstrap_servers(),
         ),
         ("UINCALL__KAFKA__PROPERTIES__LINGER_MS".into(), "0".into()),
+        // Every record a test expects acknowledged is, on a loaded machine
+        // too (`extra` may set less for a test that wants the 503).
+        ("UINCALL__INGEST__FORWARD_TIMEOUT".into(), "60s".into()),
         ("UINCALL__INGEST__MAX_BODY_BYTES".into(), LIMIT.to_string()),
         (format!("UINCALL__INGEST__SECRETS__{TENANT}"), SECRET.into()),
         (
@@ -472,16 +475,11 @@ fn a_push_for_a_tenant_without_an_access_token_is_forwarded_flagged() {
 #[test]
 fn refused_pushes_are_dead_lettered_as_received_with_the_reason() {
     let rt = runtime();
-    // Long enough that a loaded machine acknowledges the first records in
-    // time (1s was not, once); the last push waits all of it for its 503.
-    let (cluster, receiver) = mock_receiver(&[
-        ("UINCALL__INGEST__DEAD_LETTER_REFUSED", "true"),
-        ("UINCALL__INGEST__FORWARD_TIMEOUT", "5s"),
-    ]);
+    let refusing = [("UINCALL__INGEST__DEAD_LETTER_REFUSED", "true")];
+    let (cluster, receiver) = mock_receiver(&refusing);
     let topic = receiver.dead_letter_topic.clone().unwrap();
     cluster.create_topic(&topic, 1, 1).unwrap();
-    let router = push_routes(receiver.clone());
-    let refused = |body: &[u8]| {
+    let refused = |receiver: &Arc<Receiver>, body: &[u8]| {
         let req = request(
             "call-event",
             &Auth::PathRight,
@@ -489,11 +487,15 @@ fn refused_pushes_are_dead_lettered_as_received_with_the_reason() {
             "application/json",
             body.to_vec(),
         );
-        rt.block_on(router.clone().oneshot(req)).unwrap().status()
+        let router = push_routes(receiver.clone());
+        rt.block_on(router.oneshot(req)).unwrap().status()
     };
-    assert_eq!(refused(b"not json at all"), StatusCode::BAD_REQUEST);
     assert_eq!(
-        refused(br#"{"command":"call_hangup"}"#),
+        refused(&receiver, b"not json at all"),
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(
+        refused(&receiver, br#"{"command":"call_hangup"}"#),
         StatusCode::BAD_REQUEST
     );
     let letters = records(&cluster, &topic, 2);
@@ -507,10 +509,18 @@ fn refused_pushes_are_dead_lettered_as_received_with_the_reason() {
     assert_eq!(headers["dlq.tenant_id"], TENANT);
     assert_eq!(headers["uincall.source"], "uincall.push.call-event");
     assert!(letters[1].1["dlq.reason"].contains("no session_id"));
-    // Not acknowledged: the sender is told to retry, not that it is wrong.
-    cluster.broker_down(1).unwrap();
-    assert_eq!(refused(b"still not json"), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(count(&receiver, Kind::CallEvent, "invalid"), 2);
+    // Not acknowledged (a receiver of its own with a short forward timeout,
+    // its broker down): the sender is told to retry, not that it is wrong.
+    let (down, receiver) =
+        mock_receiver(&[refusing[0], ("UINCALL__INGEST__FORWARD_TIMEOUT", "1s")]);
+    down.create_topic(&topic, 1, 1).unwrap();
+    down.broker_down(1).unwrap();
+    assert_eq!(
+        refused(&receiver, b"still not json"),
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(count(&receiver, Kind::CallEvent, "invalid"), 0);
 }
 
 #[test]

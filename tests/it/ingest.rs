@@ -54,6 +54,9 @@ pub fn spawn_receiver_with(
         ("UINCALL__INGEST__LISTEN", listen.as_str()),
         ("UINCALL__HTTP__LISTEN", side.as_str()),
         ("UINCALL__INGEST__MAX_BODY_BYTES", "4096"),
+        // Every push a test expects answered 200 is acknowledged within
+        // this on a loaded machine (`extra` may set less).
+        ("UINCALL__INGEST__FORWARD_TIMEOUT", "30s"),
         (secret_var.as_str(), secret),
     ];
     vars.extend_from_slice(extra);
