@@ -469,6 +469,30 @@ impl Load {
     }
 }
 
+/// Sends one record to the input topic with a new idempotent producer
+/// until it is acknowledged (within `WAIT`); how long that took.
+async fn idempotent_produce_acknowledged(env: &TestEnv) -> Duration {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let producer: FutureProducer = testkit::client_config(&env.bootstrap())
+        .set("enable.idempotence", "true")
+        .set("message.timeout.ms", "5000")
+        .create()
+        .unwrap();
+    let started = std::time::Instant::now();
+    loop {
+        let record = FutureRecord::to(&env.input)
+            .key("broker-ready")
+            .payload("{}");
+        match producer.send(record, Duration::from_secs(5)).await {
+            Ok(_) => return started.elapsed(),
+            Err((e, _)) => assert!(
+                started.elapsed() < WAIT,
+                "the restarted broker acknowledged no idempotent producer in {WAIT:?}: {e}"
+            ),
+        }
+    }
+}
+
 /// Every session answered 200 is on the input topic.
 async fn every_acknowledged_push_is_on_the_topic(
     env: &TestEnv,
@@ -521,6 +545,12 @@ async fn pushes_answered_200_survive_a_broker_outage_and_those_during_it_get_503
         .unwrap()
         .unwrap();
     env.cluster = Some(cluster);
+    // The broker hands out producer ids again (after a restart it answers
+    // "coordinator load in progress" for a while): a fresh idempotent
+    // producer of the test's own is acknowledged. A receiver that stays
+    // stuck past this is the receiver's fault, not the broker's.
+    let waited = idempotent_produce_acknowledged(&env).await;
+    println!("an idempotent producer was acknowledged {waited:?} after the restart");
     load.until(200, before_restart + 100).await;
     until_status(&ready, 200).await;
     let answers = load.finish().await;
