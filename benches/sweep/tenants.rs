@@ -73,6 +73,9 @@ struct TenantRun {
     /// to its own API), by the time of `t`'s last record.
     other_enriched: usize,
     other_calls: u64,
+    /// Records dead-lettered as `tenant_held` (the refused tenant's past
+    /// `pipeline.max_held_records`) by then.
+    other_dead_lettered: u64,
     /// Cores: the worker, the broker, the fake APIs together, this process.
     cores: [f64; 4],
     gauges: Gauges,
@@ -84,7 +87,7 @@ impl TenantRun {
     fn summary(&self) -> String {
         let [w, b, a, h] = self.cores;
         format!(
-            "t {:.0} records/s ({:.2} s; produced in {:.2} s); other tenant {} enriched, {} calls; \
+            "t {:.0} records/s ({:.2} s; produced in {:.2} s); other tenant {} enriched, {} calls, {} dead-lettered; \
              most over share {:.0}, held {:.0}, in flight {:.0}; cores worker {w:.2}, broker {b:.2}, APIs {a:.2}, harness {h:.2}; \
              worker peak RSS {:.0} MiB",
             self.rate,
@@ -92,6 +95,7 @@ impl TenantRun {
             self.produce_secs,
             self.other_enriched,
             self.other_calls,
+            self.other_dead_lettered,
             self.gauges.over_share,
             self.gauges.held,
             self.gauges.in_flight,
@@ -108,7 +112,7 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> anyhow::Result<()> {
     writeln!(
         md,
         "Window {WINDOW}, `t`'s API {FAST_MS} ms; {} events of `t`, beside it {} of the other tenant.\n\n\
-         | scenario | run | `t` alone | `t` beside | beside / alone | other tenant by `t`'s last record: enriched, calls | most over share / held / in flight: alone; beside | worker peak RSS: alone; beside | cores alone: worker / broker / APIs / harness | cores beside |\n\
+         | scenario | run | `t` alone | `t` beside | beside / alone | other tenant by `t`'s last record: enriched, calls, dead-lettered | most over share / held / in flight: alone; beside | worker peak RSS: alone; beside | cores alone: worker / broker / APIs / harness | cores beside |\n\
          |---|---|---|---|---|---|---|---|---|---|",
         args.tenant_events, args.other_events
     )?;
@@ -137,13 +141,14 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> anyhow::Result<()> {
                 |g: Gauges| format!("{:.0} / {:.0} / {:.0}", g.over_share, g.held, g.in_flight);
             writeln!(
                 md,
-                "| {} | {i} | {:.0}/s | {:.0}/s | {:.0} % | {}, {} | {}; {} | {:.0}; {:.0} MiB | {} | {} |",
+                "| {} | {i} | {:.0}/s | {:.0}/s | {:.0} % | {}, {}, {} | {}; {} | {:.0}; {:.0} MiB | {} | {} |",
                 scenario.name(),
                 alone.rate,
                 beside.rate,
                 100.0 * beside.rate / alone.rate,
                 beside.other_enriched,
                 beside.other_calls,
+                beside.other_dead_lettered,
                 gauges(alone.gauges),
                 gauges(beside.gauges),
                 alone.peak_rss_mib,
@@ -273,6 +278,7 @@ async fn run_once(
         Scenario::Refused => refused_calls(&metrics).await?,
         Scenario::Slow => api_calls(&mut running.apis[1])?,
     };
+    let other_dead_lettered = tenant_held(&metrics).await?;
     stop_sampling.cancel();
     let gauges = sampler.await?;
 
@@ -286,6 +292,7 @@ async fn run_once(
         produce_secs,
         other_enriched,
         other_calls,
+        other_dead_lettered,
         cores: [d[0], d[1], apis, d[d.len() - 1]],
         gauges,
         peak_rss_mib,
@@ -332,6 +339,13 @@ async fn sample_gauges(url: String, stop: CancellationToken) -> Gauges {
             .in_flight
             .max(gauge("uincall_enricher_records_in_flight "));
     }
+}
+
+/// Records dead-lettered as `tenant_held`.
+async fn tenant_held(url: &str) -> anyhow::Result<u64> {
+    let text = fetch_metrics(&reqwest::Client::new(), url).await?;
+    let name = "uincall_enricher_records_dead_lettered_total{error_class=\"tenant_held\"} ";
+    Ok(values(&text, name).sum::<f64>() as u64)
 }
 
 /// API calls answered with the refused-token errcode (the other tenant's).
