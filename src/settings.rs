@@ -701,20 +701,30 @@ pub fn property_secrets(key: &str, value: &str) -> Vec<String> {
     if !key.to_ascii_lowercase().ends_with(".url") {
         return Vec::new();
     }
-    let Ok(url) = url::Url::parse(value) else {
-        // Not read as a URL: shown only if nothing in it could be a
-        // credential.
+    // Read as written (a parser would give the password percent-encoded,
+    // which is not what the text holds): scheme://userinfo@host/path?query.
+    let Some((_, rest)) = value.split_once("://") else {
+        // Not a URL: shown only if nothing in it could be a credential.
         return match value.contains(['@', '?']) {
             true => vec![value.to_string()],
             false => Vec::new(),
         };
     };
-    let query = url.query().unwrap_or_default();
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    // The userinfo's password, or all of it when it is a token alone.
+    let userinfo =
+        (authority.rsplit_once('@')).map(|(userinfo, _)| match userinfo.split_once(':') {
+            Some((_, password)) => password,
+            None => userinfo,
+        });
+    let query = (rest.split_once('?'))
+        .map(|(_, q)| q.split('#').next().unwrap_or_default())
+        .unwrap_or_default();
     let query_secrets = (query.split('&'))
         .filter_map(|pair| pair.split_once('='))
         .filter(|(name, _)| is_secret_property(name))
         .map(|(_, v)| v);
-    (url.password().into_iter())
+    (userinfo.into_iter())
         .chain(query_secrets)
         .filter(|v| !v.is_empty())
         .map(str::to_string)
@@ -1464,6 +1474,16 @@ mod tests {
                     )
                     .as_str(),
                 ),
+                // A password as a parser would percent-encode it, and a
+                // token alone before the host.
+                (
+                    "UINCALL__KAFKA__PROPERTIES__HTTPS_OTHER_URL",
+                    "https://user:pa=ss:w@rd==@idp.example.com/t",
+                ),
+                (
+                    "UINCALL__KAFKA__PROPERTIES__HTTPS_TOKEN_URL",
+                    "https://tok3n-not-for-print@idp.example.com/t#x",
+                ),
                 ("UINCALL__KAFKA__PROPERTIES__SSL_KEYSTORE_PASSWORD", secret),
                 ("UINCALL__KAFKA__PROPERTIES__SSL_KEY_PASSWORD", secret),
                 ("UINCALL__KAFKA__PROPERTIES__SASL_JAAS_CONFIG", secret),
@@ -1508,6 +1528,15 @@ mod tests {
             text.contains("\"https.example.url\" = \"https://user:[redacted]@idp.example.com/t?client_secret=[redacted]&scope=kafka\""),
             "{text}"
         );
+        assert!(
+            text.contains("\"https.other.url\" = \"https://user:[redacted]@idp.example.com/t\""),
+            "{text}"
+        );
+        assert!(
+            text.contains("\"https.token.url\" = \"https://[redacted]@idp.example.com/t#x\""),
+            "{text}"
+        );
+        assert!(!text.contains("pa=ss") && !text.contains("tok3n"), "{text}");
         assert!(
             text.contains("\"security.protocol\" = \"SASL_SSL\""),
             "{text}"
