@@ -101,12 +101,6 @@ impl Tenants {
             .map(|_| Held(&self.held))
     }
 
-    /// How many tenants are held now.
-    pub fn held_tenants(&self) -> usize {
-        let breakers = self.breakers.lock().unwrap();
-        breakers.values().filter(|b| b.is_open()).count()
-    }
-
     /// Records held now.
     pub fn held_records(&self) -> usize {
         self.held.load(Ordering::SeqCst)

@@ -83,6 +83,9 @@ struct RecordGate<'a> {
     /// Why the record could not wait for its held tenant
     /// (`pipeline.held_overflow`): it is dead-lettered as `tenant_held`.
     spilled: Mutex<Option<String>>,
+    /// Whether it waited for its tenant before: it keeps its claim to wait
+    /// (a newer record cannot take its room).
+    waited: std::sync::atomic::AtomicBool,
 }
 
 impl<'a> RecordGate<'a> {
@@ -92,6 +95,7 @@ impl<'a> RecordGate<'a> {
             tenant,
             slot: Mutex::new(None),
             spilled: Mutex::new(None),
+            waited: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -102,10 +106,14 @@ impl<'a> RecordGate<'a> {
         let e = self.enricher;
         while let Some(held) = e.tenants.get(self.tenant).filter(|b| b.is_open()) {
             self.slot.lock().unwrap().take();
-            let _counted = match e.room_to_hold() {
+            let waited_before = self.waited.swap(true, Ordering::SeqCst);
+            let room = e.room_to_hold().filter(|_| !waited_before);
+            let _counted = match room {
                 None => e.tenants.hold(),
                 Some(room) => match e.tenants.try_hold(room) {
                     Some(counted) => counted,
+                    // Shutdown or a revocation: abandoned, not dead-lettered.
+                    None if stop.is_cancelled() => return false,
                     None => {
                         let cause = held.cause().map(|c| c.to_string()).unwrap_or_default();
                         *self.spilled.lock().unwrap() = Some(format!(
@@ -311,7 +319,8 @@ impl Enricher {
     }
 
     /// With `pipeline.held_overflow = "dead_letter"` while some tenant
-    /// with a token is not held: how many records of held tenants may wait,
+    /// with a token is not held (and the worker as a whole is not in
+    /// systemic failure): how many records of held tenants may wait,
     /// `pipeline.max_held_records`. `None`: held records always wait.
     ///
     /// Records over their tenant's share are not subtracted: they share the
@@ -321,8 +330,11 @@ impl Enricher {
     /// another tenant's read-ahead.
     fn room_to_hold(&self) -> Option<usize> {
         let p = &self.settings.pipeline;
-        let others_go_on = self.tenants.held_tenants() < self.tokens.tenants();
-        (p.held_overflow == HeldOverflow::DeadLetter && others_go_on).then_some(p.max_held_records)
+        if p.held_overflow != HeldOverflow::DeadLetter || self.breaker.is_open() {
+            return None;
+        }
+        let others_go_on = (self.tokens.tenant_ids().iter()).any(|t| !self.tenants.is_held(t));
+        others_go_on.then_some(p.max_held_records)
     }
 
     /// Records waiting now for their held tenant, and for a window place
