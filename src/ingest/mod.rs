@@ -14,6 +14,7 @@ use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -108,6 +109,8 @@ struct Receiver {
     dead_letter_topic: Option<String>,
     /// `headers.kafka_connect`: Kafka Connect's error headers on those.
     connect_headers: bool,
+    /// The second (since the epoch) a wrong secret was last logged.
+    wrong_secret_logged: AtomicU64,
     metrics: Metrics,
 }
 
@@ -221,6 +224,7 @@ impl Receiver {
             flagged: Mutex::new(HashSet::new()),
             dead_letter_topic: i.dead_letter_refused.then(|| k.dead_letter_topic.clone()),
             connect_headers: settings.headers.kafka_connect,
+            wrong_secret_logged: AtomicU64::new(0),
             metrics: Metrics::new(),
         }))
     }
@@ -282,7 +286,7 @@ async fn push_with_path_secret(
         return answer(StatusCode::NOT_FOUND, "not found");
     };
     if !r.authentic(&tenant, &secret) {
-        info!(tenant, kind = kind.name(), "push refused: wrong secret");
+        r.log_wrong_secret(Some(&tenant), kind);
         // Not found, as any other unknown URL: a guess learns nothing.
         return r.reply(kind, "unauthorized", StatusCode::NOT_FOUND, "not found");
     }
@@ -307,7 +311,7 @@ async fn push_with_basic_auth(
         }
         credentials => {
             let tenant = credentials.map(|(tenant, _)| tenant);
-            info!(tenant, kind = kind.name(), "push refused: wrong secret");
+            r.log_wrong_secret(tenant.as_deref(), kind);
             let mut resp = r.reply(
                 kind,
                 "unauthorized",
@@ -335,6 +339,23 @@ fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
 }
 
 impl Receiver {
+    /// Logs a push refused for its secret with the tenant its URL names
+    /// (never the secret), at most once a second: the sender chooses both
+    /// how many and the tenant string, so the log is not theirs to fill.
+    /// Every one is counted (`result="unauthorized"`).
+    fn log_wrong_secret(&self, tenant: Option<&str>, kind: Kind) {
+        let second = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if self.wrong_secret_logged.swap(second, Ordering::Relaxed) != second {
+            info!(
+                tenant,
+                kind = kind.name(),
+                "push refused: wrong secret (logged at most once a second)"
+            );
+        }
+    }
+
     /// Whether `secret` is `tenant`'s push secret (compared in constant
     /// time).
     fn authentic(&self, tenant: &str, secret: &str) -> bool {
