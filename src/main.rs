@@ -107,6 +107,7 @@ fn with_telemetry(config: Option<&Path>, work: impl FnOnce(Settings) -> ExitCode
             return ExitCode::from(2);
         }
     };
+    telemetry::redact_in_logs(settings.secrets());
     let code = work(settings);
     telemetry.shutdown();
     code

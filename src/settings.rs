@@ -883,6 +883,17 @@ impl Settings {
         self.log.validate()
     }
 
+    /// Every secret these settings hold: access tokens, push secrets, and
+    /// the secret values (or parts) of `kafka.properties`.
+    pub fn secrets(&self) -> Vec<String> {
+        let props = (self.kafka.properties.iter()).flat_map(|(k, v)| property_secrets(k, v));
+        (self.api.tokens.values())
+            .chain(self.ingest.secrets.values())
+            .map(|s| s.expose_secret().to_string())
+            .chain(props)
+            .collect()
+    }
+
     /// The effective settings as TOML, secrets replaced by `[redacted]`.
     pub fn to_redacted_toml(&self) -> String {
         toml::to_string_pretty(self).expect("settings serialise to TOML")

@@ -3,7 +3,14 @@
 //! `target`, `message` and the event's fields at the top level, the current
 //! span under `span`, and `trace_id`/`span_id` when the line belongs to a
 //! traced record. Record spans carry session_id and tenant_id, never a
-//! token. Traces: see [`crate::otel`].
+//! token. Every line is written whole, with each secret the settings hold
+//! (and each token read later) replaced by `[redacted]`, whoever wrote it:
+//! librdkafka's own lines quote URLs and configuration. Traces: see
+//! [`crate::otel`].
+
+use std::borrow::Cow;
+use std::io::Write;
+use std::sync::RwLock;
 
 use tracing::Level;
 use tracing_opentelemetry::OtelData;
@@ -47,7 +54,7 @@ pub fn init(log: &LogSettings) -> anyhow::Result<Telemetry> {
         .with_filter(Targets::new().with_target("uincall_enricher", Level::INFO));
     let lines = match log.format {
         LogFormat::Json => json_lines().boxed(),
-        LogFormat::Text => fmt::layer().with_writer(std::io::stderr).boxed(),
+        LogFormat::Text => fmt::layer().with_writer(redacting_stderr).boxed(),
     };
     // Log lines as the level says, with the worker's spans whatever it
     // says: a warning inside a record names its record and trace.
@@ -65,8 +72,8 @@ pub fn init(log: &LogSettings) -> anyhow::Result<Telemetry> {
 }
 
 /// Flat JSON lines with the trace and span ids of the current span.
-fn json_lines() -> json_subscriber::JsonLayer<Registry, fn() -> std::io::Stderr> {
-    let mut layer = json_subscriber::JsonLayer::stderr();
+fn json_lines() -> json_subscriber::JsonLayer<Registry, fn() -> Redacting<std::io::Stderr>> {
+    let mut layer = json_subscriber::JsonLayer::new(redacting_stderr as fn() -> _);
     layer.with_timer("timestamp", fmt::time::SystemTime);
     layer.with_level("level");
     layer.with_target("target");
@@ -75,4 +82,96 @@ fn json_lines() -> json_subscriber::JsonLayer<Registry, fn() -> std::io::Stderr>
     layer.add_from_extension::<OtelData, _, _>("trace_id", |d| Some(d.trace_id()?.to_string()));
     layer.add_from_extension::<OtelData, _, _>("span_id", |d| Some(d.span_id()?.to_string()));
     layer
+}
+
+/// Secrets no log line may hold.
+static SECRETS: RwLock<Vec<String>> = RwLock::new(Vec::new());
+
+/// Secrets shorter than this are not looked for: replacing a few characters
+/// wherever they occur would garble every line (and such a secret guards
+/// little).
+const SHORTEST_SECRET: usize = 6;
+
+/// From now on, each of `secrets` is replaced by `[redacted]` in every log
+/// line.
+pub fn redact_in_logs(secrets: impl IntoIterator<Item = String>) {
+    let mut known = SECRETS.write().unwrap();
+    for s in secrets {
+        if s.len() >= SHORTEST_SECRET && !known.contains(&s) {
+            known.push(s);
+        }
+    }
+    // Longest first: a secret holding another is replaced whole.
+    known.sort_by_key(|s| std::cmp::Reverse(s.len()));
+}
+
+/// `line` with every registered secret replaced.
+fn redact_line(line: &[u8]) -> Cow<'_, [u8]> {
+    let secrets = SECRETS.read().unwrap();
+    let text = String::from_utf8_lossy(line);
+    if !secrets.iter().any(|s| text.contains(s.as_str())) {
+        return Cow::Borrowed(line);
+    }
+    let redacted = crate::settings::redact(&text, &secrets);
+    Cow::Owned(redacted.into_bytes())
+}
+
+/// A log line's writer: it gathers the line and writes it, redacted, in
+/// one piece when dropped (the end of the event).
+pub struct Redacting<W: Write> {
+    line: Vec<u8>,
+    out: W,
+}
+
+impl<W: Write> Write for Redacting<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.line.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<W: Write> Drop for Redacting<W> {
+    fn drop(&mut self) {
+        let _ = self.out.write_all(&redact_line(&self.line));
+    }
+}
+
+fn redacting_stderr() -> Redacting<std::io::Stderr> {
+    Redacting {
+        line: Vec::with_capacity(256),
+        out: std::io::stderr(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_line_is_written_whole_with_every_secret_replaced() {
+        redact_in_logs([
+            "hunter2-long-secret".to_string(),
+            "hunter2-long".to_string(),
+            "abc".into(),
+        ]);
+        let mut out = Vec::new();
+        {
+            let mut w = Redacting {
+                line: Vec::new(),
+                out: &mut out,
+            };
+            w.write_all(b"token hunter2-").unwrap();
+            w.write_all(b"long-secret and hunter2-long, abc\n").unwrap();
+        }
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "token [redacted] and [redacted], abc\n",
+            "split across writes, the longer one whole, too short to look for"
+        );
+        assert!(matches!(redact_line(b"nothing here"), Cow::Borrowed(_)));
+    }
 }

@@ -60,3 +60,53 @@ async fn the_token_never_appears_in_logs_or_dead_letter_headers() {
         );
     }
 }
+
+/// librdkafka's own log lines quote what it was given: an OIDC token
+/// endpoint that cannot be reached is logged with its URL. Every line is
+/// written with the settings' secrets replaced, whoever wrote it.
+#[tokio::test]
+async fn a_secret_in_librdkafkas_own_log_line_is_redacted() {
+    let env = TestEnv::new("secret-rdkafka", 1, Duration::ZERO).await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("worker.log");
+    let (in_url, client_secret) = ("query-secret-4711", "client-secret-4711");
+    // Nothing listens on the discard port: the token request fails at once.
+    let url = format!("http://127.0.0.1:9/token?client_secret={in_url}");
+    let mut child = env.spawn_binary(
+        &log,
+        &[
+            (
+                "UINCALL__KAFKA__PROPERTIES__SECURITY_PROTOCOL",
+                "SASL_PLAINTEXT",
+            ),
+            ("UINCALL__KAFKA__PROPERTIES__SASL_MECHANISM", "OAUTHBEARER"),
+            (
+                "UINCALL__KAFKA__PROPERTIES__SASL_OAUTHBEARER_METHOD",
+                "oidc",
+            ),
+            (
+                "UINCALL__KAFKA__PROPERTIES__SASL_OAUTHBEARER_CLIENT_ID",
+                "enricher",
+            ),
+            (
+                "UINCALL__KAFKA__PROPERTIES__SASL_OAUTHBEARER_CLIENT_SECRET",
+                client_secret,
+            ),
+            (
+                "UINCALL__KAFKA__PROPERTIES__SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL",
+                &url,
+            ),
+        ],
+    );
+    let status = wait_exit(&mut child, WAIT).await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(status.code(), Some(1), "{text}");
+    let line = (text.lines())
+        .find(|l| l.contains("\"target\":\"librdkafka\"") && l.contains("OIDC token from"))
+        .unwrap_or_else(|| panic!("no librdkafka line quoting the endpoint:\n{text}"));
+    assert!(line.contains("client_secret=[redacted]"), "{line}");
+    assert!(
+        !text.contains(in_url) && !text.contains(client_secret),
+        "{text}"
+    );
+}
