@@ -710,13 +710,13 @@ pub fn property_secrets(key: &str, value: &str) -> Vec<String> {
             false => Vec::new(),
         };
     };
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
-    // The userinfo's password, or all of it when it is a token alone.
-    let userinfo =
-        (authority.rsplit_once('@')).map(|(userinfo, _)| match userinfo.split_once(':') {
-            Some((_, password)) => password,
-            None => userinfo,
-        });
+    // The userinfo's password, or all of it when it is a token alone: up to
+    // the last `@`, as a password may hold `/`, `?` or `#` (base64 does);
+    // an `@` further on (in a query) makes more of it redacted, not less.
+    let userinfo = (rest.rsplit_once('@')).map(|(userinfo, _)| match userinfo.split_once(':') {
+        Some((_, password)) => password,
+        None => userinfo,
+    });
     let query = (rest.split_once('?'))
         .map(|(_, q)| q.split('#').next().unwrap_or_default())
         .unwrap_or_default();
@@ -1492,6 +1492,10 @@ mod tests {
                     "https://user:pa=ss:w@rd==@idp.example.com/t",
                 ),
                 (
+                    "UINCALL__KAFKA__PROPERTIES__HTTPS_SLASH_URL",
+                    "https://user:ab/cd?e#f==@idp.example.com/t",
+                ),
+                (
                     "UINCALL__KAFKA__PROPERTIES__HTTPS_TOKEN_URL",
                     "https://tok3n-not-for-print@idp.example.com/t#x",
                 ),
@@ -1547,7 +1551,14 @@ mod tests {
             text.contains("\"https.token.url\" = \"https://[redacted]@idp.example.com/t#x\""),
             "{text}"
         );
-        assert!(!text.contains("pa=ss") && !text.contains("tok3n"), "{text}");
+        assert!(
+            text.contains("\"https.slash.url\" = \"https://user:[redacted]@idp.example.com/t\""),
+            "{text}"
+        );
+        assert!(
+            !text.contains("pa=ss") && !text.contains("tok3n") && !text.contains("ab/cd"),
+            "{text}"
+        );
         assert!(
             text.contains("\"security.protocol\" = \"SASL_SSL\""),
             "{text}"

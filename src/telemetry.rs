@@ -10,7 +10,9 @@
 
 use std::borrow::Cow;
 use std::io::Write;
-use std::sync::RwLock;
+use std::sync::{Arc, PoisonError, RwLock};
+
+use aho_corasick::{AhoCorasick, MatchKind};
 
 use tracing::Level;
 use tracing_opentelemetry::OtelData;
@@ -84,8 +86,17 @@ fn json_lines() -> json_subscriber::JsonLayer<Registry, fn() -> Redacting<std::i
     layer
 }
 
-/// Secrets no log line may hold.
-static SECRETS: RwLock<Vec<String>> = RwLock::new(Vec::new());
+/// Secrets no log line may hold, and a matcher of them and their escaped
+/// forms.
+static SECRETS: RwLock<Redactions> = RwLock::new(Redactions {
+    known: Vec::new(),
+    matcher: None,
+});
+
+struct Redactions {
+    known: Vec<String>,
+    matcher: Option<Arc<AhoCorasick>>,
+}
 
 /// Secrets shorter than this are not looked for: replacing a few characters
 /// wherever they occur would garble every line (and such a secret guards
@@ -93,27 +104,50 @@ static SECRETS: RwLock<Vec<String>> = RwLock::new(Vec::new());
 const SHORTEST_SECRET: usize = 6;
 
 /// From now on, each of `secrets` is replaced by `[redacted]` in every log
-/// line.
+/// line: as written, as a JSON string or `Debug` escapes it (a quote, a
+/// backslash, a line break), and each line of one that has several (a PEM
+/// key).
 pub fn redact_in_logs(secrets: impl IntoIterator<Item = String>) {
-    let mut known = SECRETS.write().unwrap();
+    let mut r = SECRETS.write().unwrap_or_else(PoisonError::into_inner);
+    let before = r.known.len();
     for s in secrets {
-        if s.len() >= SHORTEST_SECRET && !known.contains(&s) {
-            known.push(s);
+        let json = serde_json::to_string(&s).unwrap_or_default();
+        let debug = format!("{s:?}");
+        let escaped = [json.trim_matches('"'), debug.trim_matches('"')];
+        let lines = s.lines().map(str::trim);
+        let forms: Vec<String> = (escaped.into_iter().chain(lines).chain([s.as_str()]))
+            .filter(|f| f.len() >= SHORTEST_SECRET)
+            .map(str::to_string)
+            .collect();
+        for f in forms {
+            if !r.known.contains(&f) {
+                r.known.push(f);
+            }
         }
     }
-    // Longest first: a secret holding another is replaced whole.
-    known.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    if r.known.len() != before {
+        // Leftmost-longest: a secret holding another is replaced whole.
+        r.matcher = AhoCorasick::builder()
+            .match_kind(MatchKind::LeftmostLongest)
+            .build(&r.known)
+            .ok()
+            .map(Arc::new);
+    }
 }
 
 /// `line` with every registered secret replaced.
 fn redact_line(line: &[u8]) -> Cow<'_, [u8]> {
-    let secrets = SECRETS.read().unwrap();
-    let text = String::from_utf8_lossy(line);
-    if !secrets.iter().any(|s| text.contains(s.as_str())) {
-        return Cow::Borrowed(line);
+    let matcher = (SECRETS
+        .read()
+        .unwrap_or_else(PoisonError::into_inner)
+        .matcher)
+        .clone();
+    match matcher {
+        Some(m) if m.is_match(line) => {
+            Cow::Owned(m.replace_all_bytes(line, &vec![&b"[redacted]"[..]; m.patterns_len()]))
+        }
+        _ => Cow::Borrowed(line),
     }
-    let redacted = crate::settings::redact(&text, &secrets);
-    Cow::Owned(redacted.into_bytes())
 }
 
 /// A log line's writer: it gathers the line and writes it, redacted, in
@@ -157,6 +191,8 @@ mod tests {
             "hunter2-long-secret".to_string(),
             "hunter2-long".to_string(),
             "abc".into(),
+            "pass\"word\\x".into(),
+            "-----BEGIN KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEF\n-----END KEY-----".into(),
         ]);
         let mut out = Vec::new();
         {
@@ -173,5 +209,9 @@ mod tests {
             "split across writes, the longer one whole, too short to look for"
         );
         assert!(matches!(redact_line(b"nothing here"), Cow::Borrowed(_)));
+        // As a JSON log line writes them.
+        let json = serde_json::json!({"password": "pass\"word\\x", "key": "-----BEGIN KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEF\n-----END KEY-----"}).to_string();
+        let redacted = String::from_utf8(redact_line(json.as_bytes()).into_owned()).unwrap();
+        assert_eq!(redacted, r#"{"password":"[redacted]","key":"[redacted]"}"#);
     }
 }

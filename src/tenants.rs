@@ -13,7 +13,9 @@
 //! restart it, and what followed it in its partition, is read again. With
 //! `pipeline.held_overflow = "dead_letter"` (the default), a held tenant's
 //! record past that bound is dead-lettered as `tenant_held` instead, while
-//! another tenant is not held, so the others' records go on being read.
+//! another tenant with a token is not held and the worker as a whole is
+//! not, so the others' records go on being read (a record that waited
+//! before keeps its claim, so the count can pass the bound by those).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};

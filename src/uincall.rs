@@ -105,10 +105,10 @@ fn read_tokens_dir(dir: &Path) -> anyhow::Result<Vec<(String, SecretString)>> {
             .with_context(|| format!("reading token file for tenant {name}"))?;
         let token = token.trim();
         if !token.is_empty() {
-            crate::telemetry::redact_in_logs([token.to_string()]);
             out.push((name, SecretString::from(token.to_string())));
         }
     }
+    crate::telemetry::redact_in_logs(out.iter().map(|(_, t)| t.expose_secret().to_string()));
     Ok(out)
 }
 

@@ -109,8 +109,10 @@ struct Receiver {
     dead_letter_topic: Option<String>,
     /// `headers.kafka_connect`: Kafka Connect's error headers on those.
     connect_headers: bool,
-    /// The second (since the epoch) a wrong secret was last logged.
+    /// The second (since the epoch) a wrong secret was last logged, and
+    /// how many were refused since without a line.
     wrong_secret_logged: AtomicU64,
+    wrong_secret_not_logged: AtomicU64,
     metrics: Metrics,
 }
 
@@ -225,6 +227,7 @@ impl Receiver {
             dead_letter_topic: i.dead_letter_refused.then(|| k.dead_letter_topic.clone()),
             connect_headers: settings.headers.kafka_connect,
             wrong_secret_logged: AtomicU64::new(0),
+            wrong_secret_not_logged: AtomicU64::new(0),
             metrics: Metrics::new(),
         }))
     }
@@ -348,11 +351,15 @@ impl Receiver {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         if self.wrong_secret_logged.swap(second, Ordering::Relaxed) != second {
+            let not_logged = self.wrong_secret_not_logged.swap(0, Ordering::Relaxed);
             info!(
                 tenant,
                 kind = kind.name(),
-                "push refused: wrong secret (logged at most once a second)"
+                not_logged,
+                "push refused: wrong secret (logged at most once a second; not_logged: those refused since the last line)"
             );
+        } else {
+            self.wrong_secret_not_logged.fetch_add(1, Ordering::Relaxed);
         }
     }
 
