@@ -11,7 +11,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseProducer, DeliveryResult, Producer, ProducerContext};
 use tracing::{debug, error, info, warn};
 
-use crate::settings::{GroupProtocol, KafkaSettings, property_secrets, redact};
+use crate::settings::{GroupProtocol, KafkaSettings, redact};
 
 /// `kafka.client_id`, else `uincall-enricher-$HOSTNAME` (the pod name on
 /// Kubernetes), else `uincall-enricher`.
@@ -211,19 +211,12 @@ fn is_refusal(code: RDKafkaErrorCode, reason: &str) -> bool {
     }
 }
 
-/// The secret values (or parts of values) of `kafka.properties`.
-fn secrets(k: &KafkaSettings) -> Vec<String> {
-    (k.properties.iter())
-        .flat_map(|(key, v)| property_secrets(key, v))
-        .collect()
-}
-
 /// For a client that could not be created: librdkafka's refusal of a
 /// property quotes the value, which may be a secret, so every secret-looking
 /// `kafka.properties` value is removed from the message (the property's
 /// name stays).
 pub fn config_error(k: &KafkaSettings, what: &str) -> impl FnOnce(KafkaError) -> anyhow::Error {
-    let (secrets, what) = (secrets(k), what.to_string());
+    let (secrets, what) = (k.secrets(), what.to_string());
     move |e| anyhow::anyhow!("{what}: {}", redact(&e.to_string(), &secrets))
 }
 
@@ -233,7 +226,7 @@ pub fn config_error(k: &KafkaSettings, what: &str) -> impl FnOnce(KafkaError) ->
 /// rather than after the clients' timeouts with only "could not read".
 pub async fn check_connection(k: &KafkaSettings) -> anyhow::Result<()> {
     let watch = ConnectWatch {
-        secrets: secrets(k),
+        secrets: k.secrets(),
         ..ConnectWatch::default()
     };
     let client: BaseProducer<ConnectWatch> = base(k)

@@ -886,11 +886,10 @@ impl Settings {
     /// Every secret these settings hold: access tokens, push secrets, and
     /// the secret values (or parts) of `kafka.properties`.
     pub fn secrets(&self) -> Vec<String> {
-        let props = (self.kafka.properties.iter()).flat_map(|(k, v)| property_secrets(k, v));
         (self.api.tokens.values())
             .chain(self.ingest.secrets.values())
             .map(|s| s.expose_secret().to_string())
-            .chain(props)
+            .chain(self.kafka.secrets())
             .collect()
     }
 
@@ -929,6 +928,13 @@ const CLASSIC_ONLY_PROPERTIES: [&str; 2] =
     ["partition.assignment.strategy", "heartbeat.interval.ms"];
 
 impl KafkaSettings {
+    /// The secret values (or parts of values) of `properties`.
+    pub fn secrets(&self) -> Vec<String> {
+        (self.properties.iter())
+            .flat_map(|(key, v)| property_secrets(key, v))
+            .collect()
+    }
+
     /// Names and topics set and distinct, no property the worker or the
     /// group protocol owns, timeouts above their floors.
     pub fn validate(&self) -> Result<(), SettingsError> {

@@ -333,7 +333,7 @@ impl Enricher {
         if p.held_overflow != HeldOverflow::DeadLetter || self.breaker.is_open() {
             return None;
         }
-        let others_go_on = (self.tokens.tenant_ids().iter()).any(|t| !self.tenants.is_held(t));
+        let others_go_on = self.tokens.any_tenant(|t| !self.tenants.is_held(t));
         others_go_on.then_some(p.max_held_records)
     }
 
