@@ -23,7 +23,7 @@ use crate::backfill::{backfill, spawn_backfill};
 use crate::helpers::*;
 use crate::ingest::{event, post, spawn_receiver_with};
 use crate::testkit::oidc::TestOidc;
-use crate::testkit::{self, KafkaCluster, SCRAM_PASSWORD, SCRAM_USER, TestPki};
+use crate::testkit::{KafkaCluster, SCRAM_PASSWORD, SCRAM_USER, TestPki};
 
 /// One secured broker for the three tests (SASL_SSL and MTLS listeners).
 struct SecuredCluster {
@@ -177,24 +177,26 @@ async fn check_mode(
     let bad = auth_env(mode, bootstrap, bad);
     for what in ["worker", "replay", "ingest", "backfill"] {
         let log = dir.path().join(format!("refused-{what}.log"));
-        let mut child = match what {
-            "worker" => env.spawn_binary(&log, &pairs(&bad)),
-            "replay" => env.spawn_replay_with_env(&[], &log, &pairs(&bad)),
-            "ingest" => {
-                let secret_var = format!("UINCALL__INGEST__SECRETS__{}", env.tenant);
-                let listen = format!("127.0.0.1:{}", testkit::free_port());
-                let side = format!("127.0.0.1:{}", testkit::free_port());
-                let mut vars = pairs(&bad);
-                vars.extend([
-                    (secret_var.as_str(), push_secret),
-                    ("UINCALL__INGEST__LISTEN", &listen),
-                    ("UINCALL__HTTP__LISTEN", &side),
-                ]);
-                env.spawn_command(&["ingest"], &log, &vars, Stdio::null())
+        let (mut own, mut receiver);
+        let child = match what {
+            "worker" => {
+                own = env.spawn_binary(&log, &pairs(&bad));
+                &mut own
             }
-            _ => spawn_backfill(&env, &log, dir.path(), &range, &pairs(&bad), Stdio::null()),
+            "replay" => {
+                own = env.spawn_replay_with_env(&[], &log, &pairs(&bad));
+                &mut own
+            }
+            "ingest" => {
+                receiver = spawn_receiver_with(&env, &log, push_secret, &pairs(&bad));
+                &mut receiver.child
+            }
+            _ => {
+                own = spawn_backfill(&env, &log, dir.path(), &range, &pairs(&bad), Stdio::null());
+                &mut own
+            }
         };
-        let status = wait_exit(&mut child, WAIT).await;
+        let status = wait_exit(child, WAIT).await;
         let text = std::fs::read_to_string(&log).unwrap();
         assert_eq!(status.code(), Some(1), "{what}: {text}");
         let last = text.lines().last().unwrap_or_default();
