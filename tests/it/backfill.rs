@@ -17,14 +17,26 @@ use crate::testkit;
 /// `n` sessions `bf-0000…` spread evenly over `days` days from 2026-08-01
 /// 00:00 (wall clock in Shanghai, the default zone).
 fn calls(n: usize, days: i64) -> Vec<(String, NaiveDateTime)> {
-    let start = NaiveDate::from_ymd_opt(2026, 8, 1)
-        .unwrap()
-        .and_hms_opt(0, 0, 0)
-        .unwrap();
+    calls_from(NaiveDate::from_ymd_opt(2026, 8, 1).unwrap(), n, days)
+}
+
+/// `n` sessions `bf-0000…` spread evenly over `days` days from `start`
+/// 00:00 in Shanghai; the last one is before `start + days`.
+fn calls_from(start: NaiveDate, n: usize, days: i64) -> Vec<(String, NaiveDateTime)> {
+    let start = start.and_time(chrono::NaiveTime::MIN);
     let step = chrono::Duration::days(days) / n as i32;
     (0..n)
         .map(|i| (format!("bf-{i:04}"), start + step * i as i32))
         .collect()
+}
+
+/// The date `days` days before today in Shanghai (UTC+8 all year): a
+/// range left open (no `--to`) ends now, so a test of one takes its start
+/// from today to see the same windows on any day.
+fn days_before_today(days: u64) -> NaiveDate {
+    let shanghai = chrono::FixedOffset::east_opt(8 * 3600).unwrap();
+    let today = chrono::Utc::now().with_timezone(&shanghai).date_naive();
+    today - chrono::Days::new(days)
 }
 
 /// The 90 days from 2026-08-01.
@@ -193,16 +205,19 @@ async fn skip_enriched_submits_only_the_sessions_missing_from_the_output_topic()
 #[tokio::test]
 async fn killed_mid_run_a_rerun_continues_and_submits_every_session_once() {
     let env = TestEnv::new("backfill-kill", 3, Duration::ZERO).await;
-    let calls = calls(237, 90);
+    // No --to: the range ends when the run starts (90 days and part of
+    // today: two windows, 60 days and the rest); the rerun keeps that end
+    // (a later one would make it another run, started over).
+    let from = days_before_today(90);
+    let calls = calls_from(from, 237, 90);
     env.api.set_calls(&env.tenant, calls.clone());
     let dir = tempfile::tempdir().unwrap();
-    // No --to: the range ends when the run starts; the rerun keeps that end
-    // (a later one would make it another run, started over).
-    const OPEN: [&str; 2] = ["--from", "2026-08-01"];
+    let from = from.to_string();
+    let open = ["--from", from.as_str()];
     // The first page is answered; the second hangs until the kill.
     env.api.set_list_fault(Some(ListFault::HangAfter(1)));
     let log = dir.path().join("first.log");
-    let mut child = spawn_backfill(&env, &log, dir.path(), &OPEN, &[], Stdio::null());
+    let mut child = spawn_backfill(&env, &log, dir.path(), &open, &[], Stdio::null());
     wait_until("the second page asked", || {
         env.api.list_requests().len() >= 2
     })
@@ -218,7 +233,7 @@ async fn killed_mid_run_a_rerun_continues_and_submits_every_session_once() {
         50
     );
 
-    let ran = backfill(&env, dir.path(), &OPEN, &[]).await;
+    let ran = backfill(&env, dir.path(), &open, &[]).await;
     assert_eq!(ran.code, 0, "{}\n{}", ran.stdout, ran.log);
     assert!(
         ran.stdout.contains("continued from the state file"),
@@ -243,7 +258,7 @@ async fn killed_mid_run_a_rerun_continues_and_submits_every_session_once() {
     assert_eq!(total, 237, "no page submitted twice");
 
     // Done: a third run of the same range has nothing left.
-    let again = backfill(&env, dir.path(), &OPEN, &[]).await;
+    let again = backfill(&env, dir.path(), &open, &[]).await;
     assert_eq!(again.code, 0);
     assert!(
         again.stdout.contains("submitted              0"),
@@ -255,7 +270,10 @@ async fn killed_mid_run_a_rerun_continues_and_submits_every_session_once() {
 #[tokio::test]
 async fn answers_that_stop_a_run_say_why_with_their_exit_code_and_no_token() {
     let env = TestEnv::new("backfill-stop", 1, Duration::ZERO).await;
-    env.api.set_calls(&env.tenant, calls(20, 10));
+    // An open range (to now) of ten days.
+    let from = days_before_today(10);
+    env.api.set_calls(&env.tenant, calls_from(from, 20, 10));
+    let from = from.to_string();
     let dir = tempfile::tempdir().unwrap();
     let systemic = [("UINCALL__RETRY__SYSTEMIC_ERRCODES", "40001")];
     let cases = [
@@ -277,7 +295,7 @@ async fn answers_that_stop_a_run_say_why_with_their_exit_code_and_no_token() {
         let ran = backfill(
             &env,
             dir.path(),
-            &["--from", "2026-08-01", "--restart"],
+            &["--from", &from, "--restart"],
             &systemic,
         )
         .await;
