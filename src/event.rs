@@ -5,6 +5,18 @@ use serde_json::Value;
 
 use crate::settings::EventSettings;
 
+/// The header naming the tenant whose push URL a record came through (or
+/// whose call list a backfill read); the worker takes it for an event
+/// without a tenant field.
+pub const TENANT_HEADER: &str = "uincall.tenant";
+
+/// Set on a forwarded push the receiver has doubts about; its value says
+/// which ([`NO_ACCESS_TOKEN`]).
+pub const FLAG_HEADER: &str = "uincall.flag";
+
+/// The tenant is not in `ingest.token_tenants`.
+pub const NO_ACCESS_TOKEN: &str = "no_access_token";
+
 /// A call-ended event that names a call the API can be asked about.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CallEnded {

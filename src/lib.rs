@@ -19,6 +19,8 @@
 //! - [`dead_letter`]: the dead-letter record's `dlq.*` headers (written and
 //!   read back as one typed value) and error classes.
 //! - [`offsets`]: per-partition tracking of the committable offset.
+//! - [`membership`]: the worker's standing in its consumer group, for
+//!   liveness.
 //! - [`pipeline`]: the worker: the consume loop and its phases, flow control,
 //!   one record's enrichment, publishing (shared with replay), the
 //!   consumer's callbacks.
@@ -30,6 +32,8 @@
 //!   whose event never arrived (and the nightly reconcile).
 //! - [`kafka`]: librdkafka client configuration, the start-up connection
 //!   check.
+//! - [`producer`]: the produce policy, and the Kafka producer that replaces
+//!   itself when stuck.
 //! - [`stats`]: metrics and their log lines, one method per event.
 //! - [`telemetry`]: logging set-up; [`otel`]: trace context in and out,
 //!   spans, OTLP export.
@@ -52,9 +56,11 @@ pub mod fake_api;
 pub mod ingest;
 pub mod kafka;
 pub mod labels;
+pub mod membership;
 pub mod offsets;
 pub mod otel;
 pub mod pipeline;
+pub mod producer;
 #[cfg(test)]
 mod properties;
 pub mod rate_limit;

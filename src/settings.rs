@@ -143,6 +143,29 @@ pub struct IngestSettings {
     /// `dlq.reason`; the 400 is answered once the broker has it (503 if it
     /// does not, so the sender tries again).
     pub dead_letter_refused: bool,
+    /// How long a request's head (request line and headers) may take to
+    /// arrive, from its first byte; past it the connection is closed, so a
+    /// sender that never finishes its head holds no memory for long.
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// How long a push's whole body may take to arrive once its head has;
+    /// past it the push is answered 408 and gives its `max_in_flight` place
+    /// back (a total, not a per-read, deadline: a slow drip is cut too).
+    #[serde(with = "humantime_serde")]
+    pub body_timeout: Duration,
+    /// How long a connection may wait for a request (first connected, or
+    /// kept alive after an answer) before it is closed.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Connections open at once on the push port; one more is closed as
+    /// soon as it is accepted (each costs a socket and buffers).
+    pub max_connections: usize,
+    /// On SIGTERM, how long the pushes in flight may take to be answered
+    /// before their connections are closed and the producer is flushed.
+    /// Shorter than the pod's grace period (Kubernetes: 30s), longer than
+    /// `forward_timeout`.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
 }
 
 impl Default for IngestSettings {
@@ -160,6 +183,11 @@ impl Default for IngestSettings {
             max_in_flight: 1024,
             token_tenants: Vec::new(),
             dead_letter_refused: false,
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 1024,
+            shutdown_timeout: Duration::from_secs(20),
         }
     }
 }
@@ -192,6 +220,22 @@ impl IngestSettings {
             self.dedup_window.is_zero() || self.dedup_capacity > 0,
             "ingest.dedup_capacity",
             "must be at least 1 while ingest.dedup_window is on",
+        )?;
+        // Deadlines of the push port's connections: none may be 0s (every
+        // request would fail) or absurd (a clock past its range).
+        for (key, value) in [
+            ("ingest.header_timeout", self.header_timeout),
+            ("ingest.body_timeout", self.body_timeout),
+            ("ingest.idle_timeout", self.idle_timeout),
+            ("ingest.shutdown_timeout", self.shutdown_timeout),
+        ] {
+            more_than_zero(key, value)?;
+            at_most(key, value, Duration::from_secs(24 * 3600))?;
+        }
+        check(
+            self.max_connections > 0,
+            "ingest.max_connections",
+            "must be at least 1",
         )?;
         for (tenant, secret) in &self.secrets {
             check(
@@ -293,6 +337,13 @@ pub struct KafkaSettings {
     /// Must be longer than `pipeline.drain_timeout`.
     #[serde(with = "humantime_serde")]
     pub max_poll_interval: Duration,
+    /// A worker that holds no partition and is not a settled member of its
+    /// group for this long has lost its place in the group for good:
+    /// `/healthz` fails (and the log says why) so that it is restarted. A
+    /// spare replica, settled without partitions, is not concerned. Several
+    /// session timeouts.
+    #[serde(with = "humantime_serde")]
+    pub rejoin_timeout: Duration,
     /// How often stored offsets (completed prefixes only) are committed.
     #[serde(with = "humantime_serde")]
     pub commit_interval: Duration,
@@ -300,6 +351,13 @@ pub struct KafkaSettings {
     /// it is retried (librdkafka `message.timeout.ms`).
     #[serde(with = "humantime_serde")]
     pub produce_timeout: Duration,
+    /// A producer whose records have waited this long without any answer
+    /// from the broker is replaced by a fresh one (librdkafka can stay stuck
+    /// after a broker fault while a new producer is acknowledged at once);
+    /// `0s` never replaces it. Shorter than `produce_timeout` makes recovery
+    /// quicker than a record's own timeout.
+    #[serde(with = "humantime_serde")]
+    pub producer_renew_after: Duration,
     /// The output and dead-letter topics' `max.message.bytes`, when the
     /// worker should not ask the cluster for it (DescribeConfigs) at start:
     /// a cluster that does not answer that request (librdkafka's mock
@@ -1457,6 +1515,54 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.ingest.forward_commands, ["call_hangup", "call_talking"]);
+    }
+
+    #[test]
+    fn push_port_deadlines_and_connection_cap_are_read_and_zero_is_named() {
+        let s = Settings::load_from(None, env(&[])).unwrap();
+        let i = &s.ingest;
+        assert_eq!(i.header_timeout, Duration::from_secs(10));
+        assert_eq!(i.body_timeout, Duration::from_secs(10));
+        assert_eq!(i.idle_timeout, Duration::from_secs(60));
+        assert_eq!(i.max_connections, 1024);
+        assert_eq!(i.shutdown_timeout, Duration::from_secs(20));
+        let s = Settings::load_from(
+            None,
+            env(&[
+                ("UINCALL__INGEST__HEADER_TIMEOUT", "250ms"),
+                ("UINCALL__INGEST__MAX_CONNECTIONS", "4"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.ingest.header_timeout, Duration::from_millis(250));
+        assert_eq!(s.ingest.max_connections, 4);
+        for (var, value, key) in [
+            (
+                "UINCALL__INGEST__HEADER_TIMEOUT",
+                "0s",
+                "ingest.header_timeout",
+            ),
+            ("UINCALL__INGEST__BODY_TIMEOUT", "0s", "ingest.body_timeout"),
+            ("UINCALL__INGEST__IDLE_TIMEOUT", "0s", "ingest.idle_timeout"),
+            (
+                "UINCALL__INGEST__SHUTDOWN_TIMEOUT",
+                "0s",
+                "ingest.shutdown_timeout",
+            ),
+            (
+                "UINCALL__INGEST__IDLE_TIMEOUT",
+                "30days",
+                "ingest.idle_timeout",
+            ),
+            (
+                "UINCALL__INGEST__MAX_CONNECTIONS",
+                "0",
+                "ingest.max_connections",
+            ),
+        ] {
+            let err = Settings::load_from(None, env(&[(var, value)])).unwrap_err();
+            assert!(err.to_string().contains(key), "{var}={value}: {err}");
+        }
     }
 
     #[test]

@@ -13,6 +13,7 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use tokio_util::sync::CancellationToken;
+use tracing::warn;
 
 use crate::stats::Stats;
 
@@ -23,15 +24,24 @@ pub const LIVENESS_LIMIT: Duration = Duration::from_secs(30);
 #[derive(Clone)]
 struct Side {
     stats: Arc<Stats>,
-    /// `pipeline.stall_timeout`.
-    stall_timeout: Duration,
+    limits: Liveness,
+}
+
+/// How long a stuck worker is given before `/healthz` fails.
+#[derive(Clone, Copy, Debug)]
+pub struct Liveness {
+    /// `pipeline.stall_timeout`: a partition with a backlog and no record
+    /// finished.
+    pub stall_timeout: Duration,
+    /// `kafka.rejoin_timeout`: no partition and not settled in the group.
+    pub rejoin_timeout: Duration,
 }
 
 /// Binds `listen` and serves until `shutdown`; returns the bound address.
 pub async fn serve(
     listen: SocketAddr,
     stats: Arc<Stats>,
-    stall_timeout: Duration,
+    limits: Liveness,
     shutdown: CancellationToken,
 ) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
@@ -40,10 +50,7 @@ pub async fn serve(
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .with_state(Side {
-            stats,
-            stall_timeout,
-        });
+        .with_state(Side { stats, limits });
     tokio::spawn(async move {
         let _ = axum::serve(listener, app)
             .with_graceful_shutdown(async move { shutdown.cancelled().await })
@@ -69,12 +76,25 @@ async fn healthz(State(side): State<Side>) -> impl IntoResponse {
     // stall: a restart would not help (readiness and metrics report it).
     if !stats.is_systemic()
         && stats.held_tenants().is_empty()
-        && let Some((topic, partition, still)) = stats.stalled_partition(side.stall_timeout)
+        && let Some((topic, partition, still)) = stats.stalled_partition(side.limits.stall_timeout)
     {
         return unavailable(format!(
             "stalled: {topic}/{partition} has a backlog and no record finished for {}s\n",
             still.as_secs()
         ));
+    }
+    // Without partitions and out of the group while a broker answers: the
+    // consumer lost its place and did not find it again.
+    if stats.cluster_there_or_forgotten()
+        && let Some((d, state)) = stats.unsettled_for()
+        && d >= side.limits.rejoin_timeout
+    {
+        let why = format!(
+            "no partition assigned and not a settled member of the consumer group (state {state}) for {}s, past kafka.rejoin_timeout",
+            d.as_secs()
+        );
+        warn!(reason = %why, "not alive");
+        return unavailable(format!("{why}\n"));
     }
     (StatusCode::OK, "ok\n".to_string())
 }
@@ -118,4 +138,81 @@ async fn metrics(State(side): State<Side>) -> impl IntoResponse {
         )],
         side.stats.encode(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::statistics::{Broker, ConsumerGroup, Statistics};
+
+    /// librdkafka's statistics with the group in `state`/`join_state` and
+    /// brokers of the given sources and states.
+    fn statistics(state: &str, join_state: &str, brokers: &[(&str, &str)]) -> Statistics {
+        let mut s = Statistics {
+            cgrp: Some(ConsumerGroup {
+                state: state.into(),
+                join_state: join_state.into(),
+                ..ConsumerGroup::default()
+            }),
+            ..Statistics::default()
+        };
+        for (i, (source, broker_state)) in brokers.iter().enumerate() {
+            let b = Broker {
+                source: source.to_string(),
+                state: broker_state.to_string(),
+                ..Broker::default()
+            };
+            s.brokers.insert(format!("b{i}"), b);
+        }
+        s
+    }
+
+    async fn health(stats: &Arc<Stats>, rejoin_timeout: Duration) -> (StatusCode, String) {
+        let side = Side {
+            stats: stats.clone(),
+            limits: Liveness {
+                stall_timeout: Duration::from_secs(300),
+                rejoin_timeout,
+            },
+        };
+        let response = healthz(State(side)).await.into_response();
+        let status = response.status();
+        let body = axum::body::to_bytes(response.into_body(), 4096)
+            .await
+            .unwrap();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    #[tokio::test]
+    async fn a_worker_that_lost_its_place_and_knows_no_broker_is_not_alive() {
+        let stats = Arc::new(Stats::default());
+        stats.beat();
+        let parts = [("in".to_string(), 0), ("in".to_string(), 1)];
+        stats.partitions_changed(&parts, true);
+        stats.kafka_statistics(&statistics("up", "steady", &[("learned", "UP")]));
+        assert_eq!(health(&stats, Duration::ZERO).await.0, StatusCode::OK);
+        // The assignment is lost; librdkafka forgets the only broker (a
+        // metadata answer listed none) and stays looking for a coordinator.
+        stats.partitions_changed(&parts, false);
+        stats.kafka_statistics(&statistics("query-coord", "init", &[("internal", "UP")]));
+        let (status, body) = health(&stats, Duration::ZERO).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert!(body.contains("state query-coord/init"), "{body}");
+        assert_eq!(
+            health(&stats, Duration::from_secs(600)).await.0,
+            StatusCode::OK
+        );
+        // A broker that is known but down is an outage, not a lost place.
+        stats.kafka_statistics(&statistics("query-coord", "init", &[("learned", "DOWN")]));
+        assert_eq!(health(&stats, Duration::ZERO).await.0, StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn a_spare_replica_settled_without_partitions_is_alive() {
+        let stats = Arc::new(Stats::default());
+        stats.beat();
+        stats.partitions_changed(&[], true);
+        stats.kafka_statistics(&statistics("up", "steady", &[("learned", "UP")]));
+        assert_eq!(health(&stats, Duration::ZERO).await.0, StatusCode::OK);
+    }
 }

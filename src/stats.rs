@@ -19,6 +19,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::classify::Verdict;
 use crate::dead_letter::{DeadLetter, ErrorClass};
+use crate::membership::Membership;
 use crate::systemic::Cause;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -136,10 +137,16 @@ pub struct Stats {
     tenant_records: Family<TenantOutcomeLabels, Counter>,
     tenant_labels: std::sync::RwLock<TenantLabels>,
     produce_errors: Family<ProduceErrorLabels, Counter>,
+    producer_renewals: Counter,
     /// Every API call (the labelled family cannot be summed).
     api_calls_total: AtomicU64,
+    /// The worker's standing in its consumer group, for liveness.
+    membership: Mutex<Membership>,
     /// Brokers the consumer is connected to (-1: not known yet).
     brokers_up: AtomicI64,
+    /// Brokers the consumer knows at all, connected or not (-1: not known
+    /// yet); 0 when librdkafka forgot them all.
+    brokers_known: AtomicI64,
     /// When the consume loop last ran, ms since the Unix epoch (0: never).
     loop_beat_ms: AtomicU64,
     progress: Mutex<HashMap<(String, i32), Progress>>,
@@ -187,6 +194,7 @@ impl Default for Stats {
             committed_offset: Family::default(),
             end_to_end: Family::new_with_constructor(|| Histogram::new(END_TO_END_BUCKETS)),
             produce_errors: Family::default(),
+            producer_renewals: Counter::default(),
             tenant_held: Family::default(),
             records_held: Gauge::default(),
             records_over_share: Gauge::default(),
@@ -197,7 +205,9 @@ impl Default for Stats {
             tenant_labels: Default::default(),
             api_calls_total: AtomicU64::new(0),
             brokers_up: AtomicI64::new(-1),
+            brokers_known: AtomicI64::new(-1),
             loop_beat_ms: AtomicU64::new(0),
+            membership: Mutex::default(),
             progress: Mutex::new(HashMap::new()),
             registry: Registry::default(),
         };
@@ -251,6 +261,11 @@ impl Stats {
             "produce_errors",
             "Produce attempts the broker did not acknowledge, by what the produce policy did (retry, reject, fatal) and librdkafka's error code",
             self.produce_errors.clone(),
+        );
+        r.register(
+            "producer_renewals",
+            "Kafka producers replaced by a fresh one after records waited kafka.producer_renew_after with no answer from the broker",
+            self.producer_renewals.clone(),
         );
     }
 
@@ -445,6 +460,11 @@ impl Stats {
             .inc();
     }
 
+    /// The producer was replaced by a fresh one (logged by the producer).
+    pub fn producer_renewed(&self) {
+        self.producer_renewals.inc();
+    }
+
     pub fn record_dead_lettered(&self, dl: &DeadLetter) {
         self.dead_lettered
             .get_or_create(&ClassLabel {
@@ -637,6 +657,17 @@ impl Stats {
             }
         }
         self.assigned.set(progress.len() as i64);
+        let mut membership = self.membership.lock().unwrap();
+        membership.assigned(progress.len(), Instant::now());
+    }
+
+    /// How long the worker has held no partition while not a settled member
+    /// of its group, and the group's state; `None` while it is fine.
+    pub fn unsettled_for(&self) -> Option<(Duration, String)> {
+        self.membership
+            .lock()
+            .unwrap()
+            .unsettled_for(Instant::now())
     }
 
     /// A record of the partition completed (enriched or dead-lettered).
@@ -656,6 +687,14 @@ impl Stats {
             .filter(|b| matches!(b.source.as_str(), "learned" | "configured") && b.state == "UP")
             .count();
         self.brokers_up.store(up as i64, Ordering::Relaxed);
+        let known = crate::producer::known_brokers(s) as i64;
+        self.brokers_known.store(known, Ordering::Relaxed);
+        if let Some(g) = &s.cgrp {
+            let mut membership = self.membership.lock().unwrap();
+            if membership.group_state(&g.state, &g.join_state, Instant::now()) {
+                info!(state = %g.state, join_state = %g.join_state, assigned = g.assignment_size, "consumer group state");
+            }
+        }
         let mut progress = self.progress.lock().unwrap();
         for (topic, t) in &s.topics {
             for (partition, p) in &t.partitions {
@@ -677,6 +716,14 @@ impl Stats {
                 }
             }
         }
+    }
+
+    /// Whether the consumer is stuck away from the cluster: a broker answers
+    /// (so the cluster is there), or librdkafka forgot every broker (after a
+    /// metadata answer that listed none, as a broker that fenced itself
+    /// gives; it never bootstraps again, confluentinc/librdkafka#5301).
+    pub fn cluster_there_or_forgotten(&self) -> bool {
+        self.broker_reachable() || self.brokers_known.load(Ordering::Relaxed) == 0
     }
 
     /// `false` once statistics show no broker connected.
@@ -863,6 +910,7 @@ mod tests {
                 "tenant_records",
                 "record_end_to_end_duration_seconds",
                 "produce_errors",
+                "producer_renewals",
                 "api_calls",
                 "api_call_duration_seconds",
                 "api_retries",

@@ -38,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::classify::{ApiFailure, ErrcodePolicy};
-use crate::ingest::TENANT_HEADER;
+use crate::event::TENANT_HEADER;
 use crate::kafka;
 use crate::pipeline::{Outgoing, ProduceError, Publisher};
 use crate::rate_limit::RateLimits;

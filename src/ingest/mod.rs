@@ -9,6 +9,7 @@
 //! logged. Health checks and metrics are on `http.listen`.
 
 pub mod push;
+mod server;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -39,7 +40,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{FutureRecord, Producer};
 use rdkafka::util::Timeout;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::json;
@@ -49,21 +50,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::dead_letter::{ErrorClass, Stamp};
+use crate::event::{FLAG_HEADER, NO_ACCESS_TOKEN, TENANT_HEADER};
 use crate::kafka;
-use crate::pipeline::{ProducePolicy, produce_policy};
+use crate::producer::{ProducePolicy, RenewingProducer, produce_policy};
 use crate::settings::Settings;
 use push::{Decision, Kind};
-
-/// The header naming the tenant whose push URL a record came through; the
-/// worker takes it for an event without a tenant field.
-pub const TENANT_HEADER: &str = "uincall.tenant";
-
-/// Set on a forwarded push the receiver has doubts about; its value says
-/// which ([`NO_ACCESS_TOKEN`]).
-pub const FLAG_HEADER: &str = "uincall.flag";
-
-/// The tenant is not in `ingest.token_tenants`.
-pub const NO_ACCESS_TOKEN: &str = "no_access_token";
 
 /// Runs the receiver until SIGTERM or SIGINT: then stops accepting, answers
 /// the pushes in flight (each waits for its acknowledgement), flushes and
@@ -84,7 +75,10 @@ pub async fn run(settings: Settings) -> ExitCode {
 
 /// What the handlers share.
 struct Receiver {
-    producer: FutureProducer,
+    producer: Arc<RenewingProducer>,
+    /// `ingest.forward_timeout`: acknowledgements stopped this long while
+    /// pushes wait makes the receiver not ready.
+    forward_timeout: Duration,
     topic: String,
     secrets: HashMap<String, SecretString>,
     forward_commands: Vec<String>,
@@ -143,6 +137,10 @@ pub async fn serve_on(
     // A producer that failed for good stops the receiver as a signal does.
     let stop = stop.child_token();
     let receiver = Receiver::new(&settings, stop.clone())?;
+    let renewals = receiver.clone();
+    let watchdog = (receiver.producer).watch(stop.clone(), move || {
+        renewals.metrics.producer_renewals.inc();
+    });
     let pushes = push_routes(receiver.clone());
     let side = Router::new()
         .route("/healthz", get(|| async { "ok" }))
@@ -165,23 +163,18 @@ pub async fn serve_on(
         "ingest serving pushes"
     );
     let side_stop = stop.clone();
-    let side_server = tokio::spawn(async move {
-        axum::serve(side_listener, side)
-            .with_graceful_shutdown(side_stop.cancelled_owned())
-            .await
-    });
+    // With the push port's bounds too: a stalled probe or scrape must not
+    // hold the shutdown either.
+    let limits = server::Limits::new(i);
+    let side_server = tokio::spawn(server::serve(side_listener, side, limits, side_stop));
     // Graceful: stops accepting, then waits for the requests in flight,
-    // each until its record is acknowledged or refused.
-    axum::serve(
-        listener,
-        pushes.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(stop.cancelled_owned())
-    .await
-    .context("serving pushes")?;
+    // each until its record is acknowledged or refused, at most
+    // `ingest.shutdown_timeout`.
+    server::serve(listener, pushes, limits, stop.clone()).await;
     let _ = side_server.await;
+    let _ = watchdog.await;
     let producer = receiver.producer.clone();
-    tokio::task::spawn_blocking(move || producer.flush(Timeout::After(Duration::from_secs(10))))
+    tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(10)))
         .await?
         .context("flushing the producer")?;
     if let Some(why) = receiver.failure.get() {
@@ -201,8 +194,7 @@ impl Receiver {
             "message.timeout.ms",
             i.forward_timeout.as_millis().to_string(),
         );
-        let producer: FutureProducer = config
-            .create()
+        let producer = RenewingProducer::new(config, k.producer_renew_after)
             .map_err(kafka::config_error(k, "creating the Kafka producer"))?;
         let limiter = NonZeroU32::new(i.per_tenant_per_second)
             .map(|n| RateLimiter::keyed(Quota::per_second(n)));
@@ -210,7 +202,8 @@ impl Receiver {
             .filter(|_| !i.dedup_window.is_zero())
             .map(|n| (Mutex::new(LruCache::new(n)), i.dedup_window));
         Ok(Arc::new(Receiver {
-            producer,
+            producer: Arc::new(producer),
+            forward_timeout: i.forward_timeout,
             topic: k.input_topic.clone(),
             secrets: i.secrets.clone().into_iter().collect(),
             forward_commands: i.forward_commands.clone(),
@@ -434,6 +427,19 @@ impl Receiver {
         };
         let body = match axum::body::to_bytes(body, self.max_body_bytes).await {
             Ok(b) => b,
+            Err(e) if server::timed_out(&e) => {
+                info!(
+                    tenant,
+                    kind = kind.name(),
+                    "push refused: body not read whole within ingest.body_timeout"
+                );
+                return self.reply(
+                    kind,
+                    "timeout",
+                    StatusCode::REQUEST_TIMEOUT,
+                    "the body did not arrive in time",
+                );
+            }
             Err(e) if !over_limit(&e) => {
                 // The sender hung up or sent a broken body; it will not
                 // read this answer, or should send the push again.
@@ -704,7 +710,14 @@ async fn readyz(State(r): State<Arc<Receiver>>) -> Response {
     if r.failure.get().is_some() {
         return (StatusCode::SERVICE_UNAVAILABLE, "the producer failed").into_response();
     }
-    let producer = r.producer.clone();
+    if let Some(stalled) = (r.producer.stalled_for()).filter(|d| *d >= r.forward_timeout) {
+        let why = format!(
+            "no acknowledgement from the broker for {}s while pushes wait",
+            stalled.as_secs()
+        );
+        return (StatusCode::SERVICE_UNAVAILABLE, why).into_response();
+    }
+    let producer = r.producer.producer();
     let reached = tokio::task::spawn_blocking(move || {
         producer
             .client()
@@ -750,6 +763,7 @@ struct Metrics {
     forward_seconds: Histogram,
     in_flight: Gauge,
     dead_letters: Counter,
+    producer_renewals: Counter,
 }
 
 impl Metrics {
@@ -759,6 +773,7 @@ impl Metrics {
         let forward_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 15));
         let in_flight = Gauge::default();
         let dead_letters = Counter::default();
+        let producer_renewals = Counter::default();
         let mut registry = Registry::with_prefix("uincall_enricher_ingest");
         registry.register(
             "requests",
@@ -781,12 +796,18 @@ impl Metrics {
             "Refused pushes written to the dead-letter topic (ingest.dead_letter_refused)",
             dead_letters.clone(),
         );
+        registry.register(
+            "producer_renewals",
+            "Kafka producers replaced by a fresh one after pushes waited kafka.producer_renew_after with no answer from the broker",
+            producer_renewals.clone(),
+        );
         Metrics {
             registry,
             requests,
             forward_seconds,
             in_flight,
             dead_letters,
+            producer_renewals,
         }
     }
 

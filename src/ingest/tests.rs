@@ -543,3 +543,242 @@ fn a_body_broken_off_is_unreadable_not_too_large() {
     assert_eq!(count(&receiver, Kind::CallEvent, "unreadable"), 1);
     assert_eq!(count(&receiver, Kind::CallEvent, "too_large"), 0);
 }
+
+/// How long a test waits for what it expects over a socket: far above the
+/// settings' hundreds of milliseconds, so that a loaded machine passes.
+const PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Settings for [`super::serve_on`] against librdkafka's mock cluster (the
+/// input topic created), with the secret of [`TENANT`] and `extra`.
+fn mock_settings(
+    extra: &[(&str, &str)],
+) -> (MockCluster<'static, DefaultProducerContext>, Settings) {
+    let cluster: MockCluster<'static, DefaultProducerContext> = MockCluster::new(1).unwrap();
+    let mut env = vec![
+        (
+            "UINCALL__KAFKA__BROKERS".to_string(),
+            cluster.bootstrap_servers(),
+        ),
+        ("UINCALL__KAFKA__PROPERTIES__LINGER_MS".into(), "0".into()),
+        ("UINCALL__INGEST__FORWARD_TIMEOUT".into(), "60s".into()),
+        (format!("UINCALL__INGEST__SECRETS__{TENANT}"), SECRET.into()),
+    ];
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    let settings = Settings::load_from(None, env).unwrap();
+    cluster
+        .create_topic(&settings.kafka.input_topic, 1, 1)
+        .unwrap();
+    (cluster, settings)
+}
+
+/// The receiver served on loopback: its push address, its stop and its
+/// task.
+async fn serve_on_loopback(
+    settings: Settings,
+) -> (
+    std::net::SocketAddr,
+    tokio_util::sync::CancellationToken,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let side = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let server = tokio::spawn(super::serve_on(settings, listener, side, stop.clone()));
+    (addr, stop, server)
+}
+
+/// Reads until the server closes the connection (end of stream or reset)
+/// and returns what it sent before; panics if it stays open [`PATIENCE`].
+async fn until_closed(stream: &mut tokio::net::TcpStream) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let read_all = async {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return got,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(PATIENCE, read_all)
+        .await
+        .expect("the server kept the connection open")
+}
+
+/// Reads one answer (head and `content-length` body) and returns it as
+/// text; panics if it does not come within [`PATIENCE`].
+async fn one_answer(stream: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let read_one = async {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let text = String::from_utf8_lossy(&got).into_owned();
+            if let Some(end) = text.find("\r\n\r\n") {
+                let length = (text[..end].lines())
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().to_string())
+                    })
+                    .map_or(0, |v| v.parse::<usize>().unwrap());
+                if got.len() >= end + 4 + length {
+                    return text;
+                }
+            }
+            let n = stream.read(&mut buf).await.expect("reading the answer");
+            assert!(n > 0, "closed before a whole answer: {text:?}");
+            got.extend_from_slice(&buf[..n]);
+        }
+    };
+    tokio::time::timeout(PATIENCE, read_one)
+        .await
+        .expect("no answer")
+}
+
+/// A call-ended push for [`TENANT`] over HTTP/1.1, whole.
+fn raw_push(session: &str) -> Vec<u8> {
+    let body = json!({"session_id": session, "tenant_id": TENANT, "command": "call_hangup"});
+    let body = body.to_string();
+    format!(
+        "POST /push/{TENANT}/{SECRET}/call-event HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+async fn connect(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
+    tokio::net::TcpStream::connect(addr).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_head_that_never_ends_is_closed_after_the_header_timeout() {
+    use tokio::io::AsyncWriteExt;
+    let (_cluster, settings) = mock_settings(&[
+        ("UINCALL__INGEST__HEADER_TIMEOUT", "300ms"),
+        // Not the idle timeout closing it.
+        ("UINCALL__INGEST__IDLE_TIMEOUT", "1h"),
+    ]);
+    let (addr, stop, server) = serve_on_loopback(settings).await;
+    let mut slow = connect(addr).await;
+    slow.write_all(
+        format!("POST /push/{TENANT}/{SECRET}/call-event HTTP/1.1\r\nhost: x\r\nx-pad: ")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let answered = until_closed(&mut slow).await;
+    assert!(!answered.starts_with(b"HTTP/1.1 2"), "{answered:?}");
+    // The receiver goes on serving.
+    let mut fine = connect(addr).await;
+    fine.write_all(&raw_push("h-1")).await.unwrap();
+    assert!(one_answer(&mut fine).await.starts_with("HTTP/1.1 200"));
+    stop.cancel();
+    server.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_stops_half_way_is_answered_408_and_gives_its_place_back() {
+    use tokio::io::AsyncWriteExt;
+    let (_cluster, settings) = mock_settings(&[
+        ("UINCALL__INGEST__BODY_TIMEOUT", "300ms"),
+        ("UINCALL__INGEST__MAX_IN_FLIGHT", "1"),
+    ]);
+    let (addr, stop, server) = serve_on_loopback(settings).await;
+    let whole = raw_push("b-1");
+    let mut stalled = connect(addr).await;
+    stalled.write_all(&whole[..whole.len() - 20]).await.unwrap();
+    let answer = one_answer(&mut stalled).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("\"code\":408"), "{answer}");
+    // Its body was not read whole: the connection is not kept.
+    until_closed(&mut stalled).await;
+    // The only `max_in_flight` place is free again.
+    let mut next = connect(addr).await;
+    next.write_all(&raw_push("b-2")).await.unwrap();
+    let answer = one_answer(&mut next).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    stop.cancel();
+    server.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_over_max_connections_is_closed_at_once_and_the_others_are_served() {
+    use tokio::io::AsyncWriteExt;
+    let (_cluster, settings) = mock_settings(&[
+        ("UINCALL__INGEST__MAX_CONNECTIONS", "4"),
+        ("UINCALL__INGEST__IDLE_TIMEOUT", "1h"),
+    ]);
+    let (addr, stop, server) = serve_on_loopback(settings).await;
+    // Accepted in the order they connected: these four hold the places.
+    let mut open = Vec::new();
+    for _ in 0..4 {
+        open.push(connect(addr).await);
+    }
+    let mut fifth = connect(addr).await;
+    assert_eq!(until_closed(&mut fifth).await, b"");
+    for (i, stream) in open.iter_mut().enumerate() {
+        stream
+            .write_all(&raw_push(&format!("c-{i}")))
+            .await
+            .unwrap();
+        let answer = one_answer(stream).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    }
+    stop.cancel();
+    server.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_alive_connection_without_a_request_is_closed_after_the_idle_timeout() {
+    use tokio::io::AsyncWriteExt;
+    let (_cluster, settings) = mock_settings(&[("UINCALL__INGEST__IDLE_TIMEOUT", "300ms")]);
+    let (addr, stop, server) = serve_on_loopback(settings).await;
+    let mut kept = connect(addr).await;
+    kept.write_all(&raw_push("i-1")).await.unwrap();
+    let answer = one_answer(&mut kept).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        !answer.to_ascii_lowercase().contains("connection: close"),
+        "{answer}"
+    );
+    assert_eq!(until_closed(&mut kept).await, b"");
+    stop.cancel();
+    server.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_with_stalled_clients_returns_ok_after_the_shutdown_timeout() {
+    use tokio::io::AsyncWriteExt;
+    let (_cluster, settings) = mock_settings(&[
+        ("UINCALL__INGEST__SHUTDOWN_TIMEOUT", "500ms"),
+        // Only the shutdown deadline may end these.
+        ("UINCALL__INGEST__HEADER_TIMEOUT", "1h"),
+        ("UINCALL__INGEST__BODY_TIMEOUT", "1h"),
+        ("UINCALL__INGEST__IDLE_TIMEOUT", "1h"),
+    ]);
+    let (addr, stop, server) = serve_on_loopback(settings).await;
+    let mut silent = connect(addr).await;
+    let mut half_head = connect(addr).await;
+    half_head.write_all(b"POST /push/").await.unwrap();
+    // A body that stops half-way, once the receiver is reading it (hyper
+    // sends 100 Continue when the handler asks for the body).
+    let mut half_body = connect(addr).await;
+    let whole = String::from_utf8(raw_push("s-1")).unwrap();
+    let (head, body) = whole.split_once("\r\n\r\n").unwrap();
+    let head = format!("{head}\r\nexpect: 100-continue\r\n\r\n");
+    half_body.write_all(head.as_bytes()).await.unwrap();
+    let go_on = one_answer(&mut half_body).await;
+    assert!(go_on.starts_with("HTTP/1.1 100"), "{go_on}");
+    half_body.write_all(&body.as_bytes()[..10]).await.unwrap();
+    stop.cancel();
+    let stopped = tokio::time::timeout(PATIENCE, server)
+        .await
+        .expect("serve_on did not return after the shutdown timeout");
+    stopped.unwrap().unwrap();
+    for stream in [&mut silent, &mut half_head, &mut half_body] {
+        until_closed(stream).await;
+    }
+}

@@ -385,7 +385,7 @@ impl Enricher {
         // An event without a tenant field: the tenant whose push URL it came
         // through (`uincall-enricher ingest`), else `api.default_tenant`.
         let default_tenant =
-            (rec.header(crate::ingest::TENANT_HEADER)).or(s.api.default_tenant.as_deref());
+            (rec.header(crate::event::TENANT_HEADER)).or(s.api.default_tenant.as_deref());
         let event = parse_event(rec.payload.as_deref(), &s.event, default_tenant)
             .map_err(|invalid| Box::new(DeadLetter::invalid(invalid.to_string(), None, None)))?;
         let span = tracing::Span::current();

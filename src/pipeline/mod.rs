@@ -8,8 +8,8 @@
 //! - [`flow`]: when the loop takes records, pauses and resumes (pure).
 //! - [`enrich`]: one record: parse, fetch from the API, publish or
 //!   dead-letter.
-//! - [`publish`]: producing until acknowledged, the produce policy, dead
-//!   letters cut to fit (shared with `replay`).
+//! - [`publish`]: producing until acknowledged, with backoff; dead letters
+//!   cut to fit (shared with `replay`).
 //! - [`context`]: the consumer's callbacks (rebalances, commits, logs).
 //! - [`input`]: the input record, owned by its task.
 
@@ -31,10 +31,11 @@ mod publish;
 mod window;
 mod worker;
 
+pub use crate::producer::{ProducePolicy, produce_policy};
 pub use enrich::{Disposition, Enricher};
 pub use flow::admitted_limit;
 pub use input::InRecord;
-pub use publish::{Outgoing, ProduceError, ProducePolicy, Publisher, produce_policy};
+pub use publish::{Outgoing, ProduceError, Publisher};
 pub use worker::Worker;
 
 /// `uincall-enricher run`: serves the side port, runs the worker until
@@ -53,8 +54,12 @@ pub async fn run(settings: Settings) -> ExitCode {
 async fn serve(settings: Settings) -> anyhow::Result<()> {
     let stop = shutdown::on_signals()?;
     let stats = Arc::new(Stats::default());
-    let (listen, stall) = (settings.http.listen, settings.pipeline.stall_timeout);
-    let addr = side_port::serve(listen, stats.clone(), stall, stop.clone())
+    let listen = settings.http.listen;
+    let limits = side_port::Liveness {
+        stall_timeout: settings.pipeline.stall_timeout,
+        rejoin_timeout: settings.kafka.rejoin_timeout,
+    };
+    let addr = side_port::serve(listen, stats.clone(), limits, stop.clone())
         .await
         .with_context(|| format!("binding http.listen {listen}"))?;
     info!(%addr, "side port serving /healthz /readyz /metrics");

@@ -1,66 +1,25 @@
-//! Producing until the broker acknowledges: one produce policy (which
-//! errors are worth another try) and one backoff (the `retry` settings) for
-//! the worker and `replay`; dead letters cut down when the topic refuses
-//! them whole.
+//! Producing until the broker acknowledges: the produce policy
+//! ([`crate::producer::produce_policy`]: which errors are worth another
+//! try) and one backoff (the `retry` settings) for the worker and `replay`;
+//! dead letters cut down when the topic refuses them whole.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::error::KafkaError;
 use rdkafka::message::OwnedHeaders;
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::FutureRecord;
 use rdkafka::util::Timeout;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, warn};
 
 use crate::dead_letter::{self, Stamp, Truncated};
 use crate::kafka;
+use crate::producer::{ProducePolicy, RenewingProducer, produce_policy};
 use crate::retry;
 use crate::settings::Settings;
 use crate::stats::Stats;
-
-/// What to do about a produce error, with the reason.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ProducePolicy {
-    /// The broker may take it later.
-    Retry(&'static str),
-    /// The broker refuses this record and always will.
-    Reject(&'static str),
-    /// The producer cannot go on.
-    Fatal(&'static str),
-}
-
-impl ProducePolicy {
-    /// The `policy` label of `produce_errors_total`.
-    pub fn label(self) -> &'static str {
-        match self {
-            ProducePolicy::Retry(_) => "retry",
-            ProducePolicy::Reject(_) => "reject",
-            ProducePolicy::Fatal(_) => "fatal",
-        }
-    }
-}
-
-/// The produce policy: a pure function of the error.
-pub fn produce_policy(e: &KafkaError) -> ProducePolicy {
-    use RDKafkaErrorCode as C;
-    match e.rdkafka_error_code() {
-        Some(C::MessageSizeTooLarge | C::InvalidMessageSize | C::InvalidRecord) => {
-            ProducePolicy::Reject("too large or invalid for the topic")
-        }
-        Some(
-            C::Fatal
-            | C::TopicAuthorizationFailed
-            | C::ClusterAuthorizationFailed
-            | C::InvalidProducerIdMapping
-            | C::UnsupportedForMessageFormat,
-        ) => ProducePolicy::Fatal("not authorised, or the idempotent producer's state is lost"),
-        // CORRUPT_MESSAGE (InvalidMessage) included: a batch damaged in
-        // transit is sent again.
-        _ => ProducePolicy::Retry("timeout, leader change or a batch damaged in transit"),
-    }
-}
 
 /// A produce that did not get an acknowledgement.
 #[derive(Debug, thiserror::Error)]
@@ -87,7 +46,9 @@ pub struct Outgoing<'a> {
 
 /// The idempotent producer, the produce timeout and the retry schedule.
 pub struct Publisher {
-    producer: FutureProducer,
+    producer: Arc<RenewingProducer>,
+    /// Stops the producer's watchdog when the publisher goes.
+    watchdog: CancellationToken,
     stats: Arc<Stats>,
     timeout: Duration,
     backoff: ExponentialBuilder,
@@ -111,10 +72,16 @@ impl Publisher {
             Some(bytes) => Some(bytes),
             None => kafka::max_message_bytes(k, topics).await,
         };
+        let config = kafka::producer_config(k, max_message_bytes);
+        let producer = RenewingProducer::new(config, k.producer_renew_after)
+            .map_err(kafka::config_error(k, "creating the Kafka producer"))?;
+        let producer = Arc::new(producer);
+        let watchdog = CancellationToken::new();
+        let renewals = stats.clone();
+        producer.watch(watchdog.clone(), move || renewals.producer_renewed());
         Ok(Publisher {
-            producer: kafka::producer_config(k, max_message_bytes)
-                .create()
-                .map_err(kafka::config_error(k, "creating the Kafka producer"))?,
+            producer,
+            watchdog,
             stats,
             timeout: k.produce_timeout,
             backoff: retry::backoff(&settings.retry),
@@ -218,22 +185,8 @@ impl Publisher {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn produce_errors_map_to_retry_reject_or_fatal() {
-        let policy = |code| produce_policy(&KafkaError::MessageProduction(code));
-        let kind = |p: ProducePolicy| p.label();
-        use RDKafkaErrorCode as C;
-        // CORRUPT_MESSAGE: a batch damaged on the wire is sent again.
-        assert_eq!(kind(policy(C::InvalidMessage)), "retry");
-        assert_eq!(kind(policy(C::MessageTimedOut)), "retry");
-        assert_eq!(kind(policy(C::NotLeaderForPartition)), "retry");
-        assert_eq!(kind(policy(C::MessageSizeTooLarge)), "reject");
-        assert_eq!(kind(policy(C::InvalidRecord)), "reject");
-        assert_eq!(kind(policy(C::TopicAuthorizationFailed)), "fatal");
-        assert_eq!(kind(policy(C::Fatal)), "fatal");
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        self.watchdog.cancel();
     }
 }

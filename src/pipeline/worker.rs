@@ -226,7 +226,13 @@ impl Worker {
                     run.systemic.borrow_and_update();
                 }
                 _ = run.progress.tick() => self.log_progress(run.tasks.len()),
-                _ = run.heartbeat.tick() => self.settle_idle_partitions(&run.stop_work),
+                _ = run.heartbeat.tick() => {
+                    self.settle_idle_partitions(&run.stop_work);
+                    if let Err(e) = self.check_membership() {
+                        error!(error = format!("{e:#}"), "stopping the worker so that it is restarted");
+                        return Phase::drain(drain_timeout, Some(e));
+                    }
+                }
             }
             self.stats.beat();
             self.stats.set_in_flight(run.tasks.len());
@@ -237,6 +243,23 @@ impl Worker {
             if let Some(change) = run.flow.decide(in_flight, Instant::now(), systemic) {
                 self.apply(change, &mut run.flow, in_flight);
             }
+        }
+    }
+
+    /// Fails when the worker has held no partition and not been a settled
+    /// member of its group for `kafka.rejoin_timeout` while a broker
+    /// answers, or while its consumer knows no broker at all: the consumer
+    /// lost its place and did not find it again, and a restart (a new
+    /// consumer) does. `/healthz` says the same.
+    fn check_membership(&self) -> anyhow::Result<()> {
+        let limit = self.settings.kafka.rejoin_timeout;
+        match self.stats.unsettled_for() {
+            Some((d, state)) if d >= limit && self.stats.cluster_there_or_forgotten() => bail!(
+                "no partition assigned and not a settled member of the consumer group (state {state}) for {}s while a broker answers or none is known (kafka.rejoin_timeout {})",
+                d.as_secs(),
+                humantime::format_duration(limit)
+            ),
+            _ => Ok(()),
         }
     }
 

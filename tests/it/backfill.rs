@@ -292,13 +292,7 @@ async fn answers_that_stop_a_run_say_why_with_their_exit_code_and_no_token() {
     ];
     for (fault, code, says) in cases {
         env.api.set_list_fault(fault.clone());
-        let ran = backfill(
-            &env,
-            dir.path(),
-            &["--from", &from, "--restart"],
-            &systemic,
-        )
-        .await;
+        let ran = backfill(&env, dir.path(), &["--from", &from, "--restart"], &systemic).await;
         assert_eq!(ran.code, code, "{fault:?}: {}\n{}", ran.stdout, ran.log);
         let last = ran.log.lines().last().unwrap_or_default();
         assert!(last.contains(says), "{fault:?}: {last}");

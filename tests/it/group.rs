@@ -1,7 +1,8 @@
 //! The worker's life in a consumer group on Apache Kafka: scale-out and
 //! scale-in under load, a rolling restart, partitions that come back after
 //! being revoked while paused, a worker frozen past its session timeout,
-//! and input written compressed and by transactional producers. Classic
+//! the broker frozen past every session timeout, and input written
+//! compressed and by transactional producers. Classic
 //! (cooperative-sticky) and KIP-848 (`group.protocol=consumer`) groups both
 //! where the protocol matters.
 
@@ -97,13 +98,21 @@ struct UnderLoad {
 impl UnderLoad {
     async fn start(name: &str, protocol: &str) -> UnderLoad {
         let env = TestEnv::new(&format!("{name}-{protocol}"), 6, Duration::from_millis(20)).await;
-        let all = sessions("call", events(3000));
+        UnderLoad::on(env, protocol, events(3000), 150)
+    }
+
+    /// Under load on `env`: `events` events at `rate` a second.
+    fn on(env: TestEnv, protocol: &str, events: usize, rate: usize) -> UnderLoad {
+        let all = sessions("call", events);
         let follower = env.follow();
-        let load = env.spawn_load(all.clone(), 150);
+        let load = env.spawn_load(all.clone(), rate);
+        let mut dir = tempfile::tempdir().unwrap();
+        // The replicas' logs outlive the test with `KEEP_LOGS` set.
+        dir.disable_cleanup(std::env::var_os("KEEP_LOGS").is_some());
         UnderLoad {
             env,
             all,
-            dir: tempfile::tempdir().unwrap(),
+            dir,
             follower,
             load,
             penv: protocol_env(protocol),
@@ -303,6 +312,116 @@ async fn frozen_worker(protocol: &str) {
 }
 
 per_protocol!(frozen_worker: a_worker_frozen_past_its_session_commits_nothing_late_classic, a_worker_frozen_past_its_session_commits_nothing_late_kip848);
+
+/// Waits until the replicas hold the 6 partitions, each some; a replica
+/// that stopped by itself (exit 1: it lost its place in the group for
+/// `kafka.rejoin_timeout`) is started again, as Kubernetes restarts a
+/// pod's container. Returns how many were.
+async fn until_all_assigned(group: &UnderLoad, replicas: &mut [Replica]) -> usize {
+    let started = std::time::Instant::now();
+    let mut restarted = 0;
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tick.tick().await;
+        for r in replicas.iter_mut() {
+            if let Some(status) = r.child.try_wait().unwrap() {
+                assert_eq!(status.code(), Some(1), "replica {} exited {status}", r.name);
+                println!(
+                    "replica {} stopped by itself (exit 1); started again",
+                    r.name
+                );
+                *r = group.replica(&r.name);
+                restarted += 1;
+            }
+        }
+        let mut states = Vec::new();
+        for r in replicas.iter() {
+            states.push(r.readiness().await);
+        }
+        let total: usize = states.iter().map(|s| s.1).sum();
+        if total == 6 && states.iter().all(|s| s.0 == 200 && s.1 > 0) {
+            return restarted;
+        }
+        assert!(
+            started.elapsed() < WAIT,
+            "not every replica assigned again: {states:?}"
+        );
+    }
+}
+
+/// How long each freeze of the broker lasts: past the session timeout of
+/// both protocols (6 s on the worker for classic groups, 10 s on the
+/// broker for KIP-848).
+const FREEZE: Duration = Duration::from_secs(12);
+
+/// (e) The broker's JVM frozen (SIGSTOP) for [`FREEZE`], three times under
+/// load, as a long GC pause or a VM migration does: every member's session
+/// expires and its assignment is lost. After each thaw every replica must
+/// be assigned again by itself and enrich events; one replica for the
+/// first freeze, two for the others (the one that lost its partitions
+/// must not leave the other to carry everything).
+async fn broker_frozen(protocol: &str) {
+    let cluster = tokio::task::spawn_blocking(|| testkit::KafkaCluster::start(1))
+        .await
+        .unwrap()
+        .expect("a broker starts");
+    let name = format!("freeze-{protocol}");
+    let mut env = TestEnv::on_cluster(&name, 6, Duration::from_millis(20), cluster).await;
+    let mut cluster = env.cluster.take().unwrap();
+    // A faster load and a bigger window than the other group tests' by
+    // `FREEZE_RATE` and `FREEZE_WINDOW` (scripts/faults.sh): more in
+    // flight when the broker stops.
+    let rate = std::env::var("FREEZE_RATE")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    let rate = rate.unwrap_or(150);
+    // A minute of load at least, and the freezes stall it.
+    let mut group = UnderLoad::on(env, protocol, events(6000).max(60 * rate), rate);
+    let window = std::env::var("FREEZE_WINDOW").unwrap_or_else(|_| WINDOW.to_string());
+    let window: &'static str = window.leak();
+    group
+        .penv
+        .push(("UINCALL__PIPELINE__MAX_IN_FLIGHT", window));
+    // Five classic session timeouts, three KIP-848 ones.
+    group.penv.push(("UINCALL__KAFKA__REJOIN_TIMEOUT", "30s"));
+    let mut replicas = vec![group.replica("a")];
+    until_assigned(&replicas.iter().collect::<Vec<_>>(), 1, 6).await;
+    group.progress(200).await;
+    // More rounds with `FREEZE_ROUNDS` (scripts/faults.sh).
+    let rounds: usize = std::env::var("FREEZE_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(3, |n: usize| n.max(3));
+    for round in 1..=rounds {
+        if round == 2 {
+            replicas.push(group.replica("b"));
+            until_assigned(&replicas.iter().collect::<Vec<_>>(), 2, 6).await;
+        }
+        cluster.signal_node(0, "STOP").unwrap();
+        tokio::time::sleep(FREEZE).await;
+        cluster.signal_node(0, "CONT").unwrap();
+        let thawed = std::time::Instant::now();
+        let before = group.follower.distinct();
+        let restarted = until_all_assigned(&group, &mut replicas).await;
+        group.progress(100).await;
+        println!(
+            "freeze {round} ({protocol}, {} replicas): assigned again and 100 more events out {:?} after the thaw ({before} out before, {restarted} replicas restarted)",
+            replicas.len(),
+            thawed.elapsed()
+        );
+    }
+    // Each freeze loses every replica's whole assignment (one replica for
+    // the first freeze, two after), re-delivering what it had admitted; a
+    // producer replaced after a freeze sends again what it held, at most
+    // as many.
+    let replica_freezes = 2 * rounds - 1;
+    let bound = replica_freezes * 2 * admitted_limit(window.parse().unwrap());
+    let what = format!("broker frozen {rounds} times ({protocol})");
+    group.finish(replicas, bound, &what).await;
+    drop(cluster);
+}
+
+per_protocol!(broker_frozen: a_broker_frozen_past_the_session_timeout_leaves_no_replica_idle_classic, a_broker_frozen_past_the_session_timeout_leaves_no_replica_idle_kip848);
 
 /// Sends `sessions` with a producer configured by `config`, in one
 /// transaction when it has a `transactional.id` (committed or aborted).

@@ -464,7 +464,10 @@ pub async fn serve_side_port(worker: &RunningWorker) -> String {
     let addr = uincall_enricher::side_port::serve(
         "127.0.0.1:0".parse().unwrap(),
         worker.stats.clone(),
-        Duration::from_secs(300),
+        uincall_enricher::side_port::Liveness {
+            stall_timeout: Duration::from_secs(300),
+            rejoin_timeout: Duration::from_secs(300),
+        },
         worker.stop.clone(),
     )
     .await
@@ -668,14 +671,22 @@ impl TestEnv {
         let records: Vec<_> = sessions.iter().map(|s| self.event(s)).collect();
         let (bootstrap, topic) = (self.bootstrap(), self.input.clone());
         tokio::spawn(async move {
+            let mut producer = load_producer(&bootstrap);
             // One batch every 20 ms.
             let per_tick = (per_second / 50).max(1);
             let mut tick = tokio::time::interval(Duration::from_millis(20));
             for chunk in records.chunks(per_tick) {
                 tick.tick().await;
-                testkit::produce(&bootstrap, &topic, chunk.to_vec())
-                    .await
-                    .expect("load produced");
+                let mut left = chunk.to_vec();
+                while !left.is_empty() {
+                    left = send_all(&producer, &topic, left).await;
+                    if !left.is_empty() {
+                        // A producer that times out after a broker fault
+                        // may stay stuck (librdkafka); the load goes on
+                        // with a fresh one.
+                        producer = load_producer(&bootstrap);
+                    }
+                }
             }
         })
     }
@@ -703,6 +714,41 @@ impl TestEnv {
     }
 }
 
+/// The load's producer: 30 s for each record.
+fn load_producer(bootstrap: &str) -> FutureProducer {
+    testkit::client_config(bootstrap)
+        .set("linger.ms", "5")
+        .set("message.timeout.ms", "30000")
+        .create()
+        .expect("load producer")
+}
+
+/// Sends `records` to `topic`; returns those not acknowledged.
+async fn send_all(
+    producer: &FutureProducer,
+    topic: &str,
+    records: Vec<(Option<Vec<u8>>, Vec<u8>)>,
+) -> Vec<(Option<Vec<u8>>, Vec<u8>)> {
+    let sends = records.iter().map(|(key, value)| {
+        let mut rec = FutureRecord::<[u8], [u8]>::to(topic).payload(value);
+        if let Some(k) = key {
+            rec = rec.key(k);
+        }
+        producer.send(rec, Timeout::Never)
+    });
+    let results = futures::future::join_all(sends).await;
+    let failed: Vec<_> = (records.into_iter().zip(results))
+        .filter_map(|(r, sent)| sent.err().map(|(e, _)| (r, e)))
+        .collect();
+    if let Some((_, e)) = failed.first() {
+        eprintln!(
+            "load: {} records not acknowledged ({e}), sent again",
+            failed.len()
+        );
+    }
+    failed.into_iter().map(|(r, _)| r).collect()
+}
+
 /// Keys seen on the output and dead-letter topics, with how often.
 pub struct Follower {
     seen: Arc<Mutex<HashMap<String, usize>>>,
@@ -715,12 +761,24 @@ impl Follower {
         self.seen.lock().unwrap().len()
     }
 
-    /// Waits until `n` distinct keys were seen.
+    /// Waits until `n` distinct keys were seen; fails when none more came
+    /// for `WAIT` (a long backlog on a loaded machine is not a failure, a
+    /// stop is).
     pub async fn until_distinct(&self, n: usize) {
-        wait_until(&format!("{n} distinct sessions out"), || {
-            self.distinct() >= n
-        })
-        .await
+        let mut seen = self.distinct();
+        let mut moved = std::time::Instant::now();
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        while seen < n {
+            tick.tick().await;
+            let now = self.distinct();
+            if now > seen {
+                (seen, moved) = (now, std::time::Instant::now());
+            }
+            assert!(
+                moved.elapsed() < WAIT,
+                "waited in vain for {n} distinct sessions out: {seen} out, none more for {WAIT:?}"
+            );
+        }
     }
 
     /// Stops following once every session in `all` was seen; returns the

@@ -598,3 +598,86 @@ async fn sigterm_under_push_load_loses_no_acknowledged_push_and_exits_0() {
         answers.len() - refused
     );
 }
+
+/// How long each freeze of the broker lasts: past the receiver's forward
+/// timeout (2 s here) and the broker's own `broker.session.timeout.ms`
+/// (9 s), so that it fences itself on the thaw.
+const FREEZE: Duration = Duration::from_secs(12);
+
+/// The broker's JVM frozen (SIGSTOP) three times under 16 pushers, as a
+/// long GC pause or a VM migration does: during each freeze pushes get 503
+/// and `/readyz` says why; after each thaw pushes are answered 200 again,
+/// the producer replaced if it stays stuck (librdkafka can keep a partition
+/// leaderless for good after the broker fenced itself), and every push
+/// answered 200 is on the topic.
+#[tokio::test]
+async fn a_broker_frozen_past_the_forward_timeout_leaves_the_receiver_open_after_each_thaw() {
+    let cluster = tokio::task::spawn_blocking(|| testkit::KafkaCluster::start(1))
+        .await
+        .unwrap()
+        .expect("a broker starts");
+    let mut env = TestEnv::on_cluster("ingest-freeze", 2, Duration::ZERO, cluster).await;
+    let mut cluster = env.cluster.take().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let secret = "push-secret-0123456789";
+    let receiver = spawn_receiver_with(
+        &env,
+        &dir.path().join("ingest.log"),
+        secret,
+        &[
+            ("UINCALL__INGEST__FORWARD_TIMEOUT", "2s"),
+            ("UINCALL__KAFKA__PRODUCER_RENEW_AFTER", "5s"),
+        ],
+    );
+    let ready = format!("{}/readyz", receiver.side);
+    until_status(&ready, 200).await;
+    let url = format!("{}/{}/{secret}/call-event", receiver.push, env.tenant);
+    let load = Load::start(&env, url, 16);
+    load.until(200, 100).await;
+    for round in 1..=3 {
+        let refused = load.count(503);
+        cluster.signal_node(0, "STOP").unwrap();
+        let frozen = std::time::Instant::now();
+        load.until(503, refused + 16).await;
+        let why = until_status(&ready, 503).await;
+        tokio::time::sleep(FREEZE.saturating_sub(frozen.elapsed())).await;
+        cluster.signal_node(0, "CONT").unwrap();
+        let thawed = std::time::Instant::now();
+        let answered = load.count(200);
+        load.until(200, answered + 100).await;
+        until_status(&ready, 200).await;
+        println!(
+            "freeze {round}: /readyz said {:?} while frozen; 100 more pushes answered 200 {:?} after the thaw",
+            why.trim(),
+            thawed.elapsed()
+        );
+    }
+    let answers = load.finish().await;
+    let on_topic = every_acknowledged_push_is_on_the_topic(&env, &answers).await;
+    let count = |status| answers.iter().filter(|(_, s)| *s == status).count();
+    let renewals = metric_of(&receiver, "uincall_enricher_ingest_producer_renewals_total").await;
+    println!(
+        "broker frozen 3 times under 16 pushers: {} answered 200 (all on the topic, {on_topic} records), {} answered 503, producer renewed {renewals} times",
+        count(200),
+        count(503)
+    );
+    assert_eq!(
+        count(200) + count(503),
+        answers.len(),
+        "every push answered 200 or 503"
+    );
+    drop(cluster);
+}
+
+/// A metric's value from the receiver's `/metrics` (0 when absent).
+async fn metric_of(receiver: &Receiver, name: &str) -> f64 {
+    let text = reqwest::get(format!("{}/metrics", receiver.side))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}

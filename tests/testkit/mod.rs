@@ -537,6 +537,13 @@ impl KafkaCluster {
         self.nodes[i].child.as_ref().map(Child::id)
     }
 
+    /// Sends node `i` (0-based) `signal` without waiting for anything:
+    /// `STOP` freezes its JVM (a long GC pause, a VM migration), `CONT`
+    /// thaws it.
+    pub fn signal_node(&mut self, i: usize, signal: &str) -> anyhow::Result<()> {
+        self.nodes[i].signal(signal)
+    }
+
     /// Stops node `i` (0-based) with `signal` (`TERM` or `KILL`) and waits
     /// for its process to end.
     pub fn stop_node(&mut self, i: usize, signal: &str) -> anyhow::Result<()> {
