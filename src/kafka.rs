@@ -274,6 +274,22 @@ fn millis(d: std::time::Duration) -> String {
 /// broker's default it inherits); `None` when the cluster does not say
 /// (no DescribeConfigs permission, an old broker), and the producer keeps
 /// librdkafka's defaults.
+/// Whether a new client, bootstrapped afresh, gets the cluster's metadata
+/// with at least one broker within `limit`: the cluster answers, whatever
+/// an older client that lost its way believes.
+pub async fn cluster_answers(k: &KafkaSettings, limit: Duration) -> bool {
+    let config = base(k);
+    tokio::task::spawn_blocking(move || {
+        let Ok(client) = config.create::<BaseProducer>() else {
+            return false;
+        };
+        let answered = client.client().fetch_metadata(None, limit);
+        answered.is_ok_and(|m| !m.brokers().is_empty())
+    })
+    .await
+    .unwrap_or(false)
+}
+
 pub async fn max_message_bytes(k: &KafkaSettings, topics: &[&str]) -> Option<usize> {
     use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
     use rdkafka::client::DefaultClientContext;

@@ -21,6 +21,11 @@ use crate::stats::Stats;
 /// long is stuck.
 pub const LIVENESS_LIMIT: Duration = Duration::from_secs(30);
 
+/// A fresh client's answer counts for this long (the worker asks every
+/// [`PROBE_EVERY`] while it has no place in its group).
+pub const PROBE_RECENT: Duration = Duration::from_secs(30);
+pub const PROBE_EVERY: Duration = Duration::from_secs(10);
+
 #[derive(Clone)]
 struct Side {
     stats: Arc<Stats>,
@@ -85,7 +90,7 @@ async fn healthz(State(side): State<Side>) -> impl IntoResponse {
     }
     // Without partitions and out of the group while a broker answers: the
     // consumer lost its place and did not find it again.
-    if stats.cluster_there_or_forgotten()
+    if stats.cluster_there_or_forgotten(PROBE_RECENT)
         && let Some((d, state)) = stats.unsettled_for()
         && d >= side.limits.rejoin_timeout
     {
@@ -202,9 +207,15 @@ mod tests {
             health(&stats, Duration::from_secs(600)).await.0,
             StatusCode::OK
         );
-        // A broker that is known but down is an outage, not a lost place.
+        // A broker that is known but down is an outage, not a lost place...
         stats.kafka_statistics(&statistics("query-coord", "init", &[("learned", "DOWN")]));
         assert_eq!(health(&stats, Duration::ZERO).await.0, StatusCode::OK);
+        // ...unless a fresh client gets the cluster's metadata meanwhile.
+        stats.cluster_answered();
+        assert_eq!(
+            health(&stats, Duration::ZERO).await.0,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
     }
 
     #[tokio::test]

@@ -147,6 +147,9 @@ pub struct Stats {
     /// Brokers the consumer knows at all, connected or not (-1: not known
     /// yet); 0 when librdkafka forgot them all.
     brokers_known: AtomicI64,
+    /// When a fresh client last got the cluster's metadata, ms since the
+    /// Unix epoch (0: never asked).
+    cluster_answered_ms: AtomicU64,
     /// When the consume loop last ran, ms since the Unix epoch (0: never).
     loop_beat_ms: AtomicU64,
     progress: Mutex<HashMap<(String, i32), Progress>>,
@@ -206,6 +209,7 @@ impl Default for Stats {
             api_calls_total: AtomicU64::new(0),
             brokers_up: AtomicI64::new(-1),
             brokers_known: AtomicI64::new(-1),
+            cluster_answered_ms: AtomicU64::new(0),
             loop_beat_ms: AtomicU64::new(0),
             membership: Mutex::default(),
             progress: Mutex::new(HashMap::new()),
@@ -718,12 +722,21 @@ impl Stats {
         }
     }
 
-    /// Whether the consumer is stuck away from the cluster: a broker answers
-    /// (so the cluster is there), or librdkafka forgot every broker (after a
-    /// metadata answer that listed none, as a broker that fenced itself
-    /// gives; it never bootstraps again, confluentinc/librdkafka#5301).
-    pub fn cluster_there_or_forgotten(&self) -> bool {
-        self.broker_reachable() || self.brokers_known.load(Ordering::Relaxed) == 0
+    /// A fresh client got the cluster's metadata just now.
+    pub fn cluster_answered(&self) {
+        self.cluster_answered_ms.store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// Whether the consumer is stuck away from a cluster that is there: a
+    /// broker it is connected to answers, or a fresh client got the
+    /// cluster's metadata within `recent`, or librdkafka forgot every
+    /// broker (after a metadata answer that listed none, as a broker that
+    /// fenced itself gives; it never bootstraps again,
+    /// confluentinc/librdkafka#5301).
+    pub fn cluster_there_or_forgotten(&self, recent: Duration) -> bool {
+        let answered = self.cluster_answered_ms.load(Ordering::Relaxed);
+        let fresh = answered != 0 && now_ms().saturating_sub(answered) <= recent.as_millis() as u64;
+        self.broker_reachable() || fresh || self.brokers_known.load(Ordering::Relaxed) == 0
     }
 
     /// `false` once statistics show no broker connected.

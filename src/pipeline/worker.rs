@@ -22,13 +22,13 @@ use super::context::WorkerContext;
 use super::enrich::{Disposition, Enricher};
 use super::flow::{Change, Flow};
 use super::input::InRecord;
-use crate::kafka;
 use crate::offsets::{Assignment, Ticket};
 use crate::otel;
 use crate::record::Source;
 use crate::settings::Settings;
 use crate::stats::Stats;
 use crate::systemic::Cause;
+use crate::{kafka, side_port};
 
 /// How often a progress line is logged while records flow.
 const PROGRESS_EVERY: Duration = Duration::from_secs(30);
@@ -92,6 +92,8 @@ pub struct Worker {
     enricher: Arc<Enricher>,
     assignment: Arc<Assignment>,
     stats: Arc<Stats>,
+    /// When a fresh client last asked the cluster for its metadata.
+    probed_at: std::sync::Mutex<Option<Instant>>,
 }
 
 impl Worker {
@@ -116,6 +118,7 @@ impl Worker {
             enricher,
             assignment,
             stats,
+            probed_at: std::sync::Mutex::default(),
         };
         worker.check_topics().await?;
         Ok(worker)
@@ -253,14 +256,41 @@ impl Worker {
     /// consumer) does. `/healthz` says the same.
     fn check_membership(&self) -> anyhow::Result<()> {
         let limit = self.settings.kafka.rejoin_timeout;
-        match self.stats.unsettled_for() {
-            Some((d, state)) if d >= limit && self.stats.cluster_there_or_forgotten() => bail!(
-                "no partition assigned and not a settled member of the consumer group (state {state}) for {}s while a broker answers or none is known (kafka.rejoin_timeout {})",
-                d.as_secs(),
-                humantime::format_duration(limit)
-            ),
-            _ => Ok(()),
+        let Some((d, state)) = self.stats.unsettled_for().filter(|(d, _)| *d >= limit) else {
+            return Ok(());
+        };
+        if !self
+            .stats
+            .cluster_there_or_forgotten(side_port::PROBE_RECENT)
+        {
+            // Its own consumer sees no broker: whether the cluster answers
+            // a fresh client tells an outage from a consumer that lost its
+            // way.
+            self.probe_cluster();
+            return Ok(());
         }
+        bail!(
+            "no partition assigned and not a settled member of the consumer group (state {state}) for {}s while the cluster answers (kafka.rejoin_timeout {})",
+            d.as_secs(),
+            humantime::format_duration(limit)
+        )
+    }
+
+    /// Asks the cluster for its metadata with a fresh client, at most every
+    /// [`side_port::PROBE_EVERY`], in the background; an answer is noted in
+    /// the stats.
+    fn probe_cluster(&self) {
+        let mut probed_at = self.probed_at.lock().unwrap();
+        if probed_at.is_some_and(|t| t.elapsed() < side_port::PROBE_EVERY) {
+            return;
+        }
+        *probed_at = Some(Instant::now());
+        let (settings, stats) = (self.settings.clone(), self.stats.clone());
+        tokio::spawn(async move {
+            if kafka::cluster_answers(&settings.kafka, Duration::from_secs(5)).await {
+                stats.cluster_answered();
+            }
+        });
     }
 
     /// Records counted against the window: all in flight but those waiting
