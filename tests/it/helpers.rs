@@ -697,20 +697,63 @@ impl TestEnv {
         let stop = CancellationToken::new();
         let tasks = [self.output.clone(), self.dlq.clone()].map(|topic| {
             let (bootstrap, seen, stop) = (self.bootstrap(), seen.clone(), stop.clone());
-            tokio::spawn(async move {
-                let mut counted = 0;
-                let _ = testkit::read_topic_until(&bootstrap, &topic, WAIT * 20, |msgs| {
-                    let mut seen = seen.lock().unwrap();
-                    for m in &msgs[counted..] {
-                        *seen.entry(key(m)).or_default() += 1;
-                    }
-                    counted = msgs.len();
-                    stop.is_cancelled()
-                })
-                .await;
-            })
+            tokio::spawn(follow_topic(bootstrap, topic, seen, stop))
         });
         Follower { seen, stop, tasks }
+    }
+}
+
+/// How long a follower's reader may get nothing before a fresh one takes
+/// over from where it was.
+const READER_IDLE: Duration = Duration::from_secs(15);
+
+/// Reads `topic` from its start until `stop`, counting each record's key
+/// in `seen`. A reader that gets nothing for [`READER_IDLE`] is replaced by
+/// a fresh one from the next offsets: librdkafka can stay stuck after a
+/// broker that froze fences itself (see src/producer.rs), and a stuck
+/// reader would make the worker look idle.
+async fn follow_topic(
+    bootstrap: String,
+    topic: String,
+    seen: Arc<Mutex<HashMap<String, usize>>>,
+    stop: CancellationToken,
+) {
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::{Offset, TopicPartitionList};
+    let mut next: HashMap<i32, i64> = HashMap::new();
+    while !stop.is_cancelled() {
+        let consumer: StreamConsumer = testkit::client_config(&bootstrap)
+            .set("group.id", format!("follower-{}", std::process::id()))
+            .set("enable.auto.commit", "false")
+            .create()
+            .unwrap();
+        let Ok(parts) = testkit::partition_count(&consumer, &topic) else {
+            // The broker is not answering yet: ask again in a second.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        };
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..parts {
+            let at = next
+                .get(&p)
+                .map_or(Offset::Beginning, |o| Offset::Offset(*o));
+            tpl.add_partition_offset(&topic, p, at).unwrap();
+        }
+        consumer.assign(&tpl).unwrap();
+        loop {
+            let m = tokio::select! {
+                _ = stop.cancelled() => return,
+                m = tokio::time::timeout(READER_IDLE, consumer.recv()) => m,
+            };
+            match m {
+                Ok(Ok(m)) => {
+                    *seen.lock().unwrap().entry(key(&m.detach())).or_default() += 1;
+                    next.insert(m.partition(), m.offset() + 1);
+                }
+                Ok(Err(e)) => eprintln!("following {topic}: {e} (going on)"),
+                Err(_) => break,
+            }
+        }
     }
 }
 
