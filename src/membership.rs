@@ -1,8 +1,10 @@
-//! The worker's standing in its consumer group, for liveness: a worker that
-//! holds no partition and is not a settled member of its group (librdkafka's
-//! group state `up`, join state `steady`) has lost its place and not found
-//! it again. One that holds none while settled is a spare replica (more
-//! replicas than partitions), which is fine.
+//! The worker's standing in its consumer group, for liveness: a worker whose
+//! consumer has no group coordinator (librdkafka's group state other than
+//! `up`), or that holds no partition and is not settled in its group (join
+//! state other than `steady`), has lost its place and not found it again.
+//! One that holds none while `up` and `steady` is a spare replica (more
+//! replicas than partitions), which is fine. Before the first statistics
+//! nothing is known, and nothing is judged.
 
 use std::time::{Duration, Instant};
 
@@ -20,7 +22,8 @@ pub struct Membership {
 
 impl Membership {
     fn settled(&self) -> bool {
-        self.assigned > 0 || (self.state == "up" && self.join_state == "steady")
+        self.state.is_empty()
+            || (self.state == "up" && (self.assigned > 0 || self.join_state == "steady"))
     }
 
     fn update(&mut self, now: Instant) {
@@ -54,7 +57,10 @@ impl Membership {
     /// group, and the group's state as `state/join state`.
     pub fn unsettled_for(&self, now: Instant) -> Option<(Duration, String)> {
         let since = self.unsettled_since?;
-        let state = format!("{}/{}", self.state, self.join_state);
+        let state = format!(
+            "{}/{}, {} partitions",
+            self.state, self.join_state, self.assigned
+        );
         Some((now.saturating_duration_since(since), state))
     }
 }
@@ -84,12 +90,26 @@ mod tests {
         assert!(m.group_state("up", "wait-join", t0 + 2 * SECOND));
         assert!(!m.group_state("up", "wait-join", t0 + 5 * SECOND));
         let (d, state) = m.unsettled_for(t0 + 62 * SECOND).unwrap();
-        assert_eq!((d, state.as_str()), (60 * SECOND, "up/wait-join"));
+        assert_eq!(
+            (d, state.as_str()),
+            (60 * SECOND, "up/wait-join, 0 partitions")
+        );
         // Another state without partitions keeps counting from the first.
         m.group_state("query-coord", "init", t0 + 70 * SECOND);
         assert_eq!(m.unsettled_for(t0 + 72 * SECOND).unwrap().0, 70 * SECOND);
-        // Assigned again: settled, whatever the statistics said last.
+        // Partitions again, but still no coordinator (a KIP-848 member that
+        // kept its partitions through the loss): still counting.
         m.assigned(3, t0 + 80 * SECOND);
-        assert_eq!(m.unsettled_for(t0 + 90 * SECOND), None);
+        assert_eq!(m.unsettled_for(t0 + 90 * SECOND).unwrap().0, 88 * SECOND);
+        // Up again: settled.
+        m.group_state("up", "wait-join", t0 + 95 * SECOND);
+        assert_eq!(m.unsettled_for(t0 + 96 * SECOND), None);
+    }
+
+    #[test]
+    fn nothing_is_judged_before_the_first_statistics() {
+        let (mut m, t0) = (Membership::default(), Instant::now());
+        m.assigned(0, t0);
+        assert_eq!(m.unsettled_for(t0 + 600 * SECOND), None);
     }
 }

@@ -337,9 +337,10 @@ pub struct KafkaSettings {
     /// Must be longer than `pipeline.drain_timeout`.
     #[serde(with = "humantime_serde")]
     pub max_poll_interval: Duration,
-    /// A worker that holds no partition and is not a settled member of its
-    /// group for this long has lost its place in the group for good:
-    /// `/healthz` fails (and the log says why) so that it is restarted. A
+    /// A worker whose consumer has no group coordinator, or holds no
+    /// partition and is not settled in its group, for this long while the
+    /// cluster answers has lost its place for good: `/healthz` fails (and
+    /// the log says why) and the worker stops so that it is restarted. A
     /// spare replica, settled without partitions, is not concerned. Several
     /// session timeouts.
     #[serde(with = "humantime_serde")]

@@ -38,7 +38,8 @@ pub struct Liveness {
     /// `pipeline.stall_timeout`: a partition with a backlog and no record
     /// finished.
     pub stall_timeout: Duration,
-    /// `kafka.rejoin_timeout`: no partition and not settled in the group.
+    /// `kafka.rejoin_timeout`: no group coordinator, or no partition and
+    /// not settled in the group.
     pub rejoin_timeout: Duration,
 }
 
@@ -95,7 +96,7 @@ async fn healthz(State(side): State<Side>) -> impl IntoResponse {
         && d >= side.limits.rejoin_timeout
     {
         let why = format!(
-            "no partition assigned and not a settled member of the consumer group (state {state}) for {}s, past kafka.rejoin_timeout",
+            "lost its place in the consumer group (state {state}) for {}s, past kafka.rejoin_timeout",
             d.as_secs()
         );
         warn!(reason = %why, "not alive");
@@ -202,7 +203,10 @@ mod tests {
         stats.kafka_statistics(&statistics("query-coord", "init", &[("internal", "UP")]));
         let (status, body) = health(&stats, Duration::ZERO).await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
-        assert!(body.contains("state query-coord/init"), "{body}");
+        assert!(
+            body.contains("state query-coord/init, 0 partitions"),
+            "{body}"
+        );
         assert_eq!(
             health(&stats, Duration::from_secs(600)).await.0,
             StatusCode::OK

@@ -665,8 +665,9 @@ impl Stats {
         membership.assigned(progress.len(), Instant::now());
     }
 
-    /// How long the worker has held no partition while not a settled member
-    /// of its group, and the group's state; `None` while it is fine.
+    /// How long the worker has had no group coordinator, or no partition
+    /// while not settled in its group (see [`Membership`]), and the group's
+    /// state; `None` while it is fine.
     pub fn unsettled_for(&self) -> Option<(Duration, String)> {
         self.membership
             .lock()

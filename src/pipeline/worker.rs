@@ -170,6 +170,12 @@ impl Worker {
                 }
                 Phase::Done { fatal } => {
                     self.finish().await;
+                    if fatal.is_some() {
+                        // A consumer that lost its way may never finish
+                        // closing (librdkafka waits for a group coordinator
+                        // it cannot find): the process's exit ends it.
+                        std::mem::forget(self.consumer.clone());
+                    }
                     return fatal.map_or(Ok(()), Err);
                 }
             };
@@ -249,9 +255,9 @@ impl Worker {
         }
     }
 
-    /// Fails when the worker has held no partition and not been a settled
-    /// member of its group for `kafka.rejoin_timeout` while a broker
-    /// answers, or while its consumer knows no broker at all: the consumer
+    /// Fails when the worker's consumer has had no group coordinator, or no
+    /// partition while not settled in its group, for `kafka.rejoin_timeout`
+    /// while the cluster answers, or while it knows no broker at all: it
     /// lost its place and did not find it again, and a restart (a new
     /// consumer) does. `/healthz` says the same.
     fn check_membership(&self) -> anyhow::Result<()> {
@@ -270,7 +276,7 @@ impl Worker {
             return Ok(());
         }
         bail!(
-            "no partition assigned and not a settled member of the consumer group (state {state}) for {}s while the cluster answers (kafka.rejoin_timeout {})",
+            "lost its place in the consumer group (state {state}) for {}s while the cluster answers (kafka.rejoin_timeout {})",
             d.as_secs(),
             humantime::format_duration(limit)
         )
