@@ -41,10 +41,7 @@ fn sessions(prefix: &str, n: usize) -> Vec<String> {
 
 /// The events of the CI run, or `GROUP_EVENTS` when larger.
 fn events(ci: usize) -> usize {
-    std::env::var("GROUP_EVENTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .map_or(ci, |n: usize| n.max(ci))
+    env_number("GROUP_EVENTS", ci).max(ci)
 }
 
 fn protocol_env(protocol: &str) -> Vec<(&'static str, &'static str)> {
@@ -313,44 +310,97 @@ async fn frozen_worker(protocol: &str) {
 
 per_protocol!(frozen_worker: a_worker_frozen_past_its_session_commits_nothing_late_classic, a_worker_frozen_past_its_session_commits_nothing_late_kip848);
 
-/// Waits until the replicas hold the 6 partitions, each some; a replica
-/// that stopped by itself (exit 1: it lost its place in the group for
-/// `kafka.rejoin_timeout`) is started again, as Kubernetes restarts a
-/// pod's container. Returns when each of those stopped, from `since`.
-async fn until_all_assigned(
+/// Starts again each replica that stopped by itself (exit 1: it lost its
+/// place in the group for `kafka.rejoin_timeout`), as Kubernetes restarts
+/// a pod's container; notes when, from `since`.
+fn restart_stopped(
     group: &UnderLoad,
     replicas: &mut [Replica],
     since: std::time::Instant,
+    restarted: &mut Vec<Duration>,
+) {
+    for r in replicas.iter_mut() {
+        if let Some(status) = r.child.try_wait().unwrap() {
+            assert_eq!(status.code(), Some(1), "replica {} exited {status}", r.name);
+            println!(
+                "replica {} stopped by itself (exit 1); started again",
+                r.name
+            );
+            *r = group.replica(&r.name);
+            restarted.push(since.elapsed());
+        }
+    }
+}
+
+/// How long a freeze round may wait for the replicas: a replica that lost
+/// its place stops after `rejoin_timeout` (30 s here) and a probe (10 s),
+/// then starts and joins again.
+const FREEZE_WAIT: Duration = Duration::from_secs(180);
+
+/// Waits until the replicas hold the 6 partitions, each some, and then
+/// until `more` events beyond those out now are out, restarting the
+/// replicas that stop by themselves meanwhile. Returns when each of those
+/// stopped, from `since`.
+async fn until_assigned_and_out(
+    group: &UnderLoad,
+    replicas: &mut [Replica],
+    since: std::time::Instant,
+    more: usize,
 ) -> Vec<Duration> {
-    let started = std::time::Instant::now();
     let mut restarted = Vec::new();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut assigned = false;
+    let want = (group.follower.distinct() + more).min(group.all.len());
     loop {
         tick.tick().await;
-        for r in replicas.iter_mut() {
-            if let Some(status) = r.child.try_wait().unwrap() {
-                assert_eq!(status.code(), Some(1), "replica {} exited {status}", r.name);
-                println!(
-                    "replica {} stopped by itself (exit 1); started again",
-                    r.name
-                );
-                *r = group.replica(&r.name);
-                restarted.push(since.elapsed());
-            }
-        }
+        restart_stopped(group, replicas, since, &mut restarted);
         let mut states = Vec::new();
         for r in replicas.iter() {
             states.push(r.readiness().await);
         }
         let total: usize = states.iter().map(|s| s.1).sum();
-        if total == 6 && states.iter().all(|s| s.0 == 200 && s.1 > 0) {
+        assigned |= total == 6 && states.iter().all(|s| s.0 == 200 && s.1 > 0);
+        if assigned && group.follower.distinct() >= want {
             return restarted;
         }
         assert!(
-            started.elapsed() < WAIT,
-            "not every replica assigned again: {states:?}"
+            since.elapsed() < FREEZE_WAIT,
+            "after {FREEZE_WAIT:?} (assigned: {assigned}): {states:?}, {} of {want} out",
+            group.follower.distinct()
         );
     }
+}
+
+/// A number from the environment variable `name`, else `default`.
+fn env_number(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Freezes the broker for [`FREEZE`], thaws it, and waits until every
+/// replica is assigned again and 100 more events are out (see
+/// [`until_assigned_and_out`]); returns when each replica that stopped by
+/// itself did, from the thaw.
+async fn freeze_and_thaw(
+    cluster: &mut testkit::KafkaCluster,
+    group: &UnderLoad,
+    replicas: &mut [Replica],
+    what: &str,
+) -> Vec<Duration> {
+    cluster.signal_node(0, "STOP").unwrap();
+    tokio::time::sleep(FREEZE).await;
+    cluster.signal_node(0, "CONT").unwrap();
+    let thawed = std::time::Instant::now();
+    let before = group.follower.distinct();
+    let restarted = until_assigned_and_out(group, replicas, thawed, 100).await;
+    println!(
+        "{what}: assigned again and 100 more events out {:?} after the thaw ({before} out before, {} replicas restarted)",
+        thawed.elapsed(),
+        restarted.len()
+    );
+    restarted
 }
 
 /// How long each freeze of the broker lasts: past the session timeout of
@@ -375,10 +425,7 @@ async fn broker_frozen(protocol: &str) {
     // A faster load and a bigger window than the other group tests' by
     // `FREEZE_RATE` and `FREEZE_WINDOW` (scripts/faults.sh): more in
     // flight when the broker stops.
-    let rate = std::env::var("FREEZE_RATE")
-        .ok()
-        .and_then(|v| v.parse().ok());
-    let rate = rate.unwrap_or(150);
+    let rate = env_number("FREEZE_RATE", 150);
     // A minute of load at least, and the freezes stall it.
     let mut group = UnderLoad::on(env, protocol, events(6000).max(60 * rate), rate);
     let window = std::env::var("FREEZE_WINDOW").unwrap_or_else(|_| WINDOW.to_string());
@@ -394,42 +441,29 @@ async fn broker_frozen(protocol: &str) {
     until_assigned(&replicas.iter().collect::<Vec<_>>(), 1, 6).await;
     group.progress(200).await;
     // More rounds with `FREEZE_ROUNDS` (scripts/faults.sh).
-    let rounds: usize = std::env::var("FREEZE_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .map_or(3, |n: usize| n.max(3));
+    let rounds = env_number("FREEZE_ROUNDS", 3).max(3);
     for round in 1..=rounds {
         if round == 2 {
             replicas.push(group.replica("b"));
             until_assigned(&replicas.iter().collect::<Vec<_>>(), 2, 6).await;
         }
-        cluster.signal_node(0, "STOP").unwrap();
-        tokio::time::sleep(FREEZE).await;
-        cluster.signal_node(0, "CONT").unwrap();
-        let thawed = std::time::Instant::now();
-        let before = group.follower.distinct();
-        let restarted = until_all_assigned(&group, &mut replicas, thawed).await;
-        group.progress(100).await;
-        println!(
-            "freeze {round} ({protocol}, {} replicas): assigned again and 100 more events out {:?} after the thaw ({before} out before, {} replicas restarted)",
-            replicas.len(),
-            thawed.elapsed(),
-            restarted.len()
-        );
-        stuck.extend(restarted);
+        let what = format!("freeze {round} ({protocol}, {} replicas)", replicas.len());
+        stuck.extend(freeze_and_thaw(&mut cluster, &group, &mut replicas, &what).await);
     }
     // Each freeze loses every replica's whole assignment (one replica for
     // the first freeze, two after), re-delivering what it had admitted; a
     // producer replaced after a freeze sends again what it held, at most
-    // as many.
-    // A replica that stopped by itself may have gone on fetching without a
-    // group coordinator from the thaw until it stopped, committing
-    // nothing: at most the load's rate for that long (and 10 s more) is
-    // re-delivered.
+    // as many. After a thaw, records go on flowing for a few seconds while
+    // the coordinator refuses commits (unknown member), until the loss is
+    // noticed: at most the load's rate for 10 s a freeze. A replica that
+    // stopped by itself may have gone on fetching without a coordinator
+    // from the thaw until it stopped, committing nothing: the load's rate
+    // for that long (and 10 s more).
     let replica_freezes = 2 * rounds - 1;
-    let unstuck: f64 = stuck.iter().map(|d| d.as_secs_f64() + 10.0).sum();
+    let uncommitted: f64 =
+        (stuck.iter().map(|d| d.as_secs_f64() + 10.0).sum::<f64>()) + 10.0 * rounds as f64;
     let bound = replica_freezes * 2 * admitted_limit(window.parse().unwrap())
-        + (unstuck * rate as f64) as usize;
+        + (uncommitted * rate as f64) as usize;
     let what = format!("broker frozen {rounds} times ({protocol})");
     group.finish(replicas, bound, &what).await;
     drop(cluster);
