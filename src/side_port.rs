@@ -21,11 +21,6 @@ use crate::stats::Stats;
 /// long is stuck.
 pub const LIVENESS_LIMIT: Duration = Duration::from_secs(30);
 
-/// A fresh client's answer counts for this long (the worker asks every
-/// [`PROBE_EVERY`] while it has no place in its group).
-pub const PROBE_RECENT: Duration = Duration::from_secs(30);
-pub const PROBE_EVERY: Duration = Duration::from_secs(10);
-
 #[derive(Clone)]
 struct Side {
     stats: Arc<Stats>,
@@ -89,16 +84,9 @@ async fn healthz(State(side): State<Side>) -> impl IntoResponse {
             still.as_secs()
         ));
     }
-    // Without partitions and out of the group while a broker answers: the
-    // consumer lost its place and did not find it again.
-    if stats.cluster_there_or_forgotten(PROBE_RECENT)
-        && let Some((d, state)) = stats.unsettled_for()
-        && d >= side.limits.rejoin_timeout
-    {
-        let why = format!(
-            "lost its place in the consumer group (state {state}) for {}s, past kafka.rejoin_timeout",
-            d.as_secs()
-        );
+    // Out of the group while the cluster answers: the consumer lost its
+    // place and did not find it again.
+    if let Some(why) = stats.lost_place(side.limits.rejoin_timeout) {
         warn!(reason = %why, "not alive");
         return unavailable(format!("{why}\n"));
     }

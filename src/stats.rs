@@ -728,15 +728,31 @@ impl Stats {
         self.cluster_answered_ms.store(now_ms(), Ordering::Relaxed);
     }
 
+    /// Why the worker has lost its place in its consumer group for good,
+    /// if it has: out of its group (see [`Membership`]) for `limit` while
+    /// the cluster is there or librdkafka forgot it. The one rule behind
+    /// `/healthz` and the worker's stop.
+    pub fn lost_place(&self, limit: Duration) -> Option<String> {
+        let (d, state) = self.unsettled_for().filter(|(d, _)| *d >= limit)?;
+        self.cluster_there_or_forgotten().then(|| {
+            format!(
+                "lost its place in the consumer group (state {state}) for {}s while the cluster answers, past kafka.rejoin_timeout ({})",
+                d.as_secs(),
+                humantime::format_duration(limit)
+            )
+        })
+    }
+
     /// Whether the consumer is stuck away from a cluster that is there: a
     /// broker it is connected to answers, or a fresh client got the
-    /// cluster's metadata within `recent`, or librdkafka forgot every
-    /// broker (after a metadata answer that listed none, as a broker that
-    /// fenced itself gives; it never bootstraps again,
+    /// cluster's metadata within [`PROBE_RECENT`], or librdkafka forgot
+    /// every broker (after a metadata answer that listed none, as a broker
+    /// that fenced itself gives; it never bootstraps again,
     /// confluentinc/librdkafka#5301).
-    pub fn cluster_there_or_forgotten(&self, recent: Duration) -> bool {
+    fn cluster_there_or_forgotten(&self) -> bool {
         let answered = self.cluster_answered_ms.load(Ordering::Relaxed);
-        let fresh = answered != 0 && now_ms().saturating_sub(answered) <= recent.as_millis() as u64;
+        let recent = PROBE_RECENT.as_millis() as u64;
+        let fresh = answered != 0 && now_ms().saturating_sub(answered) <= recent;
         self.broker_reachable() || fresh || self.brokers_known.load(Ordering::Relaxed) == 0
     }
 
@@ -772,6 +788,10 @@ impl Stats {
         }
     }
 }
+
+/// A fresh client's answer ([`Stats::cluster_answered`]) counts for this
+/// long; the worker asks more often than that while out of its group.
+const PROBE_RECENT: Duration = Duration::from_secs(30);
 
 fn now_ms() -> u64 {
     std::time::SystemTime::now()

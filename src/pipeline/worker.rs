@@ -22,16 +22,20 @@ use super::context::WorkerContext;
 use super::enrich::{Disposition, Enricher};
 use super::flow::{Change, Flow};
 use super::input::InRecord;
+use crate::kafka;
 use crate::offsets::{Assignment, Ticket};
 use crate::otel;
 use crate::record::Source;
 use crate::settings::Settings;
 use crate::stats::Stats;
 use crate::systemic::Cause;
-use crate::{kafka, side_port};
 
 /// How often a progress line is logged while records flow.
 const PROGRESS_EVERY: Duration = Duration::from_secs(30);
+
+/// How often a worker out of its group asks a fresh client whether the
+/// cluster answers (an answer counts for 30 s, see `Stats::lost_place`).
+const PROBE_EVERY: Duration = Duration::from_secs(10);
 
 /// How long the window may stay full before the partitions are paused.
 const PAUSE_AFTER: Duration = Duration::from_secs(1);
@@ -262,32 +266,23 @@ impl Worker {
     /// consumer) does. `/healthz` says the same.
     fn check_membership(&self) -> anyhow::Result<()> {
         let limit = self.settings.kafka.rejoin_timeout;
-        let Some((d, state)) = self.stats.unsettled_for().filter(|(d, _)| *d >= limit) else {
-            return Ok(());
-        };
-        if !self
-            .stats
-            .cluster_there_or_forgotten(side_port::PROBE_RECENT)
-        {
-            // Its own consumer sees no broker: whether the cluster answers
-            // a fresh client tells an outage from a consumer that lost its
-            // way.
-            self.probe_cluster();
-            return Ok(());
+        if let Some(why) = self.stats.lost_place(limit) {
+            bail!(why);
         }
-        bail!(
-            "lost its place in the consumer group (state {state}) for {}s while the cluster answers (kafka.rejoin_timeout {})",
-            d.as_secs(),
-            humantime::format_duration(limit)
-        )
+        if self.stats.unsettled_for().is_some_and(|(d, _)| d >= limit) {
+            // Out of its group, but its own consumer sees no broker:
+            // whether the cluster answers a fresh client tells an outage
+            // from a consumer that lost its way.
+            self.probe_cluster();
+        }
+        Ok(())
     }
 
     /// Asks the cluster for its metadata with a fresh client, at most every
-    /// [`side_port::PROBE_EVERY`], in the background; an answer is noted in
-    /// the stats.
+    /// [`PROBE_EVERY`], in the background; an answer is noted in the stats.
     fn probe_cluster(&self) {
         let mut probed_at = self.probed_at.lock().unwrap();
-        if probed_at.is_some_and(|t| t.elapsed() < side_port::PROBE_EVERY) {
+        if probed_at.is_some_and(|t| t.elapsed() < PROBE_EVERY) {
             return;
         }
         *probed_at = Some(Instant::now());
