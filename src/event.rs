@@ -17,6 +17,11 @@ pub const FLAG_HEADER: &str = "uincall.flag";
 /// The tenant is not in `ingest.token_tenants`.
 pub const NO_ACCESS_TOKEN: &str = "no_access_token";
 
+/// The longest session or tenant id taken, in bytes. Uincall's ids are tens
+/// of bytes; a longer one is refused rather than carried into keys, caches
+/// and URLs.
+pub const MAX_ID_BYTES: usize = 256;
+
 /// A call-ended event that names a call the API can be asked about.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CallEnded {
@@ -41,6 +46,12 @@ pub enum InvalidEvent {
     MissingField(String),
     #[error("event field `{0}` is not a non-empty string or number")]
     BadField(String),
+    #[error(
+        "event field `{0}` is a number that is not a whole number of at most 64 bits, which cannot be kept exactly; send it as a string"
+    )]
+    InexactNumber(String),
+    #[error("event field `{field}` is {bytes} bytes long; an id may have at most {MAX_ID_BYTES}")]
+    TooLong { field: String, bytes: usize },
     #[error("event has no `{0}` and no api.default_tenant is set")]
     NoTenant(String),
     #[error("no access token is configured for tenant `{0}`")]
@@ -51,14 +62,24 @@ fn lookup<'a>(root: &'a Value, path: &str) -> Option<&'a Value> {
     path.split('.').try_fold(root, |v, key| v.get(key))
 }
 
-/// A string id from a string or integer field; `None` when absent or null.
+/// A string id from a string or integer field, as written (an integer
+/// beyond 64 bits or with a fraction is refused, never rounded); `None` when
+/// absent or null.
 fn id_field(root: &Value, path: &str) -> Result<Option<String>, InvalidEvent> {
-    match lookup(root, path) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) if !s.trim().is_empty() => Ok(Some(s.trim().to_string())),
-        Some(Value::Number(n)) if n.is_i64() || n.is_u64() => Ok(Some(n.to_string())),
-        Some(_) => Err(InvalidEvent::BadField(path.to_string())),
+    let id = match lookup(root, path) {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::String(s)) if !s.trim().is_empty() => s.trim().to_string(),
+        Some(Value::Number(n)) if n.is_i64() || n.is_u64() => n.to_string(),
+        Some(Value::Number(_)) => return Err(InvalidEvent::InexactNumber(path.to_string())),
+        Some(_) => return Err(InvalidEvent::BadField(path.to_string())),
+    };
+    if id.len() > MAX_ID_BYTES {
+        return Err(InvalidEvent::TooLong {
+            field: path.to_string(),
+            bytes: id.len(),
+        });
     }
+    Ok(Some(id))
 }
 
 /// Reads an event payload. Pure: no I/O, no token look-up.
@@ -172,6 +193,65 @@ mod tests {
         assert!(matches!(
             parse_event(Some(b"not json"), &f, None),
             Err(InvalidEvent::NotJson(_))
+        ));
+    }
+
+    #[test]
+    fn numeric_ids_are_kept_exactly_or_refused() {
+        let f = fields();
+        let read = |body: &str| parse_event(Some(body.as_bytes()), &f, Some("t"));
+        // Past 2^53 (where a double would round) and up to u64::MAX: exact.
+        for n in [
+            "9007199254740993",
+            "18446744073709551615",
+            "-9007199254740993",
+        ] {
+            let e = read(&format!(r#"{{"session_id":{n}}}"#)).unwrap();
+            assert_eq!(e.session_id, n);
+        }
+        // Past 64 bits, or not whole: refused, never rounded into another id.
+        for n in [
+            "18446744073709551616",
+            "123456789012345678901234567890",
+            "1.5",
+            "1e3",
+        ] {
+            assert_eq!(
+                read(&format!(r#"{{"session_id":{n}}}"#)),
+                Err(InvalidEvent::InexactNumber("session_id".into())),
+                "{n}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_id_longer_than_the_cap_is_refused_with_its_length() {
+        let f = fields();
+        let at_cap = "s".repeat(MAX_ID_BYTES);
+        let body = format!(r#"{{"session_id":"{at_cap}","tenant_id":"t"}}"#);
+        assert_eq!(
+            parse_event(Some(body.as_bytes()), &f, None)
+                .unwrap()
+                .session_id,
+            at_cap
+        );
+        let body = format!(r#"{{"session_id":"{at_cap}x","tenant_id":"t"}}"#);
+        let refused = parse_event(Some(body.as_bytes()), &f, None).unwrap_err();
+        assert_eq!(
+            refused,
+            InvalidEvent::TooLong {
+                field: "session_id".into(),
+                bytes: MAX_ID_BYTES + 1
+            }
+        );
+        assert!(refused.to_string().contains("257 bytes long"), "{refused}");
+        let body = format!(
+            r#"{{"session_id":"s","tenant_id":"{}"}}"#,
+            "t".repeat(60_000)
+        );
+        assert!(matches!(
+            parse_event(Some(body.as_bytes()), &f, None),
+            Err(InvalidEvent::TooLong { .. })
         ));
     }
 }

@@ -8,6 +8,8 @@
 //! (Uincall signs nothing); secrets are compared in constant time and never
 //! logged. Health checks and metrics are on `http.listen`.
 
+pub mod dedup;
+mod logged;
 pub mod push;
 mod server;
 
@@ -15,7 +17,6 @@ use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -31,7 +32,6 @@ use base64::Engine;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use ipnet::IpNet;
-use lru::LruCache;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -53,8 +53,10 @@ use crate::dead_letter::{ErrorClass, Stamp};
 use crate::event::{FLAG_HEADER, NO_ACCESS_TOKEN, TENANT_HEADER};
 use crate::kafka;
 use crate::producer::{ProducePolicy, RenewingProducer, produce_policy};
-use crate::settings::Settings;
-use push::{Decision, Kind};
+use crate::settings::{EventSettings, Settings};
+use dedup::Recent;
+use logged::{Throttle, shown};
+use push::{Decision, Kind, Refusal};
 
 /// Runs the receiver until SIGTERM or SIGINT: then stops accepting, answers
 /// the pushes in flight (each waits for its acknowledgement), flushes and
@@ -81,12 +83,14 @@ struct Receiver {
     forward_timeout: Duration,
     topic: String,
     secrets: HashMap<String, SecretString>,
+    /// `event.*`: where session and tenant are, as the worker reads them.
+    event: EventSettings,
     forward_commands: Vec<String>,
     max_body_bytes: usize,
     allow_from: Vec<IpNet>,
     limiter: Option<DefaultKeyedRateLimiter<String>>,
-    /// Forwarded pushes and when, for `ingest.dedup_window`.
-    forwarded: Option<(Mutex<LruCache<String, Instant>>, Duration)>,
+    /// Forwarded pushes, for `ingest.dedup_window`.
+    forwarded: Option<Recent>,
     /// Places for pushes being read and forwarded (`ingest.max_in_flight`).
     slots: Semaphore,
     /// Stops the receiver; cancelled here too when the producer failed for
@@ -103,10 +107,9 @@ struct Receiver {
     dead_letter_topic: Option<String>,
     /// `headers.kafka_connect`: Kafka Connect's error headers on those.
     connect_headers: bool,
-    /// The second (since the epoch) a wrong secret was last logged, and
-    /// how many were refused since without a line.
-    wrong_secret_logged: AtomicU64,
-    wrong_secret_not_logged: AtomicU64,
+    /// Lines for pushes refused for their secret, and for their source.
+    wrong_secret_log: Throttle,
+    forbidden_log: Throttle,
     metrics: Metrics,
 }
 
@@ -200,12 +203,13 @@ impl Receiver {
             .map(|n| RateLimiter::keyed(Quota::per_second(n)));
         let forwarded = NonZeroUsize::new(i.dedup_capacity)
             .filter(|_| !i.dedup_window.is_zero())
-            .map(|n| (Mutex::new(LruCache::new(n)), i.dedup_window));
+            .map(|n| Recent::new(n, i.dedup_window));
         Ok(Arc::new(Receiver {
             producer: Arc::new(producer),
             forward_timeout: i.forward_timeout,
             topic: k.input_topic.clone(),
             secrets: i.secrets.clone().into_iter().collect(),
+            event: settings.event.clone(),
             forward_commands: i.forward_commands.clone(),
             max_body_bytes: i.max_body_bytes,
             allow_from: i.allow_from.clone(),
@@ -219,8 +223,8 @@ impl Receiver {
             flagged: Mutex::new(HashSet::new()),
             dead_letter_topic: i.dead_letter_refused.then(|| k.dead_letter_topic.clone()),
             connect_headers: settings.headers.kafka_connect,
-            wrong_secret_logged: AtomicU64::new(0),
-            wrong_secret_not_logged: AtomicU64::new(0),
+            wrong_secret_log: Throttle::default(),
+            forbidden_log: Throttle::default(),
             metrics: Metrics::new(),
         }))
     }
@@ -242,12 +246,14 @@ fn push_routes(receiver: Arc<Receiver>) -> Router {
         .with_state(receiver)
 }
 
-/// 403 for a connection from outside `ingest.allow_from` (when set).
+/// 403 for a connection from outside `ingest.allow_from` (when set). An
+/// IPv4 client of a dual-stack listener (`::ffff:a.b.c.d`) is taken as the
+/// IPv4 address it is.
 async fn allowed_source(State(r): State<Arc<Receiver>>, req: Request, next: Next) -> Response {
     if r.allow_from.is_empty() {
         return next.run(req).await;
     }
-    let peer = (req.extensions().get::<ConnectInfo<SocketAddr>>()).map(|c| c.0.ip());
+    let peer = (req.extensions().get::<ConnectInfo<SocketAddr>>()).map(|c| c.0.ip().to_canonical());
     match peer {
         Some(ip) if r.allow_from.iter().any(|net| net.contains(&ip)) => next.run(req).await,
         _ => {
@@ -257,7 +263,13 @@ async fn allowed_source(State(r): State<Arc<Receiver>>, req: Request, next: Next
                 .rsplit('/')
                 .next()
                 .and_then(Kind::from_path);
-            warn!(peer = ?peer, "push refused: source not in ingest.allow_from");
+            if let Some(not_logged) = r.forbidden_log.admit() {
+                warn!(
+                    peer = ?peer,
+                    not_logged,
+                    "push refused: source not in ingest.allow_from (logged at most once a second; not_logged: those refused since the last line)"
+                );
+            }
             if let Some(kind) = kind {
                 r.metrics.count(kind, "forbidden");
             }
@@ -323,10 +335,14 @@ async fn push_with_basic_auth(
     }
 }
 
-/// The tenant and secret of an `Authorization: Basic` header.
+/// The tenant and secret of an `Authorization: Basic` header (the scheme
+/// in any case, as RFC 9110 has it).
 fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let encoded = value.strip_prefix("Basic ")?;
+    let (scheme, encoded) = value.trim_start().split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
     let decoded = base64::engine::general_purpose::STANDARD
         .decode(encoded.trim())
         .ok()?;
@@ -336,23 +352,17 @@ fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
 
 impl Receiver {
     /// Logs a push refused for its secret with the tenant its URL names
-    /// (never the secret), at most once a second: the sender chooses both
-    /// how many and the tenant string, so the log is not theirs to fill.
-    /// Every one is counted (`result="unauthorized"`).
+    /// (never the secret; cut to 64 characters), at most once a second: the
+    /// sender chooses both how many and the tenant string, so the log is
+    /// not theirs to fill. Every one is counted (`result="unauthorized"`).
     fn log_wrong_secret(&self, tenant: Option<&str>, kind: Kind) {
-        let second = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        if self.wrong_secret_logged.swap(second, Ordering::Relaxed) != second {
-            let not_logged = self.wrong_secret_not_logged.swap(0, Ordering::Relaxed);
+        if let Some(not_logged) = self.wrong_secret_log.admit() {
             info!(
-                tenant,
+                tenant = tenant.map(shown),
                 kind = kind.name(),
                 not_logged,
                 "push refused: wrong secret (logged at most once a second; not_logged: those refused since the last line)"
             );
-        } else {
-            self.wrong_secret_not_logged.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -385,6 +395,8 @@ impl Receiver {
         resp
     }
 
+    /// A push authenticated for `tenant`: admitted (rate and place), read,
+    /// decided, then forwarded once, answered, or refused.
     async fn receive(
         &self,
         kind: Kind,
@@ -392,93 +404,41 @@ impl Receiver {
         record_type: Option<&str>,
         body: Body,
     ) -> Response {
-        if let Some(limiter) = &self.limiter
-            && let Err(not_until) = limiter.check_key(&tenant.to_string())
-        {
-            let wait = not_until.wait_time_from(DefaultClock::default().now());
-            debug!(
-                tenant,
-                kind = kind.name(),
-                "push refused: over ingest.per_tenant_per_second"
-            );
-            let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
-            return self.reply_retry(
-                kind,
-                "rate_limited",
-                StatusCode::TOO_MANY_REQUESTS,
-                "too many pushes; retry",
-                secs,
-            );
+        if let Some(resp) = self.over_rate(kind, tenant) {
+            return resp;
         }
         // Held until the push is answered: its body and its record.
-        let Ok(_slot) = self.slots.try_acquire() else {
-            debug!(
-                tenant,
-                kind = kind.name(),
-                "push refused: ingest.max_in_flight reached"
-            );
-            return self.reply_retry(
-                kind,
-                "busy",
-                StatusCode::SERVICE_UNAVAILABLE,
-                "too many pushes in flight; retry",
-                1,
-            );
-        };
-        let body = match axum::body::to_bytes(body, self.max_body_bytes).await {
-            Ok(b) => b,
-            Err(e) if server::timed_out(&e) => {
-                info!(
-                    tenant,
-                    kind = kind.name(),
-                    "push refused: body not read whole within ingest.body_timeout"
-                );
-                return self.reply(
-                    kind,
-                    "timeout",
-                    StatusCode::REQUEST_TIMEOUT,
-                    "the body did not arrive in time",
-                );
-            }
-            Err(e) if !over_limit(&e) => {
-                // The sender hung up or sent a broken body; it will not
-                // read this answer, or should send the push again.
-                info!(tenant, kind = kind.name(), error = %e, "push refused: body could not be read");
-                return self.reply(
-                    kind,
-                    "unreadable",
-                    StatusCode::BAD_REQUEST,
-                    "the body could not be read",
-                );
-            }
+        let _slot = match self.slots.try_acquire() {
+            Ok(slot) => slot,
             Err(_) => {
-                info!(
+                debug!(
                     tenant,
                     kind = kind.name(),
-                    limit = self.max_body_bytes,
-                    "push refused: body too large"
+                    "push refused: ingest.max_in_flight reached"
                 );
-                return self.reply(
+                return self.reply_retry(
                     kind,
-                    "too_large",
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "body too large",
+                    "busy",
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "too many pushes in flight; retry",
+                    1,
                 );
             }
         };
-        match push::decide(kind, record_type, &body, tenant, &self.forward_commands) {
-            Err(refusal) => {
-                info!(tenant, kind = kind.name(), reason = %refusal, "push refused");
-                if let Err(resp) = self.dead_letter(kind, tenant, &refusal, &body).await {
-                    return resp;
-                }
-                self.reply(
-                    kind,
-                    "invalid",
-                    StatusCode::BAD_REQUEST,
-                    &refusal.to_string(),
-                )
-            }
+        let body = match self.read_body(kind, tenant, body).await {
+            Ok(body) => body,
+            Err(resp) => return resp,
+        };
+        let decision = push::decide(
+            kind,
+            record_type,
+            &body,
+            tenant,
+            &self.event,
+            &self.forward_commands,
+        );
+        match decision {
+            Err(refusal) => self.refuse(kind, tenant, &refusal, &body).await,
             Ok(Decision::Ignore { why }) => {
                 debug!(
                     tenant,
@@ -489,49 +449,109 @@ impl Receiver {
                 self.reply(kind, "ignored", StatusCode::OK, "success")
             }
             Ok(Decision::Forward { session_id, what }) => {
-                let key = format!(
-                    "{tenant}\u{1f}{}\u{1f}{session_id}\u{1f}{what}",
-                    kind.name()
-                );
-                if self.seen(&key) {
-                    debug!(
-                        tenant,
-                        kind = kind.name(),
-                        session_id,
-                        "repeated push answered, not forwarded again"
-                    );
-                    return self.reply(kind, "duplicate", StatusCode::OK, "success");
-                }
-                let resp = self.forward(kind, tenant, &session_id, &body).await;
-                if resp.status() == StatusCode::OK {
-                    self.remember(key);
-                }
-                resp
+                self.forward_once(kind, tenant, &session_id, &what, &body)
+                    .await
             }
         }
     }
 
-    /// Whether the push `key` was forwarded within the de-duplication
-    /// window.
-    fn seen(&self, key: &str) -> bool {
-        let Some((forwarded, window)) = &self.forwarded else {
-            return false;
+    /// The 429 for a tenant over `ingest.per_tenant_per_second`.
+    fn over_rate(&self, kind: Kind, tenant: &str) -> Option<Response> {
+        let limiter = self.limiter.as_ref()?;
+        let not_until = limiter.check_key(&tenant.to_string()).err()?;
+        let wait = not_until.wait_time_from(DefaultClock::default().now());
+        debug!(
+            tenant,
+            kind = kind.name(),
+            "push refused: over ingest.per_tenant_per_second"
+        );
+        let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+        Some(self.reply_retry(
+            kind,
+            "rate_limited",
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many pushes; retry",
+            secs,
+        ))
+    }
+
+    /// The whole body, or `Err` with the answer when it did not arrive in
+    /// time (408), broke off (400) or is over `ingest.max_body_bytes` (413).
+    async fn read_body(&self, kind: Kind, tenant: &str, body: Body) -> Result<Bytes, Response> {
+        let e = match axum::body::to_bytes(body, self.max_body_bytes).await {
+            Ok(body) => return Ok(body),
+            Err(e) => e,
         };
-        let mut forwarded = forwarded.lock().unwrap();
-        match forwarded.get(key) {
-            Some(at) if at.elapsed() < *window => true,
-            Some(_) => {
-                forwarded.pop(key);
-                false
-            }
-            None => false,
-        }
+        let (result, status, msg) = if server::timed_out(&e) {
+            info!(
+                tenant,
+                kind = kind.name(),
+                "push refused: body not read whole within ingest.body_timeout"
+            );
+            let msg = "the body did not arrive in time";
+            ("timeout", StatusCode::REQUEST_TIMEOUT, msg)
+        } else if !over_limit(&e) {
+            // The sender hung up or sent a broken body; it will not read
+            // this answer, or should send the push again.
+            info!(tenant, kind = kind.name(), error = %e, "push refused: body could not be read");
+            let msg = "the body could not be read";
+            ("unreadable", StatusCode::BAD_REQUEST, msg)
+        } else {
+            info!(
+                tenant,
+                kind = kind.name(),
+                limit = self.max_body_bytes,
+                "push refused: body too large"
+            );
+            ("too_large", StatusCode::PAYLOAD_TOO_LARGE, "body too large")
+        };
+        Err(self.reply(kind, result, status, msg))
     }
 
-    fn remember(&self, key: String) {
-        if let Some((forwarded, _)) = &self.forwarded {
-            forwarded.lock().unwrap().put(key, Instant::now());
+    /// 400 with the reason, once the refused push is dead-lettered (with
+    /// `ingest.dead_letter_refused`).
+    async fn refuse(&self, kind: Kind, tenant: &str, refusal: &Refusal, body: &Bytes) -> Response {
+        info!(tenant, kind = kind.name(), reason = %refusal, "push refused");
+        let reason = format!("push refused by the receiver: {refusal}");
+        let class = ErrorClass::InvalidEvent;
+        if let Err(resp) = self.dead_letter(kind, tenant, class, reason, body).await {
+            return resp;
         }
+        self.reply(
+            kind,
+            "invalid",
+            StatusCode::BAD_REQUEST,
+            &refusal.to_string(),
+        )
+    }
+
+    /// Forwards the push unless it was forwarded within
+    /// `ingest.dedup_window` (then answered 200 as it was).
+    async fn forward_once(
+        &self,
+        kind: Kind,
+        tenant: &str,
+        session_id: &str,
+        what: &str,
+        body: &Bytes,
+    ) -> Response {
+        let key = Recent::key(&[tenant, kind.name(), session_id, what]);
+        if (self.forwarded.as_ref()).is_some_and(|recent| recent.seen(&key)) {
+            debug!(
+                tenant,
+                kind = kind.name(),
+                session_id,
+                "repeated push answered, not forwarded again"
+            );
+            return self.reply(kind, "duplicate", StatusCode::OK, "success");
+        }
+        let resp = self.forward(kind, tenant, session_id, body).await;
+        if let Some(recent) = &self.forwarded
+            && resp.status() == StatusCode::OK
+        {
+            recent.remember(key);
+        }
+        resp
     }
 
     /// Writes the push to the input topic and answers once the broker
@@ -564,6 +584,14 @@ impl Receiver {
             }
             Err((e, _)) => {
                 warn!(tenant, kind = kind.name(), session_id, error = %e, "push not acknowledged by the broker");
+                if let ProducePolicy::Reject(why) = produce_policy(&e) {
+                    // Refused for good: kept where an operator finds it.
+                    let reason = format!("push refused by the broker: {e} ({why})");
+                    let class = ErrorClass::PublishFailed;
+                    if let Err(resp) = self.dead_letter(kind, tenant, class, reason, body).await {
+                        return resp;
+                    }
+                }
                 self.not_acknowledged(kind, &e)
             }
         }
@@ -617,21 +645,22 @@ impl Receiver {
     }
 
     /// With `ingest.dead_letter_refused`, writes a refused push to the
-    /// dead-letter topic as received, with the reason; `Err` with the
-    /// answer when the broker did not acknowledge it.
+    /// dead-letter topic as received, with its class and reason; `Err`
+    /// with the answer when the broker did not acknowledge it.
     async fn dead_letter(
         &self,
         kind: Kind,
         tenant: &str,
-        refusal: &push::Refusal,
+        class: ErrorClass,
+        reason: String,
         body: &Bytes,
     ) -> Result<(), Response> {
         let Some(topic) = &self.dead_letter_topic else {
             return Ok(());
         };
         let stamp = Stamp {
-            error_class: Some(ErrorClass::InvalidEvent),
-            reason: Some(format!("push refused by the receiver: {refusal}")),
+            error_class: Some(class),
+            reason: Some(reason),
             failed_at: Some(chrono::Utc::now()),
             tenant_id: Some(tenant.to_string()),
             enricher: Some(crate::record::ENRICHER.to_string()),
@@ -751,7 +780,7 @@ async fn metrics(State(r): State<Arc<Receiver>>) -> Response {
 struct RequestLabels {
     kind: &'static str,
     /// forwarded, flagged, duplicate, ignored, invalid, unreadable,
-    /// too_large, rejected,
+    /// timeout, too_large, rejected,
     /// unauthorized, forbidden, rate_limited, busy, unavailable.
     result: &'static str,
 }

@@ -112,11 +112,19 @@ fn expected(kind: Option<Kind>, auth: &Auth, record_type: Option<&str>, body: &[
         record_type,
         body,
         TENANT,
+        &event_fields(),
         &["call_hangup".to_string()],
     ) {
         Ok(_) => StatusCode::OK,
         Err(_) => StatusCode::BAD_REQUEST,
     }
+}
+
+/// The embedded defaults' `event.*`.
+fn event_fields() -> crate::settings::EventSettings {
+    Settings::load_from(None, Vec::<(String, String)>::new())
+        .unwrap()
+        .event
 }
 
 fn request(
@@ -295,9 +303,15 @@ fn pushes_from_outside_the_allowed_networks_are_forbidden() {
     let status = |req: Request<Body>| rt.block_on(router.clone().oneshot(req)).unwrap().status();
     assert_eq!(status(from("10.1.2.3", "n-1")), StatusCode::OK);
     assert_eq!(status(from("10.2.0.1", "n-2")), StatusCode::FORBIDDEN);
+    // An IPv4 client of a dual-stack listener is the IPv4 address it is.
+    assert_eq!(status(from("[::ffff:10.1.2.4]", "n-4")), StatusCode::OK);
+    assert_eq!(
+        status(from("[::ffff:10.2.0.2]", "n-5")),
+        StatusCode::FORBIDDEN
+    );
     // No known source: refused while a list is set.
     assert_eq!(status(hangup("n-3")), StatusCode::FORBIDDEN);
-    assert_eq!(count(&receiver, Kind::CallEvent, "forbidden"), 2);
+    assert_eq!(count(&receiver, Kind::CallEvent, "forbidden"), 3);
 }
 
 #[test]
@@ -407,12 +421,19 @@ fn a_producer_failed_for_good_stops_the_receiver_and_a_refused_record_is_413() {
     assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
 }
 
-/// The records on `topic` of the mock cluster: value and headers as text.
+/// A record read back: key, value, and headers as text.
+struct Record {
+    key: Option<String>,
+    value: Vec<u8>,
+    headers: std::collections::BTreeMap<String, String>,
+}
+
+/// The first `n` records on `topic` of the mock cluster.
 fn records(
     cluster: &MockCluster<'static, DefaultProducerContext>,
     topic: &str,
     n: usize,
-) -> Vec<(Vec<u8>, std::collections::BTreeMap<String, String>)> {
+) -> Vec<Record> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::message::{Headers, Message};
     let consumer: BaseConsumer = rdkafka::ClientConfig::new()
@@ -438,7 +459,11 @@ fn records(
                     (h.key.to_string(), v.into_owned())
                 })
                 .collect();
-            out.push((m.payload().unwrap_or_default().to_vec(), headers));
+            out.push(Record {
+                key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                value: m.payload().unwrap_or_default().to_vec(),
+                headers,
+            });
         }
     }
     out
@@ -463,10 +488,10 @@ fn a_push_for_a_tenant_without_an_access_token_is_forwarded_flagged() {
     assert_eq!(count(&receiver, Kind::CallEvent, "forwarded"), 1);
     let input = records(&cluster, &receiver.topic, 2);
     let flag = |tenant: &str| {
-        let (_, h) = (input.iter())
-            .find(|(_, h)| h.get("uincall.tenant").map(String::as_str) == Some(tenant))
+        let r = (input.iter())
+            .find(|r| r.headers.get("uincall.tenant").map(String::as_str) == Some(tenant))
             .unwrap();
-        h.get(super::FLAG_HEADER).cloned()
+        r.headers.get(super::FLAG_HEADER).cloned()
     };
     assert_eq!(flag(TENANT).as_deref(), Some(super::NO_ACCESS_TOKEN));
     assert_eq!(flag("t-2"), None);
@@ -499,16 +524,16 @@ fn refused_pushes_are_dead_lettered_as_received_with_the_reason() {
         StatusCode::BAD_REQUEST
     );
     let letters = records(&cluster, &topic, 2);
-    let (value, headers) = &letters[0];
+    let Record { value, headers, .. } = &letters[0];
     assert_eq!(value, b"not json at all");
     assert_eq!(headers["dlq.error_class"], "invalid_event");
     assert!(
-        headers["dlq.reason"].contains("not a JSON object"),
+        headers["dlq.reason"].contains("event is not JSON"),
         "{headers:?}"
     );
     assert_eq!(headers["dlq.tenant_id"], TENANT);
     assert_eq!(headers["uincall.source"], "uincall.push.call-event");
-    assert!(letters[1].1["dlq.reason"].contains("no session_id"));
+    assert!(letters[1].headers["dlq.reason"].contains("has no `session_id`"));
     assert_eq!(count(&receiver, Kind::CallEvent, "invalid"), 2);
     // Not acknowledged (a receiver of its own with a short forward timeout,
     // its broker down): the sender is told to retry, not that it is wrong.
@@ -521,6 +546,119 @@ fn refused_pushes_are_dead_lettered_as_received_with_the_reason() {
         StatusCode::SERVICE_UNAVAILABLE
     );
     assert_eq!(count(&receiver, Kind::CallEvent, "invalid"), 0);
+}
+
+#[test]
+fn a_record_the_broker_refuses_is_dead_lettered_before_the_413() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let rt = runtime();
+    let (cluster, receiver) = mock_receiver(&[("UINCALL__INGEST__DEAD_LETTER_REFUSED", "true")]);
+    let topic = receiver.dead_letter_topic.clone().unwrap();
+    cluster.create_topic(&topic, 1, 1).unwrap();
+    // The input topic's write refuses it; the dead-letter write goes on.
+    cluster.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE],
+    );
+    let router = push_routes(receiver.clone());
+    let resp = rt.block_on(router.oneshot(hangup("big"))).unwrap();
+    assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let letter = records(&cluster, &topic, 1).remove(0);
+    assert!(String::from_utf8_lossy(&letter.value).contains(r#""session_id":"big""#));
+    assert_eq!(letter.headers["dlq.error_class"], "publish_failed");
+    assert!(
+        letter.headers["dlq.reason"].contains("refused by the broker"),
+        "{:?}",
+        letter.headers
+    );
+    assert_eq!(count(&receiver, Kind::CallEvent, "rejected"), 1);
+}
+
+#[test]
+fn session_and_tenant_are_read_where_the_worker_reads_them() {
+    let rt = runtime();
+    let (cluster, receiver) = mock_receiver(&[
+        ("UINCALL__EVENT__SESSION_ID_FIELD", "sessionId"),
+        ("UINCALL__EVENT__TENANT_ID_FIELD", "tenantId"),
+    ]);
+    let router = push_routes(receiver.clone());
+    let push = |body: Value| {
+        let req = request(
+            "call-event",
+            &Auth::PathRight,
+            None,
+            "application/json",
+            body.to_string().into_bytes(),
+        );
+        rt.block_on(router.clone().oneshot(req)).unwrap().status()
+    };
+    // t-1's secret, a body naming t-2 where the worker looks: refused.
+    let other = json!({"sessionId": "s-1", "tenantId": "t-2", "tenant_id": TENANT, "command": "call_hangup"});
+    assert_eq!(push(other), StatusCode::BAD_REQUEST);
+    // The configured session field is the key, a top-level session_id not.
+    let own = json!({"sessionId": "s-2", "tenantId": TENANT, "session_id": "x", "command": "call_hangup"});
+    assert_eq!(push(own), StatusCode::OK);
+    // A number past 2^53 is the key as written; past 64 bits, refused.
+    let big = r#"{"sessionId": 9007199254740993, "command": "call_hangup"}"#;
+    assert_eq!(push(serde_json::from_str(big).unwrap()), StatusCode::OK);
+    let forwarded = records(&cluster, &receiver.topic, 2);
+    assert_eq!(forwarded[0].key.as_deref(), Some("s-2"));
+    assert_eq!(forwarded[0].headers["uincall.tenant"], TENANT);
+    assert_eq!(forwarded[1].key.as_deref(), Some("9007199254740993"));
+    let req = request(
+        "call-event",
+        &Auth::PathRight,
+        None,
+        "application/json",
+        br#"{"sessionId": 18446744073709551616, "command": "call_hangup"}"#.to_vec(),
+    );
+    let resp = rt.block_on(router.clone().oneshot(req)).unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(count(&receiver, Kind::CallEvent, "invalid"), 2);
+}
+
+#[test]
+fn a_session_id_past_the_cap_is_refused_with_a_clear_400() {
+    let rt = runtime();
+    let (_cluster, receiver) = mock_receiver(&[]);
+    let router = push_routes(receiver.clone());
+    let long = "s".repeat(crate::event::MAX_ID_BYTES + 1);
+    let resp = rt.block_on(router.oneshot(hangup(&long))).unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    let body = rt
+        .block_on(axum::body::to_bytes(resp.into_body(), 4096))
+        .unwrap();
+    let msg = serde_json::from_slice::<Value>(&body).unwrap()["msg"].clone();
+    assert!(
+        msg.as_str()
+            .unwrap()
+            .contains("`session_id` is 257 bytes long"),
+        "{msg}"
+    );
+    assert!(receiver.forwarded.as_ref().unwrap().is_empty());
+}
+
+#[test]
+fn a_lower_case_basic_scheme_is_basic_auth() {
+    let rt = runtime();
+    let (_cluster, receiver) = mock_receiver(&[]);
+    let router = push_routes(receiver.clone());
+    let b64 = base64::engine::general_purpose::STANDARD.encode(format!("{TENANT}:{SECRET}"));
+    for scheme in ["basic", "BASIC", "Basic"] {
+        let body = json!({"session_id": scheme, "tenant_id": TENANT, "command": "call_hangup"});
+        let req = Request::post("/push/call-event")
+            .header("authorization", format!("{scheme} {b64}"))
+            .body(Body::from(body.to_string()))
+            .unwrap();
+        let resp = rt.block_on(router.clone().oneshot(req)).unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "{scheme}");
+    }
+    let req = Request::post("/push/call-event")
+        .header("authorization", format!("Bearer {b64}"))
+        .body(Body::from("{}"))
+        .unwrap();
+    let resp = rt.block_on(router.oneshot(req)).unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
 }
 
 #[test]

@@ -1209,6 +1209,8 @@ def test_ingest_notes_give_the_push_urls_and_where_the_secrets_are():
     notes = helm.Chart.load(CHART).render(VALUE_SETS["ingest"], name="enricher", namespace="uincall")
     (text,) = [t for p, t in notes.items() if p.endswith("NOTES.txt")]
     assert f"https://{PUSH_HOST}/push/{TENANT}/<secret>/call-event" in text
+    # The basic-auth form first: the path form's secret lands in access logs.
+    assert text.index(f"https://{PUSH_HOST}/push/call-event") < text.index(f"/push/{TENANT}/")
     assert "Secret push-secrets" in text and PUSH_SECRETS_PREFIX + "<tenant_id>" in text
     plain = helm.Chart.load(CHART).render({"ingest": {"enabled": True, "secrets": {"existingSecret": "p"}}},
                                           name="enricher", namespace="uincall")
