@@ -31,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 use tracing::{debug, warn};
 
+use super::logged::Throttle;
 use crate::settings::IngestSettings;
 
 /// TCP keepalive on accepted sockets: a sender that vanished without a
@@ -78,7 +79,7 @@ pub(super) async fn serve(
 ) {
     let open = Arc::new(Semaphore::new(limits.max_connections));
     let mut connections = JoinSet::new();
-    let mut over_cap = OverCap::default();
+    let over_cap = Throttle::default();
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => break,
@@ -97,7 +98,7 @@ pub(super) async fn serve(
             }
         };
         let Ok(permit) = open.clone().try_acquire_owned() else {
-            over_cap.refuse(peer, limits.max_connections);
+            refuse_over_cap(&over_cap, peer, limits.max_connections);
             drop(stream);
             continue;
         };
@@ -119,28 +120,14 @@ pub(super) async fn serve(
     connections.shutdown().await;
 }
 
-/// Logs connections closed over `ingest.max_connections`, at most once a
+/// Logs a connection closed over `ingest.max_connections`, at most once a
 /// second (the sender chooses how many).
-#[derive(Default)]
-struct OverCap {
-    logged: Option<Instant>,
-    not_logged: u64,
-}
-
-impl OverCap {
-    fn refuse(&mut self, peer: SocketAddr, max: usize) {
-        if self
-            .logged
-            .is_some_and(|at| at.elapsed() < Duration::from_secs(1))
-        {
-            self.not_logged += 1;
-            return;
-        }
-        self.logged = Some(Instant::now());
+fn refuse_over_cap(throttle: &Throttle, peer: SocketAddr, max: usize) {
+    if let Some(not_logged) = throttle.admit() {
         warn!(
             %peer,
             max_connections = max,
-            not_logged = std::mem::take(&mut self.not_logged),
+            not_logged,
             "connection closed: ingest.max_connections open (logged at most once a second; not_logged: those closed since the last line)"
         );
     }
