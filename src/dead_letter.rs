@@ -37,6 +37,28 @@ pub mod header {
     pub const TRUNCATED_TO: &str = "dlq.truncated_to";
     /// The original value's size in bytes, with `dlq.truncated_to`.
     pub const ORIGINAL_SIZE: &str = "dlq.original_size";
+    /// With `dlq.truncated_to`, when the key was cut too (to at most
+    /// `dlq.truncated_to` bytes, or [`super::TEXT_FLOOR`]): its size.
+    pub const ORIGINAL_KEY_SIZE: &str = "dlq.original_key_size";
+}
+
+/// A cut dead letter keeps at least this many bytes of its key and of each
+/// `dlq.*` text (reason, errmsg, tenant, session), however small its value
+/// becomes.
+pub const TEXT_FLOOR: usize = 128;
+
+/// `text` cut to at most `max` bytes at a character boundary, a cut one
+/// ending in `…` (within the `max`).
+pub fn cut_text(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let room = max.saturating_sub('…'.len_utf8());
+    let end = (0..=room)
+        .rev()
+        .find(|&i| text.is_char_boundary(i))
+        .unwrap_or(0);
+    format!("{}…", &text[..end])
 }
 
 /// The value sizes to try, in order, when the dead-letter topic refuses a
@@ -204,6 +226,8 @@ pub struct Truncated {
     pub to: usize,
     /// `dlq.original_size`: the original value's size in bytes.
     pub original_size: usize,
+    /// `dlq.original_key_size`: the original key's size, when it was cut.
+    pub original_key_size: Option<usize>,
 }
 
 /// The `dlq.*` headers of a dead letter, typed both ways: the worker writes
@@ -320,6 +344,10 @@ impl Stamp {
                 ORIGINAL_SIZE,
                 truncated.map(|t| t.original_size.to_string()),
             ),
+            (
+                ORIGINAL_KEY_SIZE,
+                truncated.and_then(|t| t.original_key_size.map(|n| n.to_string())),
+            ),
         ]
         .into_iter()
         .filter_map(|(k, v)| v.map(|v| (k, v)))
@@ -359,7 +387,22 @@ impl Stamp {
             truncated: f.0.contains_key(TRUNCATED_TO).then(|| Truncated {
                 to: f.parse(TRUNCATED_TO).unwrap_or(0),
                 original_size: f.parse(ORIGINAL_SIZE).unwrap_or(0),
+                original_key_size: f.parse(ORIGINAL_KEY_SIZE),
             }),
+        }
+    }
+
+    /// This stamp with each free text (reason, errmsg, tenant, session,
+    /// consumer group) cut to at most `max` bytes.
+    pub fn texts_cut(&self, max: usize) -> Stamp {
+        let cut = |t: &Option<String>| t.as_deref().map(|t| cut_text(t, max));
+        Stamp {
+            reason: cut(&self.reason),
+            errmsg: cut(&self.errmsg),
+            tenant_id: cut(&self.tenant_id),
+            session_id: cut(&self.session_id),
+            consumer_group: cut(&self.consumer_group),
+            ..self.clone()
         }
     }
 }
@@ -458,6 +501,7 @@ mod tests {
         stamp.truncated = Some(Truncated {
             to: 1024,
             original_size: 1 << 20,
+            original_key_size: Some(20_000),
         });
         let headers = stamp.headers();
         let read = Stamp::read(headers.iter().map(|(k, v)| (*k, Some(v.as_bytes()))));
@@ -475,7 +519,26 @@ mod tests {
         let cut = Truncated {
             to: 0,
             original_size: 0,
+            original_key_size: None,
         };
         assert_eq!(read.truncated, Some(cut));
+    }
+
+    #[test]
+    fn texts_are_cut_at_a_character_within_the_bound() {
+        assert_eq!(cut_text("short", 10), "short");
+        assert_eq!(cut_text("abcdefghij", 10), "abcdefghij");
+        assert_eq!(cut_text("abcdefghijk", 10), "abcdefg…");
+        let cut = cut_text(&"超".repeat(100), 10);
+        assert!(cut.len() <= 10 && cut.ends_with('…'), "{cut}");
+        assert_eq!(cut, "超超…");
+        let (dl, source) = exhausted();
+        let mut stamp = dl.stamp(&source, "g", Utc::now());
+        stamp.session_id = Some("s".repeat(20_000));
+        stamp.errmsg = Some("e".repeat(20_000));
+        let cut = stamp.texts_cut(TEXT_FLOOR);
+        let longest = cut.headers().iter().map(|(_, v)| v.len()).max().unwrap();
+        assert!(longest <= TEXT_FLOOR, "{longest}");
+        assert_eq!(cut.source_offset, stamp.source_offset);
     }
 }

@@ -111,6 +111,7 @@ pub struct Stats {
     consumed: Counter,
     enriched: Counter,
     dead_lettered: Family<ClassLabel, Counter>,
+    unwritable: Counter,
     api_calls: Family<AnswerLabels, Counter>,
     api_latency: Histogram,
     retries: Counter,
@@ -182,6 +183,7 @@ impl Default for Stats {
             consumed: Counter::default(),
             enriched: Counter::default(),
             dead_lettered: Family::default(),
+            unwritable: Counter::default(),
             api_calls: Family::default(),
             api_latency: Histogram::new(LATENCY_BUCKETS),
             retries: Counter::default(),
@@ -249,6 +251,11 @@ impl Stats {
             "records_dead_lettered",
             "Dead letters acknowledged by the broker, by error class",
             self.dead_lettered.clone(),
+        );
+        r.register(
+            "records_unwritable",
+            "Records whose dead letter the dead-letter topic refused at every size, down to no value and cut key and texts: passed over, each logged with its place on the input topic",
+            self.unwritable.clone(),
         );
         r.register(
             "tenant_records",
@@ -482,6 +489,15 @@ impl Stats {
             attempts = dl.attempts,
             "dead-lettered"
         );
+    }
+
+    /// A record whose dead letter the topic refused at every size.
+    pub fn record_unwritable(&self) {
+        self.unwritable.inc();
+    }
+
+    pub fn unwritable(&self) -> u64 {
+        self.unwritable.get()
     }
 
     /// One API call: its answer (by status and errcode) and duration.
@@ -941,6 +957,7 @@ mod tests {
                 "records_consumed",
                 "records_enriched",
                 "records_dead_lettered",
+                "records_unwritable",
                 "tenant_records",
                 "record_end_to_end_duration_seconds",
                 "produce_errors",

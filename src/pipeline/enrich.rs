@@ -12,7 +12,7 @@ use rdkafka::message::OwnedHeaders;
 use secrecy::{ExposeSecret, SecretString};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, info, warn};
+use tracing::{Instrument, debug, error, info, warn};
 
 use super::input::InRecord;
 use super::publish::{Outgoing, ProduceError, Publisher};
@@ -36,6 +36,10 @@ use crate::uincall::{Timed, TokenStore, UincallClient};
 pub enum Disposition {
     Enriched,
     DeadLettered(ErrorClass),
+    /// The dead-letter topic refused its dead letter at every size: passed
+    /// over (logged with its place, counted), so that one record cannot
+    /// stop the partition.
+    Unwritable(ErrorClass),
     /// Shutdown came first; the offset stays unstored and is re-delivered.
     Abandoned,
 }
@@ -608,6 +612,21 @@ impl Enricher {
                 Ok(Disposition::DeadLettered(dl.class))
             }
             Err(ProduceError::Abandoned) => Ok(Disposition::Abandoned),
+            Err(ProduceError::Rejected(e)) => {
+                let src = &rec.source;
+                error!(
+                    error = %e,
+                    error_class = %dl.class,
+                    reason = %dl.reason,
+                    topic = %src.topic,
+                    partition = src.partition,
+                    offset = src.offset,
+                    dead_letter_topic = %k.dead_letter_topic,
+                    "the dead-letter topic refused this record's dead letter at every size; passing over it (it is still on its topic at this offset until retention)"
+                );
+                self.stats.record_unwritable();
+                Ok(Disposition::Unwritable(dl.class))
+            }
             Err(e) => Err(anyhow::Error::new(e)).context(format!(
                 "writing to the dead-letter topic {}; the record stays uncommitted",
                 k.dead_letter_topic

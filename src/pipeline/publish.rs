@@ -134,9 +134,11 @@ impl Publisher {
 
     /// Publishes a dead letter: the original value and headers with the
     /// failure's `dlq.*` headers. When the topic refuses it (too large once
-    /// the headers are added), a smaller one follows: the value cut, the
-    /// original headers left out, `dlq.truncated_to` and
-    /// `dlq.original_size` saying so.
+    /// the headers are added), smaller ones follow: the value cut, the
+    /// original headers left out, and the key and the `dlq.*` texts cut to
+    /// the value's size (at least [`dead_letter::TEXT_FLOOR`] bytes), with
+    /// `dlq.truncated_to`, `dlq.original_size` and, for a cut key,
+    /// `dlq.original_key_size` saying so.
     pub async fn dead_letter(
         &self,
         out: Outgoing<'_>,
@@ -159,15 +161,19 @@ impl Publisher {
                 break;
             };
             warn!(error = %error, original_size = payload.len(), truncated_to = size, "the dead-letter topic refused the dead letter; writing it truncated");
+            let texts = size.max(dead_letter::TEXT_FLOOR);
+            let key = out.key.map(|k| &k[..k.len().min(texts)]);
             let truncated = Stamp {
                 truncated: Some(Truncated {
                     to: size,
                     original_size: payload.len(),
+                    original_key_size: (key != out.key).then(|| out.key.map_or(0, <[u8]>::len)),
                 }),
-                ..stamp.clone()
+                ..stamp.texts_cut(texts)
             };
             let headers = truncated.onto(OwnedHeaders::new(), self.connect_headers);
             let cut = Outgoing {
+                key,
                 payload: &payload[..size],
                 headers: &headers,
                 ..out

@@ -330,7 +330,9 @@ impl Worker {
                 let result = enricher.process(rec, ticket.cancel.clone()).await;
                 if matches!(
                     result,
-                    Ok(Disposition::Enriched | Disposition::DeadLettered(_))
+                    Ok(Disposition::Enriched
+                        | Disposition::DeadLettered(_)
+                        | Disposition::Unwritable(_))
                 ) {
                     store_finished(&assignment, &consumer, &stats, &source, &ticket);
                 }

@@ -124,6 +124,9 @@ impl Target {
                 Ok(Disposition::DeadLettered(class)) => {
                     Resubmitted::DeadLetteredAgain(format!("dead-lettered again ({class})"))
                 }
+                Ok(Disposition::Unwritable(class)) => Resubmitted::Failed(format!(
+                    "failed again ({class}), and the dead-letter topic refused its dead letter at every size"
+                )),
                 Ok(Disposition::Abandoned) => Resubmitted::Abandoned,
                 Err(e) => Resubmitted::Failed(format!("{e:#}")),
             },

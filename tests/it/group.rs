@@ -558,7 +558,8 @@ async fn compressed_and_transactional_input_is_enriched_and_leaves_no_lag() {
 /// Output and dead-letter topics that take at most 16 KiB per batch: valid
 /// records batched together are not refused for their neighbour, a record
 /// too large is dead-lettered alone, and a dead letter too large for its
-/// topic is written truncated instead of stopping the worker.
+/// topic is written truncated instead of stopping the worker: its value, and
+/// when the key or the `dlq.*` texts alone are too large, those too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_too_large_for_their_topic_never_stop_the_worker_or_take_neighbours_along() {
     use uincall_enricher::dead_letter::header as dlq;
@@ -582,13 +583,20 @@ async fn records_too_large_for_their_topic_never_stop_the_worker_or_take_neighbo
     .to_string()
     .into_bytes();
     events.push((Some(b"big-000001".to_vec()), big.clone()));
+    // A 20 000-byte key and session id: no value cut alone makes it fit.
+    let long_id = "k".repeat(20_000);
+    let long = serde_json::json!({"session_id": long_id, "tenant_id": "nobody"});
+    events.push((
+        Some(long_id.clone().into_bytes()),
+        long.to_string().into_bytes(),
+    ));
     testkit::produce(&env.bootstrap(), &env.input, events)
         .await
         .unwrap();
 
     let worker = env.start_worker(env.settings()).await;
     let out = env.read_output(400).await;
-    let dead = env.read_dlq(2).await;
+    let dead = env.read_dlq(3).await;
     env.until_no_lag().await;
     worker
         .stop()
@@ -618,4 +626,49 @@ async fn records_too_large_for_their_topic_never_stop_the_worker_or_take_neighbo
     use rdkafka::Message;
     assert_eq!(truncated.payload().unwrap(), &big[..kept]);
     assert!(kept > 0 && kept < 16384);
+    let cut_key = (dead.iter())
+        .find(|m| header(m, dlq::ORIGINAL_KEY_SIZE).is_some())
+        .expect("the dead letter of the long key");
+    assert_eq!(
+        header(cut_key, dlq::ORIGINAL_KEY_SIZE),
+        Some("20000".to_string())
+    );
+    let key_kept = cut_key.key().unwrap();
+    assert!(key_kept.len() < 16384 && long_id.as_bytes().starts_with(key_kept));
+    assert!(
+        header(cut_key, dlq::REASON).is_some_and(|r| r.contains("20000 bytes long")),
+        "{:?}",
+        header(cut_key, dlq::REASON)
+    );
+}
+
+/// A dead-letter topic that refuses even a bare dead letter (no value, cut
+/// key and texts): each record is passed over, logged with its place and
+/// counted, the offsets move on and the worker keeps running, where it used
+/// to stop at the first such record and meet it again at every start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_refused_at_every_size_is_passed_over_not_fatal() {
+    let env = TestEnv::with_output_config(
+        "unwritable",
+        2,
+        Duration::ZERO,
+        &[("max.message.bytes", "200")],
+    )
+    .await;
+    // Unknown tenants: straight to the dead-letter topic, which refuses.
+    let events = (0..20).map(|n| {
+        let session = format!("nobody-{n:06}");
+        let value = serde_json::json!({"session_id": session, "tenant_id": "nobody"});
+        (Some(session.into_bytes()), value.to_string().into_bytes())
+    });
+    testkit::produce(&env.bootstrap(), &env.input, events)
+        .await
+        .unwrap();
+    let worker = env.start_worker(env.settings()).await;
+    env.until_no_lag().await;
+    assert_eq!(worker.stats.unwritable(), 20);
+    assert_eq!(worker.stats.dead_lettered_total(), 0);
+    assert!(!worker.handle.is_finished(), "the worker stopped by itself");
+    worker.stop().await.expect("the worker stops cleanly");
+    assert!(env.is_empty(&env.dlq));
 }
