@@ -90,6 +90,9 @@ struct Shared {
     list_fault: RwLock<Option<ListFault>>,
     /// Every page asked: (tenant, start_time, end_time, page).
     list_requests: Mutex<Vec<ListRequest>>,
+    /// While true, call-detail answers wait (a test decides when the calls
+    /// under way end).
+    held: tokio::sync::watch::Sender<bool>,
 }
 
 /// What the call list answers instead of a page.
@@ -168,6 +171,7 @@ impl FakeApi {
             list: RwLock::default(),
             list_fault: RwLock::default(),
             list_requests: Mutex::default(),
+            held: tokio::sync::watch::Sender::new(false),
         });
         let app = Router::new()
             .route("/openapi/call/v2/detail/{session_id}", get(detail))
@@ -206,6 +210,12 @@ impl FakeApi {
     /// Calls received in all.
     pub fn total_calls(&self) -> u64 {
         self.shared.total.load(Ordering::Relaxed)
+    }
+
+    /// While on, call-detail answers wait (received and counted, not
+    /// answered) until it is off again.
+    pub fn set_held(&self, held: bool) {
+        self.shared.held.send_replace(held);
     }
 
     /// While on, every call gets HTTP 503 (the API is down for everyone).
@@ -279,6 +289,7 @@ async fn detail(
     if !(config.latency + slow).is_zero() {
         tokio::time::sleep(config.latency + slow).await;
     }
+    let _ = shared.held.subscribe().wait_for(|held| !held).await;
     if shared.outage.load(Ordering::Relaxed) {
         return (StatusCode::SERVICE_UNAVAILABLE, "service unavailable").into_response();
     }

@@ -79,13 +79,15 @@ pub type TrackerId = u64;
 
 static NEXT_TRACKER: AtomicU64 = AtomicU64::new(1);
 
-/// One assigned partition: its tracker, and the token that cancels its
-/// records when it is revoked.
+/// One assigned partition: its tracker, the token that cancels its
+/// records when it is revoked or the worker stops, and the one that says
+/// it was revoked.
 #[derive(Debug)]
 struct Owned {
     id: TrackerId,
     tracker: PartitionTracker,
     cancel: CancellationToken,
+    revoked: CancellationToken,
 }
 
 /// The trackers of all currently assigned partitions.
@@ -94,12 +96,16 @@ pub struct OffsetTracker {
     partitions: HashMap<(String, i32), Owned>,
 }
 
-/// What a record task holds: which tracker it belongs to, and the token
-/// that is cancelled when its partition is revoked (or the worker stops).
+/// What a record task holds: which tracker it belongs to, the token that
+/// is cancelled when its partition is revoked or the worker stops (waits
+/// end, no new call starts), and the one cancelled only when the partition
+/// was revoked: from then on the record is another owner's, and nothing of
+/// it may be written here.
 #[derive(Debug, Clone)]
 pub struct Ticket {
     pub id: TrackerId,
     pub cancel: CancellationToken,
+    pub revoked: CancellationToken,
 }
 
 impl OffsetTracker {
@@ -110,6 +116,7 @@ impl OffsetTracker {
                 id: NEXT_TRACKER.fetch_add(1, Ordering::Relaxed),
                 tracker: PartitionTracker::default(),
                 cancel: parent.child_token(),
+                revoked: CancellationToken::new(),
             })
     }
 
@@ -127,6 +134,7 @@ impl OffsetTracker {
         Ticket {
             id: owned.id,
             cancel: owned.cancel.clone(),
+            revoked: owned.revoked.clone(),
         }
     }
 
@@ -176,6 +184,7 @@ impl OffsetTracker {
             .into_iter()
             .filter_map(|key| self.partitions.remove(key))
             .map(|owned| {
+                owned.revoked.cancel();
                 owned.cancel.cancel();
                 owned.tracker.in_flight()
             })
@@ -425,8 +434,13 @@ mod tests {
             }
         );
         assert!(a.cancel.is_cancelled() && b.cancel.is_cancelled());
-        assert!(!other.cancel.is_cancelled());
+        assert!(a.revoked.is_cancelled() && b.revoked.is_cancelled());
+        assert!(!other.cancel.is_cancelled() && !other.revoked.is_cancelled());
         assert_eq!(shared.in_flight(), 1);
+        // Stopping the worker cancels the work, but the partition is still
+        // this worker's: what finishes may be written.
+        stop.cancel();
+        assert!(other.cancel.is_cancelled() && !other.revoked.is_cancelled());
         let late = shared.finish("in", 0, 0, a.id, |_| Err("stored a revoked partition"));
         assert!(late.is_none());
     }

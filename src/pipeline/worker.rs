@@ -327,7 +327,14 @@ impl Worker {
         tasks.spawn(
             async move {
                 let source = rec.source.clone();
-                let result = enricher.process(rec, ticket.cancel.clone()).await;
+                // Once the partition is revoked (past `revoke_drain`) the
+                // record is its next owner's: the work is dropped where it
+                // stands, a call under way too, and nothing more is written.
+                let result = tokio::select! {
+                    biased;
+                    () = ticket.revoked.cancelled() => Ok(Disposition::Abandoned),
+                    result = enricher.process(rec, ticket.cancel.clone()) => result,
+                };
                 if matches!(
                     result,
                     Ok(Disposition::Enriched

@@ -1,6 +1,7 @@
 //! The worker's life in a consumer group on Apache Kafka: scale-out and
 //! scale-in under load, a rolling restart, partitions that come back after
-//! being revoked while paused, a worker frozen past its session timeout,
+//! being revoked while paused, calls under way when their partition moves,
+//! a worker frozen past its session timeout,
 //! the broker frozen past every session timeout, and input written
 //! compressed and by transactional producers. Classic
 //! (cooperative-sticky) and KIP-848 (`group.protocol=consumer`) groups both
@@ -256,6 +257,50 @@ async fn revoke_while_paused(protocol: &str) {
 }
 
 per_protocol!(revoke_while_paused: partitions_revoked_while_paused_deliver_when_they_come_back_classic, partitions_revoked_while_paused_deliver_when_they_come_back_kip848);
+
+/// (c') Calls under way when their partition moves: the API holds every
+/// answer while a second worker joins and takes half the partitions (the
+/// first waits `revoke_drain`, 1 s, then lets them go). When the answers
+/// come, the first worker must write nothing for the partition it gave up:
+/// each session is on the output topic once, enriched by its new owner.
+/// Before, the old owner published them too (or dead-lettered one whose
+/// last attempt it was, while the new owner enriched it).
+async fn calls_under_way_at_a_revocation(protocol: &str) {
+    let env = TestEnv::new(&format!("moved-{protocol}"), 2, Duration::ZERO).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut penv = protocol_env(protocol);
+    penv.push(("UINCALL__PIPELINE__REVOKE_DRAIN", "1s"));
+    env.api.set_held(true);
+    let a = env.spawn_replica("a", dir.path(), &penv);
+    // As many as the window: every one of them is a call under way.
+    let all = sessions("moved", WINDOW);
+    produce_round_robin(&env, &all).await;
+    wait_until_async("the first worker's calls are all under way", || async {
+        env.api.total_calls() >= WINDOW as u64
+    })
+    .await;
+    let b = env.spawn_replica("b", dir.path(), &penv);
+    let assigned = "uincall_enricher_partitions_assigned";
+    wait_until_async("the second worker takes a partition", || async {
+        a.metric(assigned).await == Some(1.0) && b.metric(assigned).await == Some(1.0)
+    })
+    .await;
+    env.api.set_held(false);
+    let follower = env.follow();
+    follower.until_distinct(all.len()).await;
+    a.stop().await;
+    b.stop().await;
+    env.until_no_lag().await;
+    let (_, written) = env.read_all(&env.output, all.len()).await;
+    assert!(env.is_empty(&env.dlq));
+    assert_eq!(
+        written,
+        all.len(),
+        "records written after their partition moved ({protocol})"
+    );
+}
+
+per_protocol!(calls_under_way_at_a_revocation: calls_under_way_when_a_partition_moves_write_nothing_classic, calls_under_way_when_a_partition_moves_write_nothing_kip848);
 
 /// (d) A worker frozen (SIGSTOP) past its session timeout loses its
 /// partitions to the other; when it thaws, its late completions must not
