@@ -356,21 +356,33 @@ async fn call_list(
     if !(config.latency + slow).is_zero() {
         tokio::time::sleep(config.latency + slow).await;
     }
-    match fault {
-        Some(ListFault::Outage) => {
-            return (StatusCode::SERVICE_UNAVAILABLE, "service unavailable").into_response();
-        }
-        Some(ListFault::Errcode(code)) => return errcode(code, "refused"),
-        Some(ListFault::Unreadable) => {
-            return axum::Json(json!({"errcode": 0, "data": {"total": 1, "calls": "one"}}))
-                .into_response();
-        }
-        _ => {}
+    if let Some(answer) = fault.and_then(list_fault_answer) {
+        return answer;
     }
     if !shared.token_ok(&tenant, q.access_token.as_deref()) {
         return errcode(ERRCODE_BAD_TOKEN, "invalid access_token");
     }
-    let parse = |k: &str| NaiveDateTime::parse_from_str(&text(k), TIME_FORMAT).ok();
+    list_page(&shared, &tenant, &body, page, size)
+}
+
+/// The answer a list fault gives instead of a page, if it gives one.
+fn list_fault_answer(fault: ListFault) -> Option<Response> {
+    match fault {
+        ListFault::Outage => {
+            Some((StatusCode::SERVICE_UNAVAILABLE, "service unavailable").into_response())
+        }
+        ListFault::Errcode(code) => Some(errcode(code, "refused")),
+        ListFault::Unreadable => Some(
+            axum::Json(json!({"errcode": 0, "data": {"total": 1, "calls": "one"}})).into_response(),
+        ),
+        ListFault::Slow(_) | ListFault::HangAfter(_) => None,
+    }
+}
+
+/// One page of `tenant`'s call list, for the range the request's body asks.
+fn list_page(shared: &Shared, tenant: &str, body: &Value, page: u32, size: usize) -> Response {
+    let text = |k: &str| body.get(k).and_then(Value::as_str).unwrap_or_default();
+    let parse = |k: &str| NaiveDateTime::parse_from_str(text(k), TIME_FORMAT).ok();
     // The time range applies only with all=true; without times, the last
     // week. A range over 60 days is cut to 60 days from its start.
     let now = chrono::Local::now().naive_local();
@@ -383,7 +395,7 @@ async fn call_list(
         _ => (now - chrono::Duration::days(7), now),
     };
     let list = shared.list.read().unwrap();
-    let calls: Vec<&(NaiveDateTime, String)> = (list.get(&tenant).into_iter().flatten())
+    let calls: Vec<&(NaiveDateTime, String)> = (list.get(tenant).into_iter().flatten())
         .filter(|(t, _)| *t >= start && *t < end)
         .collect();
     let rows: Vec<Value> = (calls.iter().skip((page as usize - 1) * size).take(size))

@@ -24,6 +24,9 @@ pub struct PartitionTracker {
     /// The last position reported as safe to commit (at first: where
     /// consumption began).
     reported: Option<i64>,
+    /// The lowest offset given up unfinished (at shutdown): no longer in
+    /// flight, but the position never passes it.
+    abandoned: Option<i64>,
 }
 
 impl PartitionTracker {
@@ -49,6 +52,7 @@ impl PartitionTracker {
             Some(&lowest) => lowest,
             None => self.next_after_seen?,
         };
+        let safe = self.abandoned.map_or(safe, |a| a.min(safe));
         if self.reported.is_some_and(|r| r >= safe) {
             return None;
         }
@@ -60,11 +64,25 @@ impl PartitionTracker {
         self.pending.len()
     }
 
+    /// Gives up what is still pending (shutdown: its tasks are gone): none
+    /// of it is in flight any more, and the position stays before the
+    /// lowest of it. Returns how many.
+    pub fn abandon_pending(&mut self) -> usize {
+        let Some(&lowest) = self.pending.first() else {
+            return 0;
+        };
+        self.abandoned = Some(self.abandoned.map_or(lowest, |a| a.min(lowest)));
+        std::mem::take(&mut self.pending).len()
+    }
+
     /// With nothing pending, the consumer's `position` (past transaction
     /// markers and compacted gaps that deliver no record) becomes the
     /// position to commit. Returns it when it advanced.
     pub fn settle(&mut self, position: i64) -> Option<i64> {
-        if !self.pending.is_empty() || self.reported.is_some_and(|r| r >= position) {
+        if !self.pending.is_empty()
+            || self.abandoned.is_some()
+            || self.reported.is_some_and(|r| r >= position)
+        {
             return None;
         }
         self.reported = Some(position);
@@ -197,6 +215,12 @@ impl OffsetTracker {
             .map(|o| o.tracker.in_flight())
             .sum()
     }
+
+    fn abandon_pending(&mut self) -> usize {
+        (self.partitions.values_mut())
+            .map(|o| o.tracker.abandon_pending())
+            .sum()
+    }
 }
 
 /// How a revocation went: records that finished within the drain, and
@@ -290,6 +314,16 @@ impl Assignment {
 
     pub fn in_flight(&self) -> usize {
         self.tracker.lock().unwrap().in_flight()
+    }
+
+    /// At shutdown, once the record tasks are done or gone: what is still
+    /// pending is given up ([`PartitionTracker::abandon_pending`]), so the
+    /// revocation that closing the consumer brings waits for nothing.
+    /// Returns how many records.
+    pub fn abandon_pending(&self) -> usize {
+        let abandoned = self.tracker.lock().unwrap().abandon_pending();
+        self.finished.notify_all();
+        abandoned
     }
 }
 
@@ -416,6 +450,39 @@ mod tests {
         let mut all = OffsetTracker::default();
         assert_eq!(all.settle("in", 2, 41, &stop), Some(41));
         assert_eq!(all.settle("in", 2, 41, &stop), None);
+    }
+
+    #[test]
+    fn records_given_up_at_shutdown_hold_the_position_and_no_drain() {
+        let mut t = PartitionTracker::default();
+        for o in 10..14 {
+            t.start(o);
+        }
+        assert_eq!(t.finish(10), Some(11));
+        // 11 and 12 were abandoned (their tasks ended), 13 never came back.
+        assert_eq!(t.abandon_pending(), 3);
+        assert_eq!(t.in_flight(), 0);
+        assert_eq!(t.finish(13), None, "a late completion moves nothing");
+        assert_eq!(t.settle(14), None, "nor does the consumer's position");
+
+        let stop = CancellationToken::new();
+        let shared = Assignment::default();
+        let _a = shared.start("in", 0, 5, &stop);
+        let _b = shared.start("in", 1, 7, &stop);
+        assert_eq!(shared.abandon_pending(), 2);
+        // The revocation of closing: nothing to wait for, nothing to cancel
+        // (a 60 s drain that waited would also report them cancelled).
+        let revoked = shared.revoke(
+            &[("in".to_string(), 0), ("in".to_string(), 1)],
+            Duration::from_secs(60),
+        );
+        assert_eq!(
+            revoked,
+            Revoked {
+                drained: 0,
+                cancelled: 0
+            }
+        );
     }
 
     #[test]

@@ -106,7 +106,7 @@ async fn readyz(State(side): State<Side>) -> impl IntoResponse {
         unavailable("not ready: systemic failure of the API (see the log and uincall_enricher_systemic_failure)\n".to_string())
     } else if stats.every_tenant_held() {
         unavailable(format!(
-            "not ready: systemic failure of every tenant: {held_text} (see uincall_enricher_tenant_held)\n"
+            "not ready: systemic failure of every tenant with traffic: {held_text} (see uincall_enricher_tenant_held)\n"
         ))
     } else if !stats.broker_reachable() {
         unavailable("not ready: no Kafka broker connected\n".to_string())

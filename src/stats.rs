@@ -133,6 +133,8 @@ pub struct Stats {
     held_tenants: Mutex<std::collections::BTreeMap<String, String>>,
     /// Tenants with an access token.
     known_tenants: AtomicU64,
+    /// Tenants whose records were read, and when last.
+    tenants_seen: Mutex<HashMap<String, Instant>>,
     /// Errcodes shown as themselves in the `errcode` label.
     errcode_labels: std::sync::RwLock<HashSet<i64>>,
     tenant_records: Family<TenantOutcomeLabels, Counter>,
@@ -168,6 +170,11 @@ impl std::fmt::Debug for Stats {
 /// Buckets of the end-to-end latency histogram, in seconds (10 ms … 1 h):
 /// from the input record's timestamp to the broker's acknowledgement of
 /// its output, a backlog included.
+/// A tenant has traffic while a record of its was read this recently: a
+/// failure that holds every such tenant is the worker's, not a tenant's
+/// (not ready, and no `tenant_held` dead letters for another's sake).
+pub const TENANT_ACTIVE_WITHIN: Duration = Duration::from_secs(300);
+
 const END_TO_END_BUCKETS: [f64; 15] = [
     0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
 ];
@@ -205,6 +212,7 @@ impl Default for Stats {
             records_over_share: Gauge::default(),
             held_tenants: Mutex::new(Default::default()),
             known_tenants: AtomicU64::new(0),
+            tenants_seen: Mutex::default(),
             errcode_labels: Default::default(),
             tenant_records: Family::default(),
             tenant_labels: Default::default(),
@@ -607,10 +615,35 @@ impl Stats {
         self.known_tenants.store(n as u64, Ordering::Relaxed);
     }
 
-    /// Every tenant with a token is held: the worker can do nothing useful.
+    /// A record of `tenant` (one with a token) was read.
+    pub fn tenant_seen(&self, tenant: &str) {
+        let now = Instant::now();
+        let mut seen = self.tenants_seen.lock().unwrap();
+        match seen.get_mut(tenant) {
+            Some(at) => *at = now,
+            None => {
+                seen.insert(tenant.to_string(), now);
+            }
+        }
+    }
+
+    /// The tenants with traffic: a record of theirs read within
+    /// [`TENANT_ACTIVE_WITHIN`].
+    pub fn active_tenants(&self) -> Vec<String> {
+        let mut seen = self.tenants_seen.lock().unwrap();
+        seen.retain(|_, at| at.elapsed() < TENANT_ACTIVE_WITHIN);
+        seen.keys().cloned().collect()
+    }
+
+    /// Every tenant with a token is held, or every tenant with traffic:
+    /// the worker can do nothing useful (a tenant with a token and no
+    /// traffic does not make it ready).
     pub fn every_tenant_held(&self) -> bool {
         let known = self.known_tenants.load(Ordering::Relaxed) as usize;
-        known > 0 && self.held_tenants.lock().unwrap().len() >= known
+        let active = self.active_tenants();
+        let held = self.held_tenants.lock().unwrap();
+        (known > 0 && held.len() >= known)
+            || (!active.is_empty() && active.iter().all(|t| held.contains_key(t)))
     }
 
     /// Records waiting for a held tenant, and for their tenant's share of
@@ -1005,5 +1038,29 @@ mod tests {
         s.partitions_changed(&[("in".into(), 1)], false);
         assert!(s.stalled_at(Duration::ZERO, later).is_none());
         assert_eq!(s.assigned_partitions(), 1);
+    }
+
+    #[test]
+    fn every_tenant_with_traffic_held_is_every_tenant_held() {
+        let s = Stats::default();
+        s.set_known_tenants(3);
+        assert!(!s.every_tenant_held(), "nothing read, nothing held");
+        s.tenant_seen("a");
+        s.tenant_seen("b");
+        s.tenant_held("a", &Cause::Errcode(40100));
+        assert!(!s.every_tenant_held(), "b has traffic and goes on");
+        s.tenant_held("b", &Cause::Errcode(40100));
+        // c has a token and no traffic: it does not keep the worker ready.
+        assert!(s.every_tenant_held());
+        s.tenant_seen("c");
+        assert!(!s.every_tenant_held());
+        assert_eq!(s.active_tenants().len(), 3);
+        // Traffic long ago is none.
+        let long_ago = Instant::now()
+            .checked_sub(TENANT_ACTIVE_WITHIN * 2)
+            .unwrap();
+        s.tenants_seen.lock().unwrap().insert("c".into(), long_ago);
+        assert!(s.every_tenant_held());
+        assert_eq!(s.active_tenants().len(), 2);
     }
 }

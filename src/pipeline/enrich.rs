@@ -323,9 +323,13 @@ impl Enricher {
     }
 
     /// With `pipeline.held_overflow = "dead_letter"` while some tenant
-    /// with a token is not held (and the worker as a whole is not in
-    /// systemic failure): how many records of held tenants may wait,
-    /// `pipeline.max_held_records`. `None`: held records always wait.
+    /// with traffic (a record read within five minutes) is not held, and
+    /// the worker as a whole is not in systemic failure: how many records
+    /// of held tenants may wait, `pipeline.max_held_records`. `None`: held
+    /// records always wait; when every tenant with traffic is held the
+    /// failure is the worker's, and no record is dead-lettered for the sake
+    /// of a tenant without records (a tenant with a token and no traffic
+    /// does not count).
     ///
     /// Records over their tenant's share are not subtracted: they share the
     /// bound in what the consume loop counts, but they drain, so as held
@@ -337,7 +341,8 @@ impl Enricher {
         if p.held_overflow != HeldOverflow::DeadLetter || self.breaker.is_open() {
             return None;
         }
-        let others_go_on = self.tokens.any_tenant(|t| !self.tenants.is_held(t));
+        let active = self.stats.active_tenants();
+        let others_go_on = active.iter().any(|t| !self.tenants.is_held(t));
         others_go_on.then_some(p.max_held_records)
     }
 
@@ -368,6 +373,7 @@ impl Enricher {
             Ok(parsed) => parsed,
             Err(dl) => return self.dead_letter(&rec, *dl, &stop).await,
         };
+        self.stats.tenant_seen(&event.tenant_id);
         match self.fetch(&event, &token, &stop).await {
             Fetched::Abandoned => Ok(Disposition::Abandoned),
             Fetched::Failed(dl) => self.dead_letter(&rec, dl, &stop).await,

@@ -170,6 +170,15 @@ impl Worker {
                         let _ = h.await;
                     }
                     self.drain(&mut run.tasks, deadline).await;
+                    // What did not finish stays uncommitted; closing must
+                    // not wait `revoke_drain` for tasks that are gone.
+                    let abandoned = self.assignment.abandon_pending();
+                    if abandoned > 0 {
+                        info!(
+                            abandoned,
+                            "records unfinished at shutdown: not committed, re-delivered to the next owner"
+                        );
+                    }
                     Phase::Done { fatal }
                 }
                 Phase::Done { fatal } => {

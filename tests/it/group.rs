@@ -655,7 +655,15 @@ async fn records_too_large_for_their_topic_never_stop_the_worker_or_take_neighbo
         Some("publish_failed")
     );
     assert_eq!(header(bulky, dlq::TRUNCATED_TO), None);
-    let truncated = by_key("big-000001");
+    assert_value_cut(by_key("big-000001"), &big);
+    assert_key_cut(&dead, &long_id);
+}
+
+/// `truncated` is the dead letter of `original` (an invalid event), its
+/// value cut to fit the topic and saying so.
+fn assert_value_cut(truncated: &rdkafka::message::OwnedMessage, original: &[u8]) {
+    use rdkafka::Message;
+    use uincall_enricher::dead_letter::header as dlq;
     assert_eq!(
         header(truncated, dlq::ERROR_CLASS).as_deref(),
         Some("invalid_event")
@@ -666,24 +674,31 @@ async fn records_too_large_for_their_topic_never_stop_the_worker_or_take_neighbo
         .unwrap();
     assert_eq!(
         header(truncated, dlq::ORIGINAL_SIZE),
-        Some(big.len().to_string())
+        Some(original.len().to_string())
     );
-    use rdkafka::Message;
-    assert_eq!(truncated.payload().unwrap(), &big[..kept]);
+    assert_eq!(truncated.payload().unwrap(), &original[..kept]);
     assert!(kept > 0 && kept < 16384);
+}
+
+/// Among `dead`, the dead letter of the event keyed `long_id` (too long for
+/// the topic alone) is there with its key cut and saying so.
+fn assert_key_cut(dead: &[rdkafka::message::OwnedMessage], long_id: &str) {
+    use rdkafka::Message;
+    use uincall_enricher::dead_letter::header as dlq;
     let cut_key = (dead.iter())
         .find(|m| header(m, dlq::ORIGINAL_KEY_SIZE).is_some())
         .expect("the dead letter of the long key");
     assert_eq!(
         header(cut_key, dlq::ORIGINAL_KEY_SIZE),
-        Some("20000".to_string())
+        Some(long_id.len().to_string())
     );
     let key_kept = cut_key.key().unwrap();
     assert!(key_kept.len() < 16384 && long_id.as_bytes().starts_with(key_kept));
+    let reason = header(cut_key, dlq::REASON);
+    let says = format!("{} bytes long", long_id.len());
     assert!(
-        header(cut_key, dlq::REASON).is_some_and(|r| r.contains("20000 bytes long")),
-        "{:?}",
-        header(cut_key, dlq::REASON)
+        reason.as_ref().is_some_and(|r| r.contains(&says)),
+        "{reason:?}"
     );
 }
 

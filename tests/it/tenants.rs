@@ -113,6 +113,23 @@ impl TokenTenant {
         }
     }
 
+    /// One more tenant `<tenant>-<suffix>` whose token file sits beside
+    /// this one's.
+    fn another(&self, env: &TestEnv, suffix: &str) -> TokenTenant {
+        let id = format!("{}-{suffix}", env.tenant);
+        let token = format!("{}-{suffix}", env.token);
+        env.api.set_token(&id, &token);
+        let dir = self.file.parent().unwrap();
+        let file = dir.join(&id);
+        std::fs::write(&file, &token).unwrap();
+        TokenTenant {
+            id,
+            file,
+            rotated: format!("{token}-rotated"),
+            _dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
     /// The API refuses the tenant's token from now on.
     fn refuse(&self, env: &TestEnv) {
         env.api.set_token(&self.id, &self.rotated);
@@ -174,6 +191,69 @@ async fn a_tenant_whose_token_is_refused_is_held_alone_and_resumes_with_a_new_to
     assert!(env.is_empty(&env.dlq), "nothing dead-lettered");
 }
 
+/// Every tenant with traffic fails (the API refuses the tokens of both
+/// tenants that send events; the test's own tenant has a good token and no
+/// traffic): the worker's failure, not a tenant's. Nothing is dead-lettered
+/// for the sake of the idle tenant, `/readyz` says not ready, and every
+/// record is enriched once the tokens are replaced. Before, past
+/// `max_held_records` every further record was dead-lettered as
+/// `tenant_held` (1 400 of 1 500) and `/readyz` stayed 200.
+#[tokio::test]
+async fn a_failure_of_every_tenant_with_traffic_dead_letters_nothing_and_is_not_ready() {
+    let env = TestEnv::new("everyheld", 2, Duration::from_millis(5)).await;
+    let mut s = env.settings();
+    let a = TokenTenant::new(&env, &mut s);
+    let b = a.another(&env, "c");
+    let max_held = 100;
+    s.pipeline.max_held_records = max_held;
+    let worker = env.start_worker(s).await;
+    let side = serve_side_port(&worker).await;
+
+    a.refuse(&env);
+    b.refuse(&env);
+    let (of_a, of_b) = (sessions("a", 750), sessions("b", 750));
+    produce_events(&env, &a.id, &of_a).await;
+    produce_events(&env, &b.id, &of_b).await;
+    let ready = until_status(&format!("{side}/readyz"), 503).await;
+    assert!(ready.contains("every tenant with traffic"), "{ready}");
+    // More than may wait were read: the old rule dead-letters from here.
+    wait_until("the held records fill what may wait", || {
+        worker.stats.consumed() > max_held as u64
+    })
+    .await;
+    assert_eq!(worker.stats.dead_lettered_total(), 0);
+
+    a.rotate();
+    b.rotate();
+    let keys = output_keys(&env, of_a.len() + of_b.len()).await;
+    assert_eq!(keys.len(), of_a.len() + of_b.len());
+    until_status(&format!("{side}/readyz"), 200).await;
+    worker.stop().await.unwrap();
+    assert!(env.is_empty(&env.dlq), "nothing dead-lettered");
+}
+
+/// Waits until `n` records of held tenants either wait or were
+/// dead-lettered as `tenant_held`; returns (waiting, dead-lettered).
+async fn until_held_or_spilled(worker: &RunningWorker, n: usize) -> (usize, usize) {
+    let started = Instant::now();
+    loop {
+        let metrics = worker.stats.encode();
+        let waiting: usize = (metrics.lines())
+            .find_map(|l| l.strip_prefix("uincall_enricher_records_held "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        let spilled = worker.stats.dead_lettered(ErrorClass::TenantHeld) as usize;
+        if waiting + spilled == n {
+            return (waiting, spilled);
+        }
+        assert!(
+            started.elapsed() < WAIT,
+            "{waiting} waiting, {spilled} dead-lettered"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test]
 async fn past_max_held_records_a_held_tenants_records_are_dead_lettered_and_the_others_go_on() {
     let env = TestEnv::new("spill", 2, Duration::from_millis(5)).await;
@@ -185,32 +265,21 @@ async fn past_max_held_records_a_held_tenants_records_are_dead_lettered_and_the_
 
     // 200 records of the refused tenant ahead of the healthy tenant's 300
     // in both partitions: more than may wait.
+    // The healthy tenant has traffic: a record of its read first.
+    let first = sessions("first", 1);
+    produce_events(&env, &env.tenant, &first).await;
+    let _ = output_keys(&env, first.len()).await;
     refused.refuse(&env);
-    let (held, fine) = (sessions("held", 200), sessions("fine", 300));
+    let (held, mut fine) = (sessions("held", 200), sessions("fine", 300));
     produce_events(&env, &refused.id, &held).await;
     produce_events(&env, &env.tenant, &fine).await;
+    fine.extend(first);
 
     // Every record of the healthy tenant is enriched; of the refused
     // tenant's, those that cannot wait are dead-lettered as tenant_held.
     let keys = output_keys(&env, fine.len()).await;
     assert_eq!(keys, fine.iter().cloned().collect::<BTreeSet<_>>());
-    let started = Instant::now();
-    let (waiting, spilled) = loop {
-        let metrics = worker.stats.encode();
-        let waiting: usize = (metrics.lines())
-            .find_map(|l| l.strip_prefix("uincall_enricher_records_held "))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0);
-        let spilled = worker.stats.dead_lettered(ErrorClass::TenantHeld) as usize;
-        if waiting + spilled == held.len() {
-            break (waiting, spilled);
-        }
-        assert!(
-            started.elapsed() < WAIT,
-            "{waiting} waiting, {spilled} dead-lettered"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let (waiting, spilled) = until_held_or_spilled(&worker, held.len()).await;
     // Exactly as many as may wait: none dead-lettered while there was room.
     assert_eq!(waiting, max_held);
     assert_eq!(worker.stats.dead_lettered_total() as usize, spilled);
