@@ -534,6 +534,13 @@ pub struct PipelineSettings {
     /// What a held tenant's record does when `max_held_records` are
     /// waiting already and another tenant is not held.
     pub held_overflow: HeldOverflow,
+    /// With `held_overflow = "dead_letter"`, how long one record may wait
+    /// for its held tenant while another tenant with traffic goes on; then
+    /// it is dead-lettered as `tenant_held` (replay it once the tenant is
+    /// resumed), so the committed offset of its partition moves on and a
+    /// rebalance or restart re-delivers only what followed it since.
+    #[serde(with = "humantime_serde")]
+    pub max_hold: Duration,
     /// The most places of the window one tenant holds while another
     /// tenant's records wait for one (a free place goes to whoever asks).
     /// Unset: half the window. With one tenant it has the whole window.
@@ -995,8 +1002,28 @@ impl KafkaSettings {
     }
 
     /// Names and topics set and distinct, no property the worker or the
-    /// group protocol owns, timeouts above their floors.
+    /// group protocol owns, timeouts within their ranges.
     pub fn validate(&self) -> Result<(), SettingsError> {
+        self.validate_names()?;
+        if let Some(p) = self.first_property(&RESERVED_PROPERTIES) {
+            return Err(invalid(
+                &format!("kafka.properties.{p}"),
+                "is set by the worker itself and cannot be overridden",
+            ));
+        }
+        if self.group_protocol == GroupProtocol::Consumer
+            && let Some(p) = self.first_property(&CLASSIC_ONLY_PROPERTIES)
+        {
+            return Err(invalid(
+                &format!("kafka.properties.{p}"),
+                "is not supported with kafka.group_protocol = \"consumer\" (set broker side)",
+            ));
+        }
+        self.validate_durations()
+    }
+
+    /// Names and topics set, topics distinct, a sane `max_message_bytes`.
+    fn validate_names(&self) -> Result<(), SettingsError> {
         for (key, value) in [
             ("kafka.brokers", &self.brokers),
             ("kafka.group_id", &self.group_id),
@@ -1021,26 +1048,16 @@ impl KafkaSettings {
                 && self.dead_letter_topic != self.output_topic,
             "kafka.dead_letter_topic",
             "must differ from the input and output topics",
-        )?;
-        if let Some(p) = self.first_property(&RESERVED_PROPERTIES) {
-            return Err(invalid(
-                &format!("kafka.properties.{p}"),
-                "is set by the worker itself and cannot be overridden",
-            ));
-        }
+        )
+    }
+
+    /// Timeouts above their floors and within librdkafka's ranges.
+    fn validate_durations(&self) -> Result<(), SettingsError> {
         at_least(
             "kafka.max_poll_interval",
             self.max_poll_interval,
             Duration::from_secs(1),
         )?;
-        if self.group_protocol == GroupProtocol::Consumer
-            && let Some(p) = self.first_property(&CLASSIC_ONLY_PROPERTIES)
-        {
-            return Err(invalid(
-                &format!("kafka.properties.{p}"),
-                "is not supported with kafka.group_protocol = \"consumer\" (set broker side)",
-            ));
-        }
         at_least(
             "kafka.session_timeout",
             self.session_timeout,
@@ -1194,6 +1211,11 @@ impl PipelineSettings {
             share > 0 && share <= self.max_in_flight,
             "pipeline.max_in_flight_per_tenant",
             "must be at least 1 and at most pipeline.max_in_flight",
+        )?;
+        check(
+            self.max_hold >= Duration::from_secs(1),
+            "pipeline.max_hold",
+            "must be at least 1s (to let held records wait without a bound, set pipeline.held_overflow = \"wait\")",
         )
     }
 }

@@ -11,6 +11,7 @@ use chrono::Utc;
 use rdkafka::message::OwnedHeaders;
 use secrecy::{ExposeSecret, SecretString};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, warn};
 
@@ -90,6 +91,8 @@ struct RecordGate<'a> {
     /// Whether it waited for its tenant before: it keeps its claim to wait
     /// (a newer record cannot take its room).
     waited: std::sync::atomic::AtomicBool,
+    /// When it first waited for its held tenant (`pipeline.max_hold`).
+    waiting_since: Mutex<Option<Instant>>,
 }
 
 impl<'a> RecordGate<'a> {
@@ -100,6 +103,7 @@ impl<'a> RecordGate<'a> {
             slot: Mutex::new(None),
             spilled: Mutex::new(None),
             waited: std::sync::atomic::AtomicBool::new(false),
+            waiting_since: Mutex::new(None),
         }
     }
 
@@ -128,8 +132,31 @@ impl<'a> RecordGate<'a> {
                     }
                 },
             };
-            if !held.wait_closed(stop).await {
-                return false;
+            let since = *self
+                .waiting_since
+                .lock()
+                .unwrap()
+                .get_or_insert_with(Instant::now);
+            let bound = since + e.settings.pipeline.max_hold;
+            tokio::select! {
+                closed = held.wait_closed(stop) => if !closed {
+                    return false;
+                },
+                () = tokio::time::sleep_until(bound) => {
+                    // Past the bound it goes only while others go on: a
+                    // failure of every tenant with traffic waits.
+                    if e.room_to_hold().is_some() {
+                        let cause = held.cause().map(|c| c.to_string()).unwrap_or_default();
+                        *self.spilled.lock().unwrap() = Some(format!(
+                            "tenant {} is held ({cause}) and this record waited pipeline.max_hold ({}) while other tenants went on; replay it once the tenant is resumed",
+                            self.tenant,
+                            humantime::format_duration(e.settings.pipeline.max_hold)
+                        ));
+                        return false;
+                    }
+                    // Checked again after another bound's worth of waiting.
+                    *self.waiting_since.lock().unwrap() = Some(Instant::now());
+                }
             }
         }
         true

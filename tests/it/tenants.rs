@@ -232,6 +232,45 @@ async fn a_failure_of_every_tenant_with_traffic_dead_letters_nothing_and_is_not_
     assert!(env.is_empty(&env.dlq), "nothing dead-lettered");
 }
 
+/// One record of a held tenant ahead of another tenant's in the same
+/// partitions: past `pipeline.max_hold` it is dead-lettered as
+/// `tenant_held` (replayable), so the committed offsets reach the end and a
+/// rebalance or restart re-delivers nothing behind it. Before, the held
+/// record pinned its partition's committed offset for as long as its tenant
+/// was held: every record enriched behind it came again at the next
+/// rebalance.
+#[tokio::test]
+async fn a_record_held_past_max_hold_is_dead_lettered_and_the_offsets_move_on() {
+    let env = TestEnv::new("maxhold", 2, Duration::from_millis(5)).await;
+    let mut s = env.settings();
+    let refused = TokenTenant::new(&env, &mut s);
+    s.pipeline.max_hold = Duration::from_secs(2);
+    let worker = env.start_worker(s).await;
+
+    // The healthy tenant has traffic; then one held record in each
+    // partition, then the healthy tenant's records behind them.
+    let first = sessions("first", 1);
+    produce_events(&env, &env.tenant, &first).await;
+    let _ = output_keys(&env, first.len()).await;
+    refused.refuse(&env);
+    let held = sessions("held", 2);
+    produce_events(&env, &refused.id, &held).await;
+    let fine = sessions("fine", 200);
+    produce_events(&env, &env.tenant, &fine).await;
+
+    let _ = output_keys(&env, first.len() + fine.len()).await;
+    env.until_no_lag().await;
+    let dead = env.read_dlq(held.len()).await;
+    for m in &dead {
+        assert!(held.contains(&key(m)), "{}", key(m));
+        assert_eq!(header(m, "dlq.error_class").as_deref(), Some("tenant_held"));
+        let reason = header(m, "dlq.reason").unwrap();
+        assert!(reason.contains("pipeline.max_hold (2s)"), "{reason}");
+    }
+    assert_never_systemic(&worker.stats);
+    worker.stop().await.unwrap();
+}
+
 /// Waits until `n` records of held tenants either wait or were
 /// dead-lettered as `tenant_held`; returns (waiting, dead-lettered).
 async fn until_held_or_spilled(worker: &RunningWorker, n: usize) -> (usize, usize) {
