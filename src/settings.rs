@@ -483,6 +483,13 @@ pub struct SystemicSettings {
     pub probe_min_delay: Duration,
     #[serde(with = "humantime_serde")]
     pub probe_max_delay: Duration,
+    /// How long a hold opened by `dead_letter_ratio` lasts while every
+    /// trial (a held record's session asked again) fails; then those
+    /// failures are taken as the records' own and dead-lettered, with an
+    /// error line and `dead_letter_holds_given_up_total`, until records
+    /// succeed again.
+    #[serde(with = "humantime_serde")]
+    pub dead_letter_hold: Duration,
 }
 
 /// Calls per second to the API, per tenant and per replica.
@@ -1181,6 +1188,11 @@ impl SystemicSettings {
         delay_range(
             ("systemic.probe_min_delay", self.probe_min_delay),
             ("systemic.probe_max_delay", self.probe_max_delay),
+        )?;
+        check(
+            self.dead_letter_hold >= self.probe_min_delay,
+            "systemic.dead_letter_hold",
+            "must be at least systemic.probe_min_delay (one trial)",
         )
     }
 }

@@ -112,6 +112,7 @@ pub struct Stats {
     enriched: Counter,
     dead_lettered: Family<ClassLabel, Counter>,
     unwritable: Counter,
+    dead_letter_holds_given_up: Counter,
     api_calls: Family<AnswerLabels, Counter>,
     api_latency: Histogram,
     retries: Counter,
@@ -191,6 +192,7 @@ impl Default for Stats {
             enriched: Counter::default(),
             dead_lettered: Family::default(),
             unwritable: Counter::default(),
+            dead_letter_holds_given_up: Counter::default(),
             api_calls: Family::default(),
             api_latency: Histogram::new(LATENCY_BUCKETS),
             retries: Counter::default(),
@@ -355,6 +357,11 @@ impl Stats {
             "systemic_failures",
             "Times the worker entered systemic failure, by cause",
             self.systemic_entered.clone(),
+        );
+        r.register(
+            "dead_letter_holds_given_up",
+            "Holds opened by systemic.dead_letter_ratio that lasted systemic.dead_letter_hold with every trial failing: their dead letters were then written as the records' own",
+            self.dead_letter_holds_given_up.clone(),
         );
         r.register(
             "tenant_held",
@@ -545,6 +552,21 @@ impl Stats {
         }
         self.systemic.set(0);
         info!(lasted = ?lasted, "the API answers again: systemic failure over, consumption resumes");
+    }
+
+    /// A hold opened by `systemic.dead_letter_ratio` lasted
+    /// `systemic.dead_letter_hold` with every trial failing.
+    pub fn dead_letter_hold_given_up(&self, cause: &Cause, tenant: Option<&str>) {
+        self.dead_letter_holds_given_up.inc();
+        error!(
+            cause = %cause,
+            tenant,
+            "dead letters held for systemic.dead_letter_hold and every trial failed: taken as the records' own and dead-lettered from now on, until records succeed again"
+        );
+    }
+
+    pub fn dead_letter_holds_given_up(&self) -> u64 {
+        self.dead_letter_holds_given_up.get()
     }
 
     pub fn probe_failed(&self, reason: &str, next_in: Duration) {
@@ -1006,6 +1028,7 @@ mod tests {
                 "partitions_assigned",
                 "systemic_failure",
                 "systemic_failures",
+                "dead_letter_holds_given_up",
                 "tenant_held",
                 "records_held",
                 "records_over_share",

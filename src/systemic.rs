@@ -134,8 +134,23 @@ struct Inner {
     records: Window,
     /// A session the API last answered with a record: the best probe.
     last_good: Option<ProbeTarget>,
-    /// A session whose call last failed: the probe when nothing succeeded yet.
+    /// A session whose call last failed: the probe when nothing succeeded
+    /// yet, and the one a dead-letter hold is tried with.
     last_failed: Option<ProbeTarget>,
+    /// A dead-letter hold gave up (`systemic.dead_letter_hold`): dead
+    /// letters are the records' own, allowed without opening, until enriched
+    /// records bring the window's share down to the ratio again.
+    accepting: bool,
+}
+
+/// How probing ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Probed {
+    Healed,
+    /// A dead-letter hold lasted `systemic.dead_letter_hold` with every
+    /// trial failing: the failures are taken as the records' own.
+    GaveUp,
+    Stopped,
 }
 
 /// Whether the dead letter of a record may be written now.
@@ -164,6 +179,7 @@ impl Breaker {
                 records: Window::new(settings.record_window),
                 last_good: None,
                 last_failed: None,
+                accepting: false,
             }),
             settings: settings.clone(),
             state: watch::Sender::new(None),
@@ -244,6 +260,16 @@ impl Breaker {
         let mut inner = self.inner.lock().unwrap();
         inner.records.push(false);
         inner.last_good = Some(target());
+        let s = &self.settings;
+        if inner.accepting
+            && inner
+                .records
+                .over(s.min_records, s.dead_letter_ratio)
+                .is_none()
+        {
+            // Records succeed again: a new flood of dead letters is held.
+            inner.accepting = false;
+        }
     }
 
     /// A record is about to be dead-lettered for an API reason: may it be?
@@ -256,6 +282,9 @@ impl Breaker {
             return DeadLetterGate::Hold;
         }
         inner.records.push(true);
+        if inner.accepting {
+            return DeadLetterGate::Allow;
+        }
         let s = &self.settings;
         let over = inner.records.over(s.min_records, s.dead_letter_ratio);
         if let Some((dead, records)) = over {
@@ -270,37 +299,38 @@ impl Breaker {
     }
 
     /// The session the probe should ask about: for a systemic errcode the
-    /// one that got it (a token is per tenant), otherwise one the API
-    /// answered with a record before, else the last failing one.
+    /// one that got it (a token is per tenant), for too many dead letters a
+    /// held record's (the kind that failed: an old session proves
+    /// nothing), for an outage one the API answered with a record before;
+    /// else whichever there is.
     pub fn probe_target(&self, cause: &Cause) -> Option<ProbeTarget> {
         let inner = self.inner.lock().unwrap();
         let (first, second) = match cause {
-            Cause::Errcode(_) => (&inner.last_failed, &inner.last_good),
-            _ => (&inner.last_good, &inner.last_failed),
+            Cause::Errcode(_) | Cause::DeadLetters { .. } => (&inner.last_failed, &inner.last_good),
+            Cause::Outage { .. } => (&inner.last_good, &inner.last_failed),
         };
         first.clone().or_else(|| second.clone())
     }
 
-    /// Whether any record was enriched since start.
-    pub fn has_good(&self) -> bool {
-        self.inner.lock().unwrap().last_good.is_some()
-    }
-
     /// Whether a probe's answer shows the API works again for `cause`.
-    /// `known_good` says whether the probe asked about a session the API
-    /// answered with a record before.
-    pub fn heals(cause: &Cause, answer: &ApiAnswer, verdict: &Verdict, known_good: bool) -> bool {
+    pub fn heals(cause: &Cause, answer: &ApiAnswer, verdict: &Verdict) -> bool {
         match cause {
-            // A record for a session that had one proves that records can be
-            // enriched again. With no such session (nothing enriched since
-            // start), an answer that is no outage must do: the records may
-            // simply all be bad, and waiting for ever would wedge the worker.
-            Cause::DeadLetters { .. } if known_good => matches!(verdict, Verdict::Publish(_)),
-            Cause::DeadLetters { .. } => CallOutcome::of(answer, verdict) == CallOutcome::Answered,
+            // A record for a session of the kind that failed: records can be
+            // enriched again. (Held for ever otherwise? No: see
+            // `systemic.dead_letter_hold`.)
+            Cause::DeadLetters { .. } => matches!(verdict, Verdict::Publish(_)),
             Cause::Outage { .. } | Cause::Errcode(_) => {
                 CallOutcome::of(answer, verdict) == CallOutcome::Answered
             }
         }
+    }
+
+    /// Ends a dead-letter hold that gave up: closed, the record window kept
+    /// (not cleared, as [`Breaker::close`] does), and dead letters allowed
+    /// until records succeed again.
+    fn accept_dead_letters(&self) {
+        self.inner.lock().unwrap().accepting = true;
+        self.state.send_if_modified(|s| s.take().is_some());
     }
 
     /// Waits until the breaker is closed; `false` when shutdown came first.
@@ -329,6 +359,9 @@ pub trait Probe: Send + Sync + 'static {
     fn failed(&self, reason: &str, next_in: Duration);
     /// The breaker closed after `lasted`.
     fn closed(&self, lasted: Duration);
+    /// A dead-letter hold gave up after `lasted`: the held records' failures
+    /// are taken as their own and dead-lettered.
+    fn gave_up(&self, cause: &Cause, lasted: Duration);
 }
 
 impl Breaker {
@@ -355,42 +388,52 @@ impl Breaker {
                 };
                 let since = tokio::time::Instant::now();
                 probe.opened(&cause);
-                if !breaker.probe_until_healed(&*probe, &cause, &stop).await {
-                    return;
+                match breaker.probe_until_healed(&*probe, &cause, &stop).await {
+                    Probed::Healed => {
+                        breaker.close();
+                        probe.closed(since.elapsed());
+                    }
+                    Probed::GaveUp => {
+                        breaker.accept_dead_letters();
+                        probe.gave_up(&cause, since.elapsed());
+                    }
+                    Probed::Stopped => return,
                 }
-                breaker.close();
-                probe.closed(since.elapsed());
             }
         })
     }
 
-    /// Asks about a session (one the API answered before, when there is
-    /// one) with a doubling delay; `false` on shutdown.
+    /// Asks about a session ([`Breaker::probe_target`]) with a doubling
+    /// delay until the answer heals `cause`; a dead-letter hold gives up
+    /// after `systemic.dead_letter_hold`.
     async fn probe_until_healed(
         &self,
         probe: &impl Probe,
         cause: &Cause,
         stop: &CancellationToken,
-    ) -> bool {
+    ) -> Probed {
+        let started = tokio::time::Instant::now();
         let mut delay = self.settings.probe_min_delay;
         loop {
             tokio::select! {
-                _ = stop.cancelled() => return false,
+                _ = stop.cancelled() => return Probed::Stopped,
                 _ = tokio::time::sleep(delay) => {}
             }
-            let known_good = self.has_good();
+            if matches!(cause, Cause::DeadLetters { .. })
+                && started.elapsed() >= self.settings.dead_letter_hold
+            {
+                return Probed::GaveUp;
+            }
             let reason = match self.probe_target(cause) {
                 None => "no session to probe with yet".to_string(),
                 Some(target) => {
                     let asked = tokio::select! {
-                        _ = stop.cancelled() => return false,
+                        _ = stop.cancelled() => return Probed::Stopped,
                         a = probe.ask(&target) => a,
                     };
                     match asked {
-                        Ok((answer, verdict))
-                            if Breaker::heals(cause, &answer, &verdict, known_good) =>
-                        {
-                            return true;
+                        Ok((answer, verdict)) if Breaker::heals(cause, &answer, &verdict) => {
+                            return Probed::Healed;
                         }
                         Ok((_, verdict)) => verdict.failure().map_or_else(
                             || "answered, but not a record".to_string(),
@@ -422,6 +465,7 @@ mod tests {
             dead_letter_ratio: 0.5,
             probe_min_delay: Duration::from_secs(1),
             probe_max_delay: Duration::from_secs(8),
+            dead_letter_hold: Duration::from_secs(60),
         }
     }
 
@@ -507,12 +551,19 @@ mod tests {
             DeadLetterGate::Hold,
             "held while open"
         );
+        // Tried with a held record's session (the kind that failed), as a
+        // systemic errcode (a tenant's token) is; an outage with one the
+        // API answered before.
         assert_eq!(
             b.probe_target(b.cause().as_ref().unwrap()),
-            Some(target("good2"))
+            Some(target("bad"))
         );
-        // A systemic errcode (a tenant's token) is probed with its session.
         assert_eq!(b.probe_target(&Cause::Errcode(1)), Some(target("bad")));
+        let down = Cause::Outage {
+            failed: 5,
+            calls: 5,
+        };
+        assert_eq!(b.probe_target(&down), Some(target("good2")));
     }
 
     #[test]
@@ -543,21 +594,16 @@ mod tests {
             failed: 5,
             calls: 5,
         };
-        assert!(Breaker::heals(&down, &answered, &retry, true));
-        assert!(!Breaker::heals(&down, &outage, &retry, true));
-        assert!(!Breaker::heals(
-            &Cause::Errcode(1),
-            &answered,
-            &systemic,
-            true
-        ));
+        assert!(Breaker::heals(&down, &answered, &retry));
+        assert!(!Breaker::heals(&down, &outage, &retry));
+        assert!(!Breaker::heals(&Cause::Errcode(1), &answered, &systemic));
         let dl = Cause::DeadLetters {
             dead: 3,
             records: 5,
         };
-        assert!(!Breaker::heals(&dl, &answered, &retry, true));
-        assert!(Breaker::heals(&dl, &answered, &retry, false), "no wedge");
-        assert!(!Breaker::heals(&dl, &outage, &retry, false));
+        // Only a record heals a dead-letter hold: an answer is not enough.
+        assert!(!Breaker::heals(&dl, &answered, &retry));
+        assert!(!Breaker::heals(&dl, &outage, &retry));
     }
 
     #[tokio::test]
@@ -628,6 +674,10 @@ mod tests {
             let line = format!("closed after {}s", lasted.as_secs());
             self.reports.lock().unwrap().push(line);
         }
+        fn gave_up(&self, cause: &Cause, lasted: Duration) {
+            let line = format!("gave up {cause} after {}s", lasted.as_secs());
+            self.reports.lock().unwrap().push(line);
+        }
     }
 
     #[tokio::test(start_paused = true)]
@@ -653,6 +703,50 @@ mod tests {
                 "closed after 23s",
             ]
         );
+        stop.cancel();
+        task.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dead_letter_hold_tries_a_held_record_and_gives_up_after_its_bound() {
+        let b = Arc::new(Breaker::new(&settings()));
+        // The probe's API answers every session, but never with a record.
+        let probe = Arc::new(ScriptedProbe {
+            failures: Mutex::new(0),
+            reports: Mutex::new(Vec::new()),
+        });
+        let stop = CancellationToken::new();
+        let task = b.start_probe(probe.clone(), stop.clone());
+        b.on_enriched(|| target("old"));
+        let gates: Vec<_> = (0..3).map(|_| b.on_dead_letter(|| target("new"))).collect();
+        assert_eq!(gates.last(), Some(&DeadLetterGate::Hold));
+        let cause = b.cause().unwrap();
+        // Tried with the kind that failed, not the old session.
+        assert_eq!(b.probe_target(&cause), Some(target("new")));
+        assert!(b.wait_closed(&stop).await);
+        let reports = probe.reports.lock().unwrap().clone();
+        assert_eq!(
+            reports.first().map(String::as_str),
+            Some(format!("opened {cause}").as_str())
+        );
+        // 1 + 2 + 4 + 8 × 7 = 63 s: the first wait past the 60 s bound.
+        assert_eq!(
+            reports.last().map(String::as_str),
+            Some(format!("gave up {cause} after 63s").as_str())
+        );
+        // The records' own failures now: allowed, the breaker stays closed.
+        for _ in 0..20 {
+            assert_eq!(b.on_dead_letter(|| target("new")), DeadLetterGate::Allow);
+        }
+        assert!(!b.is_open());
+        // Records succeed again: a new flood is held again.
+        for _ in 0..10 {
+            b.on_enriched(|| target("good"));
+        }
+        let gates: Vec<_> = (0..10)
+            .map(|_| b.on_dead_letter(|| target("bad")))
+            .collect();
+        assert!(gates.contains(&DeadLetterGate::Hold), "{gates:?}");
         stop.cancel();
         task.await.unwrap();
     }

@@ -216,6 +216,11 @@ impl Probe for TenantProbe {
     fn closed(&self, lasted: Duration) {
         self.enricher.stats.tenant_released(&self.tenant, lasted);
     }
+
+    fn gave_up(&self, cause: &Cause, lasted: Duration) {
+        self.enricher.stats.tenant_released(&self.tenant, lasted);
+        (self.enricher.stats).dead_letter_hold_given_up(cause, Some(&self.tenant));
+    }
 }
 
 fn probe_target(event: &CallEnded) -> ProbeTarget {
@@ -744,5 +749,10 @@ impl Probe for Enricher {
 
     fn closed(&self, lasted: Duration) {
         self.stats.systemic_left(lasted);
+    }
+
+    fn gave_up(&self, cause: &Cause, lasted: Duration) {
+        self.stats.systemic_left(lasted);
+        self.stats.dead_letter_hold_given_up(cause, None);
     }
 }

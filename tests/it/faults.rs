@@ -333,3 +333,42 @@ async fn dead_letter_ratio_stops_a_flood_when_an_unlisted_errcode_fails_every_re
         );
     }
 }
+
+/// Only new sessions fail (every `permanent-` one, as after a bad API
+/// deploy), while the old ones still answer. The hold that the dead-letter
+/// ratio opens is tried with a held record's session, not an old good one,
+/// so it stays open until `systemic.dead_letter_hold`, then gives up once:
+/// the failures are the records' own and all are dead-lettered, with
+/// `dead_letter_holds_given_up_total` 1. Before, each probe of an old
+/// session healed it and the next window's worth of dead letters went
+/// through: a cycle per probe for as long as the problem lasted.
+#[tokio::test]
+async fn a_dead_letter_hold_is_tried_with_the_kind_that_failed_and_gives_up_once() {
+    use uincall_enricher::fake_api::ERRCODE_NOT_FOUND;
+    let env = TestEnv::new("dlqhold", 1, Duration::ZERO).await;
+    let mut s = env.settings();
+    s.retry.permanent_errcodes = vec![ERRCODE_NOT_FOUND];
+    s.systemic.record_window = 20;
+    s.systemic.min_records = 10;
+    s.systemic.dead_letter_ratio = 0.5;
+    s.systemic.probe_min_delay = Duration::from_millis(200);
+    s.systemic.probe_max_delay = Duration::from_millis(400);
+    s.systemic.dead_letter_hold = Duration::from_secs(3);
+    let worker = env.start_worker(s).await;
+    let good = sessions("good", 0..20);
+    env.seed(&good).await;
+    let _ = env.read_output(good.len()).await;
+    let bad = sessions("permanent", 0..200);
+    env.seed(&bad).await;
+    let dead = env.read_dlq(bad.len()).await;
+    let stats = worker.stats.clone();
+    worker.stop().await.unwrap();
+    assert!(dead.iter().all(|m| bad.contains(&key(m))));
+    let metrics = stats.encode();
+    let openings = "uincall_enricher_systemic_failures_total{cause=\"dead_letter_ratio\"} ";
+    let opened = (metrics.lines())
+        .find_map(|l| l.strip_prefix(openings))
+        .unwrap_or("0");
+    assert_eq!(opened, "1", "holds opened");
+    assert_eq!(stats.dead_letter_holds_given_up(), 1);
+}
