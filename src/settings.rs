@@ -946,6 +946,11 @@ impl Settings {
             "pipeline.stall_timeout",
             "must be longer than retry.max_elapsed plus api.request_timeout (a record retrying within its budget is not a stall)",
         )?;
+        check(
+            p.held_overflow != HeldOverflow::DeadLetter || p.stall_timeout > p.max_hold,
+            "pipeline.stall_timeout",
+            "must be longer than pipeline.max_hold (a record waiting for its held tenant is not a stall)",
+        )?;
         self.pipeline.validate()?;
         for (tenant, t) in &self.tenants {
             t.validate(tenant)?;

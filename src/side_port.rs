@@ -36,6 +36,9 @@ pub struct Liveness {
     /// `kafka.rejoin_timeout`: no group coordinator, or no partition and
     /// not settled in the group.
     pub rejoin_timeout: Duration,
+    /// `pipeline.held_overflow = "wait"`: one held tenant makes every
+    /// partition wait, as intended (no stall).
+    pub held_stops_all: bool,
 }
 
 /// Binds `listen` and serves until `shutdown`; returns the bound address.
@@ -73,14 +76,11 @@ async fn healthz(State(side): State<Side>) -> impl IntoResponse {
         }
         Some(_) => {}
     }
-    // Waiting out a systemic failure, or a held tenant, is intended, not a
-    // stall: a restart would not help (readiness and metrics report it).
-    if !stats.is_systemic()
-        && stats.held_tenants().is_empty()
+    if !stats.waiting_is_intended(side.limits.held_stops_all)
         && let Some((topic, partition, still)) = stats.stalled_partition(side.limits.stall_timeout)
     {
         return unavailable(format!(
-            "stalled: {topic}/{partition} has a backlog and no record finished for {}s\n",
+            "stalled: {topic}/{partition} has a backlog and its position did not move for {}s\n",
             still.as_secs()
         ));
     }
@@ -167,6 +167,7 @@ mod tests {
             limits: Liveness {
                 stall_timeout: Duration::from_secs(300),
                 rejoin_timeout,
+                held_stops_all: false,
             },
         };
         let response = healthz(State(side)).await.into_response();

@@ -99,7 +99,9 @@ struct ProduceErrorLabels {
 /// Progress of one assigned input partition, for stall detection.
 #[derive(Debug, Clone, Copy)]
 struct Progress {
-    /// When a record of the partition last completed (or it was assigned).
+    /// When the partition's position (the offset stored for commit) last
+    /// moved on (or it was assigned): records finishing behind one that
+    /// does not are no progress.
     moved_at: Instant,
     /// Records between the committed offset and the end (librdkafka's
     /// `consumer_lag`; -1 until known).
@@ -657,6 +659,18 @@ impl Stats {
         seen.keys().cloned().collect()
     }
 
+    /// Whether partitions that do not move are waiting as intended, not
+    /// stalled (a restart would not help; readiness and metrics report
+    /// it): a systemic failure, every tenant with traffic held, or any
+    /// held tenant when `held_stops_all` (`pipeline.held_overflow =
+    /// "wait"`). One held tenant among others that go on is no excuse: its
+    /// records wait at most `pipeline.max_hold`.
+    pub fn waiting_is_intended(&self, held_stops_all: bool) -> bool {
+        self.is_systemic()
+            || self.every_tenant_held()
+            || (held_stops_all && !self.held_tenants.lock().unwrap().is_empty())
+    }
+
     /// Every tenant with a token is held, or every tenant with traffic:
     /// the worker can do nothing useful (a tenant with a token and no
     /// traffic does not make it ready).
@@ -746,7 +760,7 @@ impl Stats {
             .unsettled_for(Instant::now())
     }
 
-    /// A record of the partition completed (enriched or dead-lettered).
+    /// The partition's position moved on (a new offset stored).
     pub fn partition_moved(&self, topic: &str, partition: i32) {
         let mut progress = self.progress.lock().unwrap();
         if let Some(p) = progress.get_mut(&(topic.to_string(), partition)) {
@@ -1085,5 +1099,28 @@ mod tests {
         s.tenants_seen.lock().unwrap().insert("c".into(), long_ago);
         assert!(s.every_tenant_held());
         assert_eq!(s.active_tenants().len(), 2);
+    }
+
+    #[test]
+    fn one_held_tenant_among_others_does_not_excuse_a_stall() {
+        let s = Stats::default();
+        s.set_known_tenants(2);
+        s.tenant_seen("a");
+        s.tenant_seen("b");
+        assert!(!s.waiting_is_intended(false));
+        s.tenant_held("a", &Cause::Errcode(40100));
+        assert!(
+            !s.waiting_is_intended(false),
+            "b goes on: a stall is a stall"
+        );
+        assert!(
+            s.waiting_is_intended(true),
+            "held_overflow = wait: all wait"
+        );
+        s.tenant_held("b", &Cause::Errcode(40100));
+        assert!(
+            s.waiting_is_intended(false),
+            "every tenant with traffic held"
+        );
     }
 }

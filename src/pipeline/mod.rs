@@ -58,6 +58,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     let limits = side_port::Liveness {
         stall_timeout: settings.pipeline.stall_timeout,
         rejoin_timeout: settings.kafka.rejoin_timeout,
+        held_stops_all: settings.pipeline.held_overflow == crate::settings::HeldOverflow::Wait,
     };
     let addr = side_port::serve(listen, stats.clone(), limits, stop.clone())
         .await

@@ -398,7 +398,9 @@ impl Worker {
         let stored = self
             .assignment
             .settle(positions, stop, |topic, partition, next| {
-                store_offset(&self.consumer, topic, partition, next)
+                store_offset(&self.consumer, topic, partition, next)?;
+                self.stats.partition_moved(topic, partition);
+                Ok::<(), rdkafka::error::KafkaError>(())
             });
         match stored {
             Ok(0) => {}
@@ -477,13 +479,15 @@ fn store_finished(
     src: &Source,
     ticket: &Ticket,
 ) {
-    stats.partition_moved(&src.topic, src.partition);
     let stored = assignment.finish(&src.topic, src.partition, src.offset, ticket.id, |next| {
         store_offset(consumer, &src.topic, src.partition, next)
     });
     match stored {
         None => {}
-        Some(Ok(())) => stats.offset_stored(),
+        Some(Ok(())) => {
+            stats.partition_moved(&src.topic, src.partition);
+            stats.offset_stored()
+        }
         // The partition was revoked meanwhile: its new owner re-reads.
         Some(Err(e)) => debug!(error = %e, partition = src.partition, "offset not stored"),
     }

@@ -467,6 +467,7 @@ pub async fn serve_side_port(worker: &RunningWorker) -> String {
         uincall_enricher::side_port::Liveness {
             stall_timeout: Duration::from_secs(300),
             rejoin_timeout: Duration::from_secs(300),
+            held_stops_all: false,
         },
         worker.stop.clone(),
     )

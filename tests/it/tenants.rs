@@ -271,6 +271,47 @@ async fn a_record_held_past_max_hold_is_dead_lettered_and_the_offsets_move_on() 
     worker.stop().await.unwrap();
 }
 
+/// A partition pinned behind one held record while another tenant's
+/// records behind it finish: its position does not move, and `/healthz`
+/// says so once `pipeline.stall_timeout` passes (2 s here). Before, any
+/// held tenant switched stall detection off for every partition, and
+/// records finishing behind the pinned one counted as progress.
+#[tokio::test]
+async fn a_partition_pinned_behind_a_held_record_is_reported_stalled() {
+    let env = TestEnv::new("pinned", 1, Duration::from_millis(5)).await;
+    let mut s = env.settings();
+    let refused = TokenTenant::new(&env, &mut s);
+    let worker = env.start_worker(s).await;
+    let liveness = uincall_enricher::side_port::Liveness {
+        stall_timeout: Duration::from_secs(2),
+        rejoin_timeout: Duration::from_secs(300),
+        held_stops_all: false,
+    };
+    let side = uincall_enricher::side_port::serve(
+        "127.0.0.1:0".parse().unwrap(),
+        worker.stats.clone(),
+        liveness,
+        worker.stop.clone(),
+    )
+    .await
+    .unwrap();
+
+    let first = sessions("first", 1);
+    produce_events(&env, &env.tenant, &first).await;
+    let _ = output_keys(&env, first.len()).await;
+    refused.refuse(&env);
+    produce_events(&env, &refused.id, &sessions("held", 1)).await;
+    let fine = sessions("fine", 50);
+    produce_events(&env, &env.tenant, &fine).await;
+    let _ = output_keys(&env, first.len() + fine.len()).await;
+    let health = until_status(&format!("http://{side}/healthz"), 503).await;
+    assert!(
+        health.contains("stalled") && health.contains("position did not move"),
+        "{health}"
+    );
+    worker.stop().await.unwrap();
+}
+
 /// Waits until `n` records of held tenants either wait or were
 /// dead-lettered as `tenant_held`; returns (waiting, dead-lettered).
 async fn until_held_or_spilled(worker: &RunningWorker, n: usize) -> (usize, usize) {
