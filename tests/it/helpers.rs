@@ -46,6 +46,31 @@ pub struct TestEnv {
     pub partitions: i32,
 }
 
+/// A test's input, output and dead-letter topics; `output_config` on the
+/// last two (the dead-letter topic has one partition).
+async fn create_env_topics(
+    bootstrap: &str,
+    [input, output, dlq]: [&String; 3],
+    partitions: i32,
+    output_config: &[(&str, &str)],
+) {
+    let spec = |name, partitions, config| TopicSpec {
+        name,
+        partitions,
+        config,
+    };
+    testkit::create_topics_with(
+        bootstrap,
+        &[
+            spec(input, partitions, &[]),
+            spec(output, partitions, output_config),
+            spec(dlq, 1, output_config),
+        ],
+    )
+    .await
+    .expect("topics");
+}
+
 impl TestEnv {
     /// On the broker shared by this test run.
     pub async fn new(name: &str, partitions: i32, latency: Duration) -> TestEnv {
@@ -111,31 +136,14 @@ impl TestEnv {
         // keeps earlier runs' topics.
         let seq = SEQ.fetch_add(1, Ordering::Relaxed);
         let n = format!("{seq}-{}-{}", std::process::id(), run_stamp());
-        let input = format!("{name}-{n}-in");
-        let output = format!("{name}-{n}-out");
-        let dlq = format!("{name}-{n}-dlq");
-        testkit::create_topics_with(
+        let [input, output, dlq] = ["in", "out", "dlq"].map(|t| format!("{name}-{n}-{t}"));
+        create_env_topics(
             &bootstrap,
-            &[
-                TopicSpec {
-                    name: &input,
-                    partitions,
-                    config: &[],
-                },
-                TopicSpec {
-                    name: &output,
-                    partitions,
-                    config: output_config,
-                },
-                TopicSpec {
-                    name: &dlq,
-                    partitions: 1,
-                    config: output_config,
-                },
-            ],
+            [&input, &output, &dlq],
+            partitions,
+            output_config,
         )
-        .await
-        .expect("topics");
+        .await;
         let tenant = format!("tenant-{name}-{n}");
         let token = format!("tok{seq:03}{:x}", std::process::id()).repeat(2);
         let api = FakeApi::start(FakeApiConfig {
