@@ -112,7 +112,16 @@ struct Owned {
 #[derive(Debug, Default)]
 pub struct OffsetTracker {
     partitions: HashMap<(String, i32), Owned>,
+    /// When partitions were last revoked, for [`OffsetTracker::settle`].
+    revoked_at: HashMap<(String, i32), Instant>,
 }
+
+/// After a partition is revoked, the consumer's `position()` for it stays
+/// the old assignment's until librdkafka's fetcher has stopped (it then
+/// reads INVALID until the first record of the new assignment): a
+/// partition assigned back within this long is not settled before one of
+/// its records arrived.
+const STALE_POSITION_AFTER_REVOKE: Duration = Duration::from_secs(10);
 
 /// What a record task holds: which tracker it belongs to, the token that
 /// is cancelled when its partition is revoked or the worker stops (waits
@@ -165,6 +174,14 @@ impl OffsetTracker {
         position: i64,
         parent: &CancellationToken,
     ) -> Option<i64> {
+        let key = (topic.to_string(), partition);
+        self.revoked_at
+            .retain(|_, at| at.elapsed() < STALE_POSITION_AFTER_REVOKE);
+        if !self.partitions.contains_key(&key) && self.revoked_at.contains_key(&key) {
+            // No record of this assignment yet: the position may be the
+            // last one's, past records nobody finished.
+            return None;
+        }
         self.owned(topic, partition, parent)
             .tracker
             .settle(position)
@@ -198,8 +215,12 @@ impl OffsetTracker {
     /// Drops the trackers of revoked partitions and cancels their records;
     /// returns how many were cancelled.
     pub fn revoke<'a>(&mut self, revoked: impl IntoIterator<Item = &'a (String, i32)>) -> usize {
+        let now = Instant::now();
         revoked
             .into_iter()
+            .inspect(|key| {
+                self.revoked_at.insert((*key).clone(), now);
+            })
             .filter_map(|key| self.partitions.remove(key))
             .map(|owned| {
                 owned.revoked.cancel();
@@ -229,6 +250,9 @@ impl OffsetTracker {
 pub struct Revoked {
     pub drained: usize,
     pub cancelled: usize,
+    /// Of those cancelled, how many were not waited for: every record in
+    /// flight was waiting for a held tenant or the breaker.
+    pub not_waited_for: usize,
 }
 
 /// The [`OffsetTracker`] shared by the consume loop, the record tasks and
@@ -293,22 +317,38 @@ impl Assignment {
 
     /// Waits up to `drain` for the revoked partitions' records to finish
     /// (each finished one stores its position meanwhile), then forgets the
-    /// partitions and cancels what is still in flight there.
-    pub fn revoke(&self, revoked: &[(String, i32)], drain: Duration) -> Revoked {
+    /// partitions and cancels what is still in flight there. It stops
+    /// waiting early while every record in flight is one of `waiting()`
+    /// (waiting for a held tenant or the breaker: none of them finishes).
+    pub fn revoke(
+        &self,
+        revoked: &[(String, i32)],
+        drain: Duration,
+        waiting: impl Fn() -> usize,
+    ) -> Revoked {
         let deadline = Instant::now() + drain;
         let mut tracker = self.tracker.lock().unwrap();
         let before = tracker.in_flight_of(revoked);
+        let mut not_waited_for = 0;
         while tracker.in_flight_of(revoked) > 0 {
+            if tracker.in_flight() <= waiting() {
+                not_waited_for = tracker.in_flight_of(revoked);
+                break;
+            }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 break;
             }
-            tracker = self.finished.wait_timeout(tracker, left).unwrap().0;
+            // Woken by each finished record; the waiting count is looked at
+            // again at least this often.
+            let step = left.min(Duration::from_millis(100));
+            tracker = self.finished.wait_timeout(tracker, step).unwrap().0;
         }
         let cancelled = tracker.revoke(revoked);
         Revoked {
             drained: before - cancelled,
             cancelled,
+            not_waited_for,
         }
     }
 
@@ -475,12 +515,52 @@ mod tests {
         let revoked = shared.revoke(
             &[("in".to_string(), 0), ("in".to_string(), 1)],
             Duration::from_secs(60),
+            || 0,
         );
         assert_eq!(
             revoked,
             Revoked {
                 drained: 0,
-                cancelled: 0
+                cancelled: 0,
+                not_waited_for: 0,
+            }
+        );
+    }
+
+    #[test]
+    fn a_partition_assigned_back_at_once_is_not_settled_at_the_old_position() {
+        let stop = CancellationToken::new();
+        let mut all = OffsetTracker::default();
+        // Records 100..150 in flight; revoked (none finished, nothing
+        // committed past 100) and assigned back.
+        for o in 100..151 {
+            all.start("in", 0, o, &stop);
+        }
+        all.revoke(&[("in".to_string(), 0)]);
+        // The consumer's position is still the old assignment's: 151.
+        assert_eq!(all.settle("in", 0, 151, &stop), None);
+        // Once a record of the new assignment arrived, settling works again.
+        let t = all.start("in", 0, 100, &stop);
+        assert_eq!(all.finish("in", 0, 100, t.id), Some(101));
+        assert_eq!(all.settle("in", 0, 120, &stop), Some(120));
+        // Another partition never revoked settles at once.
+        assert_eq!(all.settle("in", 1, 7, &stop), Some(7));
+    }
+
+    #[test]
+    fn a_revocation_does_not_wait_for_records_that_wait_at_their_gate() {
+        let stop = CancellationToken::new();
+        let shared = Assignment::default();
+        let _held = shared.start("in", 0, 0, &stop);
+        // The one record in flight waits for its held tenant: a drain of a
+        // minute would wait for nothing.
+        let revoked = shared.revoke(&[("in".to_string(), 0)], Duration::from_secs(60), || 1);
+        assert_eq!(
+            revoked,
+            Revoked {
+                drained: 0,
+                cancelled: 1,
+                not_waited_for: 1
             }
         );
     }
@@ -492,12 +572,13 @@ mod tests {
         let a = shared.start("in", 0, 0, &stop);
         let b = shared.start("in", 0, 1, &stop);
         let other = shared.start("in", 1, 0, &stop);
-        let revoked = shared.revoke(&[("in".to_string(), 0)], Duration::ZERO);
+        let revoked = shared.revoke(&[("in".to_string(), 0)], Duration::ZERO, || 0);
         assert_eq!(
             revoked,
             Revoked {
                 drained: 0,
-                cancelled: 2
+                cancelled: 2,
+                not_waited_for: 0,
             }
         );
         assert!(a.cancel.is_cancelled() && b.cancel.is_cancelled());
@@ -532,7 +613,7 @@ mod tests {
         };
         // Ends as soon as both finished: a broken wait would run the whole
         // minute and cancel them.
-        let revoked = shared.revoke(&[("in".to_string(), 0)], Duration::from_secs(60));
+        let revoked = shared.revoke(&[("in".to_string(), 0)], Duration::from_secs(60), || 0);
         finisher.join().unwrap();
         assert_eq!(revoked.cancelled, 0);
         assert_eq!(*stored.lock().unwrap(), vec![2]);

@@ -13,6 +13,11 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize, Serializer};
 use url::Url;
 
+/// The consume loop wakes at least every second; a loop silent for this
+/// long is stuck (`/healthz` fails). A rebalance's revocation holds the
+/// loop for up to `pipeline.revoke_drain`, which must stay under it.
+pub const LIVENESS_LIMIT: Duration = Duration::from_secs(30);
+
 /// The defaults compiled into the binary (`config/default.toml`).
 pub const DEFAULTS_TOML: &str = include_str!("../config/default.toml");
 
@@ -935,6 +940,11 @@ impl Settings {
             p.revoke_drain < k.max_poll_interval,
             "pipeline.revoke_drain",
             "must be shorter than kafka.max_poll_interval",
+        )?;
+        check(
+            p.revoke_drain < LIVENESS_LIMIT,
+            "pipeline.revoke_drain",
+            "must be shorter than 30s (a revocation holds the consume loop, and /healthz fails when it is silent that long)",
         )?;
         self.api.validate()?;
         self.event.validate()?;

@@ -17,9 +17,7 @@ use tracing::warn;
 
 use crate::stats::Stats;
 
-/// The consume loop wakes at least every second; a loop silent for this
-/// long is stuck.
-pub const LIVENESS_LIMIT: Duration = Duration::from_secs(30);
+pub use crate::settings::LIVENESS_LIMIT;
 
 #[derive(Clone)]
 struct Side {

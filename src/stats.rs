@@ -96,6 +96,12 @@ struct ProduceErrorLabels {
     code: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ConsumeErrorLabels {
+    /// librdkafka's error code name (a fixed set), e.g. `BadMessage`.
+    code: String,
+}
+
 /// Progress of one assigned input partition, for stall detection.
 #[derive(Debug, Clone, Copy)]
 struct Progress {
@@ -106,6 +112,15 @@ struct Progress {
     /// Records between the committed offset and the end (librdkafka's
     /// `consumer_lag`; -1 until known).
     lag: i64,
+}
+
+/// A record waiting at its gate ([`Stats::waiting_at_gate`]).
+pub struct WaitingAtGate(std::sync::Arc<AtomicU64>);
+
+impl Drop for WaitingAtGate {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 pub struct Stats {
@@ -138,12 +153,18 @@ pub struct Stats {
     known_tenants: AtomicU64,
     /// Tenants whose records were read, and when last.
     tenants_seen: Mutex<HashMap<String, Instant>>,
+    /// Records waiting at their gate for a held tenant or the worker's
+    /// breaker: none of them finishes before that ends.
+    waiting_at_gate: std::sync::Arc<AtomicU64>,
     /// Errcodes shown as themselves in the `errcode` label.
     errcode_labels: std::sync::RwLock<HashSet<i64>>,
     tenant_records: Family<TenantOutcomeLabels, Counter>,
     tenant_labels: std::sync::RwLock<TenantLabels>,
     produce_errors: Family<ProduceErrorLabels, Counter>,
     producer_renewals: Counter,
+    consume_errors: Family<ConsumeErrorLabels, Counter>,
+    /// When each consume error code was last logged.
+    consume_errors_logged: Mutex<HashMap<String, Instant>>,
     /// Every API call (the labelled family cannot be summed).
     api_calls_total: AtomicU64,
     /// The worker's standing in its consumer group, for liveness.
@@ -217,6 +238,9 @@ impl Default for Stats {
             held_tenants: Mutex::new(Default::default()),
             known_tenants: AtomicU64::new(0),
             tenants_seen: Mutex::default(),
+            consume_errors: Family::default(),
+            consume_errors_logged: Mutex::default(),
+            waiting_at_gate: Default::default(),
             errcode_labels: Default::default(),
             tenant_records: Family::default(),
             tenant_labels: Default::default(),
@@ -279,6 +303,11 @@ impl Stats {
             "From the input record's timestamp to the broker's acknowledgement of the enriched record or dead letter, by outcome",
             Unit::Seconds,
             self.end_to_end.clone(),
+        );
+        r.register(
+            "consume_errors",
+            "Errors the Kafka consumer delivered instead of a record, by librdkafka's error code (a corrupt batch repeats its error at every fetch: the partition does not move on)",
+            self.consume_errors.clone(),
         );
         r.register(
             "produce_errors",
@@ -488,6 +517,25 @@ impl Stats {
             .inc();
     }
 
+    /// An error the consumer delivered instead of a record; whether to log
+    /// it (at most every 10 s per code: a corrupt batch repeats its error at
+    /// every fetch).
+    pub fn consume_error(&self, code: Option<rdkafka::types::RDKafkaErrorCode>) -> bool {
+        let code = code.map_or_else(|| "none".to_string(), |c| format!("{c:?}"));
+        self.consume_errors
+            .get_or_create(&ConsumeErrorLabels { code: code.clone() })
+            .inc();
+        let mut logged = self.consume_errors_logged.lock().unwrap();
+        let now = Instant::now();
+        match logged.get(&code) {
+            Some(at) if now.duration_since(*at) < Duration::from_secs(10) => false,
+            _ => {
+                logged.insert(code, now);
+                true
+            }
+        }
+    }
+
     /// The producer was replaced by a fresh one (logged by the producer).
     pub fn producer_renewed(&self) {
         self.producer_renewals.inc();
@@ -637,6 +685,17 @@ impl Stats {
     /// Tenants with an access token (set at start and on every reload).
     pub fn set_known_tenants(&self, n: usize) {
         self.known_tenants.store(n as u64, Ordering::Relaxed);
+    }
+
+    /// Counts a record as waiting at its gate until the guard is dropped.
+    pub fn waiting_at_gate(&self) -> WaitingAtGate {
+        self.waiting_at_gate.fetch_add(1, Ordering::SeqCst);
+        WaitingAtGate(self.waiting_at_gate.clone())
+    }
+
+    /// Records waiting at their gate now.
+    pub fn records_waiting_at_gate(&self) -> usize {
+        self.waiting_at_gate.load(Ordering::SeqCst) as usize
     }
 
     /// A record of `tenant` (one with a token) was read.
@@ -1012,6 +1071,7 @@ mod tests {
         s.committed_offset.get_or_create(&partition).set(1);
         s.record_end_to_end("enriched", Some(0));
         s.produce_error("retry", None);
+        s.consume_error(None);
         s.record_tenant(None, "enriched");
         let text = s.encode();
         let served: Vec<&str> = text
@@ -1029,6 +1089,7 @@ mod tests {
                 "records_unwritable",
                 "tenant_records",
                 "record_end_to_end_duration_seconds",
+                "consume_errors",
                 "produce_errors",
                 "producer_renewals",
                 "api_calls",

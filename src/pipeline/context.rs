@@ -92,13 +92,17 @@ impl ConsumerContext for WorkerContext {
             } else {
                 self.revoke_drain
             };
-            let done = blocking(|| self.assignment.revoke(&revoked, drain))
-                .unwrap_or_else(|| self.assignment.revoke(&revoked, Duration::ZERO));
+            // Records waiting for a held tenant or the breaker cannot
+            // finish within the drain: it does not wait for them.
+            let waiting = || self.stats.records_waiting_at_gate();
+            let done = blocking(|| self.assignment.revoke(&revoked, drain, waiting))
+                .unwrap_or_else(|| self.assignment.revoke(&revoked, Duration::ZERO, waiting));
             info!(
                 lost,
                 partitions = ?revoked,
                 drained = done.drained,
                 cancelled = done.cancelled,
+                not_waited_for = done.not_waited_for,
                 "partitions revoked"
             );
             self.stats.partitions_changed(&revoked, false);

@@ -138,6 +138,7 @@ impl<'a> RecordGate<'a> {
                 .unwrap()
                 .get_or_insert_with(Instant::now);
             let bound = since + e.settings.pipeline.max_hold;
+            let _waiting = e.stats.waiting_at_gate();
             tokio::select! {
                 closed = held.wait_closed(stop) => if !closed {
                     return false;
@@ -187,7 +188,7 @@ impl Gate for RecordGate<'_> {
         let e = self.enricher;
         self.wait_for_tenant(shutdown).await
             && self.take_slot(shutdown).await
-            && e.breaker.wait_closed(shutdown).await
+            && e.wait_breaker_closed(shutdown).await
             && e.limits.acquire(self.tenant, shutdown).await
     }
 }
@@ -389,6 +390,17 @@ impl Enricher {
         &self.breaker
     }
 
+    /// Waits until the worker's breaker is closed, counted meanwhile as a
+    /// record waiting at its gate (a revocation does not wait for it);
+    /// `false` on shutdown.
+    async fn wait_breaker_closed(&self, stop: &CancellationToken) -> bool {
+        if !self.breaker.is_open() {
+            return true;
+        }
+        let _waiting = self.stats.waiting_at_gate();
+        self.breaker.wait_closed(stop).await
+    }
+
     /// Waits up to `limit` for what the producer still holds.
     pub async fn flush(&self, limit: Duration) -> anyhow::Result<()> {
         self.publisher.flush(limit).await
@@ -476,7 +488,7 @@ impl Enricher {
                     debug!(
                         "dead letter held (tenant held or systemic failure); the record starts over"
                     );
-                    if !(gate.wait_for_tenant(stop).await && self.breaker.wait_closed(stop).await) {
+                    if !(gate.wait_for_tenant(stop).await && self.wait_breaker_closed(stop).await) {
                         return gate
                             .spilled(event)
                             .map_or(Fetched::Abandoned, Fetched::Failed);

@@ -241,7 +241,10 @@ impl Worker {
                 }
                 msg = self.consumer.recv(), if run.flow.takes_records(in_flight) => match msg {
                     Ok(m) => self.spawn(&mut run.tasks, &m, &run.stop_work),
-                    Err(e) => warn!(error = %e, "kafka consume error"),
+                    Err(e) => if let Err(fatal) = self.consume_error(e) {
+                        error!(error = format!("{fatal:#}"), "stopping the worker so that it is restarted");
+                        return Phase::drain(drain_timeout, Some(fatal));
+                    },
                 },
                 _ = sleep_until_some(run.flow.wake_at()) => {}
                 Ok(()) = run.systemic.changed() => {
@@ -265,6 +268,24 @@ impl Worker {
             if let Some(change) = run.flow.decide(in_flight, Instant::now(), systemic) {
                 self.apply(change, &mut run.flow, in_flight);
             }
+        }
+    }
+
+    /// An error the consumer delivered instead of a record: counted by code
+    /// and logged (at most every 10 s per code); `Err` when it is fatal (the
+    /// consumer must be made anew: the worker stops and is restarted).
+    /// librdkafka 2.12 neither skips a corrupt batch nor says where it is:
+    /// the partition stops there, repeating the error, until its offset is
+    /// moved past it (docs/operations.md, UincallEnricherStalled).
+    fn consume_error(&self, e: KafkaError) -> anyhow::Result<()> {
+        if self.stats.consume_error(e.rdkafka_error_code()) {
+            warn!(error = %e, "kafka consume error (logged at most every 10 s per code; counted in uincall_enricher_consume_errors_total)");
+        }
+        match e {
+            KafkaError::MessageConsumptionFatal(code) => Err(anyhow::anyhow!(
+                "the Kafka consumer failed for good: {code}"
+            )),
+            _ => Ok(()),
         }
     }
 
