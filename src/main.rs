@@ -7,6 +7,11 @@ use clap::{Parser, Subcommand};
 use uincall_enricher::settings::{self, Settings};
 use uincall_enricher::{backfill, ingest, pipeline, replay, telemetry};
 
+/// mimalloc: per-thread free lists where glibc's malloc took about a
+/// quarter of the CPU profile under load (docs/benchmarks.md, "Allocator").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Enriches Uincall call-ended events from Kafka with the full call record
 /// from the Uincall OpenAPI, at least once, with a dead-letter topic.
 ///
