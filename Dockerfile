@@ -46,9 +46,9 @@ RUN apt-get update \
  && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin enricher
 COPY --from=build /src/target/release/uincall-enricher /usr/local/bin/uincall-enricher
 USER 10001:10001
-# Two malloc arenas instead of one per thread: about 10 MiB less resident
-# memory at a window of 1 024, no measurable throughput cost
-# (docs/benchmarks.md).
+# Two glibc malloc arenas instead of one per thread for librdkafka's own
+# allocations (the Rust side uses mimalloc): less resident memory at a
+# large window (docs/benchmarks.md).
 ENV MALLOC_ARENA_MAX=2
 EXPOSE 9464
 ENTRYPOINT ["/usr/local/bin/uincall-enricher"]
