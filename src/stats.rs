@@ -700,12 +700,15 @@ impl Stats {
 
     /// A record of `tenant` (one with a token) was read.
     pub fn tenant_seen(&self, tenant: &str) {
-        let now = Instant::now();
+        self.tenant_seen_at(tenant, Instant::now());
+    }
+
+    fn tenant_seen_at(&self, tenant: &str, at: Instant) {
         let mut seen = self.tenants_seen.lock().unwrap();
         match seen.get_mut(tenant) {
-            Some(at) => *at = now,
+            Some(last) => *last = at,
             None => {
-                seen.insert(tenant.to_string(), now);
+                seen.insert(tenant.to_string(), at);
             }
         }
     }
@@ -713,8 +716,12 @@ impl Stats {
     /// The tenants with traffic: a record of theirs read within
     /// [`TENANT_ACTIVE_WITHIN`].
     pub fn active_tenants(&self) -> Vec<String> {
+        self.active_tenants_at(Instant::now())
+    }
+
+    fn active_tenants_at(&self, now: Instant) -> Vec<String> {
         let mut seen = self.tenants_seen.lock().unwrap();
-        seen.retain(|_, at| at.elapsed() < TENANT_ACTIVE_WITHIN);
+        seen.retain(|_, at| now.saturating_duration_since(*at) < TENANT_ACTIVE_WITHIN);
         seen.keys().cloned().collect()
     }
 
@@ -734,8 +741,12 @@ impl Stats {
     /// the worker can do nothing useful (a tenant with a token and no
     /// traffic does not make it ready).
     pub fn every_tenant_held(&self) -> bool {
+        self.every_tenant_held_at(Instant::now())
+    }
+
+    fn every_tenant_held_at(&self, now: Instant) -> bool {
         let known = self.known_tenants.load(Ordering::Relaxed) as usize;
-        let active = self.active_tenants();
+        let active = self.active_tenants_at(now);
         let held = self.held_tenants.lock().unwrap();
         (known > 0 && held.len() >= known)
             || (!active.is_empty() && active.iter().all(|t| held.contains_key(t)))
@@ -1153,13 +1164,12 @@ mod tests {
         s.tenant_seen("c");
         assert!(!s.every_tenant_held());
         assert_eq!(s.active_tenants().len(), 3);
-        // Traffic long ago is none.
-        let long_ago = Instant::now()
-            .checked_sub(TENANT_ACTIVE_WITHIN * 2)
-            .unwrap();
-        s.tenants_seen.lock().unwrap().insert("c".into(), long_ago);
-        assert!(s.every_tenant_held());
-        assert_eq!(s.active_tenants().len(), 2);
+        // Later, with no record of c since: c has no traffic any more.
+        let later = Instant::now() + TENANT_ACTIVE_WITHIN * 2;
+        s.tenant_seen_at("a", later);
+        s.tenant_seen_at("b", later);
+        assert!(s.every_tenant_held_at(later));
+        assert_eq!(s.active_tenants_at(later).len(), 2);
     }
 
     #[test]
