@@ -196,17 +196,7 @@ async fn connection(
         stream,
         phase: phase.clone(),
     });
-    let service = tower::service_fn(move |req: hyper::Request<Incoming>| {
-        phase.send_replace(Phase::Busy);
-        let mut req = req.map(|body| Body::new(Deadline::new(body, limits.body_timeout)));
-        req.extensions_mut().insert(ConnectInfo(peer));
-        let (call, phase) = (router.clone().oneshot(req), phase.clone());
-        async move {
-            let answer = call.await;
-            phase.send_replace(Phase::Waiting { served: true });
-            answer
-        }
-    });
+    let service = requests(router, peer, limits, phase);
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         // Hyper's header timer starts as soon as a connection waits for a
@@ -244,6 +234,33 @@ async fn connection(
             Ok(()) = phase_seen.changed() => {}
         }
     }
+}
+
+/// The router serving one connection's requests: each body under
+/// `ingest.body_timeout`, the peer's address on it, and the connection's
+/// phase told when a request starts and when it is answered.
+fn requests(
+    router: Router,
+    peer: SocketAddr,
+    limits: Limits,
+    phase: Arc<watch::Sender<Phase>>,
+) -> impl tower::Service<
+    hyper::Request<Incoming>,
+    Response = axum::response::Response,
+    Error = std::convert::Infallible,
+    Future = impl Future<Output = Result<axum::response::Response, std::convert::Infallible>> + Send,
+> + Clone {
+    tower::service_fn(move |req: hyper::Request<Incoming>| {
+        phase.send_replace(Phase::Busy);
+        let mut req = req.map(|body| Body::new(Deadline::new(body, limits.body_timeout)));
+        req.extensions_mut().insert(ConnectInfo(peer));
+        let (call, phase) = (router.clone().oneshot(req), phase.clone());
+        async move {
+            let answer = call.await;
+            phase.send_replace(Phase::Waiting { served: true });
+            answer
+        }
+    })
 }
 
 async fn sleep_until(deadline: Option<Instant>) {

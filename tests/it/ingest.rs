@@ -127,20 +127,64 @@ async fn pushes_of_each_kind_reach_the_input_topic_once_and_are_enriched() {
         ],
     );
     until_status(&format!("{}/readyz", receiver.side), 200).await;
-    let client = reqwest::Client::new();
-    let path = format!("{}/{}/{secret}", receiver.push, env.tenant);
-    let success = json!({"code": 200, "data": null, "msg": "success"});
+    let pushing = Pushing {
+        client: reqwest::Client::new(),
+        path: format!("{}/{}/{secret}", receiver.push, env.tenant),
+        push: receiver.push.clone(),
+        secret,
+    };
+    let forwarded = push_every_kind(&env, &pushing, (no_token, no_token_secret)).await;
+    push_ignored(&env, &pushing).await;
+    push_refused(&env, &pushing).await;
+    assert_input_topic(&env, &forwarded, no_token).await;
+    assert_receiver_counts(&receiver).await;
 
-    // Forwarded: 20 hang-ups (secret in the path), 10 whole-session
-    // records (basic auth).
+    // The worker enriches what the receiver wrote, and dead-letters the
+    // flagged push beside the two bodies the receiver refused.
+    let worker = env.spawn_replica("worker", dir.path(), &[]);
+    let out = env.read_output(forwarded.len()).await;
+    let enriched: BTreeSet<String> = out.iter().map(key).collect();
+    assert_eq!(enriched, forwarded);
+    let dead = env.read_dlq(3).await;
+    worker.stop().await;
+    assert_dead_letters(&env, &dead);
+
+    sigterm(&receiver.child);
+    assert!(wait_exit(&mut receiver.child, WAIT).await.success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!text.contains(secret), "{text}");
+    assert!(!text.contains("not-the-secret"), "{text}");
+    assert!(!text.contains(no_token_secret), "{text}");
+}
+
+/// Where and how the first test pushes.
+struct Pushing {
+    client: reqwest::Client,
+    /// The push URL with the tenant and its secret in the path.
+    path: String,
+    /// The receiver's push address.
+    push: String,
+    secret: &'static str,
+}
+
+/// Pushes that are forwarded (20 hang-ups with the secret in the path, 10
+/// whole-session records with basic auth, one for a tenant without a
+/// token); the forwarded sessions of the test's tenant.
+async fn push_every_kind(
+    env: &TestEnv,
+    p: &Pushing,
+    (no_token, no_token_secret): (&str, &str),
+) -> BTreeSet<String> {
+    let (client, path, secret) = (&p.client, &p.path, p.secret);
+    let success = json!({"code": 200, "data": null, "msg": "success"});
     let mut forwarded = BTreeSet::new();
     for i in 0..20 {
         let s = format!("push-event-{i}");
         let answer = post(
-            &client,
+            client,
             &format!("{path}/call-event"),
             None,
-            event(&env, &s, "call_hangup"),
+            event(env, &s, "call_hangup"),
         )
         .await;
         assert_eq!(answer, (200, success.clone()));
@@ -148,14 +192,14 @@ async fn pushes_of_each_kind_reach_the_input_topic_once_and_are_enriched() {
     }
     for i in 0..10 {
         let s = format!("push-record-{i}");
-        let url = format!("{}/call-record?type=1", receiver.push);
+        let url = format!("{}/call-record?type=1", p.push);
         // Half without a tenant field: the worker takes the push URL's.
         let body = match i % 2 {
             0 => json!({"session_id": s, "tenant_id": env.tenant}),
             _ => json!({"session_id": s, "call_type": 1}),
         };
         let body = body.to_string().into_bytes();
-        let answer = post(&client, &url, Some((&env.tenant, secret)), body).await;
+        let answer = post(client, &url, Some((&env.tenant, secret)), body).await;
         assert_eq!(answer, (200, success.clone()));
         forwarded.insert(s);
     }
@@ -163,20 +207,26 @@ async fn pushes_of_each_kind_reach_the_input_topic_once_and_are_enriched() {
     let flagged =
         json!({"session_id": "push-flagged", "tenant_id": no_token, "command": "call_hangup"});
     let answer = post(
-        &client,
-        &format!("{}/{no_token}/{no_token_secret}/call-event", receiver.push),
+        client,
+        &format!("{}/{no_token}/{no_token_secret}/call-event", p.push),
         None,
         flagged.to_string().into_bytes(),
     )
     .await;
-    assert_eq!(answer, (200, success.clone()));
-    // Answered, not forwarded: other commands, a leg's record.
+    assert_eq!(answer, (200, success));
+    forwarded
+}
+
+/// Pushes answered 200 and not forwarded: other commands, a leg's record.
+async fn push_ignored(env: &TestEnv, p: &Pushing) {
+    let (client, path) = (&p.client, &p.path);
+    let success = json!({"code": 200, "data": null, "msg": "success"});
     for command in ["call_process", "call_talking", "callout_process"] {
         let answer = post(
-            &client,
+            client,
             &format!("{path}/call-event"),
             None,
-            event(&env, "push-talking", command),
+            event(env, "push-talking", command),
         )
         .await;
         assert_eq!(answer, (200, success.clone()));
@@ -185,38 +235,42 @@ async fn pushes_of_each_kind_reach_the_input_topic_once_and_are_enriched() {
         .to_string()
         .into_bytes();
     assert_eq!(
-        post(&client, &format!("{path}/call-record?type=0"), None, leg).await,
-        (200, success.clone())
+        post(client, &format!("{path}/call-record?type=0"), None, leg).await,
+        (200, success)
     );
+}
 
-    // Refused.
+/// Pushes refused: wrong secrets, no credentials, not JSON, another
+/// tenant, too large.
+async fn push_refused(env: &TestEnv, p: &Pushing) {
+    let (client, path) = (&p.client, &p.path);
     let wrong = format!(
         "{}/{}/not-the-secret-0000000/call-event",
-        receiver.push, env.tenant
+        p.push, env.tenant
     );
     assert_eq!(
-        post(&client, &wrong, None, event(&env, "x", "call_hangup"))
+        post(client, &wrong, None, event(env, "x", "call_hangup"))
             .await
             .0,
         404
     );
-    let url = format!("{}/call-event", receiver.push);
+    let url = format!("{}/call-event", p.push);
     let basic_wrong = post(
-        &client,
+        client,
         &url,
         Some((&env.tenant, "not-the-secret-0000000")),
-        event(&env, "x", "call_hangup"),
+        event(env, "x", "call_hangup"),
     )
     .await;
     assert_eq!(basic_wrong.0, 401);
     assert_eq!(
-        post(&client, &url, None, event(&env, "x", "call_hangup"))
+        post(client, &url, None, event(env, "x", "call_hangup"))
             .await
             .0,
         401
     );
     let (status, answer) = post(
-        &client,
+        client,
         &format!("{path}/call-event"),
         None,
         b"not json".to_vec(),
@@ -230,7 +284,7 @@ async fn pushes_of_each_kind_reach_the_input_topic_once_and_are_enriched() {
     let other = json!({"session_id": "x", "tenant_id": "someone-else", "command": "call_hangup"});
     assert_eq!(
         post(
-            &client,
+            client,
             &format!("{path}/call-event"),
             None,
             other.to_string().into_bytes()
@@ -239,17 +293,19 @@ async fn pushes_of_each_kind_reach_the_input_topic_once_and_are_enriched() {
         .0,
         400
     );
-    let mut big = event(&env, "big", "call_hangup");
+    let mut big = event(env, "big", "call_hangup");
     big.extend(std::iter::repeat_n(b' ', 8192));
     assert_eq!(
-        post(&client, &format!("{path}/call-event"), None, big)
+        post(client, &format!("{path}/call-event"), None, big)
             .await
             .0,
         413
     );
+}
 
-    // Exactly the forwarded pushes are on the input topic, each once, with
-    // the body as sent and the source headers.
+/// Exactly the forwarded pushes are on the input topic, each once, with the
+/// body as sent and the source headers.
+async fn assert_input_topic(env: &TestEnv, forwarded: &BTreeSet<String>, no_token: &str) {
     let (input, total) = env.read_all(&env.input, forwarded.len() + 1).await;
     assert_eq!(total, forwarded.len() + 1);
     let (flagged, input): (Vec<_>, Vec<_>) =
@@ -264,7 +320,7 @@ async fn pushes_of_each_kind_reach_the_input_topic_once_and_are_enriched() {
         Some("no_access_token")
     );
     let keys: BTreeSet<String> = input.iter().map(key).collect();
-    assert_eq!(keys, forwarded);
+    assert_eq!(&keys, forwarded);
     for m in &input {
         assert_eq!(header(m, "uincall.flag"), None);
         let source = header(m, "uincall.source").unwrap();
@@ -283,8 +339,10 @@ async fn pushes_of_each_kind_reach_the_input_topic_once_and_are_enriched() {
         let body: Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
         assert_eq!(body["session_id"], k.as_str());
     }
+}
 
-    // The counts on /metrics.
+/// The receiver's counts on `/metrics`.
+async fn assert_receiver_counts(receiver: &Receiver) {
     let metrics = reqwest::get(format!("{}/metrics", receiver.side))
         .await
         .unwrap()
@@ -333,15 +391,11 @@ async fn pushes_of_each_kind_reach_the_input_topic_once_and_are_enriched() {
         assert_eq!(value, Some(want as f64), "{line}:\n{metrics}");
     }
     only_served_metrics_are_monitored(&metrics, Process::Receiver);
+}
 
-    // The worker enriches what the receiver wrote, and dead-letters the
-    // flagged push beside the two bodies the receiver refused.
-    let worker = env.spawn_replica("worker", dir.path(), &[]);
-    let out = env.read_output(forwarded.len()).await;
-    let enriched: BTreeSet<String> = out.iter().map(key).collect();
-    assert_eq!(enriched, forwarded);
-    let dead = env.read_dlq(3).await;
-    worker.stop().await;
+/// The two bodies the receiver refused, dead-lettered by it with the
+/// worker's reasons, and the flagged push, dead-lettered by the worker.
+fn assert_dead_letters(env: &TestEnv, dead: &[rdkafka::message::OwnedMessage]) {
     let (raw, worker_dead): (Vec<_>, Vec<_>) = (dead.iter())
         .partition(|m| header(m, "dlq.reason").is_some_and(|r| r.starts_with("push refused")));
     let mut reasons: Vec<String> = (raw.iter())
@@ -388,13 +442,6 @@ async fn pushes_of_each_kind_reach_the_input_topic_once_and_are_enriched() {
     );
     let reason = header(worker_dead[0], "dlq.reason").unwrap();
     assert!(reason.contains("no access token"), "{reason}");
-
-    sigterm(&receiver.child);
-    assert!(wait_exit(&mut receiver.child, WAIT).await.success());
-    let text = std::fs::read_to_string(&log).unwrap();
-    assert!(!text.contains(secret), "{text}");
-    assert!(!text.contains("not-the-secret"), "{text}");
-    assert!(!text.contains(no_token_secret), "{text}");
 }
 
 /// Pushers posting hang-ups for distinct sessions until `stop`; every
