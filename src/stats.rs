@@ -115,9 +115,9 @@ struct Progress {
 }
 
 /// A record waiting at its gate ([`Stats::waiting_at_gate`]).
-pub struct WaitingAtGate(std::sync::Arc<AtomicU64>);
+pub struct WaitingAtGate<'a>(&'a AtomicU64);
 
-impl Drop for WaitingAtGate {
+impl Drop for WaitingAtGate<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::SeqCst);
     }
@@ -155,7 +155,7 @@ pub struct Stats {
     tenants_seen: Mutex<HashMap<String, Instant>>,
     /// Records waiting at their gate for a held tenant or the worker's
     /// breaker: none of them finishes before that ends.
-    waiting_at_gate: std::sync::Arc<AtomicU64>,
+    waiting_at_gate: AtomicU64,
     /// Errcodes shown as themselves in the `errcode` label.
     errcode_labels: std::sync::RwLock<HashSet<i64>>,
     tenant_records: Family<TenantOutcomeLabels, Counter>,
@@ -688,9 +688,9 @@ impl Stats {
     }
 
     /// Counts a record as waiting at its gate until the guard is dropped.
-    pub fn waiting_at_gate(&self) -> WaitingAtGate {
+    pub fn waiting_at_gate(&self) -> WaitingAtGate<'_> {
         self.waiting_at_gate.fetch_add(1, Ordering::SeqCst);
-        WaitingAtGate(self.waiting_at_gate.clone())
+        WaitingAtGate(&self.waiting_at_gate)
     }
 
     /// Records waiting at their gate now.

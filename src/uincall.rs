@@ -61,11 +61,6 @@ impl TokenStore {
         self.tokens.read().unwrap().len()
     }
 
-    /// Whether some tenant with a token is one `pred` holds for.
-    pub fn any_tenant(&self, pred: impl FnMut(&String) -> bool) -> bool {
-        self.tokens.read().unwrap().keys().any(pred)
-    }
-
     /// The tenants with a token, in order.
     pub fn tenant_ids(&self) -> Vec<String> {
         let mut ids: Vec<String> = self.tokens.read().unwrap().keys().cloned().collect();

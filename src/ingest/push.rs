@@ -118,12 +118,7 @@ mod tests {
         vec!["call_hangup".to_string()]
     }
 
-    /// The embedded defaults' `event.*`.
-    fn fields() -> EventSettings {
-        crate::settings::Settings::load_from(None, Vec::<(String, String)>::new())
-            .unwrap()
-            .event
-    }
+    use super::super::tests::event_fields as fields;
 
     #[test]
     fn a_hangup_event_is_forwarded_and_other_commands_are_not() {

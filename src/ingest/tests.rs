@@ -121,7 +121,7 @@ fn expected(kind: Option<Kind>, auth: &Auth, record_type: Option<&str>, body: &[
 }
 
 /// The embedded defaults' `event.*`.
-fn event_fields() -> crate::settings::EventSettings {
+pub(super) fn event_fields() -> crate::settings::EventSettings {
     Settings::load_from(None, Vec::<(String, String)>::new())
         .unwrap()
         .event
