@@ -75,6 +75,7 @@ fn enriched(f: &Fixture, event: &CallEnded, verdict: &Verdict) -> Vec<u8> {
         attempts: 1,
         api_latency: Duration::from_millis(48),
         source: &f.source,
+        reused: None,
     })
 }
 

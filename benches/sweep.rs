@@ -52,6 +52,8 @@
 mod backfill;
 #[path = "sweep/ingest.rs"]
 mod ingest;
+#[path = "sweep/nginx.rs"]
+mod nginx;
 #[path = "sweep/tenants.rs"]
 mod tenants;
 #[path = "../tests/testkit/mod.rs"]
@@ -117,6 +119,20 @@ struct Args {
     /// Directory for results.csv, results.md, throughput.svg and the logs.
     #[arg(long, default_value = "target/sweep")]
     out: PathBuf,
+    /// The API the worker calls: `nginx` (its echo module answers at almost
+    /// no CPU; `scripts/install-nginx.sh`) or `fake` (this binary's fake
+    /// API in its own process).
+    #[arg(long, default_value = "nginx", value_parser = ["nginx", "fake"])]
+    api: String,
+    /// With `--api nginx`: HTTP/2 without TLS, the worker told so
+    /// (`api.http2 = "prior_knowledge"`).
+    #[arg(long)]
+    api_http2: bool,
+    /// The share of events that repeat the session of one of the 6 000
+    /// events before them (a minute at 100 events/s); API calls per input
+    /// record are reported.
+    #[arg(long, default_value_t = 0.0)]
+    duplicates: f64,
     /// Skip the raw consume + produce runs (ratios are then to W/L only).
     #[arg(long)]
     no_raw: bool,
@@ -212,6 +228,8 @@ struct Measured {
     /// This process: seeding, pacing and reading back.
     harness_cpu_cores: f64,
     peak_rss_mib: f64,
+    /// API calls made for the backlog, per input record.
+    api_calls_per_record: Option<f64>,
     latency_p50_ms: f64,
     latency_p99_ms: f64,
     latency_samples: usize,
@@ -400,10 +418,11 @@ impl Ctx<'_> {
         .await?;
         let n = ((expected_rate * self.args.seconds) as usize)
             .clamp(self.args.min_events, self.args.max_events);
+        let sessions = sessions(tag, n, self.args.duplicates);
         testkit::produce(
             self.bootstrap,
             &input,
-            (0..n).map(|i| event(&format!("{tag}-{i:07}"), TENANT)),
+            sessions.iter().map(|s| event(s, TENANT)),
         )
         .await?;
 
@@ -411,12 +430,13 @@ impl Ctx<'_> {
         reader.wait_ready(self.bootstrap, &output).await?;
         let log = std::fs::File::create(self.args.out.join(format!("{tag}.log")))?;
         let group = format!("{tag}-group");
-        let (api, base_url) = match &subject {
+        let (api, counter, base_url) = match &subject {
             Subject::Worker { latency_ms, .. } => {
-                let (api, base_url) = self.start_fake_api(tag, *latency_ms, &[TENANT]).await?;
-                (Some(api), base_url)
+                let (api, counter) = self.start_api(tag, *latency_ms).await?;
+                let base_url = counter.base_url();
+                (Some(api), Some(counter), base_url)
             }
-            Subject::Raw { .. } => (None, String::new()),
+            Subject::Raw { .. } => (None, None, String::new()),
         };
         let mut command = match &subject {
             Subject::Worker { window, .. } => {
@@ -449,7 +469,7 @@ impl Ctx<'_> {
             subject: Proc::spawn(what, command)?,
             apis: api.into_iter().collect(),
         };
-        let result = self.measure(&mut running, reader, &input, n).await;
+        let result = (self.measure(&mut running, reader, &input, n, counter.as_ref())).await;
         // The subject first, then the API it calls.
         running.stop();
         result
@@ -484,7 +504,23 @@ impl Ctx<'_> {
                 std::env::var("SWEEP_WORKER_LOG").unwrap_or_else(|_| "warn".into()),
             ),
         ]);
+        // Set only when asked: an older build measured beside this one
+        // may not know the setting.
+        if self.args.api_http2 {
+            c.env("UINCALL__API__HTTP2", "prior_knowledge");
+        }
         c
+    }
+
+    /// Starts the point's API (`--api`) at `latency_ms`.
+    async fn start_api(&self, tag: &str, latency_ms: u64) -> anyhow::Result<(Proc, ApiCounter)> {
+        if self.args.api == "fake" {
+            let (api, base_url) = self.start_fake_api(tag, latency_ms, &[TENANT]).await?;
+            return Ok((api, ApiCounter::Fake(base_url)));
+        }
+        let http2 = self.args.api_http2;
+        let (api, nginx) = nginx::Nginx::start(&self.args.out, tag, latency_ms, http2)?;
+        Ok((api, ApiCounter::Nginx(nginx)))
     }
 
     /// Starts the fake Uincall API in its own process (this binary with
@@ -567,6 +603,7 @@ impl Ctx<'_> {
         mut reader: Reader,
         input: &str,
         n: usize,
+        counter: Option<&ApiCounter>,
     ) -> anyhow::Result<Measured> {
         let pid = running.subject.pid().to_string();
         let broker = self.broker_pid.to_string();
@@ -596,6 +633,10 @@ impl Ctx<'_> {
                 at95 = Some(sample());
             }
         }
+        let api_calls = match counter {
+            Some(c) => Some(c.calls(running).await?),
+            None => None,
+        };
         let ((t0, c0, b0, a0, h0), (t1, c1, b1, a1, h1)) = (at5.unwrap(), at95.unwrap());
         let records = (n95 - n5) as f64;
         let secs = (t1 - t0).as_secs_f64();
@@ -608,6 +649,7 @@ impl Ctx<'_> {
             broker_cpu_cores: (b1 - b0) / secs,
             api_cpu_cores: a0.zip(a1).map(|(a0, a1)| (a1 - a0) / secs),
             harness_cpu_cores: (h1 - h0) / secs,
+            api_calls_per_record: api_calls.map(|c| c as f64 / n as f64),
             ..Measured::default()
         };
 
@@ -639,6 +681,56 @@ impl Ctx<'_> {
         m.peak_rss_mib = peak_rss_mib(&pid);
         Ok(m)
     }
+}
+
+/// The API of a worker's point, and how to count the calls it served.
+enum ApiCounter {
+    /// The fake API at this base URL: the first of the run's APIs.
+    Fake(String),
+    Nginx(nginx::Nginx),
+}
+
+impl ApiCounter {
+    fn base_url(&self) -> String {
+        match self {
+            ApiCounter::Fake(url) => url.clone(),
+            ApiCounter::Nginx(n) => n.base_url(),
+        }
+    }
+
+    /// The calls served so far.
+    async fn calls(&self, running: &mut Running) -> anyhow::Result<u64> {
+        match self {
+            ApiCounter::Fake(_) => api_calls(&mut running.apis[0]),
+            // The status request counts itself.
+            ApiCounter::Nginx(n) => Ok(n.requests().await? - 1),
+        }
+    }
+}
+
+/// The sessions of `n` events of the point `tag`: a share `duplicates` of
+/// them repeats the session of one of the 6 000 events before it.
+fn sessions(tag: &str, n: usize, duplicates: f64) -> Vec<String> {
+    const SPREAD: usize = 6_000;
+    // A fixed sequence, the same for every build measured.
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut out: Vec<String> = Vec::with_capacity(n);
+    for i in 0..n {
+        let repeat = i > 0 && ((next() % 1_000_000) as f64) < duplicates * 1_000_000.0;
+        let session = if repeat {
+            out[i - 1 - (next() as usize % i.min(SPREAD))].clone()
+        } else {
+            format!("{tag}-{i:07}")
+        };
+        out.push(session);
+    }
+    out
 }
 
 fn event(session: &str, tenant: &str) -> (Option<Vec<u8>>, Vec<u8>) {
@@ -1061,7 +1153,7 @@ impl Measured {
     fn summary(&self) -> String {
         format!(
             "{} events, {:.0} records/s, {:.0} ms CPU per 1 000 ({:.2} cores; broker {:.2}, fake API {}, harness {:.2}), \
-             latency p50 {:.1} ms p99 {:.1} ms ({} samples), peak RSS {:.1} MiB",
+             latency p50 {:.1} ms p99 {:.1} ms ({} samples), peak RSS {:.1} MiB, API calls per record {}",
             self.events,
             self.rate,
             self.cpu_ms_per_1000,
@@ -1073,7 +1165,9 @@ impl Measured {
             self.latency_p50_ms,
             self.latency_p99_ms,
             self.latency_samples,
-            self.peak_rss_mib
+            self.peak_rss_mib,
+            self.api_calls_per_record
+                .map_or("—".to_string(), |c| format!("{c:.3}")),
         )
     }
 }
@@ -1083,12 +1177,12 @@ fn write_results(dir: &Path, points: &[Point]) -> anyhow::Result<()> {
     writeln!(
         csv,
         "latency_ms,window,events,records_per_s,w_over_l,raw_records_per_s,ratio_to_limit,\
-         p50_ms,p99_ms,cpu_ms_per_1000,raw_cpu_ms_per_1000,worker_cores,broker_cores,api_cores,harness_cores,peak_rss_mib,raw_peak_rss_mib"
+         p50_ms,p99_ms,cpu_ms_per_1000,raw_cpu_ms_per_1000,worker_cores,broker_cores,api_cores,harness_cores,peak_rss_mib,raw_peak_rss_mib,api_calls_per_record"
     )?;
     let mut md = machine();
     md.push_str(
-        "| API latency | window | events | records/s | W/L | raw limit | ratio to min | p50 | p99 | worker CPU / 1 000 | raw CPU / 1 000 | cores: worker / broker / API / harness | peak RSS |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| API latency | window | events | records/s | W/L | raw limit | ratio to min | p50 | p99 | worker CPU / 1 000 | raw CPU / 1 000 | cores: worker / broker / API / harness | peak RSS | API calls / record |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for p in points {
         let w = &p.worker;
@@ -1096,7 +1190,7 @@ fn write_results(dir: &Path, points: &[Point]) -> anyhow::Result<()> {
         let raw_cpu = p.raw.as_ref().map(|r| r.cpu_ms_per_1000);
         writeln!(
             csv,
-            "{},{},{},{:.1},{:.1},{},{:.3},{:.1},{:.1},{:.1},{},{:.2},{:.2},{},{:.2},{:.1},{}",
+            "{},{},{},{:.1},{:.1},{},{:.3},{:.1},{:.1},{:.1},{},{:.2},{:.2},{},{:.2},{:.1},{},{}",
             p.latency_ms,
             p.window,
             w.events,
@@ -1116,9 +1210,11 @@ fn write_results(dir: &Path, points: &[Point]) -> anyhow::Result<()> {
             p.raw
                 .as_ref()
                 .map_or(String::new(), |r| format!("{:.1}", r.peak_rss_mib)),
+            w.api_calls_per_record
+                .map_or(String::new(), |c| format!("{c:.3}")),
         )?;
         md.push_str(&format!(
-            "| {} ms | {} | {} | {:.0} | {} | {} | {:.0} % | {:.0} ms | {:.0} ms | {:.0} ms | {} | {:.2} / {:.2} / {} / {:.2} | {:.0} MiB |\n",
+            "| {} ms | {} | {} | {:.0} | {} | {} | {:.0} % | {:.0} ms | {:.0} ms | {:.0} ms | {} | {:.2} / {:.2} / {} / {:.2} | {:.0} MiB | {} |\n",
             p.latency_ms,
             p.window,
             w.events,
@@ -1136,6 +1232,8 @@ fn write_results(dir: &Path, points: &[Point]) -> anyhow::Result<()> {
                 .map_or("—".to_string(), |c| format!("{c:.2}")),
             w.harness_cpu_cores,
             w.peak_rss_mib,
+            w.api_calls_per_record
+                .map_or("—".to_string(), |c| format!("{c:.2}")),
         ));
     }
     std::fs::write(dir.join("results.md"), md)?;
@@ -1359,5 +1457,6 @@ fn sample_enriched() -> Arc<Vec<u8>> {
         attempts: 1,
         api_latency: Duration::ZERO,
         source: &source,
+        reused: None,
     }))
 }

@@ -44,6 +44,7 @@
 //!   and [`topics`] (produce and read back), which tests and benchmarks
 //!   use too. The Apache Kafka test brokers live in `tests/testkit`.
 
+pub mod answers;
 pub mod backfill;
 pub mod classify;
 pub mod dead_letter;

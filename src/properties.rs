@@ -151,6 +151,7 @@ fn enriched_parses_back(verdict: &Verdict) -> Result<(), TestCaseError> {
             attempts: 1,
             api_latency: Duration::from_millis(5),
             source: &source,
+            reused: None,
         });
         let v: Value = serde_json::from_slice(&bytes).expect("the record is JSON");
         prop_assert_eq!(&v["session_id"], "s");

@@ -100,6 +100,12 @@ pub struct Enrichment<'a> {
     pub source: &'a Source,
     /// `uincall-enricher/<version>`.
     pub enricher: &'static str,
+    /// Set when the answer was another record's of the same session:
+    /// `in_flight` (its call was under way), `recent` (it was kept,
+    /// `api.recent_answers_ttl`). `fetched_at`, `attempts` and
+    /// `api_latency_ms` are then that call's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reused: Option<&'static str>,
 }
 
 pub const ENRICHER: &str = concat!("uincall-enricher/", env!("CARGO_PKG_VERSION"));
@@ -139,6 +145,8 @@ pub struct Inputs<'a> {
     pub attempts: u32,
     pub api_latency: Duration,
     pub source: &'a Source,
+    /// See [`Enrichment::reused`].
+    pub reused: Option<&'static str>,
 }
 
 /// Serialises the enriched record.
@@ -156,6 +164,7 @@ pub fn to_json(i: &Inputs<'_>) -> Vec<u8> {
             api_latency_ms: i.api_latency.as_millis() as u64,
             source: i.source,
             enricher: ENRICHER,
+            reused: i.reused,
         },
     };
     serde_json::to_vec(&record).expect("records serialise")
@@ -218,6 +227,7 @@ mod tests {
             attempts: 3,
             api_latency: Duration::from_millis(52),
             source: &source,
+            reused: Some("recent"),
         });
         let v: Value = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(v["schema_version"], 1);
@@ -234,5 +244,6 @@ mod tests {
         assert_eq!(v["enrichment"]["attempts"], 3);
         assert_eq!(v["enrichment"]["api_latency_ms"], 52);
         assert_eq!(v["enrichment"]["source"]["offset"], 41);
+        assert_eq!(v["enrichment"]["reused"], "recent");
     }
 }

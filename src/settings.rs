@@ -409,6 +409,27 @@ pub struct ApiSettings {
     /// Access tokens by tenant_id. Secrets: never logged or printed.
     #[serde(default, serialize_with = "redact_map")]
     pub tokens: BTreeMap<String, SecretString>,
+    /// Memory for the answers of sessions enriched lately, reused when an
+    /// event of the same session comes again within `recent_answers_ttl`
+    /// (a push and a backfill of one call, a re-delivery, a replay); keys,
+    /// bodies and entries counted. 0 keeps none.
+    pub recent_answers_bytes: usize,
+    /// How long an answer is reused; 0s keeps none.
+    #[serde(with = "humantime_serde")]
+    pub recent_answers_ttl: Duration,
+    /// HTTP/2 to the API: `auto` (when the API offers it over TLS),
+    /// `prior_knowledge` (always, also over plain http: for an API known to
+    /// speak it), `never`.
+    pub http2: Http2,
+}
+
+/// `api.http2`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Http2 {
+    Auto,
+    PriorKnowledge,
+    Never,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

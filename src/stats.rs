@@ -36,6 +36,11 @@ struct AnswerLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReuseLabel {
+    reuse: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CauseLabel {
     cause: &'static str,
 }
@@ -134,6 +139,11 @@ pub struct Stats {
     api_latency: Histogram,
     retries: Counter,
     rate_limited: Counter,
+    /// API calls a record did not make: `in_flight` (joined another
+    /// record's call for its session), `recent` (its session's answer was
+    /// kept).
+    api_calls_saved: Family<ReuseLabel, Counter>,
+    recent_answers_bytes: Gauge,
     offsets_stored: Counter,
     commits: Family<ResultLabel, Counter>,
     in_flight: Gauge,
@@ -220,6 +230,8 @@ impl Default for Stats {
             api_latency: Histogram::new(LATENCY_BUCKETS),
             retries: Counter::default(),
             rate_limited: Counter::default(),
+            api_calls_saved: Family::default(),
+            recent_answers_bytes: Gauge::default(),
             offsets_stored: Counter::default(),
             commits: Family::default(),
             in_flight: Gauge::default(),
@@ -343,6 +355,17 @@ impl Stats {
             "api_rate_limited",
             "Rate-limited answers (HTTP 429 or a rate-limited errcode)",
             self.rate_limited.clone(),
+        );
+        r.register(
+            "api_calls_saved",
+            "API calls a record did not make, by reuse: in_flight (it waited for another record's call for the same session), recent (its session's answer was kept, api.recent_answers_ttl)",
+            self.api_calls_saved.clone(),
+        );
+        r.register_with_unit(
+            "recent_answers",
+            "Memory the kept answers take (keys, bodies and entries), at most api.recent_answers_bytes",
+            Unit::Bytes,
+            self.recent_answers_bytes.clone(),
         );
     }
 
@@ -578,6 +601,25 @@ impl Stats {
         if let Verdict::Retry(f) = verdict {
             debug!(attempt, reason = %f.reason, "API call failed");
         }
+    }
+
+    /// A record's answer came from another record's call (`in_flight`) or
+    /// from the kept answers (`recent`); `kept_bytes` is what those take now.
+    pub fn api_call_saved(&self, reuse: &'static str, kept_bytes: usize) {
+        self.api_calls_saved
+            .get_or_create(&ReuseLabel { reuse })
+            .inc();
+        self.recent_answers_kept(kept_bytes);
+    }
+
+    pub fn recent_answers_kept(&self, bytes: usize) {
+        self.recent_answers_bytes.set(bytes as i64);
+    }
+
+    pub fn api_calls_saved(&self, reuse: &'static str) -> u64 {
+        self.api_calls_saved
+            .get_or_create(&ReuseLabel { reuse })
+            .get()
     }
 
     pub fn api_rate_limited(&self, reason: &str, wait: Duration) {
@@ -1084,6 +1126,7 @@ mod tests {
         s.produce_error("retry", None);
         s.consume_error(None);
         s.record_tenant(None, "enriched");
+        s.api_call_saved("recent", 0);
         let text = s.encode();
         let served: Vec<&str> = text
             .lines()
@@ -1107,6 +1150,8 @@ mod tests {
                 "api_call_duration_seconds",
                 "api_retries",
                 "api_rate_limited",
+                "api_calls_saved",
+                "recent_answers_bytes",
                 "offsets_stored",
                 "offset_commits",
                 "records_in_flight",

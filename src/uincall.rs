@@ -13,7 +13,7 @@ use secrecy::{ExposeSecret, SecretString};
 use url::Url;
 
 use crate::classify::{ApiAnswer, TransportKind};
-use crate::settings::{ApiSettings, TenantSettings};
+use crate::settings::{ApiSettings, Http2, TenantSettings};
 
 /// Access tokens by tenant, shared by all in-flight calls.
 #[derive(Clone, Default)]
@@ -143,14 +143,19 @@ impl UincallClient {
     /// `default_pool` is the keep-alive pool size when
     /// `api.pool_max_idle_per_host` is unset (the in-flight window).
     pub fn new(api: &ApiSettings, default_pool: usize) -> anyhow::Result<Self> {
-        let http = reqwest::Client::builder()
+        let builder = reqwest::Client::builder()
             .timeout(api.request_timeout)
             .connect_timeout(api.connect_timeout)
             .pool_max_idle_per_host(api.pool_max_idle_per_host.unwrap_or(default_pool))
             .tcp_nodelay(true)
-            .user_agent(concat!("uincall-enricher/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .context("building the HTTP client")?;
+            .user_agent(concat!("uincall-enricher/", env!("CARGO_PKG_VERSION")));
+        // `auto`: HTTP/2 when the API offers it in the TLS handshake (ALPN).
+        let builder = match api.http2 {
+            Http2::Auto => builder,
+            Http2::PriorKnowledge => builder.http2_prior_knowledge(),
+            Http2::Never => builder.http1_only(),
+        };
+        let http = builder.build().context("building the HTTP client")?;
         Ok(UincallClient {
             http,
             base: api.base_url.clone(),

@@ -18,6 +18,7 @@ use tracing::{Instrument, debug, error, info, warn};
 use super::input::InRecord;
 use super::publish::{Outgoing, ProduceError, Publisher};
 use super::window::{Place, Window};
+use crate::answers::{Answered, Answers, CallKey, Turn};
 use crate::classify::{ApiAnswer, ApiFailure, ErrcodePolicy, Verdict, classify};
 use crate::dead_letter::{DeadLetter, ErrorClass};
 use crate::detail::CallDetail;
@@ -51,6 +52,8 @@ enum Fetched {
         call: Box<CallDetail>,
         attempts: Attempts,
         latency: Duration,
+        /// Another record's answer (`record::Enrichment::reused`).
+        reused: Option<&'static str>,
     },
     Failed(DeadLetter),
     Abandoned,
@@ -74,6 +77,16 @@ pub struct Enricher {
     /// between their first API call and their verdict (retries and waits at
     /// the gate included).
     window: Window,
+    /// Calls shared by the records of one session, and answers kept.
+    answers: Arc<Answers>,
+}
+
+/// What a record's last API call was: how long it took, and whether it was
+/// another record's (joined while under way).
+#[derive(Default)]
+struct LastCall {
+    latency_us: AtomicU64,
+    joined: std::sync::atomic::AtomicBool,
 }
 
 /// What a record waits for before each API call: its tenant not held (the
@@ -297,6 +310,10 @@ impl Enricher {
             publisher,
             stats,
             window,
+            answers: Answers::new(
+                settings.api.recent_answers_bytes,
+                settings.api.recent_answers_ttl,
+            ),
             settings,
         };
         enricher.tokens_known();
@@ -425,8 +442,9 @@ impl Enricher {
                 call,
                 attempts,
                 latency,
+                reused,
             } => {
-                let fetched = (call.as_ref(), &attempts, latency);
+                let fetched = (call.as_ref(), &attempts, latency, reused);
                 self.publish(&rec, &event, fetched, &stop).await
             }
         }
@@ -464,14 +482,18 @@ impl Enricher {
         token: &SecretString,
         stop: &CancellationToken,
     ) -> Fetched {
+        let key = CallKey::new(&event.tenant_id, &event.session_id, event.call_type);
+        if let Some(kept) = self.recent_answer(&key) {
+            return kept;
+        }
         // Dropped on return with its window place: the next record's calls
         // start while this one is published.
         let gate = RecordGate::new(self, &event.tenant_id);
-        let latency_us = AtomicU64::new(0);
-        let latency = &latency_us;
+        let last_call = LastCall::default();
+        let (last, key) = (&last_call, &key);
         loop {
             let outcome = retry::run(&self.retry, stop, &gate, move |n| {
-                self.attempt(event, token, n, latency)
+                self.attempt(event, key, token, n, last)
             })
             .await;
             let failed = |class, f, a: Attempts| {
@@ -500,15 +522,43 @@ impl Enricher {
                 RetryOutcome::Done(call, attempts) => {
                     self.records_breaker(event)
                         .on_enriched(|| probe_target(event));
-                    let latency = Duration::from_micros(latency_us.load(Ordering::Relaxed));
+                    let latency = last_call.latency_us.load(Ordering::Relaxed);
+                    let joined = last_call.joined.load(Ordering::Relaxed);
                     Fetched::Record {
                         call,
                         attempts,
-                        latency,
+                        latency: Duration::from_micros(latency),
+                        reused: joined.then_some("in_flight"),
                     }
                 }
             };
         }
+    }
+
+    /// The record of a session whose answer was kept
+    /// (`api.recent_answers_ttl`): no call, no window place.
+    fn recent_answer(&self, key: &CallKey) -> Option<Fetched> {
+        let kept = self.answers.recent(key)?;
+        let answer = ApiAnswer::Http {
+            status: 200,
+            retry_after: None,
+            body: kept.body,
+        };
+        let Verdict::Publish(call) = classify(&answer, &self.errcodes) else {
+            return None;
+        };
+        (self.stats).api_call_saved("recent", self.answers.kept_bytes());
+        let at = kept.fetched_at;
+        Some(Fetched::Record {
+            call,
+            attempts: Attempts {
+                count: 1,
+                first_at: at,
+                last_at: at,
+            },
+            latency: kept.latency,
+            reused: Some("recent"),
+        })
     }
 
     /// Whether a record's dead letter must wait: its tenant is held, the
@@ -545,25 +595,61 @@ impl Enricher {
         }
     }
 
-    /// One API call for the record (attempt `n`), with the breaker and the
-    /// rate limits told of its outcome; a failure while the API fails as a
-    /// whole is not the record's attempt.
+    /// One API call for the record (attempt `n`), or the outcome of the
+    /// call another record of its session has under way. The record making
+    /// the call tells the breaker and the rate limits of its outcome; a
+    /// failure while the API fails as a whole is not the record's attempt.
     async fn attempt(
+        &self,
+        event: &CallEnded,
+        key: &CallKey,
+        started_with: &SecretString,
+        n: u32,
+        last: &LastCall,
+    ) -> Verdict {
+        let (answered, joined) = loop {
+            let leader = match self.answers.turn(key.clone()) {
+                Turn::Join(joined) => match joined.outcome().await {
+                    Some(answered) => break (answered.as_ref().clone(), true),
+                    // The record making it went away: this one calls.
+                    None => continue,
+                },
+                Turn::Lead(leader) => leader,
+            };
+            let answered = self.own_attempt(event, started_with, n).await;
+            leader.done(answered.clone(), Utc::now());
+            (self.stats).recent_answers_kept(self.answers.kept_bytes());
+            break (answered, false);
+        };
+        if joined {
+            (self.stats).api_call_saved("in_flight", self.answers.kept_bytes());
+        }
+        let latency = answered.timed.latency.as_micros() as u64;
+        last.latency_us.store(latency, Ordering::Relaxed);
+        last.joined.store(joined, Ordering::Relaxed);
+        let verdict = self.breaker.blame(answered.verdict);
+        match self.tenants.get(&event.tenant_id) {
+            Some(held) => held.blame(verdict),
+            None => verdict,
+        }
+    }
+
+    /// The record's own API call, with the breaker and the rate limits
+    /// told of its outcome.
+    async fn own_attempt(
         &self,
         event: &CallEnded,
         started_with: &SecretString,
         n: u32,
-        latency_us: &AtomicU64,
-    ) -> Verdict {
+    ) -> Answered {
         // A rotated token is used from the next call on.
         let token = self
             .tokens
             .get(&event.tenant_id)
             .unwrap_or_else(|| started_with.clone());
         let (session, tenant) = (&event.session_id, &event.tenant_id);
-        let (t, verdict) = self.call(session, tenant, event.call_type, &token, n).await;
-        latency_us.store(t.latency.as_micros() as u64, Ordering::Relaxed);
-        let outcome = CallOutcome::of(&t.answer, &verdict);
+        let (timed, verdict) = self.call(session, tenant, event.call_type, &token, n).await;
+        let outcome = CallOutcome::of(&timed.answer, &verdict);
         (self.calls_breaker(tenant, &outcome)).on_call(outcome, || probe_target(event));
         match &verdict {
             Verdict::RateLimited(f) => {
@@ -572,11 +658,7 @@ impl Enricher {
             }
             _ => self.limits.answered(tenant),
         }
-        let verdict = self.breaker.blame(verdict);
-        match self.tenants.get(tenant) {
-            Some(held) => held.blame(verdict),
-            None => verdict,
-        }
+        Answered { timed, verdict }
     }
 
     /// Publishes the enriched record; one the output topic refuses (too
@@ -585,7 +667,12 @@ impl Enricher {
         &self,
         rec: &InRecord,
         event: &CallEnded,
-        (call, attempts, api_latency): (&CallDetail, &Attempts, Duration),
+        (call, attempts, api_latency, reused): (
+            &CallDetail,
+            &Attempts,
+            Duration,
+            Option<&'static str>,
+        ),
         stop: &CancellationToken,
     ) -> Result<Disposition, anyhow::Error> {
         let s = &self.settings;
@@ -599,6 +686,7 @@ impl Enricher {
             attempts: attempts.count,
             api_latency,
             source: &rec.source,
+            reused,
         });
         let send = otel::send_span(&s.kafka.output_topic);
         let h = &s.headers;

@@ -17,6 +17,7 @@ mod replay;
 mod retries;
 mod secrets;
 mod secured;
+mod shared_calls;
 mod side_port;
 mod tenants;
 #[path = "../testkit/mod.rs"]
