@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::detail::{CallDetail, Envelope};
+use crate::detail::{Answer, CallDetail, Envelope};
 
 /// What came back from one API call, before any interpretation.
 #[derive(Debug, Clone)]
@@ -156,6 +156,25 @@ pub fn classify(answer: &ApiAnswer, policy: &ErrcodePolicy) -> Verdict {
     if !(200..300).contains(&status) {
         return http_failure(status, retry_after, body);
     }
+    // One pass for the usual answer; what it cannot read is read again in
+    // two steps, to tell a bad envelope from a record that does not fit.
+    let answer: Answer = match serde_json::from_slice(body) {
+        Ok(answer) => answer,
+        Err(_) => return classify_in_steps(status, retry_after, body, policy),
+    };
+    let data = answer.data.0;
+    let read = (answer.errcode, answer.errmsg);
+    envelope_verdict(status, retry_after, read, move || Ok(data), policy)
+}
+
+/// [`classify`] for a 2xx answer read in two steps: the envelope (its
+/// `data` kept as text), then the record.
+fn classify_in_steps(
+    status: u16,
+    retry_after: Option<Duration>,
+    body: &[u8],
+    policy: &ErrcodePolicy,
+) -> Verdict {
     let envelope: Envelope = match serde_json::from_slice(body) {
         Ok(e) => e,
         Err(e) => {
@@ -167,18 +186,31 @@ pub fn classify(answer: &ApiAnswer, policy: &ErrcodePolicy) -> Verdict {
             return Verdict::Retry(f);
         }
     };
+    let read = (envelope.errcode, envelope.errmsg.clone());
+    envelope_verdict(status, retry_after, read, || envelope.detail(), policy)
+}
+
+/// What a 2xx answer's envelope says: its errcode, else its record
+/// (`detail`, read only for errcode 0).
+fn envelope_verdict(
+    status: u16,
+    retry_after: Option<Duration>,
+    (errcode, errmsg): (i64, Option<String>),
+    detail: impl FnOnce() -> Result<Option<CallDetail>, serde_json::Error>,
+    policy: &ErrcodePolicy,
+) -> Verdict {
     let failure = |reason: String| ApiFailure {
         reason,
         http_status: Some(status),
-        errcode: Some(envelope.errcode),
-        errmsg: envelope.errmsg.clone(),
+        errcode: Some(errcode),
+        errmsg: errmsg.clone(),
         retry_after,
     };
-    if envelope.errcode != 0 {
-        let msg = envelope.errmsg.as_deref().unwrap_or("");
-        return errcode_verdict(envelope.errcode, msg, policy, failure);
+    if errcode != 0 {
+        let msg = errmsg.as_deref().unwrap_or("");
+        return errcode_verdict(errcode, msg, policy, failure);
     }
-    match envelope.detail() {
+    match detail() {
         Ok(Some(detail)) => Verdict::Publish(Box::new(detail)),
         Ok(None) => Verdict::Retry(failure("errcode 0 but no record yet".to_string())),
         Err(e) => Verdict::DeadLetter(failure(format!("record does not fit the model: {e}"))),
@@ -411,6 +443,39 @@ pub(crate) mod tests {
         match v {
             Verdict::RateLimited(f) => assert_eq!(f.retry_after, Some(Duration::from_secs(3))),
             other => panic!("429 is rate limiting: {other:?}"),
+        }
+    }
+
+    /// The one pass and the two steps agree on every kind of answer.
+    #[test]
+    fn one_pass_and_two_steps_give_the_same_verdict() {
+        let spec = include_str!("../tests/fixtures/spec_example_response.json");
+        let bodies = [
+            spec,
+            r#"{"errcode": 0, "data": {}}"#,
+            r#"{"errcode": 0, "data": []}"#,
+            r#"{"errcode": 0, "data": ""}"#,
+            r#"{"errcode": 0, "data": null}"#,
+            r#"{"errcode": 0}"#,
+            r#"{"errcode": 0, "data": [{"session_id": 5}, 1]}"#,
+            r#"{"errcode": 0, "data": [{}]}"#,
+            r#"{"errcode": 0, "data": 42}"#,
+            r#"{"errcode": 0, "data": {"satisfaction": "very"}}"#,
+            r#"{"errcode": 0, "data": {"lists": {"a": 1}}}"#,
+            r#"{"errcode": 0, "data": {"lists": [{"truename": "x", "new": [1]}], "brand_new": {"x": 1}}}"#,
+            r#"{"errcode": "10001", "errmsg": "not yet", "data": 42}"#,
+            r#"{"errcode": 40001, "errmsg": 7}"#,
+            r#"{"errcode": "", "data": {}}"#,
+            r#"{"errmsg": "no code"}"#,
+            "not json",
+        ];
+        for body in bodies {
+            let b = body.as_bytes();
+            assert_eq!(
+                classify(&http(200, body), &policy()),
+                classify_in_steps(200, None, b, &policy()),
+                "{body}"
+            );
         }
     }
 

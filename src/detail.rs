@@ -5,16 +5,20 @@
 //! the reverse); `""` and `null` both mean "none". Every known field is read
 //! leniently into one type, and every unknown field is kept as it came.
 
-use serde::{Deserialize, Deserializer, Serialize};
+mod read;
+
+use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
+
+pub use read::Answer;
 
 /// The answer envelope: `errcode` 0 means success.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Envelope {
-    #[serde(deserialize_with = "lenient::required_i64")]
+    #[serde(deserialize_with = "read::required_i64")]
     pub errcode: i64,
-    #[serde(default, deserialize_with = "lenient::string")]
+    #[serde(default, deserialize_with = "read::string")]
     pub errmsg: Option<String>,
     /// Kept as text and read straight into [`CallDetail`]: no
     /// intermediate tree.
@@ -32,54 +36,36 @@ impl Envelope {
 }
 
 /// One call (呼叫会话记录).
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct CallDetail {
-    #[serde(default, deserialize_with = "lenient::string")]
     pub session_id: Option<String>,
-    #[serde(default, deserialize_with = "lenient::i64")]
     pub call_type: Option<i64>,
     /// Call tags: `{"tags": [[id, …], …]}` or none.
-    #[serde(default, deserialize_with = "lenient::object")]
     pub tags: Option<Map<String, Value>>,
-    #[serde(default, deserialize_with = "lenient::string")]
     pub summary: Option<String>,
-    #[serde(default, deserialize_with = "lenient::string")]
     pub remark: Option<String>,
     /// `call in` or `call out`.
-    #[serde(default, deserialize_with = "lenient::string")]
     pub call_direction: Option<String>,
     /// Consecutive unanswered inbound calls; none for outbound calls.
-    #[serde(default, deserialize_with = "lenient::i64")]
     pub ignore_times: Option<i64>,
     /// Satisfaction score 1..4.
-    #[serde(default, deserialize_with = "lenient::i64")]
     pub satisfaction: Option<i64>,
     /// URL of the recording.
-    #[serde(default, deserialize_with = "lenient::string")]
     pub record_file: Option<String>,
     /// The call's fragments (IVR, queue, agent legs).
-    #[serde(default, deserialize_with = "lenient::vec")]
     pub lists: Vec<CallFragment>,
     /// Call trail: `{"rows": [{recDesc, starttime, command, …}]}`.
-    #[serde(default, deserialize_with = "lenient::object")]
     pub app_node_list: Option<Map<String, Value>>,
-    #[serde(default, deserialize_with = "lenient::bool")]
     pub is_repeat: Option<bool>,
     /// Repeat-call window in hours (0, 24, 48).
-    #[serde(default, deserialize_with = "lenient::i64")]
     pub cycle_period: Option<i64>,
-    #[serde(default, deserialize_with = "lenient::i64")]
     pub call_in_today_num: Option<i64>,
-    #[serde(default, deserialize_with = "lenient::i64")]
     pub call_in_all_num: Option<i64>,
     /// Forms submitted by agents during the call.
-    #[serde(default, deserialize_with = "lenient::vec")]
     pub associate_datas: Vec<Value>,
     /// Hang-up reason code (ver=1): 1, -1, -2, 2..5, 430..455, 500..505.
-    #[serde(default, deserialize_with = "lenient::i64")]
     pub hangup_reason: Option<i64>,
     /// Who hung up (ver=1): 1 customer, 2 agent, 4 system.
-    #[serde(default, deserialize_with = "lenient::i64")]
     pub hangup_party: Option<i64>,
     /// Fields this version does not know, kept as received.
     #[serde(flatten)]
@@ -87,60 +73,39 @@ pub struct CallDetail {
 }
 
 /// One fragment of a call (呼叫片段).
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct CallFragment {
-    #[serde(default, deserialize_with = "lenient::string")]
     pub id: Option<String>,
-    #[serde(default, deserialize_with = "lenient::string")]
     pub customer_id: Option<String>,
     /// Customer name: the spec calls it `truename`, the API also sends
     /// `customer_name`; both are read and this holds whichever is set.
-    #[serde(default, deserialize_with = "lenient::string")]
     pub customer_name: Option<String>,
-    #[serde(default, deserialize_with = "lenient::string", skip_serializing)]
+    #[serde(skip_serializing)]
     pub truename: Option<String>,
     /// loginout, callmemory, app (IVR), queue, agent.
-    #[serde(default, deserialize_with = "lenient::string")]
     pub app_type: Option<String>,
-    #[serde(default, deserialize_with = "lenient::string")]
     pub service_type: Option<String>,
     /// Business number (the spec's spelling).
-    #[serde(default, deserialize_with = "lenient::string")]
     pub bussiness_num: Option<String>,
     /// When handling started (the spec's spelling).
-    #[serde(default, deserialize_with = "lenient::string")]
     pub alterting_time: Option<String>,
     /// Service duration in seconds.
-    #[serde(default, deserialize_with = "lenient::i64")]
     pub service_time: Option<i64>,
-    #[serde(default, deserialize_with = "lenient::string")]
     pub service_start_time: Option<String>,
-    #[serde(default, deserialize_with = "lenient::string")]
     pub service_stop_time: Option<String>,
     /// Queueing time in seconds.
-    #[serde(default, deserialize_with = "lenient::i64")]
     pub queue_time: Option<i64>,
     /// Ringing time in seconds.
-    #[serde(default, deserialize_with = "lenient::i64")]
     pub ringing_time: Option<i64>,
-    #[serde(default, deserialize_with = "lenient::string")]
     pub answer_time: Option<String>,
-    #[serde(default, deserialize_with = "lenient::string")]
     pub ani: Option<String>,
-    #[serde(default, deserialize_with = "lenient::string")]
     pub ani_place: Option<String>,
-    #[serde(default, deserialize_with = "lenient::string")]
     pub dnis: Option<String>,
-    #[serde(default, deserialize_with = "lenient::string")]
     pub dnis_place: Option<String>,
-    #[serde(default, deserialize_with = "lenient::string")]
     pub call_direction: Option<String>,
     /// Service quality tag.
-    #[serde(default, deserialize_with = "lenient::string")]
     pub title: Option<String>,
-    #[serde(default, deserialize_with = "lenient::string")]
     pub agent_num: Option<String>,
-    #[serde(default, deserialize_with = "lenient::string")]
     pub agent_name: Option<String>,
     #[serde(flatten)]
     pub extra: Map<String, Value>,
@@ -151,48 +116,13 @@ impl CallDetail {
     /// an object array and shows an object: both are accepted. `None` means
     /// "no record yet" (`{}`, `[]`, `null`, `""`).
     pub fn from_json(data: &str) -> Result<Option<CallDetail>, serde_json::Error> {
-        let text = data.trim();
-        let object = match text.as_bytes().first() {
-            Some(b'{') if is_empty_object(text) => return Ok(None),
-            Some(b'{') => text,
-            Some(b'[') => match serde_json::from_str::<Vec<&RawValue>>(text)?.first() {
-                None => return Ok(None),
-                Some(first) => return CallDetail::from_object(first.get()).map(Some),
-            },
-            Some(b'n') | None => return Ok(None),
-            Some(b'"') if text == "\"\"" => return Ok(None),
-            _ => {
-                let v: Value = serde_json::from_str(text)?;
-                return Err(serde::de::Error::custom(format!(
-                    "data is a {}, not an object",
-                    kind(&v)
-                )));
-            }
-        };
-        CallDetail::from_object(object).map(Some)
+        serde_json::from_str::<read::Data>(data).map(|d| d.0)
     }
 
     /// [`CallDetail::from_json`] for a value already parsed.
     pub fn from_data(data: &Value) -> Result<Option<CallDetail>, serde_json::Error> {
         CallDetail::from_json(&data.to_string())
     }
-
-    fn from_object(text: &str) -> Result<CallDetail, serde_json::Error> {
-        let mut detail: CallDetail = serde_json::from_str(text)?;
-        for f in &mut detail.lists {
-            if f.customer_name.is_none() {
-                f.customer_name = f.truename.clone();
-            }
-        }
-        Ok(detail)
-    }
-}
-
-/// `{}` with any whitespace inside.
-fn is_empty_object(text: &str) -> bool {
-    text.strip_prefix('{')
-        .and_then(|rest| rest.strip_suffix('}'))
-        .is_some_and(|inside| inside.trim().is_empty())
 }
 
 fn kind(v: &Value) -> &'static str {
@@ -203,113 +133,6 @@ fn kind(v: &Value) -> &'static str {
         Value::String(_) => "string",
         Value::Array(_) => "array",
         Value::Object(_) => "object",
-    }
-}
-
-/// Deserialisers that accept the type variants the API is known to send.
-mod lenient {
-    use super::*;
-    use serde::de::Error;
-
-    pub fn string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-        Ok(match Value::deserialize(d)? {
-            Value::Null => None,
-            Value::String(s) if s.is_empty() => None,
-            Value::String(s) => Some(s),
-            Value::Number(n) => Some(n.to_string()),
-            Value::Bool(b) => Some(b.to_string()),
-            other => {
-                return Err(D::Error::custom(format!(
-                    "expected a string, got {}",
-                    kind(&other)
-                )));
-            }
-        })
-    }
-
-    fn to_i64(v: &Value) -> Result<Option<i64>, String> {
-        match v {
-            Value::Null => Ok(None),
-            Value::Number(n) => n
-                .as_i64()
-                .or_else(|| n.as_f64().filter(|f| f.fract() == 0.0).map(|f| f as i64))
-                .map(Some)
-                .ok_or_else(|| format!("{n} is not an integer")),
-            Value::String(s) if s.trim().is_empty() => Ok(None),
-            Value::String(s) => s
-                .trim()
-                .parse::<i64>()
-                .map(Some)
-                .map_err(|_| format!("{s:?} is not an integer")),
-            other => Err(format!("expected an integer, got {}", kind(other))),
-        }
-    }
-
-    pub fn i64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
-        to_i64(&Value::deserialize(d)?).map_err(D::Error::custom)
-    }
-
-    pub fn required_i64<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
-        to_i64(&Value::deserialize(d)?)
-            .map_err(D::Error::custom)?
-            .ok_or_else(|| D::Error::custom("errcode is empty"))
-    }
-
-    pub fn bool<'de, D: Deserializer<'de>>(d: D) -> Result<Option<bool>, D::Error> {
-        Ok(match Value::deserialize(d)? {
-            Value::Null => None,
-            Value::Bool(b) => Some(b),
-            Value::Number(n) => Some(n.as_f64() != Some(0.0)),
-            Value::String(s) => match s.trim() {
-                "" => None,
-                "true" | "1" => Some(true),
-                "false" | "0" => Some(false),
-                other => return Err(D::Error::custom(format!("{other:?} is not a boolean"))),
-            },
-            other => {
-                return Err(D::Error::custom(format!(
-                    "expected a boolean, got {}",
-                    kind(&other)
-                )));
-            }
-        })
-    }
-
-    pub fn object<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Map<String, Value>>, D::Error> {
-        Ok(match Value::deserialize(d)? {
-            Value::Object(m) => Some(m),
-            Value::Null => None,
-            Value::String(s) if s.trim().is_empty() => None,
-            // Some fields are documented as strings holding JSON.
-            Value::String(s) => match serde_json::from_str::<Value>(&s) {
-                Ok(Value::Object(m)) => Some(m),
-                _ => return Err(D::Error::custom("expected an object or JSON text of one")),
-            },
-            // An empty list stands for "none" in several PHP-style APIs.
-            Value::Array(a) if a.is_empty() => None,
-            other => {
-                return Err(D::Error::custom(format!(
-                    "expected an object, got {}",
-                    kind(&other)
-                )));
-            }
-        })
-    }
-
-    pub fn vec<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
-    where
-        D: Deserializer<'de>,
-        T: serde::de::DeserializeOwned,
-    {
-        match Value::deserialize(d)? {
-            Value::Null => Ok(Vec::new()),
-            Value::String(s) if s.trim().is_empty() => Ok(Vec::new()),
-            v @ Value::Array(_) => serde_json::from_value(v).map_err(D::Error::custom),
-            other => Err(D::Error::custom(format!(
-                "expected an array, got {}",
-                kind(&other)
-            ))),
-        }
     }
 }
 
