@@ -133,6 +133,10 @@ struct Args {
     /// record are reported.
     #[arg(long, default_value_t = 0.0)]
     duplicates: f64,
+    /// Skip the unmeasured first point (window 256, 0 ms, 30 000 events)
+    /// that warms the broker's JVM before anything is measured.
+    #[arg(long)]
+    no_warmup: bool,
     /// Skip the raw consume + produce runs (ratios are then to W/L only).
     #[arg(long)]
     no_raw: bool,
@@ -330,6 +334,17 @@ async fn sweep(args: Args) -> anyhow::Result<()> {
         return backfill::run(&ctx).await;
     }
 
+    if !args.no_warmup {
+        let warmup = Subject::Worker {
+            window: 256,
+            latency_ms: 0,
+        };
+        let m = ctx.run("warmup", 30_000.0 / args.seconds, warmup).await;
+        eprintln!(
+            "warm-up (not measured): {}",
+            m.context("the warm-up point")?.summary()
+        );
+    }
     let mut raw: HashMap<usize, Measured> = HashMap::new();
     if !args.no_raw {
         for &w in &args.windows {

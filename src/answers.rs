@@ -66,11 +66,16 @@ pub enum Turn {
 pub struct Leader {
     answers: Arc<Answers>,
     key: CallKey,
+    /// Tells this call's entry from a later one of the same key.
+    id: u64,
     tx: watch::Sender<Option<Arc<Answered>>>,
 }
 
+/// Where a call's outcome is awaited.
+type Shared = watch::Receiver<Option<Arc<Answered>>>;
+
 /// A record waiting for another's call.
-pub struct Joined(watch::Receiver<Option<Arc<Answered>>>);
+pub struct Joined(Shared);
 
 impl Joined {
     /// The shared outcome; `None` when the record making the call went
@@ -82,34 +87,41 @@ impl Joined {
 }
 
 impl Leader {
-    /// Hands the outcome to the records that joined; a successful answer
-    /// (`Publish`) is kept for reuse.
-    pub fn done(self, answered: Answered, fetched_at: DateTime<Utc>) {
+    /// Hands the outcome to the records that joined (cloned only when some
+    /// did); a successful answer (`Publish`) is kept for reuse.
+    pub fn done(mut self, answered: &Answered, fetched_at: DateTime<Utc>) {
         if let (Verdict::Publish(_), crate::classify::ApiAnswer::Http { body, .. }) =
             (&answered.verdict, &answered.timed.answer)
         {
             (self.answers).keep(&self.key, body, fetched_at, answered.timed.latency);
         }
-        self.tx.send_replace(Some(Arc::new(answered)));
+        // Out of the map first: no record joins after the count below.
+        self.leave();
+        if self.tx.receiver_count() > 0 {
+            self.tx.send_replace(Some(Arc::new(answered.clone())));
+        }
     }
-}
 
-impl Drop for Leader {
-    fn drop(&mut self) {
+    /// Takes this call out of the calls under way.
+    fn leave(&mut self) {
         let mut calls = self.answers.in_flight.lock().unwrap();
         // Only this call's entry: a later leader may hold the key already.
-        if calls
-            .get(&self.key)
-            .is_some_and(|rx| rx.same_channel(&self.tx.subscribe()))
-        {
+        if calls.get(&self.key).is_some_and(|(id, _)| *id == self.id) {
             calls.remove(&self.key);
         }
     }
 }
 
+impl Drop for Leader {
+    fn drop(&mut self) {
+        self.leave();
+    }
+}
+
 /// Calls in flight and answers kept.
 pub struct Answers {
-    in_flight: Mutex<HashMap<CallKey, watch::Receiver<Option<Arc<Answered>>>>>,
+    in_flight: Mutex<HashMap<CallKey, (u64, Shared)>>,
+    next_id: std::sync::atomic::AtomicU64,
     recent: Mutex<Kept>,
     ttl: Duration,
 }
@@ -130,6 +142,7 @@ impl Answers {
     pub fn new(max_bytes: usize, ttl: Duration) -> Arc<Answers> {
         Arc::new(Answers {
             in_flight: Mutex::new(HashMap::new()),
+            next_id: std::sync::atomic::AtomicU64::new(0),
             recent: Mutex::new(Kept {
                 answers: LruCache::unbounded(),
                 bytes: 0,
@@ -153,14 +166,20 @@ impl Answers {
     /// Leads the call for `key`, or joins the one under way.
     pub fn turn(self: &Arc<Self>, key: CallKey) -> Turn {
         let mut calls = self.in_flight.lock().unwrap();
-        if let Some(rx) = calls.get(&key) {
+        if let Some((_, rx)) = calls.get(&key) {
             return Turn::Join(Joined(rx.clone()));
         }
+        // Records that join clone the map's receiver; it is dropped when
+        // the call leaves the map, so that only theirs are counted then.
         let (tx, rx) = watch::channel(None);
-        calls.insert(key.clone(), rx);
+        let id = self
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        calls.insert(key.clone(), (id, rx));
         Turn::Lead(Leader {
             answers: self.clone(),
             key,
+            id,
             tx,
         })
     }
@@ -259,7 +278,7 @@ mod tests {
         let joined: Vec<Joined> = (0..3).map(|_| join(&answers, &key)).collect();
         // Another session is a call of its own.
         let _other = lead(&answers, &CallKey::new("t", "s-2", None));
-        leader.done(ok("{}"), Utc::now());
+        leader.done(&ok("{}"), Utc::now());
         for j in joined {
             let answered = j.outcome().await.expect("the leader's outcome");
             assert!(matches!(answered.verdict, Verdict::Publish(_)));
@@ -288,7 +307,7 @@ mod tests {
         let joined = join(&answers, &key);
         let mut failed = ok("{}");
         failed.verdict = Verdict::Retry(ApiFailure::new("errcode 1"));
-        leader.done(failed, Utc::now());
+        leader.done(&failed, Utc::now());
         let shared = joined.outcome().await.unwrap();
         assert!(matches!(shared.verdict, Verdict::Retry(_)));
         assert!(answers.recent(&key).is_none());
@@ -304,7 +323,7 @@ mod tests {
             .map(|i| CallKey::new("t", &format!("s-{i:04}"), None))
             .collect();
         for k in &keys {
-            lead(&answers, k).done(ok(&body), Utc::now());
+            lead(&answers, k).done(&ok(&body), Utc::now());
             assert!(answers.kept_bytes() <= max);
         }
         assert!(answers.recent(&keys[19]).is_some());
@@ -323,12 +342,12 @@ mod tests {
             Answers::new(0, Duration::from_secs(60)),
             Answers::new(1 << 20, Duration::ZERO),
         ] {
-            lead(&answers, &key).done(ok("{}"), Utc::now());
+            lead(&answers, &key).done(&ok("{}"), Utc::now());
             assert!(answers.recent(&key).is_none());
             assert_eq!(answers.kept_bytes(), 0);
         }
         let answers = Answers::new(1 << 20, Duration::from_millis(1));
-        lead(&answers, &key).done(ok("{}"), Utc::now());
+        lead(&answers, &key).done(&ok("{}"), Utc::now());
         let kept_at = answers
             .recent
             .lock()

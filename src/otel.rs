@@ -8,9 +8,11 @@
 //! Spans are exported with OTLP over HTTP when the standard variables ask
 //! for it ([`Export::from_env`]), and not otherwise; the headers are written
 //! either way, so a trace goes on through this worker whether or not it
-//! exports.
+//! exports. Without export a span's name and attributes are not built:
+//! nothing would read them.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use opentelemetry::propagation::{Extractor, TextMapPropagator};
 use opentelemetry::trace::{Status, TraceContextExt, TracerProvider as _};
@@ -84,6 +86,20 @@ impl Export {
             )),
         }
     }
+}
+
+/// Whether the installed subscriber exports spans.
+static EXPORTING: AtomicBool = AtomicBool::new(false);
+
+/// Tells whether the subscriber just installed exports spans.
+pub fn set_exporting(export: Export) {
+    EXPORTING.store(export != Export::Off, Ordering::Relaxed);
+}
+
+/// Whether span names and attributes are worth building: spans are
+/// exported.
+pub fn exporting() -> bool {
+    EXPORTING.load(Ordering::Relaxed)
 }
 
 /// The tracer provider; [`Traces::shutdown`] sends what is still buffered.
@@ -175,10 +191,14 @@ pub fn continue_trace(span: &tracing::Span, headers: &[(String, Option<Vec<u8>>)
     }
 }
 
-/// The trace-context headers of `span`, `traceparent` first; none when the
-/// span has no valid context (no tracer installed).
+/// The trace-context headers of `span` (of the current span for none, the
+/// child spans not made without export), `traceparent` first; none when
+/// the span has no valid context (no tracer installed).
 pub fn headers_of(span: &tracing::Span) -> Vec<(&'static str, String)> {
-    let cx = span.context();
+    let cx = match span.is_none() {
+        true => tracing::Span::current().context(),
+        false => span.context(),
+    };
     if !cx.span().span_context().is_valid() {
         return Vec::new();
     }
@@ -221,7 +241,7 @@ pub fn record_span(
 ) -> tracing::Span {
     let span = tracing::info_span!(
         "record",
-        otel.name = format!("process {}", source.topic),
+        otel.name = tracing::field::Empty,
         otel.kind = "consumer",
         partition = source.partition,
         offset = source.offset,
@@ -229,6 +249,10 @@ pub fn record_span(
         tenant_id = tracing::field::Empty,
     );
     continue_trace(&span, headers);
+    if !exporting() {
+        return span;
+    }
+    span.record("otel.name", format!("process {}", source.topic));
     messaging(&span, &source.topic, "process");
     span.set_attribute("messaging.consumer.group.name", group.to_string());
     span.set_attribute(
@@ -244,11 +268,24 @@ pub fn record_span(
 pub fn send_span(topic: &str) -> tracing::Span {
     let span = tracing::info_span!(
         "send",
-        otel.name = format!("send {topic}"),
-        otel.kind = "producer",
+        otel.name = tracing::field::Empty,
+        otel.kind = "producer"
     );
-    messaging(&span, topic, "send");
+    if exporting() {
+        span.record("otel.name", format!("send {topic}"));
+        messaging(&span, topic, "send");
+    }
     span
+}
+
+/// [`send_span`] for a record's enriched record or dead letter; without
+/// export none, and the record's own span's context goes on the written
+/// record (see [`headers_of`]).
+pub fn record_send_span(topic: &str) -> tracing::Span {
+    match exporting() {
+        true => send_span(topic),
+        false => tracing::Span::none(),
+    }
 }
 
 fn messaging(span: &tracing::Span, topic: &str, operation: &'static str) {
@@ -258,14 +295,19 @@ fn messaging(span: &tracing::Span, topic: &str, operation: &'static str) {
     span.set_attribute("messaging.operation.type", operation);
 }
 
-/// The span of one API call (kind client). `url` must not hold the access
-/// token: see `UincallClient::url_for_traces`.
-pub fn api_span(url: &url::Url, attempt: u32) -> tracing::Span {
+/// The span of one API call (kind client). `url` gives the URL, which
+/// must not hold the access token: see `UincallClient::url_for_traces`.
+/// Without export none: the request carries the record's span's context.
+pub fn api_span(url: impl FnOnce() -> url::Url, attempt: u32) -> tracing::Span {
+    if !exporting() {
+        return tracing::Span::none();
+    }
     let span = tracing::info_span!(
         "api_call",
         otel.name = "GET /openapi/call/v2/detail/{session_id}",
         otel.kind = "client",
     );
+    let url = url();
     span.set_attribute("http.request.method", "GET");
     span.set_attribute("url.full", url.to_string());
     if let Some(host) = url.host_str() {
@@ -285,6 +327,9 @@ pub fn api_answered(
     verdict: &crate::classify::Verdict,
 ) {
     use crate::classify::{ApiAnswer, Verdict};
+    if !exporting() {
+        return;
+    }
     if let ApiAnswer::Http { status, .. } = answer {
         span.set_attribute("http.response.status_code", i64::from(*status));
     }
@@ -307,6 +352,9 @@ pub fn api_answered(
 
 /// Marks `span` failed, with the error's class (`error.type`).
 pub fn set_error(span: &tracing::Span, class: &str, description: String) {
+    if !exporting() {
+        return;
+    }
     span.set_attribute("error.type", class.to_string());
     span.set_status(Status::error(description));
 }

@@ -68,6 +68,9 @@ pub fn init(log: &LogSettings) -> anyhow::Result<Telemetry> {
         ])
         .try_init()
         .is_ok();
+    if installed {
+        crate::otel::set_exporting(export);
+    }
     Ok(Telemetry {
         traces: installed.then_some(traces),
     })

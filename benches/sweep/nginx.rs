@@ -27,6 +27,7 @@ const STATUS_PATH: &str = "/nginx_status";
 /// Where a running nginx serves.
 pub struct Nginx {
     addr: SocketAddr,
+    http2: bool,
 }
 
 impl Nginx {
@@ -64,7 +65,7 @@ impl Nginx {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        Ok((proc, Nginx { addr }))
+        Ok((proc, Nginx { addr, http2 }))
     }
 
     pub fn base_url(&self) -> String {
@@ -74,7 +75,13 @@ impl Nginx {
     /// Requests served so far, this one and earlier status requests
     /// included.
     pub async fn requests(&self) -> anyhow::Result<u64> {
-        let text = reqwest::get(format!("http://{}{STATUS_PATH}", self.addr))
+        let client = match self.http2 {
+            true => reqwest::Client::builder().http2_prior_knowledge(),
+            false => reqwest::Client::builder(),
+        };
+        let text = (client.build()?)
+            .get(format!("http://{}{STATUS_PATH}", self.addr))
+            .send()
             .await?
             .error_for_status()?
             .text()

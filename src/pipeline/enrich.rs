@@ -617,7 +617,7 @@ impl Enricher {
                 Turn::Lead(leader) => leader,
             };
             let answered = self.own_attempt(event, started_with, n).await;
-            leader.done(answered.clone(), Utc::now());
+            leader.done(&answered, Utc::now());
             (self.stats).recent_answers_kept(self.answers.kept_bytes());
             break (answered, false);
         };
@@ -688,7 +688,7 @@ impl Enricher {
             source: &rec.source,
             reused,
         });
-        let send = otel::send_span(&s.kafka.output_topic);
+        let send = otel::record_send_span(&s.kafka.output_topic);
         let h = &s.headers;
         let cloudevents = h.cloudevents.then_some(h.cloudevents_source.as_str());
         let headers = enriched_headers(event, cloudevents, attempts.last_at, &send);
@@ -728,12 +728,11 @@ impl Enricher {
     ) -> Result<Disposition, anyhow::Error> {
         let k = &self.settings.kafka;
         let stamp = dl.stamp(&rec.source, &k.group_id, Utc::now());
-        otel::set_error(
-            &tracing::Span::current(),
-            dl.class.as_str(),
-            dl.reason.clone(),
-        );
-        let send = otel::send_span(&k.dead_letter_topic);
+        if otel::exporting() {
+            let span = tracing::Span::current();
+            otel::set_error(&span, dl.class.as_str(), dl.reason.clone());
+        }
+        let send = otel::record_send_span(&k.dead_letter_topic);
         let headers = otel::with_trace(rec.headers_without_dlq(), &send);
         let out = Outgoing {
             topic: &k.dead_letter_topic,
@@ -783,8 +782,8 @@ impl Enricher {
         token: &SecretString,
         attempt: u32,
     ) -> (Timed, Verdict) {
-        let url = self.client.url_for_traces(session_id, tenant_id, call_type);
-        let span = otel::api_span(&url, attempt);
+        let url = || (self.client).url_for_traces(session_id, tenant_id, call_type);
+        let span = otel::api_span(url, attempt);
         let timed = (self.client)
             .fetch_detail(session_id, tenant_id, token, call_type)
             .instrument(span.clone())
