@@ -3,19 +3,24 @@
 //!   cargo bench --bench hot_path
 //!
 //! parse a call-ended event, classify an API answer (parse the envelope and
-//! normalise the record), serialise the enriched record, and the three in a
-//! row as the worker runs them.
+//! normalise the record, in one pass), serialise the enriched record, and
+//! the three in a row as the worker runs them; then what sharing calls
+//! adds to a record that makes its own call (lead it, keep its answer in a
+//! full store of answers), and what a record of a session enriched lately
+//! costs instead of its call (find the kept answer and read it).
 
 use std::hint::black_box;
 use std::time::Duration;
 
 use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use uincall_enricher::answers::{Answered, Answers, CallKey, Turn};
 use uincall_enricher::classify::{ApiAnswer, ErrcodePolicy, Verdict, classify};
 use uincall_enricher::event::{CallEnded, parse_event};
 use uincall_enricher::fake_api::sample_record;
 use uincall_enricher::record::{self, Source};
 use uincall_enricher::settings::Settings;
+use uincall_enricher::uincall::Timed;
 
 struct Fixture {
     settings: Settings,
@@ -101,6 +106,7 @@ fn hot_path(c: &mut Criterion) {
             enriched(&f, &event, &verdict)
         })
     });
+    share_and_reuse(&mut g, &f);
     g.finish();
     eprintln!(
         "event {} bytes, API answer {} bytes, enriched record {} bytes",
@@ -111,6 +117,55 @@ fn hot_path(c: &mut Criterion) {
         },
         record.len()
     );
+}
+
+/// A call shared and an answer reused, the store of answers full at its
+/// default size (so every answer kept evicts the oldest).
+fn share_and_reuse(
+    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    f: &Fixture,
+) {
+    let store = Answers::new(
+        f.settings.api.recent_answers_bytes,
+        Duration::from_secs(300),
+    );
+    let answered = Answered {
+        timed: Timed {
+            answer: f.answer.clone(),
+            latency: Duration::from_millis(48),
+        },
+        verdict: classify(&f.answer, &f.policy),
+    };
+    let mut n = 0u64;
+    let mut lead_and_keep = |n: u64| {
+        let key = CallKey::new("tenant-0001", &format!("session-{n:012}"), Some(4));
+        match store.turn(key) {
+            Turn::Lead(leader) => leader.done(&answered, chrono::Utc::now()),
+            Turn::Join(_) => unreachable!("no call is under way"),
+        }
+    };
+    for _ in 0..20_000 {
+        lead_and_keep(n);
+        n += 1;
+    }
+    g.bench_function("share_own_call", |b| {
+        b.iter(|| {
+            lead_and_keep(n);
+            n += 1;
+        })
+    });
+    let last = CallKey::new("tenant-0001", &format!("session-{:012}", n - 1), Some(4));
+    g.bench_function("reuse_kept_answer", |b| {
+        b.iter(|| {
+            let kept = store.recent(black_box(&last)).expect("kept");
+            let answer = ApiAnswer::Http {
+                status: 200,
+                retry_after: None,
+                body: kept.body,
+            };
+            classify(&answer, &f.policy)
+        })
+    });
 }
 
 criterion_group!(benches, hot_path);

@@ -8,8 +8,8 @@
 mod read;
 
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use serde_json::value::RawValue;
-use serde_json::{Map, Value};
 
 pub use read::Answer;
 
@@ -35,13 +35,70 @@ impl Envelope {
     }
 }
 
+/// JSON kept as the API wrote it: written into the enriched record as it
+/// is, never read into a tree.
+#[derive(Debug, Clone)]
+pub struct Raw(pub Box<RawValue>);
+
+impl Raw {
+    pub fn get(&self) -> &str {
+        self.0.get()
+    }
+
+    /// The value, read.
+    pub fn value(&self) -> Value {
+        serde_json::from_str(self.get()).expect("a raw value is JSON")
+    }
+}
+
+impl PartialEq for Raw {
+    fn eq(&self, other: &Raw) -> bool {
+        self.get() == other.get()
+    }
+}
+
+impl Serialize for Raw {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
+/// Fields this version does not know, in the order received (a name given
+/// twice keeps its last value).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Extra(Vec<(String, Raw)>);
+
+impl Extra {
+    pub fn get(&self, name: &str) -> Option<&Raw> {
+        self.0.iter().find(|(n, _)| n == name).map(|(_, v)| v)
+    }
+
+    fn insert(&mut self, name: String, value: Raw) {
+        match self.0.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, old)) => *old = value,
+            None => self.0.push((name, value)),
+        }
+    }
+}
+
+impl Serialize for Extra {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(Some(self.0.len()))?;
+        for (name, value) in &self.0 {
+            map.serialize_entry(name, value)?;
+        }
+        map.end()
+    }
+}
+
 /// One call (呼叫会话记录).
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct CallDetail {
     pub session_id: Option<String>,
     pub call_type: Option<i64>,
     /// Call tags: `{"tags": [[id, …], …]}` or none.
-    pub tags: Option<Map<String, Value>>,
+    pub tags: Option<Raw>,
     pub summary: Option<String>,
     pub remark: Option<String>,
     /// `call in` or `call out`.
@@ -55,21 +112,21 @@ pub struct CallDetail {
     /// The call's fragments (IVR, queue, agent legs).
     pub lists: Vec<CallFragment>,
     /// Call trail: `{"rows": [{recDesc, starttime, command, …}]}`.
-    pub app_node_list: Option<Map<String, Value>>,
+    pub app_node_list: Option<Raw>,
     pub is_repeat: Option<bool>,
     /// Repeat-call window in hours (0, 24, 48).
     pub cycle_period: Option<i64>,
     pub call_in_today_num: Option<i64>,
     pub call_in_all_num: Option<i64>,
     /// Forms submitted by agents during the call.
-    pub associate_datas: Vec<Value>,
+    pub associate_datas: Vec<Raw>,
     /// Hang-up reason code (ver=1): 1, -1, -2, 2..5, 430..455, 500..505.
     pub hangup_reason: Option<i64>,
     /// Who hung up (ver=1): 1 customer, 2 agent, 4 system.
     pub hangup_party: Option<i64>,
     /// Fields this version does not know, kept as received.
     #[serde(flatten)]
-    pub extra: Map<String, Value>,
+    pub extra: Extra,
 }
 
 /// One fragment of a call (呼叫片段).
@@ -108,7 +165,7 @@ pub struct CallFragment {
     pub agent_num: Option<String>,
     pub agent_name: Option<String>,
     #[serde(flatten)]
-    pub extra: Map<String, Value>,
+    pub extra: Extra,
 }
 
 impl CallDetail {
@@ -122,17 +179,6 @@ impl CallDetail {
     /// [`CallDetail::from_json`] for a value already parsed.
     pub fn from_data(data: &Value) -> Result<Option<CallDetail>, serde_json::Error> {
         CallDetail::from_json(&data.to_string())
-    }
-}
-
-fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "boolean",
-        Value::Number(_) => "number",
-        Value::String(_) => "string",
-        Value::Array(_) => "array",
-        Value::Object(_) => "object",
     }
 }
 
@@ -167,11 +213,14 @@ mod tests {
         assert_eq!(f.service_time, Some(90)); // documented as string, sent as number
         assert_eq!(f.ringing_time, Some(7));
         assert_eq!(
-            d.tags.as_ref().unwrap()["tags"].as_array().unwrap().len(),
+            d.tags.as_ref().unwrap().value()["tags"]
+                .as_array()
+                .unwrap()
+                .len(),
             2
         );
         assert_eq!(
-            d.app_node_list.as_ref().unwrap()["rows"]
+            d.app_node_list.as_ref().unwrap().value()["rows"]
                 .as_array()
                 .unwrap()
                 .len(),
@@ -222,8 +271,11 @@ mod tests {
         }))
         .unwrap()
         .unwrap();
-        assert_eq!(d.extra["brand_new"], json!({"x": 1}));
-        assert_eq!(d.lists[0].extra["new_leg_field"], json!([1, 2]));
+        assert_eq!(d.extra.get("brand_new").unwrap().value(), json!({"x": 1}));
+        assert_eq!(
+            d.lists[0].extra.get("new_leg_field").unwrap().value(),
+            json!([1, 2])
+        );
         let out = serde_json::to_value(&d).unwrap();
         assert_eq!(out["brand_new"], json!({"x": 1}));
         assert_eq!(out["lists"][0]["new_leg_field"], json!([1, 2]));

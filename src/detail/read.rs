@@ -1,16 +1,17 @@
 //! Reading the API's answer in one pass, straight into the typed record:
-//! each known field through its lenient reader, each unknown one kept as a
-//! `Value`. (serde's `flatten` would first copy every field into a buffer
-//! of its own, and a `Value` per field would build a tree to throw away.)
+//! each known field through its lenient reader; what is only passed on
+//! (unknown fields, tags, the call trail, forms) kept as its JSON text.
+//! (serde's `flatten` would first copy every field into a buffer of its
+//! own, and a `Value` per field would build a tree to throw away.)
 
 use std::borrow::Cow;
 use std::fmt;
 use std::marker::PhantomData;
 
 use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
-use serde_json::{Map, Value};
+use serde_json::value::RawValue;
 
-use super::{CallDetail, CallFragment};
+use super::{CallDetail, CallFragment, Extra, Raw};
 
 /// A known field's reader: the API's type variants to one type.
 macro_rules! lenient_type {
@@ -155,26 +156,43 @@ impl Flag {
     }
 }
 
-/// An object; also JSON text of one, and none for `null`, `""` or `[]`
-/// (an empty list stands for "none" in several PHP-style APIs).
-pub struct Obj(pub Option<Map<String, Value>>);
+/// An object, kept as its text; also JSON text of one, and none for
+/// `null`, `""` or `[]` (an empty list stands for "none" in several
+/// PHP-style APIs).
+pub struct Obj(pub Option<Raw>);
 
 impl<'de> Deserialize<'de> for Obj {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         use de::Error;
-        let map = match Value::deserialize(d)? {
-            Value::Object(m) => Some(m),
-            Value::Null => None,
-            Value::String(s) if s.trim().is_empty() => None,
+        let raw = Box::<RawValue>::deserialize(d)?;
+        let text = raw.get();
+        let got = match text.as_bytes().first() {
+            Some(b'{') => return Ok(Obj(Some(Raw(raw)))),
+            Some(b'n') => return Ok(Obj(None)),
+            Some(b'[') if text[1..text.len() - 1].trim().is_empty() => return Ok(Obj(None)),
+            Some(b'[') => "array",
             // Some fields are documented as strings holding JSON.
-            Value::String(s) => match serde_json::from_str::<Value>(&s) {
-                Ok(Value::Object(m)) => Some(m),
-                _ => return Err(D::Error::custom("expected an object or JSON text of one")),
-            },
-            Value::Array(a) if a.is_empty() => None,
-            other => return wrong("expected an object", super::kind(&other)),
+            Some(b'"') => {
+                let inner: String = serde_json::from_str(text).map_err(D::Error::custom)?;
+                if inner.trim().is_empty() {
+                    return Ok(Obj(None));
+                }
+                return match serde_json::from_str::<Box<RawValue>>(&inner) {
+                    Ok(r) if r.get().starts_with('{') => Ok(Obj(Some(Raw(r)))),
+                    _ => Err(D::Error::custom("expected an object or JSON text of one")),
+                };
+            }
+            Some(b't' | b'f') => "boolean",
+            _ => "number",
         };
-        Ok(Obj(map))
+        wrong("expected an object", got)
+    }
+}
+
+/// Any JSON, kept as its text.
+impl<'de> Deserialize<'de> for Raw {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Box::<RawValue>::deserialize(d).map(Raw)
     }
 }
 
@@ -254,7 +272,7 @@ impl<'de> Deserialize<'de> for Key<'de> {
 trait Fields: Default {
     /// Reads the value of `key` if it is a known field; `false` if not.
     fn known<'de, A: MapAccess<'de>>(&mut self, key: &str, map: &mut A) -> Result<bool, A::Error>;
-    fn extra(&mut self) -> &mut Map<String, Value>;
+    fn extra(&mut self) -> &mut Extra;
     /// After the last field.
     fn finish(&mut self) {}
 }
@@ -273,7 +291,7 @@ impl<'de, T: Fields> Visitor<'de> for Record<T> {
         while let Some(Key(key)) = map.next_key()? {
             fields += 1;
             if !out.known(&key, &mut map)? {
-                let value = map.next_value()?;
+                let value = map.next_value::<Raw>()?;
                 out.extra().insert(key.into_owned(), value);
             }
         }
@@ -316,7 +334,7 @@ impl Fields for CallDetail {
             "cycle_period" => self.cycle_period = m.next_value::<Int>()?.0,
             "call_in_today_num" => self.call_in_today_num = m.next_value::<Int>()?.0,
             "call_in_all_num" => self.call_in_all_num = m.next_value::<Int>()?.0,
-            "associate_datas" => self.associate_datas = m.next_value::<List<Value>>()?.0,
+            "associate_datas" => self.associate_datas = m.next_value::<List<Raw>>()?.0,
             "hangup_reason" => self.hangup_reason = m.next_value::<Int>()?.0,
             "hangup_party" => self.hangup_party = m.next_value::<Int>()?.0,
             _ => return Ok(false),
@@ -324,7 +342,7 @@ impl Fields for CallDetail {
         Ok(true)
     }
 
-    fn extra(&mut self) -> &mut Map<String, Value> {
+    fn extra(&mut self) -> &mut Extra {
         &mut self.extra
     }
 }
@@ -343,7 +361,7 @@ impl Fields for CallFragment {
         Ok(true)
     }
 
-    fn extra(&mut self) -> &mut Map<String, Value> {
+    fn extra(&mut self) -> &mut Extra {
         &mut self.extra
     }
 
