@@ -137,7 +137,7 @@ fn share_and_reuse(
         verdict: classify(&f.answer, &f.policy),
     };
     let mut n = 0u64;
-    let mut lead_and_keep = |n: u64| {
+    let lead_and_keep = |n: u64| {
         let key = CallKey::new("tenant-0001", &format!("session-{n:012}"), Some(4));
         match store.turn(key) {
             Turn::Lead(leader) => leader.done(&answered, chrono::Utc::now()),
