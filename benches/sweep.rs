@@ -104,6 +104,10 @@ struct Args {
     /// Fake API latencies to measure, in milliseconds.
     #[arg(long = "latencies-ms", value_delimiter = ',', default_values_t = [0, 50, 200])]
     latencies_ms: Vec<u64>,
+    /// Points as WINDOW/LATENCY_MS pairs (`1024/50,64/0`), measured in this
+    /// order instead of every window at every latency.
+    #[arg(long, value_delimiter = ',', value_parser = point)]
+    points: Vec<(usize, u64)>,
     /// Most events seeded for one point.
     #[arg(long, default_value_t = 100_000)]
     max_events: usize,
@@ -210,6 +214,13 @@ struct Args {
     /// `--fake-api`; repeatable.
     #[arg(long = "api-tenant", hide = true, default_values_t = [TENANT.to_string()])]
     api_tenants: Vec<String>,
+}
+
+fn point(s: &str) -> Result<(usize, u64), String> {
+    let parsed = s
+        .split_once('/')
+        .and_then(|(w, l)| Some((w.parse().ok()?, l.parse().ok()?)));
+    parsed.ok_or_else(|| format!("`{s}` is not WINDOW/LATENCY_MS"))
 }
 
 fn key_value(s: &str) -> Result<(String, String), String> {
@@ -360,8 +371,16 @@ async fn sweep(args: Args) -> anyhow::Result<()> {
     }
 
     let mut points = Vec::new();
-    for &l in &args.latencies_ms {
-        for &w in &args.windows {
+    let every = (args.latencies_ms.iter())
+        .flat_map(|&l| args.windows.iter().map(move |&w| (w, l)))
+        .collect();
+    let measured = if args.points.is_empty() {
+        every
+    } else {
+        args.points.clone()
+    };
+    {
+        for &(w, l) in &measured {
             let expected = raw.get(&w).map_or(6000.0, |r| r.rate).min(w_over_l(w, l));
             let m = ctx
                 .run(
