@@ -346,67 +346,10 @@ async fn sweep(args: Args) -> anyhow::Result<()> {
     }
 
     if !args.no_warmup {
-        let warmup = Subject::Worker {
-            window: 256,
-            latency_ms: 0,
-        };
-        let m = ctx.run("warmup", 30_000.0 / args.seconds, warmup).await;
-        eprintln!(
-            "warm-up (not measured): {}",
-            m.context("the warm-up point")?.summary()
-        );
+        ctx.warm_up().await?;
     }
-    let mut raw: HashMap<usize, Measured> = HashMap::new();
-    if !args.no_raw {
-        for &w in &args.windows {
-            let limit = admitted_limit(w);
-            let expected = (limit as f64 * 1000.0 / 20.0).min(6000.0);
-            let m = ctx
-                .run(&format!("raw-w{w}"), expected, Subject::Raw { limit })
-                .await
-                .with_context(|| format!("raw pipe, window {w}"))?;
-            eprintln!("raw  window {w:>4}: {}", m.summary());
-            raw.insert(w, m);
-        }
-    }
-
-    let mut points = Vec::new();
-    let every = (args.latencies_ms.iter())
-        .flat_map(|&l| args.windows.iter().map(move |&w| (w, l)))
-        .collect();
-    let measured = if args.points.is_empty() {
-        every
-    } else {
-        args.points.clone()
-    };
-    {
-        for &(w, l) in &measured {
-            let expected = raw.get(&w).map_or(6000.0, |r| r.rate).min(w_over_l(w, l));
-            let m = ctx
-                .run(
-                    &format!("w{w}-l{l}"),
-                    expected,
-                    Subject::Worker {
-                        window: w,
-                        latency_ms: l,
-                    },
-                )
-                .await
-                .with_context(|| format!("worker, window {w}, latency {l} ms"))?;
-            let p = Point {
-                window: w,
-                latency_ms: l,
-                worker: m,
-                raw: raw.get(&w).cloned(),
-            };
-            eprintln!(
-                "worker window {w:>4} latency {l:>3} ms: {} ({:.0} % of the limit)",
-                p.worker.summary(),
-                100.0 * p.worker.rate / p.limit()
-            );
-            points.push(p);
-        }
-    }
+    let raw = ctx.raw_limits().await?;
+    let points = ctx.measure_points(&raw).await?;
     write_results(&args.out, &points)?;
     plot(
         &args.out.join("throughput.svg"),
@@ -432,7 +375,77 @@ struct Ctx<'a> {
     args: &'a Args,
 }
 
+/// The sweep's steps.
 impl Ctx<'_> {
+    /// An unmeasured point that warms the broker's JVM.
+    async fn warm_up(&self) -> anyhow::Result<()> {
+        let warmup = Subject::Worker {
+            window: 256,
+            latency_ms: 0,
+        };
+        let m = self
+            .run("warmup", 30_000.0 / self.args.seconds, warmup)
+            .await;
+        let m = m.context("the warm-up point")?;
+        eprintln!("warm-up (not measured): {}", m.summary());
+        Ok(())
+    }
+
+    /// The raw pipe at each window, unless `--no-raw`.
+    async fn raw_limits(&self) -> anyhow::Result<HashMap<usize, Measured>> {
+        let mut raw = HashMap::new();
+        if self.args.no_raw {
+            return Ok(raw);
+        }
+        for &w in &self.args.windows {
+            let limit = admitted_limit(w);
+            let expected = (limit as f64 * 1000.0 / 20.0).min(6000.0);
+            let m = self
+                .run(&format!("raw-w{w}"), expected, Subject::Raw { limit })
+                .await
+                .with_context(|| format!("raw pipe, window {w}"))?;
+            eprintln!("raw  window {w:>4}: {}", m.summary());
+            raw.insert(w, m);
+        }
+        Ok(raw)
+    }
+
+    /// The worker at each point: `--points`, else every window at every
+    /// latency.
+    async fn measure_points(&self, raw: &HashMap<usize, Measured>) -> anyhow::Result<Vec<Point>> {
+        let args = self.args;
+        let every = (args.latencies_ms.iter())
+            .flat_map(|&l| args.windows.iter().map(move |&w| (w, l)))
+            .collect();
+        let measured = match args.points.is_empty() {
+            true => every,
+            false => args.points.clone(),
+        };
+        let mut points = Vec::new();
+        for (w, l) in measured {
+            let expected = raw.get(&w).map_or(6000.0, |r| r.rate).min(w_over_l(w, l));
+            let subject = Subject::Worker {
+                window: w,
+                latency_ms: l,
+            };
+            let m = (self.run(&format!("w{w}-l{l}"), expected, subject).await)
+                .with_context(|| format!("worker, window {w}, latency {l} ms"))?;
+            let p = Point {
+                window: w,
+                latency_ms: l,
+                worker: m,
+                raw: raw.get(&w).cloned(),
+            };
+            eprintln!(
+                "worker window {w:>4} latency {l:>3} ms: {} ({:.0} % of the limit)",
+                p.worker.summary(),
+                100.0 * p.worker.rate / p.limit()
+            );
+            points.push(p);
+        }
+        Ok(points)
+    }
+
     /// Seeds a point's input topic, starts the subject on it and measures.
     async fn run(
         &self,
@@ -472,25 +485,8 @@ impl Ctx<'_> {
             }
             Subject::Raw { .. } => (None, None, String::new()),
         };
-        let mut command = match &subject {
-            Subject::Worker { window, .. } => {
-                let topics = [input.as_str(), &output, &dlq, &group];
-                let config = self.config_file(tag, toml::Table::new())?;
-                self.worker_command(&config, topics, &base_url, *window)
-            }
-            Subject::Raw { limit } => {
-                let mut c = Command::new(std::env::current_exe()?);
-                c.arg("--raw-pipe")
-                    .args([self.bootstrap, &input, &output, &group, &limit.to_string()])
-                    .args(
-                        self.args
-                            .kafka_properties
-                            .iter()
-                            .map(|(k, v)| format!("{k}={v}")),
-                    );
-                c
-            }
-        };
+        let topics = [input.as_str(), &output, &dlq, &group];
+        let mut command = self.subject_command(tag, &subject, topics, &base_url)?;
         command
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -507,6 +503,32 @@ impl Ctx<'_> {
         // The subject first, then the API it calls.
         running.stop();
         result
+    }
+
+    /// The command of a point's subject, on the topics and group `[input,
+    /// output, dead letters, group]`; the worker calls `base_url`.
+    fn subject_command(
+        &self,
+        tag: &str,
+        subject: &Subject,
+        topics @ [input, output, _, group]: [&str; 4],
+        base_url: &str,
+    ) -> anyhow::Result<Command> {
+        Ok(match subject {
+            Subject::Worker { window, .. } => {
+                let config = self.config_file(tag, toml::Table::new())?;
+                self.worker_command(&config, topics, base_url, *window)
+            }
+            Subject::Raw { limit } => {
+                let mut c = Command::new(std::env::current_exe()?);
+                let properties =
+                    (self.args.kafka_properties.iter()).map(|(k, v)| format!("{k}={v}"));
+                c.arg("--raw-pipe")
+                    .args([self.bootstrap, input, output, group, &limit.to_string()])
+                    .args(properties);
+                c
+            }
+        })
     }
 
     /// The worker on `config` (a settings file) and the topics and group
@@ -667,10 +689,7 @@ impl Ctx<'_> {
                 at95 = Some(sample());
             }
         }
-        let api_calls = match counter {
-            Some(c) => Some(c.calls(running).await?),
-            None => None,
-        };
+        let api_calls = ApiCounter::calls_of(counter, running).await?;
         let ((t0, c0, b0, a0, h0), (t1, c1, b1, a1, h1)) = (at5.unwrap(), at95.unwrap());
         let records = (n95 - n5) as f64;
         let secs = (t1 - t0).as_secs_f64();
@@ -687,7 +706,23 @@ impl Ctx<'_> {
             ..Measured::default()
         };
 
-        // Latency below saturation: events at half the measured rate.
+        let (p50, p99, samples) = self.latency(running, &mut reader, input, rate).await?;
+        m.latency_p50_ms = p50;
+        m.latency_p99_ms = p99;
+        m.latency_samples = samples;
+        m.peak_rss_mib = peak_rss_mib(&pid);
+        Ok(m)
+    }
+
+    /// Latency below saturation: events at half the measured `rate`, sent
+    /// → enriched record read back; p50, p99 and the samples, in ms.
+    async fn latency(
+        &self,
+        running: &mut Running,
+        reader: &mut Reader,
+        input: &str,
+        rate: f64,
+    ) -> anyhow::Result<(f64, f64, usize)> {
         let paced_rate = (rate / 2.0).max(0.5);
         let count = ((paced_rate * self.args.paced_seconds) as usize).clamp(20, 20_000);
         let sent: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
@@ -709,11 +744,8 @@ impl Ctx<'_> {
         }
         pacer.await??;
         latencies.sort_by(f64::total_cmp);
-        m.latency_p50_ms = percentile(&latencies, 0.50);
-        m.latency_p99_ms = percentile(&latencies, 0.99);
-        m.latency_samples = latencies.len();
-        m.peak_rss_mib = peak_rss_mib(&pid);
-        Ok(m)
+        let p = |q| percentile(&latencies, q);
+        Ok((p(0.50), p(0.99), latencies.len()))
     }
 }
 
@@ -732,13 +764,17 @@ impl ApiCounter {
         }
     }
 
-    /// The calls served so far.
-    async fn calls(&self, running: &mut Running) -> anyhow::Result<u64> {
-        match self {
-            ApiCounter::Fake(_) => api_calls(&mut running.apis[0]),
+    /// The calls `counter`'s API served so far; none without one.
+    async fn calls_of(
+        counter: Option<&Self>,
+        running: &mut Running,
+    ) -> anyhow::Result<Option<u64>> {
+        Ok(Some(match counter {
+            None => return Ok(None),
+            Some(ApiCounter::Fake(_)) => api_calls(&mut running.apis[0])?,
             // The status request counts itself.
-            ApiCounter::Nginx(n) => Ok(n.requests().await? - 1),
-        }
+            Some(ApiCounter::Nginx(n)) => n.requests().await? - 1,
+        }))
     }
 }
 
@@ -1186,7 +1222,7 @@ fn peak_rss_mib(pid: &str) -> f64 {
 impl Measured {
     fn summary(&self) -> String {
         format!(
-            "{} events, {:.0} records/s, {:.0} ms CPU per 1 000 ({:.2} cores; broker {:.2}, fake API {}, harness {:.2}), \
+            "{} events, {:.0} records/s, {:.0} ms CPU per 1 000 ({:.2} cores; broker {:.2}, API {}, harness {:.2}), \
              latency p50 {:.1} ms p99 {:.1} ms ({} samples), peak RSS {:.1} MiB, API calls per record {}",
             self.events,
             self.rate,
