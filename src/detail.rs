@@ -282,6 +282,37 @@ mod tests {
     }
 
     #[test]
+    fn passed_on_fields_keep_their_text_and_their_lenient_forms() {
+        let d = CallDetail::from_json(
+            r#"{"tags": "{\"tags\": [[\"a\"]]}", "app_node_list": [], "extra": 1, "extra": {"b": 2}}"#,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            d.tags.unwrap().get(),
+            r#"{"tags": [["a"]]}"#,
+            "JSON text of an object"
+        );
+        assert_eq!(d.app_node_list, None, "an empty list is none");
+        assert_eq!(
+            d.extra.get("extra").unwrap().get(),
+            r#"{"b": 2}"#,
+            "the last of a name"
+        );
+        let out =
+            serde_json::to_string(&CallDetail::from_json(r#"{"x": [1, 2]}"#).unwrap()).unwrap();
+        assert!(out.ends_with(r#""x":[1, 2]}"#), "written as it came: {out}");
+        for bad in [
+            r#"{"tags": 5}"#,
+            r#"{"tags": [1]}"#,
+            r#"{"tags": "[1]"}"#,
+            r#"{"tags": true}"#,
+        ] {
+            assert!(CallDetail::from_json(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn data_as_array_object_or_nothing() {
         assert!(CallDetail::from_data(&json!([])).unwrap().is_none());
         assert!(CallDetail::from_data(&json!({})).unwrap().is_none());
