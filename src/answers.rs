@@ -155,9 +155,9 @@ impl Answers {
     /// The answer kept for `key`, if it is younger than the ttl.
     pub fn recent(&self, key: &CallKey) -> Option<Recent> {
         let mut kept = self.recent.lock().unwrap();
-        let fresh = kept.answers.get(key)?.kept_at.elapsed() < self.ttl;
-        if fresh {
-            return kept.answers.get(key).cloned();
+        let entry = kept.answers.get(key)?;
+        if entry.kept_at.elapsed() < self.ttl {
+            return Some(entry.clone());
         }
         kept.remove(key);
         None
@@ -191,16 +191,16 @@ impl Answers {
 
     fn keep(&self, key: &CallKey, body: &Bytes, fetched_at: DateTime<Utc>, latency: Duration) {
         let mut kept = self.recent.lock().unwrap();
-        let cost = cost(key, body.len());
-        if self.ttl.is_zero() || cost > kept.max_bytes {
+        let needed = cost(key, body.len());
+        if self.ttl.is_zero() || needed > kept.max_bytes {
             return;
         }
         kept.remove(key);
-        while kept.bytes + cost > kept.max_bytes {
+        while kept.bytes + needed > kept.max_bytes {
             let Some((old, r)) = kept.answers.pop_lru() else {
                 break;
             };
-            kept.bytes -= self::cost(&old, r.body.len());
+            kept.bytes -= cost(&old, r.body.len());
         }
         let recent = Recent {
             body: Bytes::copy_from_slice(body),
@@ -209,7 +209,7 @@ impl Answers {
             kept_at: Instant::now(),
         };
         kept.answers.put(key.clone(), recent);
-        kept.bytes += cost;
+        kept.bytes += needed;
     }
 }
 

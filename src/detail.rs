@@ -11,20 +11,23 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use serde_json::value::RawValue;
 
-pub use read::Answer;
-
-/// The answer envelope: `errcode` 0 means success.
+/// The answer envelope: `errcode` 0 means success. `D` is how `data` is
+/// read: kept as text (the default, read into [`CallDetail`] after) or
+/// straight into the record ([`Answer`]).
 #[derive(Debug, Clone, Deserialize)]
-pub struct Envelope {
+pub struct Envelope<D = Option<Box<RawValue>>> {
     #[serde(deserialize_with = "read::required_i64")]
     pub errcode: i64,
     #[serde(default, deserialize_with = "read::string")]
     pub errmsg: Option<String>,
-    /// Kept as text and read straight into [`CallDetail`]: no
-    /// intermediate tree.
     #[serde(default)]
-    pub data: Option<Box<RawValue>>,
+    pub data: D,
 }
+
+/// The whole answer in one pass. An answer this cannot read is read again
+/// as an [`Envelope`] first and its `data` after, to tell a bad envelope
+/// from a record that does not fit.
+pub type Answer = Envelope<read::Data>;
 
 impl Envelope {
     /// The record in `data`; `None` means "no record yet".

@@ -347,16 +347,16 @@ pub fn api_answered(
         Verdict::RateLimited(_) => "rate_limited",
         Verdict::Publish(_) => unreachable!("a verdict with a failure"),
     };
-    set_error(span, class, failure.reason.clone());
+    set_error(span, class, &failure.reason);
 }
 
 /// Marks `span` failed, with the error's class (`error.type`).
-pub fn set_error(span: &tracing::Span, class: &str, description: String) {
+pub fn set_error(span: &tracing::Span, class: &str, description: &str) {
     if !exporting() {
         return;
     }
     span.set_attribute("error.type", class.to_string());
-    span.set_status(Status::error(description));
+    span.set_status(Status::error(description.to_string()));
 }
 
 #[cfg(test)]

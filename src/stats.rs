@@ -604,14 +604,14 @@ impl Stats {
     }
 
     /// A record's answer came from another record's call (`in_flight`) or
-    /// from the kept answers (`recent`); `kept_bytes` is what those take now.
-    pub fn api_call_saved(&self, reuse: &'static str, kept_bytes: usize) {
+    /// from the kept answers (`recent`).
+    pub fn api_call_saved(&self, reuse: &'static str) {
         self.api_calls_saved
             .get_or_create(&ReuseLabel { reuse })
             .inc();
-        self.recent_answers_kept(kept_bytes);
     }
 
+    /// What the kept answers take now, after a call's answer was kept.
     pub fn recent_answers_kept(&self, bytes: usize) {
         self.recent_answers_bytes.set(bytes as i64);
     }
@@ -1126,7 +1126,7 @@ mod tests {
         s.produce_error("retry", None);
         s.consume_error(None);
         s.record_tenant(None, "enriched");
-        s.api_call_saved("recent", 0);
+        s.api_call_saved("recent");
         let text = s.encode();
         let served: Vec<&str> = text
             .lines()

@@ -402,6 +402,10 @@ impl CallFragment {
     }
 }
 
+fn not_an_object<T, E: de::Error>(kind: &str) -> Result<T, E> {
+    Err(E::custom(format!("data is a {kind}, not an object")))
+}
+
 /// The envelope's `data`: an object, or an array whose first element is
 /// one (the spec calls it an object array and shows an object); `None`
 /// for "no record yet" (`{}`, `[]`, `null`, `""`).
@@ -422,20 +426,20 @@ impl<'de> Deserialize<'de> for Data {
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
                 match v {
                     "" => Ok(None),
-                    _ => Err(E::custom("data is a string, not an object")),
+                    _ => not_an_object("string"),
                 }
             }
             fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
-                Err(E::custom("data is a boolean, not an object"))
+                not_an_object("boolean")
             }
             fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
-                Err(E::custom("data is a number, not an object"))
+                not_an_object("number")
             }
             fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
-                Err(E::custom("data is a number, not an object"))
+                not_an_object("number")
             }
             fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
-                Err(E::custom("data is a number, not an object"))
+                not_an_object("number")
             }
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
                 let (detail, fields) = Record::<CallDetail>(PhantomData).visit_map(map)?;
@@ -449,19 +453,6 @@ impl<'de> Deserialize<'de> for Data {
         }
         d.deserialize_any(V).map(Data)
     }
-}
-
-/// The whole answer in one pass. An answer this cannot read is read again
-/// in two steps (envelope, then `data`), to tell a bad envelope from a
-/// record that does not fit.
-#[derive(serde::Deserialize)]
-pub struct Answer {
-    #[serde(deserialize_with = "required_i64")]
-    pub errcode: i64,
-    #[serde(default, deserialize_with = "string")]
-    pub errmsg: Option<String>,
-    #[serde(default)]
-    pub data: Data,
 }
 
 pub fn string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {

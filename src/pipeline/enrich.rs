@@ -547,7 +547,7 @@ impl Enricher {
         let Verdict::Publish(call) = classify(&answer, &self.errcodes) else {
             return None;
         };
-        (self.stats).api_call_saved("recent", self.answers.kept_bytes());
+        self.stats.api_call_saved("recent");
         let at = kept.fetched_at;
         Some(Fetched::Record {
             call,
@@ -622,7 +622,7 @@ impl Enricher {
             break (answered, false);
         };
         if joined {
-            (self.stats).api_call_saved("in_flight", self.answers.kept_bytes());
+            self.stats.api_call_saved("in_flight");
         }
         let latency = answered.timed.latency.as_micros() as u64;
         last.latency_us.store(latency, Ordering::Relaxed);
@@ -728,10 +728,8 @@ impl Enricher {
     ) -> Result<Disposition, anyhow::Error> {
         let k = &self.settings.kafka;
         let stamp = dl.stamp(&rec.source, &k.group_id, Utc::now());
-        if otel::exporting() {
-            let span = tracing::Span::current();
-            otel::set_error(&span, dl.class.as_str(), dl.reason.clone());
-        }
+        let span = tracing::Span::current();
+        otel::set_error(&span, dl.class.as_str(), &dl.reason);
         let send = otel::record_send_span(&k.dead_letter_topic);
         let headers = otel::with_trace(rec.headers_without_dlq(), &send);
         let out = Outgoing {
