@@ -82,7 +82,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use uincall_enricher::detail::CallDetail;
 use uincall_enricher::fake_api::{self, FakeApi, FakeApiConfig};
-use uincall_enricher::offsets::OffsetTracker;
+use uincall_enricher::offsets::{OffsetTracker, Start};
 use uincall_enricher::pipeline::admitted_limit;
 use uincall_enricher::settings::Settings;
 use uincall_enricher::{kafka, record};
@@ -1484,7 +1484,11 @@ async fn raw_pipe(args: &[String]) -> anyhow::Result<()> {
             m = consumer.recv(), if pending.len() < limit => {
                 let m = m?;
                 let (p, o) = (m.partition(), m.offset());
-                let id = tracker.start(input, p, o, &records).id;
+                // Nothing restored here: every record runs.
+                let Start::Run(ticket) = tracker.start(input, p, o, &records) else {
+                    continue;
+                };
+                let id = ticket.id;
                 let key = m.key().unwrap_or_default().to_vec();
                 let (producer, payload, output) = (producer.clone(), payload.clone(), output.clone());
                 pending.push(async move {

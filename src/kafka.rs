@@ -53,16 +53,18 @@ fn base(k: &KafkaSettings) -> ClientConfig {
     c
 }
 
-/// Consumer: offsets are stored by the worker only for completed prefixes
-/// and committed in the background (and once more on shutdown). Classic
+/// Consumer: the worker commits offsets itself, only for completed
+/// prefixes, with the records finished past them as metadata
+/// (`pipeline::commit`). Classic
 /// groups use the cooperative-sticky assignor (a rebalance revokes only the
 /// partitions that move); KIP-848 groups are assigned by the broker.
 pub fn consumer_config(k: &KafkaSettings) -> ClientConfig {
     let mut c = base(k);
     c.set("group.id", &k.group_id)
-        .set("enable.auto.commit", "true")
+        // The worker commits itself (pipeline::commit): librdkafka's
+        // commits carry no metadata and skip partitions that did not move.
+        .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
-        .set("auto.commit.interval.ms", millis(k.commit_interval))
         .set("max.poll.interval.ms", millis(k.max_poll_interval))
         .set("enable.partition.eof", "false");
     match k.group_protocol {
@@ -86,8 +88,12 @@ pub fn consumer_config(k: &KafkaSettings) -> ClientConfig {
     }
     if !k.properties.contains_key("queued.max.messages.kbytes") {
         // Read-ahead beyond the window only hides fetch latency; librdkafka's
-        // 64 MiB default is resident memory on a backlog.
-        c.set("queued.max.messages.kbytes", "16384");
+        // defaults (100 000 records a partition, 64 MiB) are resident memory
+        // on a backlog.
+        c.set("queued.max.messages.kbytes", "2048");
+    }
+    if !k.properties.contains_key("queued.min.messages") {
+        c.set("queued.min.messages", "1000");
     }
     c
 }
@@ -333,7 +339,9 @@ mod tests {
         );
         assert_eq!(c.get("session.timeout.ms"), Some("45000"));
         assert_eq!(c.get("group.protocol"), None);
-        assert_eq!(c.get("queued.max.messages.kbytes"), Some("16384"));
+        assert_eq!(c.get("queued.max.messages.kbytes"), Some("2048"));
+        assert_eq!(c.get("queued.min.messages"), Some("1000"));
+        assert_eq!(c.get("enable.auto.commit"), Some("false"));
     }
 
     #[test]

@@ -9,11 +9,14 @@
 //! settles idle partitions at the consumer's position.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
+
+mod finished;
+pub use finished::{Finished, Unreadable};
 
 /// One partition's records in flight.
 #[derive(Debug, Default)]
@@ -24,9 +27,14 @@ pub struct PartitionTracker {
     /// The last position reported as safe to commit (at first: where
     /// consumption began).
     reported: Option<i64>,
-    /// The lowest offset given up unfinished (at shutdown): no longer in
-    /// flight, but the position never passes it.
-    abandoned: Option<i64>,
+    /// Offsets given up unfinished (at shutdown): no longer in flight, but
+    /// the position never passes them and they are not finished.
+    abandoned: BTreeSet<i64>,
+    /// Offsets a commit's metadata said were finished before this
+    /// assignment: skipped when they come again.
+    finished_before: Finished,
+    /// Something finished since the last [`PartitionTracker::commit`].
+    changed: bool,
 }
 
 impl PartitionTracker {
@@ -48,11 +56,12 @@ impl PartitionTracker {
         if !self.pending.remove(&offset) {
             return None;
         }
+        self.changed = true;
         let safe = match self.pending.first() {
             Some(&lowest) => lowest,
             None => self.next_after_seen?,
         };
-        let safe = self.abandoned.map_or(safe, |a| a.min(safe));
+        let safe = self.abandoned.first().map_or(safe, |&a| a.min(safe));
         if self.reported.is_some_and(|r| r >= safe) {
             return None;
         }
@@ -68,11 +77,40 @@ impl PartitionTracker {
     /// of it is in flight any more, and the position stays before the
     /// lowest of it. Returns how many.
     pub fn abandon_pending(&mut self) -> usize {
-        let Some(&lowest) = self.pending.first() else {
-            return 0;
-        };
-        self.abandoned = Some(self.abandoned.map_or(lowest, |a| a.min(lowest)));
-        std::mem::take(&mut self.pending).len()
+        let pending = std::mem::take(&mut self.pending);
+        let n = pending.len();
+        self.abandoned.extend(pending);
+        n
+    }
+
+    /// Whether a commit's metadata said `offset` was finished before.
+    pub fn finished_before(&self, offset: i64) -> bool {
+        self.finished_before.contains(offset)
+    }
+
+    /// The position to commit and the records finished beyond it (those
+    /// seen and no longer pending or abandoned, and those finished before
+    /// this assignment that have not come again), when something finished
+    /// since the last call.
+    pub fn commit(&mut self) -> Option<(i64, Finished)> {
+        let position = self.reported.filter(|_| self.changed)?;
+        self.changed = false;
+        let seen_end = self.next_after_seen.unwrap_or(position).max(position);
+        let mut unfinished: Vec<i64> = (self.pending.range(position..))
+            .chain(self.abandoned.range(position..))
+            .copied()
+            .collect();
+        if !self.abandoned.is_empty() {
+            unfinished.sort_unstable();
+        }
+        let mut cursor = position;
+        let mut runs = Vec::with_capacity(unfinished.len() + 1);
+        for offset in unfinished.into_iter().chain([seen_end]) {
+            runs.push((cursor, offset));
+            cursor = offset + 1;
+        }
+        runs.extend(self.finished_before.runs_from(seen_end));
+        Some((position, Finished::from_runs(runs)))
     }
 
     /// With nothing pending, the consumer's `position` (past transaction
@@ -80,12 +118,13 @@ impl PartitionTracker {
     /// position to commit. Returns it when it advanced.
     pub fn settle(&mut self, position: i64) -> Option<i64> {
         if !self.pending.is_empty()
-            || self.abandoned.is_some()
+            || !self.abandoned.is_empty()
             || self.reported.is_some_and(|r| r >= position)
         {
             return None;
         }
         self.reported = Some(position);
+        self.changed = true;
         self.next_after_seen = Some(self.next_after_seen.map_or(position, |n| n.max(position)));
         Some(position)
     }
@@ -114,6 +153,18 @@ pub struct OffsetTracker {
     partitions: HashMap<(String, i32), Owned>,
     /// When partitions were last revoked, for [`OffsetTracker::settle`].
     revoked_at: HashMap<(String, i32), Instant>,
+    /// Assigned partitions' finished offsets read from their commit
+    /// metadata, until the partition's first record creates its tracker.
+    restored: HashMap<(String, i32), Finished>,
+}
+
+/// A partition's position to commit and the metadata that goes with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Commit {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub metadata: String,
 }
 
 /// After a partition is revoked, the consumer's `position()` for it stays
@@ -122,6 +173,24 @@ pub struct OffsetTracker {
 /// partition assigned back within this long is not settled before one of
 /// its records arrived.
 const STALE_POSITION_AFTER_REVOKE: Duration = Duration::from_secs(10);
+
+/// A record's start: run it, or it was finished before this assignment
+/// (with the position to store when that advanced it).
+#[derive(Debug)]
+pub enum Start {
+    Run(Ticket),
+    FinishedBefore(Option<i64>),
+}
+
+#[cfg(test)]
+impl Start {
+    fn run(self) -> Ticket {
+        match self {
+            Start::Run(ticket) => ticket,
+            Start::FinishedBefore(_) => panic!("finished before"),
+        }
+    }
+}
 
 /// What a record task holds: which tracker it belongs to, the token that
 /// is cancelled when its partition is revoked or the worker stops (waits
@@ -137,32 +206,74 @@ pub struct Ticket {
 
 impl OffsetTracker {
     fn owned(&mut self, topic: &str, partition: i32, parent: &CancellationToken) -> &mut Owned {
-        self.partitions
-            .entry((topic.to_string(), partition))
-            .or_insert_with(|| Owned {
-                id: NEXT_TRACKER.fetch_add(1, Ordering::Relaxed),
-                tracker: PartitionTracker::default(),
-                cancel: parent.child_token(),
-                revoked: CancellationToken::new(),
+        let key = (topic.to_string(), partition);
+        let restored = &mut self.restored;
+        self.partitions.entry(key).or_insert_with_key(|key| Owned {
+            id: NEXT_TRACKER.fetch_add(1, Ordering::Relaxed),
+            tracker: PartitionTracker {
+                finished_before: restored.remove(key).unwrap_or_default(),
+                ..PartitionTracker::default()
+            },
+            cancel: parent.child_token(),
+            revoked: CancellationToken::new(),
+        })
+    }
+
+    /// What a newly assigned partition's commit metadata said was finished.
+    pub fn restore(&mut self, topic: &str, partition: i32, finished: Finished) {
+        let key = (topic.to_string(), partition);
+        if !self.partitions.contains_key(&key) {
+            self.restored.insert(key, finished);
+        }
+    }
+
+    /// The commits of the partitions where something finished since the
+    /// last call (of all of them with `all`), with metadata of at most
+    /// `max_bytes`; `only` limits them to some partitions.
+    pub fn commits(
+        &mut self,
+        max_bytes: usize,
+        all: bool,
+        only: Option<&[(String, i32)]>,
+    ) -> Vec<Commit> {
+        let mut commits = (self.partitions.iter_mut())
+            .filter(|(key, _)| only.is_none_or(|keys| keys.contains(key)))
+            .filter_map(|((topic, partition), owned)| {
+                owned.tracker.changed |= all;
+                let (offset, finished) = owned.tracker.commit()?;
+                Some(Commit {
+                    topic: topic.clone(),
+                    partition: *partition,
+                    offset,
+                    metadata: finished.encode(offset, max_bytes),
+                })
             })
+            .collect::<Vec<_>>();
+        commits.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+        commits
     }
 
     /// Records that `offset` started; creates the partition's tracker on the
-    /// first record after an assignment, its token a child of `parent`.
+    /// first record after an assignment, its token a child of `parent`. A
+    /// record the commit metadata said was finished is finished at once.
     pub fn start(
         &mut self,
         topic: &str,
         partition: i32,
         offset: i64,
         parent: &CancellationToken,
-    ) -> Ticket {
+    ) -> Start {
         let owned = self.owned(topic, partition, parent);
         owned.tracker.start(offset);
-        Ticket {
+        let ticket = Ticket {
             id: owned.id,
             cancel: owned.cancel.clone(),
             revoked: owned.revoked.clone(),
+        };
+        if owned.tracker.finished_before(offset) {
+            return Start::FinishedBefore(owned.tracker.finish(offset));
         }
+        Start::Run(ticket)
     }
 
     /// Settles a partition with nothing pending at the consumer's
@@ -220,6 +331,7 @@ impl OffsetTracker {
             .into_iter()
             .inspect(|key| {
                 self.revoked_at.insert((*key).clone(), now);
+                self.restored.remove(*key);
             })
             .filter_map(|key| self.partitions.remove(key))
             .map(|owned| {
@@ -246,8 +358,10 @@ impl OffsetTracker {
 
 /// How a revocation went: records that finished within the drain, and
 /// records cancelled (re-delivered to the partition's next owner).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Revoked {
+    /// The revoked partitions' last commits (what finished is final).
+    pub commits: Vec<Commit>,
     pub drained: usize,
     pub cancelled: usize,
     /// Of those cancelled, how many were not waited for: every record in
@@ -262,20 +376,69 @@ pub struct Assignment {
     tracker: Mutex<OffsetTracker>,
     /// Notified whenever a record finishes (a revocation waits on it).
     finished: Condvar,
+    /// Longest commit metadata (`kafka.commit_metadata_max_bytes`); 0 once
+    /// the broker refused metadata that long.
+    metadata_max_bytes: AtomicUsize,
 }
 
 impl Assignment {
+    pub fn new(metadata_max_bytes: usize) -> Self {
+        Assignment {
+            metadata_max_bytes: AtomicUsize::new(metadata_max_bytes),
+            ..Assignment::default()
+        }
+    }
+
     pub fn start(
         &self,
         topic: &str,
         partition: i32,
         offset: i64,
         parent: &CancellationToken,
-    ) -> Ticket {
+    ) -> Start {
         self.tracker
             .lock()
             .unwrap()
             .start(topic, partition, offset, parent)
+    }
+
+    /// Reads a newly assigned partition's commit metadata (committed at
+    /// `offset`); returns how many records beyond it were finished.
+    pub fn restore(
+        &self,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        metadata: &str,
+    ) -> Result<u64, Unreadable> {
+        let finished = Finished::decode(offset, metadata)?;
+        let n = finished.len();
+        (self.tracker.lock().unwrap()).restore(topic, partition, finished);
+        Ok(n)
+    }
+
+    /// The commits due: of the partitions where something finished since
+    /// the last call, or of all of them with `all` (shutdown).
+    pub fn commits(&self, all: bool) -> Vec<Commit> {
+        let max = self.metadata_max_bytes.load(Ordering::Relaxed);
+        self.tracker.lock().unwrap().commits(max, all, None)
+    }
+
+    /// A commit of these partitions failed: they are committed again at
+    /// the next interval, finished or not meanwhile.
+    pub fn commit_failed<'a>(&self, partitions: impl IntoIterator<Item = (&'a str, i32)>) {
+        let mut tracker = self.tracker.lock().unwrap();
+        for (topic, partition) in partitions {
+            if let Some(owned) = tracker.partitions.get_mut(&(topic.to_string(), partition)) {
+                owned.tracker.changed = true;
+            }
+        }
+    }
+
+    /// The broker refused the metadata as too long: commits carry none
+    /// from now on (a crash re-delivers what finished past the position).
+    pub fn metadata_refused(&self) {
+        self.metadata_max_bytes.store(0, Ordering::Relaxed);
     }
 
     /// Finishes a record; when the partition's safe position advanced,
@@ -344,8 +507,11 @@ impl Assignment {
             let step = left.min(Duration::from_millis(100));
             tracker = self.finished.wait_timeout(tracker, step).unwrap().0;
         }
+        let max = self.metadata_max_bytes.load(Ordering::Relaxed);
+        let commits = tracker.commits(max, true, Some(revoked));
         let cancelled = tracker.revoke(revoked);
         Revoked {
+            commits,
             drained: before - cancelled,
             cancelled,
             not_waited_for,
@@ -370,6 +536,15 @@ impl Assignment {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn commit(topic: &str, partition: i32, offset: i64, metadata: &str) -> Commit {
+        Commit {
+            topic: topic.into(),
+            partition,
+            offset,
+            metadata: metadata.into(),
+        }
+    }
 
     #[test]
     fn in_order_completions_advance_one_by_one() {
@@ -454,10 +629,10 @@ mod tests {
     fn late_completion_after_revoke_is_ignored_and_its_record_cancelled() {
         let stop = CancellationToken::new();
         let mut all = OffsetTracker::default();
-        let old = all.start("in", 0, 5, &stop);
+        let old = all.start("in", 0, 5, &stop).run();
         assert_eq!(all.revoke(&[("in".to_string(), 0)]), 1);
         assert!(old.cancel.is_cancelled());
-        let new = all.start("in", 0, 3, &stop); // re-assigned, re-delivered from 3
+        let new = all.start("in", 0, 3, &stop).run(); // re-assigned, re-delivered from 3
         assert_ne!(old.id, new.id);
         assert!(!new.cancel.is_cancelled());
         assert_eq!(all.finish("in", 0, 5, old.id), None);
@@ -507,8 +682,8 @@ mod tests {
 
         let stop = CancellationToken::new();
         let shared = Assignment::default();
-        let _a = shared.start("in", 0, 5, &stop);
-        let _b = shared.start("in", 1, 7, &stop);
+        let _a = shared.start("in", 0, 5, &stop).run();
+        let _b = shared.start("in", 1, 7, &stop).run();
         assert_eq!(shared.abandon_pending(), 2);
         // The revocation of closing: nothing to wait for, nothing to cancel
         // (a 60 s drain that waited would also report them cancelled).
@@ -520,6 +695,7 @@ mod tests {
         assert_eq!(
             revoked,
             Revoked {
+                commits: vec![commit("in", 0, 5, ""), commit("in", 1, 7, "")],
                 drained: 0,
                 cancelled: 0,
                 not_waited_for: 0,
@@ -534,13 +710,13 @@ mod tests {
         // Records 100..150 in flight; revoked (none finished, nothing
         // committed past 100) and assigned back.
         for o in 100..151 {
-            all.start("in", 0, o, &stop);
+            all.start("in", 0, o, &stop).run();
         }
         all.revoke(&[("in".to_string(), 0)]);
         // The consumer's position is still the old assignment's: 151.
         assert_eq!(all.settle("in", 0, 151, &stop), None);
         // Once a record of the new assignment arrived, settling works again.
-        let t = all.start("in", 0, 100, &stop);
+        let t = all.start("in", 0, 100, &stop).run();
         assert_eq!(all.finish("in", 0, 100, t.id), Some(101));
         assert_eq!(all.settle("in", 0, 120, &stop), Some(120));
         // Another partition never revoked settles at once.
@@ -551,13 +727,14 @@ mod tests {
     fn a_revocation_does_not_wait_for_records_that_wait_at_their_gate() {
         let stop = CancellationToken::new();
         let shared = Assignment::default();
-        let _held = shared.start("in", 0, 0, &stop);
+        let _held = shared.start("in", 0, 0, &stop).run();
         // The one record in flight waits for its held tenant: a drain of a
         // minute would wait for nothing.
         let revoked = shared.revoke(&[("in".to_string(), 0)], Duration::from_secs(60), || 1);
         assert_eq!(
             revoked,
             Revoked {
+                commits: vec![commit("in", 0, 0, "")],
                 drained: 0,
                 cancelled: 1,
                 not_waited_for: 1
@@ -569,13 +746,14 @@ mod tests {
     fn revoke_with_no_drain_cancels_only_the_revoked_partition() {
         let stop = CancellationToken::new();
         let shared = Assignment::default();
-        let a = shared.start("in", 0, 0, &stop);
-        let b = shared.start("in", 0, 1, &stop);
-        let other = shared.start("in", 1, 0, &stop);
+        let a = shared.start("in", 0, 0, &stop).run();
+        let b = shared.start("in", 0, 1, &stop).run();
+        let other = shared.start("in", 1, 0, &stop).run();
         let revoked = shared.revoke(&[("in".to_string(), 0)], Duration::ZERO, || 0);
         assert_eq!(
             revoked,
             Revoked {
+                commits: vec![commit("in", 0, 0, "")],
                 drained: 0,
                 cancelled: 2,
                 not_waited_for: 0,
@@ -597,8 +775,8 @@ mod tests {
     fn revoke_waits_for_records_that_finish_within_the_drain() {
         let stop = CancellationToken::new();
         let shared = std::sync::Arc::new(Assignment::default());
-        let a = shared.start("in", 0, 0, &stop);
-        let b = shared.start("in", 0, 1, &stop);
+        let a = shared.start("in", 0, 0, &stop).run();
+        let b = shared.start("in", 0, 1, &stop).run();
         let stored = std::sync::Arc::new(Mutex::new(Vec::new()));
         let finisher = {
             let (shared, stored) = (shared.clone(), stored.clone());
@@ -617,5 +795,129 @@ mod tests {
         finisher.join().unwrap();
         assert_eq!(revoked.cancelled, 0);
         assert_eq!(*stored.lock().unwrap(), vec![2]);
+    }
+
+    #[test]
+    fn a_commit_carries_the_records_finished_past_its_position() {
+        let mut t = PartitionTracker::default();
+        assert_eq!(t.commit(), None, "nothing seen");
+        for o in 10..20 {
+            t.start(o);
+        }
+        assert_eq!(t.commit(), None, "nothing finished");
+        // 11 waits in its backoff; the others finish around it.
+        for o in [10, 12, 13, 15, 16, 17, 19] {
+            t.finish(o);
+        }
+        let (position, finished) = t.commit().unwrap();
+        assert_eq!(position, 11);
+        assert_eq!(
+            finished.runs_from(0).collect::<Vec<_>>(),
+            [(12, 14), (15, 18), (19, 20)]
+        );
+        assert_eq!(t.commit(), None, "nothing new since");
+        t.finish(14);
+        let (position, finished) = t.commit().unwrap();
+        assert_eq!(position, 11);
+        assert_eq!(
+            finished.runs_from(0).collect::<Vec<_>>(),
+            [(12, 18), (19, 20)]
+        );
+    }
+
+    #[test]
+    fn records_given_up_at_shutdown_are_not_finished() {
+        let mut t = PartitionTracker::default();
+        for o in 0..6 {
+            t.start(o);
+        }
+        for o in [0, 2, 4] {
+            t.finish(o);
+        }
+        t.abandon_pending();
+        let (position, finished) = t.commit().unwrap();
+        assert_eq!(position, 1);
+        assert_eq!(finished.runs_from(0).collect::<Vec<_>>(), [(2, 3), (4, 5)]);
+    }
+
+    #[test]
+    fn records_finished_before_are_skipped_and_stay_finished_until_they_come() {
+        let stop = CancellationToken::new();
+        let all = Assignment::new(4096);
+        // The last owner committed 100 with 101..103 and 105..200 finished.
+        let before = Finished::from_runs([(101, 103), (105, 200)]);
+        let n = all
+            .restore("in", 0, 100, &before.encode(100, 4096))
+            .unwrap();
+        assert_eq!(n, 97);
+        let a = all.start("in", 0, 100, &stop).run();
+        assert!(matches!(
+            all.start("in", 0, 101, &stop),
+            Start::FinishedBefore(None)
+        ));
+        assert!(matches!(
+            all.start("in", 0, 102, &stop),
+            Start::FinishedBefore(None)
+        ));
+        let b = all.start("in", 0, 103, &stop).run();
+        // A commit now keeps what has not come again as finished.
+        let commits = all.commits(false);
+        let runs = |c: &Commit| {
+            let f = Finished::decode(c.offset, &c.metadata).unwrap();
+            f.runs_from(0).collect::<Vec<_>>()
+        };
+        assert_eq!(commits[0].offset, 100);
+        assert_eq!(runs(&commits[0]), [(101, 103), (105, 200)]);
+        all.finish("in", 0, 100, a.id, |_| Ok::<(), ()>(()));
+        all.finish("in", 0, 103, b.id, |_| Ok::<(), ()>(()));
+        let commits = all.commits(false);
+        assert_eq!(commits[0].offset, 104);
+        assert_eq!(runs(&commits[0]), [(105, 200)]);
+        // Finishing the record at the position moves it past the run.
+        let c = all.start("in", 0, 104, &stop).run();
+        assert!(matches!(
+            all.start("in", 0, 105, &stop),
+            Start::FinishedBefore(None)
+        ));
+        let moved = all.finish("in", 0, 104, c.id, |p| Ok::<i64, ()>(p).map(|_| ()));
+        assert!(moved.is_some());
+        assert!(matches!(
+            all.start("in", 0, 106, &stop),
+            Start::FinishedBefore(Some(107))
+        ));
+    }
+
+    #[test]
+    fn a_revocation_commits_what_finished_and_forgets_what_was_restored() {
+        let stop = CancellationToken::new();
+        let all = Assignment::new(4096);
+        all.restore("in", 1, 0, &Finished::from_runs([(1, 2)]).encode(0, 4096))
+            .unwrap();
+        let a = all.start("in", 0, 0, &stop).run();
+        let _b = all.start("in", 0, 1, &stop).run();
+        all.finish("in", 0, 0, a.id, |_| Ok::<(), ()>(()));
+        let revoked = all.revoke(
+            &[("in".to_string(), 0), ("in".to_string(), 1)],
+            Duration::ZERO,
+            || 0,
+        );
+        assert_eq!(revoked.commits, [commit("in", 0, 1, "")]);
+        // Assigned again without metadata: nothing is skipped.
+        assert!(matches!(all.start("in", 1, 1, &stop), Start::Run(_)));
+    }
+
+    #[test]
+    fn metadata_the_brokers_refused_is_not_sent_again() {
+        let stop = CancellationToken::new();
+        let all = Assignment::new(4096);
+        for o in 0..3 {
+            all.start("in", 0, o, &stop).run();
+        }
+        let t = all.start("in", 0, 3, &stop).run();
+        all.finish("in", 0, 3, t.id, |_| Ok::<(), ()>(()));
+        assert_ne!(all.commits(false)[0].metadata, "");
+        all.metadata_refused();
+        all.commit_failed([("in", 0)]);
+        assert_eq!(all.commits(false), [commit("in", 0, 0, "")]);
     }
 }

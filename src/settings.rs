@@ -350,9 +350,14 @@ pub struct KafkaSettings {
     /// session timeouts.
     #[serde(with = "humantime_serde")]
     pub rejoin_timeout: Duration,
-    /// How often stored offsets (completed prefixes only) are committed.
+    /// How often the worker commits input offsets (each the lowest offset
+    /// not yet finished, with the records finished past it as metadata).
     #[serde(with = "humantime_serde")]
     pub commit_interval: Duration,
+    /// Longest metadata string of a commit: the records finished past the
+    /// committed offset, skipped by the partition's next owner. At most the
+    /// brokers' `offset.metadata.max.bytes` (4096 by default); 0 sends none.
+    pub commit_metadata_max_bytes: usize,
     /// How long one produce may wait for the broker's acknowledgement before
     /// it is retried (librdkafka `message.timeout.ms`).
     #[serde(with = "humantime_serde")]
@@ -1110,6 +1115,11 @@ impl KafkaSettings {
             "kafka.produce_timeout",
             self.produce_timeout,
             Duration::from_millis(100),
+        )?;
+        at_least(
+            "kafka.commit_interval",
+            self.commit_interval,
+            Duration::from_millis(10),
         )?;
         // librdkafka's ranges of the properties these become.
         let hour = Duration::from_secs(3600);

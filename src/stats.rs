@@ -131,6 +131,7 @@ impl Drop for WaitingAtGate<'_> {
 pub struct Stats {
     registry: Registry,
     consumed: Counter,
+    finished_before: Counter,
     enriched: Counter,
     dead_lettered: Family<ClassLabel, Counter>,
     unwritable: Counter,
@@ -222,6 +223,7 @@ impl Default for Stats {
     fn default() -> Self {
         let s = Stats {
             consumed: Counter::default(),
+            finished_before: Counter::default(),
             enriched: Counter::default(),
             dead_lettered: Family::default(),
             unwritable: Counter::default(),
@@ -289,6 +291,11 @@ impl Stats {
             "records_consumed",
             "Input records taken for processing",
             self.consumed.clone(),
+        );
+        r.register(
+            "records_finished_before",
+            "Input records skipped as the commit metadata said a previous owner of the partition finished them",
+            self.finished_before.clone(),
         );
         r.register(
             "records_enriched",
@@ -374,7 +381,7 @@ impl Stats {
     fn register_consumer(&self, r: &mut Registry) {
         r.register(
             "offsets_stored",
-            "Times a partition's committable offset advanced",
+            "Times a partition's position to commit advanced",
             self.offsets_stored.clone(),
         );
         r.register(
@@ -509,6 +516,10 @@ impl Stats {
 
     pub fn record_consumed(&self) {
         self.consumed.inc();
+    }
+
+    pub fn record_finished_before(&self) {
+        self.finished_before.inc();
     }
 
     pub fn record_enriched(&self, attempts: u32) {
@@ -1138,6 +1149,7 @@ mod tests {
             [
                 "build",
                 "records_consumed",
+                "records_finished_before",
                 "records_enriched",
                 "records_dead_lettered",
                 "records_unwritable",

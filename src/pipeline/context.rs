@@ -1,17 +1,20 @@
 //! The consumer's callbacks: a revocation drains the revoked partitions'
 //! records for `pipeline.revoke_drain`, then cancels and forgets them; an
 //! assigned partition takes the consume loop's pause state; commits and
-//! librdkafka's statistics go to the metrics, its logs to `tracing`.
+//! librdkafka's statistics go to the metrics, its logs to `tracing`. The
+//! revoked partitions' last commits are sent before they move, and an
+//! assigned partition's commit metadata is read back ([`commit`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use rdkafka::consumer::{Consumer, ConsumerContext, Rebalance};
+use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::{ClientContext, TopicPartitionList};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
+use super::commit;
 use crate::offsets::Assignment;
 use crate::stats::Stats;
 
@@ -97,6 +100,17 @@ impl ConsumerContext for WorkerContext {
             let waiting = || self.stats.records_waiting_at_gate();
             let done = blocking(|| self.assignment.revoke(&revoked, drain, waiting))
                 .unwrap_or_else(|| self.assignment.revoke(&revoked, Duration::ZERO, waiting));
+            if !lost {
+                // What finished is committed before the partitions move.
+                let committed =
+                    blocking(|| commit::commit(consumer, &done.commits, CommitMode::Sync))
+                        .unwrap_or_else(|| {
+                            commit::commit(consumer, &done.commits, CommitMode::Async)
+                        });
+                if let Err(e) = committed {
+                    warn!(error = %e, partitions = ?revoked, "commit at revocation failed; the next owner re-reads what finished since the last commit");
+                }
+            }
             info!(
                 lost,
                 partitions = ?revoked,
@@ -117,6 +131,9 @@ impl ConsumerContext for WorkerContext {
         match rebalance {
             Rebalance::Assign(tpl) => {
                 let assigned = partitions(tpl);
+                if blocking(|| commit::restore(consumer, &self.assignment, tpl)).is_none() {
+                    debug!("commit metadata not read on a current-thread runtime");
+                }
                 let paused = self.paused.load(Ordering::SeqCst);
                 info!(partitions = ?assigned, paused, "partitions assigned");
                 let applied = if paused {
@@ -143,6 +160,16 @@ impl ConsumerContext for WorkerContext {
             Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
             Err(e) => {
                 self.stats.offsets_committed(false);
+                if commit::metadata_too_long(&e) {
+                    error!(
+                        error = %e,
+                        "the brokers refused the commit metadata as too long (offset.metadata.max.bytes); \
+                         committing without it from now on: lower kafka.commit_metadata_max_bytes"
+                    );
+                    self.assignment.metadata_refused();
+                }
+                let failed = offsets.elements();
+                (self.assignment).commit_failed(failed.iter().map(|e| (e.topic(), e.partition())));
                 warn!(error = %e, "offset commit failed; it is retried at the next interval")
             }
         }

@@ -1,15 +1,17 @@
 //! The worker: consume call-ended events, enrich each one concurrently,
-//! publish the enriched record or a dead letter, and store an input offset
+//! publish the enriched record or a dead letter, and commit an input offset
 //! only once everything below it in its partition is acknowledged by the
-//! broker.
+//! broker (with what finished past it in the commit's metadata).
 //!
 //! - [`worker`]: the consume loop and its phases (consuming, draining,
-//!   done); each record in a task of its own that stores its offset.
+//!   done); each record in a task of its own that finishes its offset.
 //! - [`flow`]: when the loop takes records, pauses and resumes (pure).
 //! - [`enrich`]: one record: parse, fetch from the API, publish or
 //!   dead-letter.
 //! - [`publish`]: producing until acknowledged, with backoff; dead letters
 //!   cut to fit (shared with `replay`).
+//! - [`commit`]: committing input offsets, with the records finished past
+//!   each in its metadata, and reading that back on assignment.
 //! - [`context`]: the consumer's callbacks (rebalances, commits, logs).
 //! - [`input`]: the input record, owned by its task.
 
@@ -23,6 +25,7 @@ use crate::settings::Settings;
 use crate::stats::Stats;
 use crate::{shutdown, side_port};
 
+mod commit;
 mod context;
 mod enrich;
 mod flow;

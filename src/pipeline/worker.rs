@@ -7,23 +7,24 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use rdkafka::Offset;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
+use rdkafka::error::KafkaError;
 use rdkafka::message::BorrowedMessage;
 use rdkafka::util::Timeout;
-use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::{Instant, Interval};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, warn};
 
+use super::commit;
 use super::context::WorkerContext;
 use super::enrich::{Disposition, Enricher};
 use super::flow::{Change, Flow};
 use super::input::InRecord;
 use crate::kafka;
-use crate::offsets::{Assignment, Ticket};
+use crate::offsets::{Assignment, Start, Ticket};
 use crate::otel;
 use crate::record::Source;
 use crate::settings::Settings;
@@ -79,6 +80,8 @@ struct Running {
     /// Wakes the loop at least once a second, so liveness reflects a loop
     /// that runs, not one that happens to have records.
     heartbeat: Interval,
+    /// `kafka.commit_interval`: commits what finished since the last one.
+    commit: Interval,
 }
 
 /// Sleeps until `at`, or forever when there is no deadline.
@@ -106,7 +109,7 @@ impl Worker {
         let settings = Arc::new(settings);
         let k = &settings.kafka;
         kafka::check_connection(k).await?;
-        let assignment = Arc::new(Assignment::default());
+        let assignment = Arc::new(Assignment::new(k.commit_metadata_max_bytes));
         let context = WorkerContext::new(
             assignment.clone(),
             stats.clone(),
@@ -218,6 +221,10 @@ impl Worker {
             stop_work,
             progress: tokio::time::interval_at(start + PROGRESS_EVERY, PROGRESS_EVERY),
             heartbeat: tokio::time::interval(Duration::from_secs(1)),
+            commit: tokio::time::interval_at(
+                start + s.kafka.commit_interval,
+                s.kafka.commit_interval,
+            ),
         })
     }
 
@@ -251,6 +258,7 @@ impl Worker {
                     run.systemic.borrow_and_update();
                 }
                 _ = run.progress.tick() => self.log_progress(run.tasks.len()),
+                _ = run.commit.tick() => self.commit_finished(),
                 _ = run.heartbeat.tick() => {
                     self.settle_idle_partitions(&run.stop_work);
                     if let Err(e) = self.check_membership() {
@@ -344,16 +352,19 @@ impl Worker {
         let rec = InRecord::from_message(m);
         self.stats.record_consumed();
         let src = &rec.source;
-        let ticket = self
-            .assignment
-            .start(&src.topic, src.partition, src.offset, stop);
+        let ticket = match (self.assignment).start(&src.topic, src.partition, src.offset, stop) {
+            Start::Run(ticket) => ticket,
+            Start::FinishedBefore(moved) => {
+                self.stats.record_finished_before();
+                if moved.is_some() {
+                    position_moved(&self.stats, &src.topic, src.partition);
+                }
+                return;
+            }
+        };
         let span = otel::record_span(src, &self.settings.kafka.group_id, &rec.headers);
         let enricher = self.enricher.clone();
-        let (assignment, consumer, stats) = (
-            self.assignment.clone(),
-            self.consumer.clone(),
-            self.stats.clone(),
-        );
+        let (assignment, stats) = (self.assignment.clone(), self.stats.clone());
         tasks.spawn(
             async move {
                 let source = rec.source.clone();
@@ -371,7 +382,7 @@ impl Worker {
                         | Disposition::DeadLettered(_)
                         | Disposition::Unwritable(_))
                 ) {
-                    store_finished(&assignment, &consumer, &stats, &source, &ticket);
+                    finished(&assignment, &stats, &source, &ticket);
                 }
                 result
             }
@@ -416,23 +427,28 @@ impl Worker {
                 Offset::Offset(o) => Some((e.topic().to_string(), e.partition(), o)),
                 _ => None,
             });
-        let stored = self
+        let settled = self
             .assignment
-            .settle(positions, stop, |topic, partition, next| {
-                store_offset(&self.consumer, topic, partition, next)?;
-                self.stats.partition_moved(topic, partition);
-                Ok::<(), rdkafka::error::KafkaError>(())
+            .settle(positions, stop, |topic, partition, _| {
+                position_moved(&self.stats, topic, partition);
+                Ok::<(), std::convert::Infallible>(())
             });
-        match stored {
-            Ok(0) => {}
-            Ok(n) => {
-                debug!(
-                    partitions = n,
-                    "idle partitions settled at the consumer position"
-                );
-                self.stats.offset_stored()
-            }
-            Err(e) => debug!(error = %e, "idle position not stored"),
+        if let Ok(n @ 1..) = settled {
+            debug!(
+                partitions = n,
+                "idle partitions settled at the consumer position"
+            );
+        }
+    }
+
+    /// Commits the partitions where something finished since the last
+    /// commit (asynchronously: the outcome reaches the commit callback).
+    fn commit_finished(&self) {
+        let commits = self.assignment.commits(false);
+        if let Err(e) = commit::commit(&*self.consumer, &commits, CommitMode::Async) {
+            warn!(error = %e, "offset commit not sent; it is sent again at the next interval");
+            (self.assignment)
+                .commit_failed(commits.iter().map(|c| (c.topic.as_str(), c.partition)));
         }
     }
 
@@ -463,15 +479,14 @@ impl Worker {
             warn!(error = %e, "producer flush incomplete");
         }
         let consumer = self.consumer.clone();
-        let committed =
-            tokio::task::spawn_blocking(move || consumer.commit_consumer_state(CommitMode::Sync))
-                .await
-                .unwrap_or(Err(KafkaError::Canceled));
-        match committed {
-            Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
-            Err(e) => {
-                warn!(error = %e, "final commit failed; uncommitted records will be re-delivered")
-            }
+        let commits = self.assignment.commits(true);
+        let committed = tokio::task::spawn_blocking(move || {
+            commit::commit(&*consumer, &commits, CommitMode::Sync)
+        })
+        .await
+        .unwrap_or(Err(KafkaError::Canceled));
+        if let Err(e) = committed {
+            warn!(error = %e, "final commit failed; uncommitted records will be re-delivered")
         }
         self.consumer.unsubscribe();
         self.log_progress(0);
@@ -492,37 +507,20 @@ impl Worker {
     }
 }
 
-/// Stores a finished record's partition position when it advanced.
-fn store_finished(
-    assignment: &Assignment,
-    consumer: &StreamConsumer<WorkerContext>,
-    stats: &Stats,
-    src: &Source,
-    ticket: &Ticket,
-) {
-    let stored = assignment.finish(&src.topic, src.partition, src.offset, ticket.id, |next| {
-        store_offset(consumer, &src.topic, src.partition, next)
+/// Finishes a record in its partition's tracker (committed with the next
+/// commit).
+fn finished(assignment: &Assignment, stats: &Stats, src: &Source, ticket: &Ticket) {
+    let moved = assignment.finish(&src.topic, src.partition, src.offset, ticket.id, |_| {
+        Ok::<(), std::convert::Infallible>(())
     });
-    match stored {
-        None => {}
-        Some(Ok(())) => {
-            stats.partition_moved(&src.topic, src.partition);
-            stats.offset_stored()
-        }
-        // The partition was revoked meanwhile: its new owner re-reads.
-        Some(Err(e)) => debug!(error = %e, partition = src.partition, "offset not stored"),
+    if moved.is_some() {
+        position_moved(stats, &src.topic, src.partition);
     }
 }
 
-fn store_offset(
-    consumer: &StreamConsumer<WorkerContext>,
-    topic: &str,
-    partition: i32,
-    next: i64,
-) -> KafkaResult<()> {
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, partition, Offset::Offset(next))?;
-    consumer.store_offsets(&tpl)
+fn position_moved(stats: &Stats, topic: &str, partition: i32) {
+    stats.partition_moved(topic, partition);
+    stats.offset_stored();
 }
 
 /// A record task's end, as the consume loop sees it: an aborted task is an

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use crate::testkit;
 use uincall_enricher::dead_letter::header as dlq;
+use uincall_enricher::offsets::Finished;
 
 use crate::helpers::*;
 
@@ -75,7 +76,17 @@ async fn sigkill_five_times_mid_stream_and_restart_loses_nothing() {
     env.seed(&sessions).await;
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("worker.log");
-    let window = [("UINCALL__PIPELINE__MAX_IN_FLIGHT", "16")];
+    // FAULT_METADATA_MAX_BYTES=0 measures the duplicates without commit
+    // metadata (scripts/faults.sh); FAULT_WINDOW sets the records in flight (16).
+    let metadata = std::env::var("FAULT_METADATA_MAX_BYTES").unwrap_or("4096".into());
+    let in_flight = std::env::var("FAULT_WINDOW").unwrap_or("16".into());
+    let window = [
+        ("UINCALL__PIPELINE__MAX_IN_FLIGHT", in_flight.as_str()),
+        (
+            "UINCALL__KAFKA__COMMIT_METADATA_MAX_BYTES",
+            metadata.as_str(),
+        ),
+    ];
     let (seed, mut random) = seeded();
     let mut kills: Vec<usize> = (0..5)
         .map(|_| total / 20 + (random() as usize) % (total * 17 / 20))
@@ -155,4 +166,114 @@ async fn sigkill_five_times_mid_stream_and_restart_loses_nothing() {
         "crash test: {total} events, 5 SIGKILLs, 0 lost, {} dead letters (all permanent), {duplicates} duplicates",
         dead.len()
     );
+}
+
+/// Records after the one that waits in its backoff in
+/// [`crash_behind_a_waiting_record`].
+const FOLLOWERS: usize = 300;
+
+/// The committed offset of the test's one input partition and how many
+/// records its metadata says finished past it (read without blocking the
+/// runtime that serves the fake API).
+async fn committed_and_finished(env: &TestEnv) -> Option<(i64, u64)> {
+    let (bootstrap, group, input) = (env.bootstrap(), env.group.clone(), env.input.clone());
+    let committed = tokio::task::spawn_blocking(move || {
+        testkit::committed_with_metadata(&bootstrap, &group, &input)
+    })
+    .await
+    .unwrap()
+    .ok()?;
+    let (offset, metadata) = committed.into_iter().next()??;
+    let finished = Finished::decode(offset, &metadata).expect("the worker's own metadata");
+    Some((offset, finished.len()))
+}
+
+/// One input partition: a session the API answers "not ready" for long,
+/// then FOLLOWERS sessions that finish around it. Once all followers are
+/// written and their finish committed (the offset stays at the waiting
+/// record), the worker is SIGKILLed and started again with one attempt per
+/// record, so the waiting record is dead-lettered. Returns how many
+/// records the output topic holds and its distinct sessions, and the dead
+/// letters.
+async fn crash_behind_a_waiting_record(
+    name: &str,
+    metadata_max_bytes: &str,
+) -> (usize, usize, Vec<OwnedMessage>) {
+    let env = TestEnv::new(name, 1, Duration::from_millis(5)).await;
+    let mut sessions = vec!["transient1000000-waits".to_string()];
+    sessions.extend((0..FOLLOWERS).map(|i| format!("call-{i:04}")));
+    env.seed(&sessions).await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("worker.log");
+    let metadata = (
+        "UINCALL__KAFKA__COMMIT_METADATA_MAX_BYTES",
+        metadata_max_bytes,
+    );
+    let waits = [
+        metadata,
+        ("UINCALL__RETRY__MAX_ATTEMPTS", "100000"),
+        ("UINCALL__RETRY__MAX_ELAPSED", "5m"),
+        ("UINCALL__RETRY__MAX_DELAY", "500ms"),
+    ];
+    let mut child = env.spawn_binary(&log, &waits);
+    read_distinct(
+        env.bootstrap(),
+        env.output.clone(),
+        FOLLOWERS,
+        WAIT,
+        Arc::default(),
+    )
+    .await;
+    let want = if metadata_max_bytes == "0" {
+        0
+    } else {
+        FOLLOWERS as u64
+    };
+    wait_until_async("the followers' finish committed", || async {
+        committed_and_finished(&env).await == Some((0, want))
+    })
+    .await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let mut child = env.spawn_binary(&log, &[metadata, ("UINCALL__RETRY__MAX_ATTEMPTS", "1")]);
+    let dead = env.read_dlq(1).await;
+    wait_until_async("the partition committed to its end", || async {
+        committed_and_finished(&env).await.map(|(o, _)| o) == Some(FOLLOWERS as i64 + 1)
+    })
+    .await;
+    sigterm(&child);
+    let status = wait_exit(&mut child, WAIT).await;
+    assert!(status.success(), "SIGTERM ends with exit 0: {status}");
+    let (out, total) = env.read_all(&env.output, FOLLOWERS).await;
+    let distinct: HashSet<String> = out.iter().map(key).collect();
+    (total, distinct.len(), dead)
+}
+
+/// With the finished records in the commit metadata, the restarted worker
+/// skips every follower: each session is on the output topic once, and the
+/// waiting record (the one unfinished) is processed again.
+#[tokio::test]
+async fn a_crash_re_delivers_only_what_was_unfinished() {
+    let (total, distinct, dead) = crash_behind_a_waiting_record("unfinished", "4096").await;
+    assert_eq!(distinct, FOLLOWERS);
+    assert_eq!(
+        total,
+        FOLLOWERS,
+        "sessions written twice: {}",
+        total - distinct
+    );
+    assert_eq!(dead.len(), 1);
+    assert_eq!(key(&dead[0]), "transient1000000-waits");
+}
+
+/// The same crash without metadata (`kafka.commit_metadata_max_bytes = 0`):
+/// every follower is written a second time. What the test above guards
+/// against.
+#[tokio::test]
+async fn without_commit_metadata_a_crash_re_delivers_all_behind_the_waiting_record() {
+    let (total, distinct, dead) = crash_behind_a_waiting_record("unfinished-off", "0").await;
+    assert_eq!(distinct, FOLLOWERS);
+    assert_eq!(total, 2 * FOLLOWERS);
+    assert_eq!(dead.len(), 1);
 }

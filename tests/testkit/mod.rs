@@ -742,6 +742,16 @@ pub fn committed_offsets(
     group: &str,
     topic: &str,
 ) -> anyhow::Result<Vec<Option<i64>>> {
+    let committed = committed_with_metadata(bootstrap, group, topic)?;
+    Ok(committed.into_iter().map(|c| c.map(|(o, _)| o)).collect())
+}
+
+/// Per partition of `topic`: the offset `group` committed and its metadata.
+pub fn committed_with_metadata(
+    bootstrap: &str,
+    group: &str,
+    topic: &str,
+) -> anyhow::Result<Vec<Option<(i64, String)>>> {
     let consumer: BaseConsumer = client_config(bootstrap)
         .set("group.id", group)
         .set("enable.auto.commit", "false")
@@ -753,11 +763,12 @@ pub fn committed_offsets(
     }
     let committed = consumer.committed_offsets(tpl, Timeout::After(Duration::from_secs(10)))?;
     Ok((0..parts)
-        .map(
-            |p| match committed.find_partition(topic, p).map(|e| e.offset()) {
-                Some(Offset::Offset(o)) => Some(o),
+        .map(|p| {
+            let e = committed.find_partition(topic, p)?;
+            match e.offset() {
+                Offset::Offset(o) => Some((o, e.metadata().to_string())),
                 _ => None,
-            },
-        )
+            }
+        })
         .collect())
 }
