@@ -80,8 +80,12 @@ struct Running {
     /// Wakes the loop at least once a second, so liveness reflects a loop
     /// that runs, not one that happens to have records.
     heartbeat: Interval,
-    /// `kafka.commit_interval`: commits what finished since the last one.
+    /// `kafka.commit_interval`: commits what finished since the last one,
+    /// at `commit_at`. The tick only wakes an idle loop: a busy one (a
+    /// record or a completion ready at every turn) never reaches that arm
+    /// of the biased `select!`, so the time is checked at every turn.
     commit: Interval,
+    commit_at: Instant,
 }
 
 /// Sleeps until `at`, or forever when there is no deadline.
@@ -225,6 +229,7 @@ impl Worker {
                 start + s.kafka.commit_interval,
                 s.kafka.commit_interval,
             ),
+            commit_at: start + s.kafka.commit_interval,
         })
     }
 
@@ -258,7 +263,7 @@ impl Worker {
                     run.systemic.borrow_and_update();
                 }
                 _ = run.progress.tick() => self.log_progress(run.tasks.len()),
-                _ = run.commit.tick() => self.commit_finished(),
+                _ = run.commit.tick() => {}
                 _ = run.heartbeat.tick() => {
                     self.settle_idle_partitions(&run.stop_work);
                     if let Err(e) = self.check_membership() {
@@ -267,13 +272,19 @@ impl Worker {
                     }
                 }
             }
+            let now = Instant::now();
+            if now >= run.commit_at {
+                self.commit_finished();
+                run.commit_at = now + self.settings.kafka.commit_interval;
+                run.commit.reset();
+            }
             self.stats.beat();
             self.stats.set_in_flight(run.tasks.len());
             let (held, over_share) = self.enricher.waiting_records();
             self.stats.set_records_waiting(held, over_share);
             let in_flight = self.admitted(&run.tasks);
             let systemic = run.systemic.borrow().is_some();
-            if let Some(change) = run.flow.decide(in_flight, Instant::now(), systemic) {
+            if let Some(change) = run.flow.decide(in_flight, now, systemic) {
                 self.apply(change, &mut run.flow, in_flight);
             }
         }

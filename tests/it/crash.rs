@@ -77,15 +77,19 @@ async fn sigkill_five_times_mid_stream_and_restart_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("worker.log");
     // FAULT_METADATA_MAX_BYTES=0 measures the duplicates without commit
-    // metadata (scripts/faults.sh); FAULT_WINDOW sets the records in flight (16).
-    let metadata = std::env::var("FAULT_METADATA_MAX_BYTES").unwrap_or("4096".into());
-    let in_flight = std::env::var("FAULT_WINDOW").unwrap_or("16".into());
+    // metadata (scripts/faults.sh); FAULT_WINDOW sets the records in flight
+    // (16), FAULT_COMMIT_INTERVAL the commit interval (500ms).
+    let var = |name: &str, default: &str| std::env::var(name).unwrap_or(default.into());
+    let metadata = var("FAULT_METADATA_MAX_BYTES", "4096");
+    let in_flight = var("FAULT_WINDOW", "16");
+    let interval = var("FAULT_COMMIT_INTERVAL", "500ms");
     let window = [
         ("UINCALL__PIPELINE__MAX_IN_FLIGHT", in_flight.as_str()),
         (
             "UINCALL__KAFKA__COMMIT_METADATA_MAX_BYTES",
             metadata.as_str(),
         ),
+        ("UINCALL__KAFKA__COMMIT_INTERVAL", interval.as_str()),
     ];
     let (seed, mut random) = seeded();
     let mut kills: Vec<usize> = (0..5)
