@@ -10,6 +10,8 @@
 #   FAULT_EVENTS=10000 bash scripts/faults.sh       # shorter
 #   GROUP_EVENTS=20000 BROKER_EVENTS=20000 bash scripts/faults.sh
 #                                                    # longer group and broker runs
+#   FAULT_WINDOW=128 FAULT_COMMIT_INTERVAL=50ms FAULT_METADATA_MAX_BYTES=0 \
+#     bash scripts/faults.sh                        # crash re-delivery by setting
 #
 # The broker-freeze tests (group::a_broker_frozen_…) run here at the
 # production-like size: 1 000 events/s, a window of 256, 5 freezes of 12 s

@@ -86,14 +86,19 @@ pub fn consumer_config(k: &KafkaSettings) -> ClientConfig {
     if !k.properties.contains_key("auto.offset.reset") {
         c.set("auto.offset.reset", "earliest");
     }
-    if !k.properties.contains_key("queued.max.messages.kbytes") {
-        // Read-ahead beyond the window only hides fetch latency; librdkafka's
-        // defaults (100 000 records a partition, 64 MiB) are resident memory
-        // on a backlog.
-        c.set("queued.max.messages.kbytes", "2048");
-    }
-    if !k.properties.contains_key("queued.min.messages") {
-        c.set("queued.min.messages", "1000");
+    // Read-ahead beyond the window only hides fetch latency; librdkafka's
+    // defaults (100 000 records a partition, 64 MiB) are resident memory on
+    // a backlog. Once a partition's queue is past them librdkafka waits
+    // `fetch.queue.backoff.ms` (1 s) before it fetches again: with queues
+    // this small that put 0.7 s on the median latency of paced events.
+    for (key, value) in [
+        ("queued.max.messages.kbytes", "2048"),
+        ("queued.min.messages", "1000"),
+        ("fetch.queue.backoff.ms", "10"),
+    ] {
+        if !k.properties.contains_key(key) {
+            c.set(key, value);
+        }
     }
     c
 }
@@ -341,6 +346,7 @@ mod tests {
         assert_eq!(c.get("group.protocol"), None);
         assert_eq!(c.get("queued.max.messages.kbytes"), Some("2048"));
         assert_eq!(c.get("queued.min.messages"), Some("1000"));
+        assert_eq!(c.get("fetch.queue.backoff.ms"), Some("10"));
         assert_eq!(c.get("enable.auto.commit"), Some("false"));
     }
 

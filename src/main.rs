@@ -9,6 +9,8 @@ use uincall_enricher::{backfill, ingest, pipeline, replay, telemetry};
 
 /// mimalloc: per-thread free lists where glibc's malloc took about a
 /// quarter of the CPU profile under load (docs/benchmarks.md, "Allocator").
+/// The `system-alloc` feature keeps glibc's.
+#[cfg(not(feature = "system-alloc"))]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -20,7 +20,7 @@ use tracing::{debug, info, warn};
 use crate::offsets::{Assignment, Commit};
 
 /// How long reading the committed offsets of new partitions may take.
-const READ_COMMITTED: Duration = Duration::from_secs(10);
+const READ_COMMITTED: Duration = Duration::from_secs(5);
 
 /// Commits `commits` (none: nothing to do).
 pub fn commit<C: ConsumerContext>(
