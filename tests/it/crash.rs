@@ -1,4 +1,5 @@
 use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -54,6 +55,94 @@ async fn read_distinct(
     .unwrap()
 }
 
+/// The worker settings the crash test takes from the environment
+/// (scripts/faults.sh): FAULT_WINDOW, the records in flight (16);
+/// FAULT_METADATA_MAX_BYTES (4096; 0 measures the duplicates without commit
+/// metadata); FAULT_COMMIT_INTERVAL (500ms).
+fn fault_settings() -> Vec<(&'static str, String)> {
+    [
+        ("UINCALL__PIPELINE__MAX_IN_FLIGHT", "FAULT_WINDOW", "16"),
+        (
+            "UINCALL__KAFKA__COMMIT_METADATA_MAX_BYTES",
+            "FAULT_METADATA_MAX_BYTES",
+            "4096",
+        ),
+        (
+            "UINCALL__KAFKA__COMMIT_INTERVAL",
+            "FAULT_COMMIT_INTERVAL",
+            "500ms",
+        ),
+    ]
+    .into_iter()
+    .map(|(key, var, default)| (key, std::env::var(var).unwrap_or(default.into())))
+    .collect()
+}
+
+/// Every session on the output or the dead-letter topic, each enriched
+/// record about its key, and only permanent failures dead-lettered (as
+/// such); returns how many records were written more than once.
+fn check_outcome(sessions: &[String], out: &[OwnedMessage], dead: &[OwnedMessage]) -> usize {
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for m in out.iter().chain(dead.iter()) {
+        *seen.entry(key(m)).or_default() += 1;
+    }
+    let missing: Vec<&String> = sessions.iter().filter(|s| !seen.contains_key(*s)).collect();
+    assert!(missing.is_empty(), "lost: {missing:?}");
+    for m in out {
+        let v = enriched_json(m);
+        assert_eq!(v["session_id"], key(m).as_str());
+    }
+    for m in dead {
+        assert_eq!(
+            header(m, dlq::ERROR_CLASS).as_deref(),
+            Some("permanent_error"),
+            "{}",
+            key(m)
+        );
+        assert!(key(m).starts_with("permanent-"), "{}", key(m));
+    }
+    seen.values().map(|n| n - 1).sum()
+}
+
+/// Starts the binary and SIGKILLs it once `read` (records seen on the
+/// output topic) reaches each of `kills`.
+async fn kill_at(
+    env: &TestEnv,
+    log: &PathBuf,
+    window: &[(&str, &str)],
+    kills: &[usize],
+    read: &AtomicUsize,
+    limit: Duration,
+) {
+    for &kill_after in kills {
+        let mut child = env.spawn_binary(log, window);
+        wait_until_within("enriched records before the kill", limit, || {
+            read.load(Ordering::Relaxed) >= kill_after
+        })
+        .await;
+        // SIGKILL, then restarted at once: the new member joins while the
+        // dead one still holds its partitions until the session times out.
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+}
+
+/// `FAULT_EVENTS` sessions (4 000): 10 % answered "not ready" twice, 1 %
+/// permanently failing, the rest answered at once.
+fn crash_sessions() -> Vec<String> {
+    let total: usize = std::env::var("FAULT_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4000);
+    (0..total)
+        .map(|i| match i % 100 {
+            0..=9 => format!("transient2-{i:06}"),
+            10 => format!("permanent-{i:06}"),
+            _ => format!("call-{i:06}"),
+        })
+        .collect()
+}
+
 /// Kills the worker with SIGKILL five times at random moments while records
 /// flow (10 % of the events answered with transient errcodes first, 1 %
 /// permanent), restarts it each time, and checks that every input session
@@ -62,35 +151,13 @@ async fn read_distinct(
 #[tokio::test]
 async fn sigkill_five_times_mid_stream_and_restart_loses_nothing() {
     let env = TestEnv::new("crash", 3, Duration::from_millis(20)).await;
-    let total: usize = std::env::var("FAULT_EVENTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(4000);
-    let sessions: Vec<String> = (0..total)
-        .map(|i| match i % 100 {
-            0..=9 => format!("transient2-{i:06}"),
-            10 => format!("permanent-{i:06}"),
-            _ => format!("call-{i:06}"),
-        })
-        .collect();
+    let sessions = crash_sessions();
+    let total = sessions.len();
     env.seed(&sessions).await;
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("worker.log");
-    // FAULT_METADATA_MAX_BYTES=0 measures the duplicates without commit
-    // metadata (scripts/faults.sh); FAULT_WINDOW sets the records in flight
-    // (16), FAULT_COMMIT_INTERVAL the commit interval (500ms).
-    let var = |name: &str, default: &str| std::env::var(name).unwrap_or(default.into());
-    let metadata = var("FAULT_METADATA_MAX_BYTES", "4096");
-    let in_flight = var("FAULT_WINDOW", "16");
-    let interval = var("FAULT_COMMIT_INTERVAL", "500ms");
-    let window = [
-        ("UINCALL__PIPELINE__MAX_IN_FLIGHT", in_flight.as_str()),
-        (
-            "UINCALL__KAFKA__COMMIT_METADATA_MAX_BYTES",
-            metadata.as_str(),
-        ),
-        ("UINCALL__KAFKA__COMMIT_INTERVAL", interval.as_str()),
-    ];
+    let settings = fault_settings();
+    let window: Vec<(&str, &str)> = settings.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let (seed, mut random) = seeded();
     let mut kills: Vec<usize> = (0..5)
         .map(|_| total / 20 + (random() as usize) % (total * 17 / 20))
@@ -115,17 +182,7 @@ async fn sigkill_five_times_mid_stream_and_restart_loses_nothing() {
         limit * 7,
         read.clone(),
     ));
-    for kill_after in kills {
-        let mut child = env.spawn_binary(&log, &window);
-        wait_until_within("enriched records before the kill", limit, || {
-            read.load(Ordering::Relaxed) >= kill_after
-        })
-        .await;
-        // SIGKILL, then restarted at once: the new member joins while the
-        // dead one still holds its partitions until the session times out.
-        child.kill().unwrap();
-        child.wait().unwrap();
-    }
+    kill_at(&env, &log, &window, &kills, &read, limit).await;
     let committed: i64 = env.committed().iter().flatten().sum();
     assert!(
         committed < total as i64,
@@ -146,26 +203,7 @@ async fn sigkill_five_times_mid_stream_and_restart_loses_nothing() {
     let status = wait_exit(&mut child, WAIT).await;
     assert!(status.success(), "SIGTERM ends with exit 0: {status}");
 
-    let mut seen: HashMap<String, usize> = HashMap::new();
-    for m in out.iter().chain(dead.iter()) {
-        *seen.entry(key(m)).or_default() += 1;
-    }
-    let missing: Vec<&String> = sessions.iter().filter(|s| !seen.contains_key(*s)).collect();
-    assert!(missing.is_empty(), "lost: {missing:?}");
-    for m in &out {
-        let v = enriched_json(m);
-        assert_eq!(v["session_id"], key(m).as_str());
-    }
-    for m in &dead {
-        assert_eq!(
-            header(m, dlq::ERROR_CLASS).as_deref(),
-            Some("permanent_error"),
-            "{}",
-            key(m)
-        );
-        assert!(key(m).starts_with("permanent-"), "{}", key(m));
-    }
-    let duplicates: usize = seen.values().map(|n| n - 1).sum();
+    let duplicates = check_outcome(&sessions, &out, &dead);
     println!(
         "crash test: {total} events, 5 SIGKILLs, 0 lost, {} dead letters (all permanent), {duplicates} duplicates",
         dead.len()
