@@ -76,16 +76,42 @@ struct Running {
     /// Cancelled when draining starts: no new attempts, no backoff waits.
     stop_work: CancellationToken,
     helpers: Vec<JoinHandle<()>>,
-    progress: Interval,
-    /// Wakes the loop at least once a second, so liveness reflects a loop
-    /// that runs, not one that happens to have records.
-    heartbeat: Interval,
-    /// `kafka.commit_interval`: commits what finished since the last one,
-    /// at `commit_at`. The tick only wakes an idle loop: a busy one (a
-    /// record or a completion ready at every turn) never reaches that arm
-    /// of the biased `select!`, so the time is checked at every turn.
-    commit: Interval,
-    commit_at: Instant,
+    progress: Every,
+    /// Once a second: idle partitions settled, membership checked; also
+    /// wakes an idle loop, so liveness reflects a loop that runs.
+    heartbeat: Every,
+    /// `kafka.commit_interval`: commits what finished since the last one.
+    commit: Every,
+}
+
+/// Work due by the clock in the consume loop. Its tick only wakes an idle
+/// loop: a busy one (a record or a completion ready at every turn) never
+/// reaches the tick's arm of the biased `select!`, so [`Every::due`] is
+/// asked at every turn.
+struct Every {
+    tick: Interval,
+    at: Instant,
+    period: Duration,
+}
+
+impl Every {
+    fn starting(at: Instant, period: Duration) -> Every {
+        Every {
+            tick: tokio::time::interval_at(at, period),
+            at,
+            period,
+        }
+    }
+
+    /// Whether the time came; the next is then one period from `now`.
+    fn due(&mut self, now: Instant) -> bool {
+        if now < self.at {
+            return false;
+        }
+        self.at = now + self.period;
+        self.tick.reset();
+        true
+    }
 }
 
 /// Sleeps until `at`, or forever when there is no deadline.
@@ -223,13 +249,9 @@ impl Worker {
             systemic: self.enricher.breaker().subscribe(),
             helpers: self.enricher.start_helpers(&stop_work),
             stop_work,
-            progress: tokio::time::interval_at(start + PROGRESS_EVERY, PROGRESS_EVERY),
-            heartbeat: tokio::time::interval(Duration::from_secs(1)),
-            commit: tokio::time::interval_at(
-                start + s.kafka.commit_interval,
-                s.kafka.commit_interval,
-            ),
-            commit_at: start + s.kafka.commit_interval,
+            progress: Every::starting(start + PROGRESS_EVERY, PROGRESS_EVERY),
+            heartbeat: Every::starting(start, Duration::from_secs(1)),
+            commit: Every::starting(start + s.kafka.commit_interval, s.kafka.commit_interval),
         })
     }
 
@@ -262,21 +284,17 @@ impl Worker {
                 Ok(()) = run.systemic.changed() => {
                     run.systemic.borrow_and_update();
                 }
-                _ = run.progress.tick() => self.log_progress(run.tasks.len()),
-                _ = run.commit.tick() => {}
-                _ = run.heartbeat.tick() => {
-                    self.settle_idle_partitions(&run.stop_work);
-                    if let Err(e) = self.check_membership() {
-                        error!(error = format!("{e:#}"), "stopping the worker so that it is restarted");
-                        return Phase::drain(drain_timeout, Some(e));
-                    }
-                }
+                _ = run.progress.tick.tick() => {}
+                _ = run.heartbeat.tick.tick() => {}
+                _ = run.commit.tick.tick() => {}
             }
             let now = Instant::now();
-            if now >= run.commit_at {
-                self.commit_finished();
-                run.commit_at = now + self.settings.kafka.commit_interval;
-                run.commit.reset();
+            if let Err(e) = self.on_time(run, now) {
+                error!(
+                    error = format!("{e:#}"),
+                    "stopping the worker so that it is restarted"
+                );
+                return Phase::drain(drain_timeout, Some(e));
             }
             self.stats.beat();
             self.stats.set_in_flight(run.tasks.len());
@@ -288,6 +306,23 @@ impl Worker {
                 self.apply(change, &mut run.flow, in_flight);
             }
         }
+    }
+
+    /// The work due by the clock ([`Every`]): the progress line, the
+    /// commit, and the heartbeat (idle partitions settled, membership
+    /// checked: `Err` when the worker lost its place for good).
+    fn on_time(&self, run: &mut Running, now: Instant) -> anyhow::Result<()> {
+        if run.progress.due(now) {
+            self.log_progress(run.tasks.len());
+        }
+        if run.commit.due(now) {
+            self.commit_finished();
+        }
+        if run.heartbeat.due(now) {
+            self.settle_idle_partitions(&run.stop_work);
+            self.check_membership()?;
+        }
+        Ok(())
     }
 
     /// An error the consumer delivered instead of a record: counted by code
@@ -542,5 +577,36 @@ fn complete(joined: Result<Completion, tokio::task::JoinError>) -> anyhow::Resul
         Ok(result) => result.map(|_| ()),
         Err(e) if e.is_cancelled() => Ok(()),
         Err(e) => bail!("a record task panicked: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn work_by_the_clock_is_due_once_per_period_from_when_it_ran() {
+        let start = Instant::now();
+        let mut every = Every::starting(start + Duration::from_secs(5), Duration::from_secs(5));
+        assert!(!every.due(start));
+        assert!(!every.due(start + Duration::from_millis(4_999)));
+        // A busy loop asks late: it runs once, and the next is a period on.
+        let late = start + Duration::from_secs(12);
+        assert!(every.due(late));
+        assert!(!every.due(late));
+        assert!(!every.due(late + Duration::from_millis(4_999)));
+        assert!(every.due(late + Duration::from_secs(5)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_tick_wakes_an_idle_loop_at_the_due_time() {
+        let start = Instant::now();
+        let mut every = Every::starting(start + Duration::from_secs(1), Duration::from_secs(1));
+        every.tick.tick().await;
+        assert!(every.due(Instant::now()));
+        // After it ran, the tick waits a whole period again.
+        every.tick.tick().await;
+        assert!(every.due(Instant::now()));
+        assert!(Instant::now() >= start + Duration::from_secs(2));
     }
 }
