@@ -153,80 +153,34 @@ pub struct TestPki {
 impl TestPki {
     pub fn create(dir: &Path) -> anyhow::Result<TestPki> {
         std::fs::create_dir_all(dir)?;
-        let run = |args: &[&str]| -> anyhow::Result<()> {
-            let out = Command::new("openssl")
-                .args(args)
-                .current_dir(dir)
-                .stdin(Stdio::null())
-                .output()
-                .context("running openssl")?;
-            if !out.status.success() {
-                bail!("openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-            }
-            Ok(())
-        };
-        // A self-signed CA `NAME.pem` (key `NAME.key`).
-        let ca = |name: &str, subject: &str| {
-            let (key, pem) = (format!("{name}.key"), format!("{name}.pem"));
-            run(&[
-                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &pem,
-                "-days", "2", "-subj", subject,
-            ])
-        };
-        // `NAME.key` and `NAME.crt` signed by the CA `CA`, with the
-        // extensions in the file `ext`.
-        let issue = |name: &str, ca: &str, subject: &str, ext: &str| {
-            let (key, csr, crt) = (
-                format!("{name}.key"),
-                format!("{name}.csr"),
-                format!("{name}.crt"),
-            );
-            run(&[
-                "req", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &csr, "-subj",
-                subject,
-            ])?;
-            run(&[
-                "x509",
-                "-req",
-                "-in",
-                &csr,
-                "-CA",
-                &format!("{ca}.pem"),
-                "-CAkey",
-                &format!("{ca}.key"),
-                "-CAcreateserial",
-                "-out",
-                &crt,
-                "-days",
-                "2",
-                "-extfile",
-                ext,
-            ])
-        };
         std::fs::write(
             dir.join("san.ext"),
             "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
         )?;
         std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n")?;
-        ca("ca", "/CN=uincall-enricher test CA")?;
-        ca("stranger-ca", "/CN=another CA")?;
-        issue("broker", "ca", "/CN=127.0.0.1", "san.ext")?;
-        issue("client", "ca", "/CN=uincall-enricher", "client.ext")?;
+        make_ca(dir, "ca", "/CN=uincall-enricher test CA")?;
+        make_ca(dir, "stranger-ca", "/CN=another CA")?;
+        issue(dir, "broker", "ca", "/CN=127.0.0.1", "san.ext")?;
+        issue(dir, "client", "ca", "/CN=uincall-enricher", "client.ext")?;
         issue(
+            dir,
             "stranger",
             "stranger-ca",
             "/CN=uincall-enricher",
             "client.ext",
         )?;
-        run(&[
-            "pkcs8",
-            "-topk8",
-            "-nocrypt",
-            "-in",
-            "broker.key",
-            "-out",
-            "broker.p8",
-        ])?;
+        openssl(
+            dir,
+            &[
+                "pkcs8",
+                "-topk8",
+                "-nocrypt",
+                "-in",
+                "broker.key",
+                "-out",
+                "broker.p8",
+            ],
+        )?;
         let store: String = ["broker.p8", "broker.crt", "ca.pem"]
             .iter()
             .map(|f| std::fs::read_to_string(dir.join(f)))
@@ -243,19 +197,78 @@ impl TestPki {
     }
 }
 
-impl KafkaNode {
-    fn properties(&self, voters: &str, nodes: usize) -> String {
-        let replicas = nodes.min(3);
-        let min_isr = if nodes >= 3 { 2 } else { 1 };
-        let (listener, secured) = match &self.secured {
-            None => (String::new(), String::new()),
-            Some(s) => (
-                format!(
-                    ",SASL_SSL://127.0.0.1:{},MTLS://127.0.0.1:{}",
-                    s.sasl_port, s.mtls_port
-                ),
-                format!(
-                    "sasl.enabled.mechanisms=SCRAM-SHA-512,OAUTHBEARER\n\
+/// Runs `openssl ARGS` in `dir`.
+fn openssl(dir: &Path, args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .context("running openssl")?;
+    if !out.status.success() {
+        bail!("openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+/// A self-signed CA `NAME.pem` (key `NAME.key`) in `dir`.
+fn make_ca(dir: &Path, name: &str, subject: &str) -> anyhow::Result<()> {
+    let (key, pem) = (format!("{name}.key"), format!("{name}.pem"));
+    openssl(
+        dir,
+        &[
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &pem,
+            "-days", "2", "-subj", subject,
+        ],
+    )
+}
+
+/// `NAME.key` and `NAME.crt` in `dir`, signed by the CA `CA`, with the
+/// extensions in the file `ext`.
+fn issue(dir: &Path, name: &str, ca: &str, subject: &str, ext: &str) -> anyhow::Result<()> {
+    let (key, csr, crt) = (
+        format!("{name}.key"),
+        format!("{name}.csr"),
+        format!("{name}.crt"),
+    );
+    openssl(
+        dir,
+        &[
+            "req", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &csr, "-subj", subject,
+        ],
+    )?;
+    let (ca_pem, ca_key) = (format!("{ca}.pem"), format!("{ca}.key"));
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &ca_pem,
+            "-CAkey",
+            &ca_key,
+            "-CAcreateserial",
+            "-out",
+            &crt,
+            "-days",
+            "2",
+            "-extfile",
+            ext,
+        ],
+    )
+}
+
+/// The SASL_SSL and mTLS listeners of a secured node, and their settings.
+fn secured(s: &Secured) -> (String, String) {
+    (
+        format!(
+            ",SASL_SSL://127.0.0.1:{},MTLS://127.0.0.1:{}",
+            s.sasl_port, s.mtls_port
+        ),
+        format!(
+            "sasl.enabled.mechanisms=SCRAM-SHA-512,OAUTHBEARER\n\
                      listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;\n\
                      listener.name.sasl_ssl.oauthbearer.sasl.jaas.config=org.apache.kafka.common.security.oauthbearer.OAuthBearerLoginModule required;\n\
                      listener.name.sasl_ssl.oauthbearer.sasl.server.callback.handler.class=org.apache.kafka.common.security.oauthbearer.OAuthBearerValidatorCallbackHandler\n\
@@ -267,14 +280,20 @@ impl KafkaNode {
                      listener.name.mtls.ssl.client.auth=required\n\
                      listener.name.mtls.ssl.truststore.type=PEM\n\
                      listener.name.mtls.ssl.truststore.location={trust_store}\n",
-                    jwks = s.jwks_url,
-                    audience = oidc::AUDIENCE,
-                    issuer = oidc::ISSUER,
-                    key_store = s.key_store.display(),
-                    trust_store = s.trust_store.display(),
-                ),
-            ),
-        };
+            jwks = s.jwks_url,
+            audience = oidc::AUDIENCE,
+            issuer = oidc::ISSUER,
+            key_store = s.key_store.display(),
+            trust_store = s.trust_store.display(),
+        ),
+    )
+}
+
+impl KafkaNode {
+    fn properties(&self, voters: &str, nodes: usize) -> String {
+        let replicas = nodes.min(3);
+        let min_isr = if nodes >= 3 { 2 } else { 1 };
+        let (listener, secured) = self.secured.as_ref().map_or_else(Default::default, secured);
         format!(
             "process.roles=broker,controller\n\
              node.id={id}\n\
