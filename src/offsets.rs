@@ -441,41 +441,36 @@ impl Assignment {
         self.metadata_max_bytes.store(0, Ordering::Relaxed);
     }
 
-    /// Finishes a record; when the partition's safe position advanced,
-    /// `store` is called with it while the lock is held, so a revocation
-    /// cannot come between the decision and the store.
-    pub fn finish<E>(
-        &self,
-        topic: &str,
-        partition: i32,
-        offset: i64,
-        id: TrackerId,
-        store: impl FnOnce(i64) -> Result<(), E>,
-    ) -> Option<Result<(), E>> {
-        let mut tracker = self.tracker.lock().unwrap();
-        let next = tracker.finish(topic, partition, offset, id);
+    /// Finishes a record: the partition's new safe position when it
+    /// advanced (decided under the lock, so a revocation cannot come
+    /// between the decision and the next commit).
+    pub fn finish(&self, topic: &str, partition: i32, offset: i64, id: TrackerId) -> Option<i64> {
+        let next = self
+            .tracker
+            .lock()
+            .unwrap()
+            .finish(topic, partition, offset, id);
         self.finished.notify_all();
-        next.map(store)
+        next
     }
 
     /// Settles idle partitions at the consumer's positions (see
-    /// [`PartitionTracker::settle`]), storing each new one with `store`
-    /// under the lock.
-    pub fn settle<E>(
+    /// [`PartitionTracker::settle`]): the partitions whose position moved.
+    pub fn settle(
         &self,
         positions: impl IntoIterator<Item = (String, i32, i64)>,
         parent: &CancellationToken,
-        mut store: impl FnMut(&str, i32, i64) -> Result<(), E>,
-    ) -> Result<usize, E> {
+    ) -> Vec<(String, i32)> {
         let mut tracker = self.tracker.lock().unwrap();
-        let mut stored = 0;
-        for (topic, partition, position) in positions {
-            if let Some(p) = tracker.settle(&topic, partition, position, parent) {
-                store(&topic, partition, p)?;
-                stored += 1;
-            }
-        }
-        Ok(stored)
+        positions
+            .into_iter()
+            .filter(|(topic, partition, position)| {
+                tracker
+                    .settle(topic, *partition, *position, parent)
+                    .is_some()
+            })
+            .map(|(topic, partition, _)| (topic, partition))
+            .collect()
     }
 
     /// Waits up to `drain` for the revoked partitions' records to finish
@@ -767,8 +762,11 @@ mod tests {
         // this worker's: what finishes may be written.
         stop.cancel();
         assert!(other.cancel.is_cancelled() && !other.revoked.is_cancelled());
-        let late = shared.finish("in", 0, 0, a.id, |_| Err("stored a revoked partition"));
-        assert!(late.is_none());
+        assert_eq!(
+            shared.finish("in", 0, 0, a.id),
+            None,
+            "a revoked partition moved"
+        );
     }
 
     #[test]
@@ -782,10 +780,10 @@ mod tests {
             let (shared, stored) = (shared.clone(), stored.clone());
             std::thread::spawn(move || {
                 for (offset, t) in [(1, b), (0, a)] {
-                    let _ = shared.finish("in", 0, offset, t.id, |p| {
-                        stored.lock().unwrap().push(p);
-                        Ok::<_, ()>(())
-                    });
+                    stored
+                        .lock()
+                        .unwrap()
+                        .extend(shared.finish("in", 0, offset, t.id));
                 }
             })
         };
@@ -868,8 +866,8 @@ mod tests {
         };
         assert_eq!(commits[0].offset, 100);
         assert_eq!(runs(&commits[0]), [(101, 103), (105, 200)]);
-        all.finish("in", 0, 100, a.id, |_| Ok::<(), ()>(()));
-        all.finish("in", 0, 103, b.id, |_| Ok::<(), ()>(()));
+        all.finish("in", 0, 100, a.id);
+        all.finish("in", 0, 103, b.id);
         let commits = all.commits(false);
         assert_eq!(commits[0].offset, 104);
         assert_eq!(runs(&commits[0]), [(105, 200)]);
@@ -879,8 +877,7 @@ mod tests {
             all.start("in", 0, 105, &stop),
             Start::FinishedBefore(None)
         ));
-        let moved = all.finish("in", 0, 104, c.id, |p| Ok::<i64, ()>(p).map(|_| ()));
-        assert!(moved.is_some());
+        assert_eq!(all.finish("in", 0, 104, c.id), Some(106));
         assert!(matches!(
             all.start("in", 0, 106, &stop),
             Start::FinishedBefore(Some(107))
@@ -895,7 +892,7 @@ mod tests {
             .unwrap();
         let a = all.start("in", 0, 0, &stop).run();
         let _b = all.start("in", 0, 1, &stop).run();
-        all.finish("in", 0, 0, a.id, |_| Ok::<(), ()>(()));
+        all.finish("in", 0, 0, a.id);
         let revoked = all.revoke(
             &[("in".to_string(), 0), ("in".to_string(), 1)],
             Duration::ZERO,
@@ -914,7 +911,7 @@ mod tests {
             all.start("in", 0, o, &stop).run();
         }
         let t = all.start("in", 0, 3, &stop).run();
-        all.finish("in", 0, 3, t.id, |_| Ok::<(), ()>(()));
+        all.finish("in", 0, 3, t.id);
         assert_ne!(all.commits(false)[0].metadata, "");
         all.metadata_refused();
         all.commit_failed([("in", 0)]);

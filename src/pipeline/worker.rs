@@ -473,15 +473,13 @@ impl Worker {
                 Offset::Offset(o) => Some((e.topic().to_string(), e.partition(), o)),
                 _ => None,
             });
-        let settled = self
-            .assignment
-            .settle(positions, stop, |topic, partition, _| {
-                position_moved(&self.stats, topic, partition);
-                Ok::<(), std::convert::Infallible>(())
-            });
-        if let Ok(n @ 1..) = settled {
+        let settled = self.assignment.settle(positions, stop);
+        for (topic, partition) in &settled {
+            position_moved(&self.stats, topic, *partition);
+        }
+        if !settled.is_empty() {
             debug!(
-                partitions = n,
+                partitions = settled.len(),
                 "idle partitions settled at the consumer position"
             );
         }
@@ -556,9 +554,7 @@ impl Worker {
 /// Finishes a record in its partition's tracker (committed with the next
 /// commit).
 fn finished(assignment: &Assignment, stats: &Stats, src: &Source, ticket: &Ticket) {
-    let moved = assignment.finish(&src.topic, src.partition, src.offset, ticket.id, |_| {
-        Ok::<(), std::convert::Infallible>(())
-    });
+    let moved = assignment.finish(&src.topic, src.partition, src.offset, ticket.id);
     if moved.is_some() {
         position_moved(stats, &src.topic, src.partition);
     }
