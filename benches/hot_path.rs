@@ -7,7 +7,10 @@
 //! the three in a row as the worker runs them; then what sharing calls
 //! adds to a record that makes its own call (lead it, keep its answer in a
 //! full store of answers), and what a record of a session enriched lately
-//! costs instead of its call (find the kept answer and read it).
+//! costs instead of its call (find the kept answer and read it); and a
+//! record's trace span without export, under the worker's own subscriber
+//! at log level `warn` (made, entered at each of its task's polls, its
+//! context written as the output's headers, closed).
 
 use std::hint::black_box;
 use std::time::Duration;
@@ -18,6 +21,7 @@ use uincall_enricher::answers::{Answered, Answers, CallKey, Turn};
 use uincall_enricher::classify::{ApiAnswer, ErrcodePolicy, Verdict, classify};
 use uincall_enricher::event::{CallEnded, parse_event};
 use uincall_enricher::fake_api::sample_record;
+use uincall_enricher::otel;
 use uincall_enricher::record::{self, Source};
 use uincall_enricher::settings::Settings;
 use uincall_enricher::uincall::Timed;
@@ -107,6 +111,7 @@ fn hot_path(c: &mut Criterion) {
         })
     });
     share_and_reuse(&mut g, &f);
+    record_span(&mut g, &f, &event);
     g.finish();
     eprintln!(
         "event {} bytes, API answer {} bytes, enriched record {} bytes",
@@ -164,6 +169,33 @@ fn share_and_reuse(
                 body: kept.body,
             };
             classify(&answer, &f.policy)
+        })
+    });
+}
+
+/// How often a record's task is polled (and its span entered) in this
+/// sketch: the call's connection, request and answer, the rate limit and
+/// the window, the write's acknowledgement.
+const POLLS: usize = 8;
+
+/// A record's span as the worker makes and uses it, without export.
+fn record_span(
+    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    f: &Fixture,
+    event: &CallEnded,
+) {
+    let mut log = f.settings.log.clone();
+    log.level = "warn".into();
+    let _telemetry = uincall_enricher::telemetry::init(&log).expect("the subscriber installs");
+    let headers: Vec<(String, Option<Vec<u8>>)> = Vec::new();
+    g.bench_function("record_span", |b| {
+        b.iter(|| {
+            let span = otel::record_span(&f.source, "uincall-enricher", &headers, Some(event));
+            for _ in 0..POLLS {
+                let _polled = span.enter();
+            }
+            let _polled = span.enter();
+            black_box(otel::headers_of(&tracing::Span::none()))
         })
     });
 }

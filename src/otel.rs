@@ -11,10 +11,9 @@
 //! exports. Without export a span's name and attributes are not built:
 //! nothing would read them.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use opentelemetry::propagation::{Extractor, TextMapPropagator};
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::{Status, TraceContextExt, TracerProvider as _};
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_otlp::{Protocol, WithExportConfig};
@@ -202,12 +201,30 @@ pub fn headers_of(span: &tracing::Span) -> Vec<(&'static str, String)> {
     if !cx.span().span_context().is_valid() {
         return Vec::new();
     }
-    let mut fields = HashMap::new();
-    TraceContextPropagator::new().inject_context(&cx, &mut fields);
-    [TRACEPARENT, TRACESTATE]
+    let mut found = Injected::default();
+    TraceContextPropagator::new().inject_context(&cx, &mut found);
+    [(TRACEPARENT, found.parent), (TRACESTATE, found.state)]
         .into_iter()
-        .filter_map(|k| Some((k, fields.remove(k)?)).filter(|(_, v)| !v.is_empty()))
+        .filter_map(|(k, v)| Some((k, v?)).filter(|(_, v)| !v.is_empty()))
         .collect()
+}
+
+/// The two trace-context headers as the propagator writes them (a map of
+/// owned keys cost more than the rest of the header).
+#[derive(Default)]
+struct Injected {
+    parent: Option<String>,
+    state: Option<String>,
+}
+
+impl Injector for Injected {
+    fn set(&mut self, key: &str, value: String) {
+        match key {
+            TRACEPARENT => self.parent = Some(value),
+            TRACESTATE => self.state = Some(value),
+            _ => {}
+        }
+    }
 }
 
 /// `headers` with `span`'s trace context: any trace-context header they had
@@ -232,12 +249,13 @@ pub fn with_trace<'a>(
 }
 
 /// A record's span (`process <topic>`, kind consumer), continuing the
-/// input record's trace. `session_id` and `tenant_id` are recorded once the
-/// event is read.
+/// input record's trace, with the session and tenant of its event when it
+/// could be read.
 pub fn record_span(
     source: &crate::record::Source,
     group: &str,
     headers: &[(String, Option<Vec<u8>>)],
+    event: Option<&crate::event::CallEnded>,
 ) -> tracing::Span {
     let span = tracing::info_span!(
         "record",
@@ -245,8 +263,8 @@ pub fn record_span(
         otel.kind = "consumer",
         partition = source.partition,
         offset = source.offset,
-        session_id = tracing::field::Empty,
-        tenant_id = tracing::field::Empty,
+        session_id = event.map(|e| e.session_id.as_str()),
+        tenant_id = event.map(|e| e.tenant_id.as_str()),
     );
     continue_trace(&span, headers);
     if !exporting() {
@@ -364,6 +382,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use rdkafka::message::Headers;
+    use std::collections::HashMap;
     use tracing_subscriber::layer::SubscriberExt;
 
     const PARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";

@@ -46,6 +46,7 @@ pub fn init(log: &LogSettings) -> anyhow::Result<Telemetry> {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&log.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
+    let log_crate_level = log_crate_level(filter.max_level_hint());
     // The worker's own spans, whatever the log level: a record's trace
     // does not depend on how much is logged.
     let spans = tracing_opentelemetry::layer()
@@ -53,6 +54,9 @@ pub fn init(log: &LogSettings) -> anyhow::Result<Telemetry> {
         .with_location(false)
         .with_threads(false)
         .with_tracked_inactivity(false)
+        // Nothing reads OpenTelemetry's current context (headers come from
+        // the span itself): no context switch at every poll of a record.
+        .with_context_activation(false)
         .with_filter(Targets::new().with_target("uincall_enricher", Level::INFO));
     let lines = match log.format {
         LogFormat::Json => json_lines().boxed(),
@@ -70,10 +74,27 @@ pub fn init(log: &LogSettings) -> anyhow::Result<Telemetry> {
         .is_ok();
     if installed {
         crate::otel::set_exporting(export);
+        // The `log` records of libraries (rdkafka writes one per message
+        // dropped, at trace) stop at the macro unless a line would show
+        // them, instead of being turned into events and filtered out.
+        log::set_max_level(log_crate_level);
     }
     Ok(Telemetry {
         traces: installed.then_some(traces),
     })
+}
+
+/// The `log` crate's level that lets through what the log filter shows.
+fn log_crate_level(hint: Option<tracing::level_filters::LevelFilter>) -> log::LevelFilter {
+    use tracing::level_filters::LevelFilter as L;
+    match hint {
+        Some(L::OFF) => log::LevelFilter::Off,
+        Some(L::ERROR) => log::LevelFilter::Error,
+        Some(L::WARN) => log::LevelFilter::Warn,
+        Some(L::INFO) => log::LevelFilter::Info,
+        Some(L::DEBUG) => log::LevelFilter::Debug,
+        _ => log::LevelFilter::Trace,
+    }
 }
 
 /// Flat JSON lines with the trace and span ids of the current span.

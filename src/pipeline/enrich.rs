@@ -425,12 +425,26 @@ impl Enricher {
 
     /// Parses, enriches and publishes one record, or dead-letters it;
     /// returns once the broker acknowledged either (or shutdown came first).
+    /// The work runs in the record's span, made once the event is read so
+    /// that its session and tenant are there from the start.
     pub async fn process(
         &self,
         rec: InRecord,
         stop: CancellationToken,
     ) -> Result<Disposition, anyhow::Error> {
-        let (event, token) = match self.parse(&rec) {
+        let event = self.read_event(&rec);
+        let group = &self.settings.kafka.group_id;
+        let span = otel::record_span(&rec.source, group, &rec.headers, event.as_ref().ok());
+        self.process_event(rec, event, stop).instrument(span).await
+    }
+
+    async fn process_event(
+        &self,
+        rec: InRecord,
+        event: Result<CallEnded, Box<DeadLetter>>,
+        stop: CancellationToken,
+    ) -> Result<Disposition, anyhow::Error> {
+        let (event, token) = match event.and_then(|e| self.token_of(e)) {
             Ok(parsed) => parsed,
             Err(dl) => return self.dead_letter(&rec, *dl, &stop).await,
         };
@@ -450,19 +464,20 @@ impl Enricher {
         }
     }
 
-    /// The event and its tenant's token, or the dead letter of an invalid
-    /// event (unreadable, or a tenant without a token).
-    fn parse(&self, rec: &InRecord) -> Result<(CallEnded, SecretString), Box<DeadLetter>> {
+    /// The event, or the dead letter of an unreadable one.
+    fn read_event(&self, rec: &InRecord) -> Result<CallEnded, Box<DeadLetter>> {
         let s = &self.settings;
         // An event without a tenant field: the tenant whose push URL it came
         // through (`uincall-enricher ingest`), else `api.default_tenant`.
         let default_tenant =
             (rec.header(crate::event::TENANT_HEADER)).or(s.api.default_tenant.as_deref());
-        let event = parse_event(rec.payload.as_deref(), &s.event, default_tenant)
-            .map_err(|invalid| Box::new(DeadLetter::invalid(invalid.to_string(), None, None)))?;
-        let span = tracing::Span::current();
-        span.record("session_id", event.session_id.as_str());
-        span.record("tenant_id", event.tenant_id.as_str());
+        parse_event(rec.payload.as_deref(), &s.event, default_tenant)
+            .map_err(|invalid| Box::new(DeadLetter::invalid(invalid.to_string(), None, None)))
+    }
+
+    /// The event with its tenant's token, or the dead letter of an event of
+    /// a tenant without one.
+    fn token_of(&self, event: CallEnded) -> Result<(CallEnded, SecretString), Box<DeadLetter>> {
         match self.tokens.get(&event.tenant_id) {
             Some(token) => Ok((event, token)),
             None => Err(Box::new(DeadLetter::invalid(

@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::{Instant, Interval};
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::commit;
 use super::context::WorkerContext;
@@ -25,7 +25,6 @@ use super::flow::{Change, Flow};
 use super::input::InRecord;
 use crate::kafka;
 use crate::offsets::{Assignment, Start, Ticket};
-use crate::otel;
 use crate::record::Source;
 use crate::settings::Settings;
 use crate::stats::Stats;
@@ -408,32 +407,28 @@ impl Worker {
                 return;
             }
         };
-        let span = otel::record_span(src, &self.settings.kafka.group_id, &rec.headers);
         let enricher = self.enricher.clone();
         let (assignment, stats) = (self.assignment.clone(), self.stats.clone());
-        tasks.spawn(
-            async move {
-                let source = rec.source.clone();
-                // Once the partition is revoked (past `revoke_drain`) the
-                // record is its next owner's: the work is dropped where it
-                // stands, a call under way too, and nothing more is written.
-                let result = tokio::select! {
-                    biased;
-                    () = ticket.revoked.cancelled() => Ok(Disposition::Abandoned),
-                    result = enricher.process(rec, ticket.cancel.clone()) => result,
-                };
-                if matches!(
-                    result,
-                    Ok(Disposition::Enriched
-                        | Disposition::DeadLettered(_)
-                        | Disposition::Unwritable(_))
-                ) {
-                    finished(&assignment, &stats, &source, &ticket);
-                }
-                result
+        tasks.spawn(async move {
+            let source = rec.source.clone();
+            // Once the partition is revoked (past `revoke_drain`) the
+            // record is its next owner's: the work is dropped where it
+            // stands, a call under way too, and nothing more is written.
+            let result = tokio::select! {
+                biased;
+                () = ticket.revoked.cancelled() => Ok(Disposition::Abandoned),
+                result = enricher.process(rec, ticket.cancel.clone()) => result,
+            };
+            if matches!(
+                result,
+                Ok(Disposition::Enriched
+                    | Disposition::DeadLettered(_)
+                    | Disposition::Unwritable(_))
+            ) {
+                finished(&assignment, &stats, &source, &ticket);
             }
-            .instrument(span),
-        );
+            result
+        });
     }
 
     /// Pauses or resumes every assigned partition (and, through the
