@@ -40,6 +40,9 @@ struct ReuseLabel {
     reuse: &'static str,
 }
 
+/// The ways a record's API call is saved (the `reuse` label).
+const REUSES: [&str; 2] = ["in_flight", "recent"];
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CauseLabel {
     cause: &'static str,
@@ -363,6 +366,11 @@ impl Stats {
             "Rate-limited answers (HTTP 429 or a rate-limited errcode)",
             self.rate_limited.clone(),
         );
+        // Both series from the start, at 0: a rate over them is 0, not
+        // absent, before the first call is saved.
+        for reuse in REUSES {
+            self.api_calls_saved.get_or_create(&ReuseLabel { reuse });
+        }
         r.register(
             "api_calls_saved",
             "API calls a record did not make, by reuse: in_flight (it waited for another record's call for the same session), recent (its session's answer was kept, api.recent_answers_ttl)",
@@ -384,6 +392,9 @@ impl Stats {
             "Times a partition's position to commit advanced",
             self.offsets_stored.clone(),
         );
+        for result in ["ok", "error"] {
+            self.commits.get_or_create(&ResultLabel { result });
+        }
         r.register(
             "offset_commits",
             "Offset commits to the group coordinator, by result",
@@ -615,7 +626,7 @@ impl Stats {
     }
 
     /// A record's answer came from another record's call (`in_flight`) or
-    /// from the kept answers (`recent`).
+    /// from the kept answers (`recent`): one of [`REUSES`].
     pub fn api_call_saved(&self, reuse: &'static str) {
         self.api_calls_saved
             .get_or_create(&ReuseLabel { reuse })
