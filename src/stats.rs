@@ -369,7 +369,7 @@ impl Stats {
         // Both series from the start, at 0: a rate over them is 0, not
         // absent, before the first call is saved.
         for reuse in REUSES {
-            self.api_calls_saved.get_or_create(&ReuseLabel { reuse });
+            let _ = self.api_calls_saved.get_or_create(&ReuseLabel { reuse });
         }
         r.register(
             "api_calls_saved",
@@ -393,7 +393,7 @@ impl Stats {
             self.offsets_stored.clone(),
         );
         for result in ["ok", "error"] {
-            self.commits.get_or_create(&ResultLabel { result });
+            let _ = self.commits.get_or_create(&ResultLabel { result });
         }
         r.register(
             "offset_commits",
