@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -112,10 +113,34 @@ fn read_tokens_dir(dir: &Path) -> anyhow::Result<Vec<(String, SecretString)>> {
     Ok(out)
 }
 
+/// Calls of the window per HTTP client where HTTP/2 may be spoken (a
+/// common server limit of streams per connection is 100–128).
+const STREAMS_PER_CONNECTION: usize = 100;
+
+/// One HTTP client with `pool` idle connections at most.
+fn http_client(api: &ApiSettings, pool: usize) -> anyhow::Result<reqwest::Client> {
+    let builder = reqwest::Client::builder()
+        .timeout(api.request_timeout)
+        .connect_timeout(api.connect_timeout)
+        .pool_max_idle_per_host(pool)
+        .tcp_nodelay(true)
+        .user_agent(concat!("uincall-enricher/", env!("CARGO_PKG_VERSION")));
+    // `auto`: HTTP/2 when the API offers it in the TLS handshake (ALPN).
+    let builder = match api.http2 {
+        Http2::Auto => builder,
+        Http2::PriorKnowledge => builder.http2_prior_knowledge(),
+        Http2::Never => builder.http1_only(),
+    };
+    builder.build().context("building the HTTP client")
+}
+
 /// Calls `GET {base}/openapi/call/v2/detail/{session_id}`.
 #[derive(Debug, Clone)]
 pub struct UincallClient {
-    http: reqwest::Client,
+    /// Clients taken in turn: over HTTP/2 each holds one connection, so
+    /// the calls in flight spread over several (see [`STREAMS_PER_CONNECTION`]).
+    http: Arc<[reqwest::Client]>,
+    next: Arc<AtomicUsize>,
     base: Url,
     /// Tenants with an API of their own.
     bases: BTreeMap<String, Url>,
@@ -142,25 +167,35 @@ pub struct Timed {
 impl UincallClient {
     /// `default_pool` is the keep-alive pool size when
     /// `api.pool_max_idle_per_host` is unset (the in-flight window).
+    /// Where HTTP/2 may be spoken, one client per this many calls of the
+    /// window: each client's single connection is one task that reads and
+    /// writes every frame of its streams, and with thousands of streams on
+    /// it that task waits its turn behind the records it serves (at window
+    /// 1 024 on one connection a 50 ms API answered in 200–500 ms). The
+    /// pool's idle connections are shared out among the clients.
     pub fn new(api: &ApiSettings, default_pool: usize) -> anyhow::Result<Self> {
-        let builder = reqwest::Client::builder()
-            .timeout(api.request_timeout)
-            .connect_timeout(api.connect_timeout)
-            .pool_max_idle_per_host(api.pool_max_idle_per_host.unwrap_or(default_pool))
-            .tcp_nodelay(true)
-            .user_agent(concat!("uincall-enricher/", env!("CARGO_PKG_VERSION")));
-        // `auto`: HTTP/2 when the API offers it in the TLS handshake (ALPN).
-        let builder = match api.http2 {
-            Http2::Auto => builder,
-            Http2::PriorKnowledge => builder.http2_prior_knowledge(),
-            Http2::Never => builder.http1_only(),
+        let clients = match api.http2 {
+            Http2::Never => 1,
+            Http2::Auto | Http2::PriorKnowledge => {
+                default_pool.div_ceil(STREAMS_PER_CONNECTION).max(1)
+            }
         };
-        let http = builder.build().context("building the HTTP client")?;
+        let pool = api.pool_max_idle_per_host.unwrap_or(default_pool);
+        let http = (0..clients)
+            .map(|_| http_client(api, pool.div_ceil(clients)))
+            .collect::<anyhow::Result<Vec<_>>>()?;
         Ok(UincallClient {
-            http,
+            http: http.into(),
+            next: Arc::default(),
             base: api.base_url.clone(),
             bases: BTreeMap::new(),
         })
+    }
+
+    /// The next client in turn.
+    fn http(&self) -> &reqwest::Client {
+        let i = self.next.fetch_add(1, Ordering::Relaxed);
+        &self.http[i % self.http.len()]
     }
 
     /// Tenants with an API of their own (`tenants.<id>.base_url`).
@@ -228,7 +263,7 @@ impl UincallClient {
     ) -> Timed {
         let url = self.list_url(tenant_id, token);
         let started = Instant::now();
-        let answer = answer_of(self.http.post(url).json(query).send().await).await;
+        let answer = answer_of(self.http().post(url).json(query).send().await).await;
         Timed {
             answer,
             latency: started.elapsed(),
@@ -253,7 +288,7 @@ impl UincallClient {
     ) -> Timed {
         let url = self.detail_url(session_id, tenant_id, token, call_type);
         let started = Instant::now();
-        let mut request = self.http.get(url);
+        let mut request = self.http().get(url);
         for (name, value) in crate::otel::headers_of(&tracing::Span::current()) {
             request = request.header(name, value);
         }
@@ -318,6 +353,23 @@ mod tests {
         let mut s = Settings::load_from(None, Vec::new()).unwrap();
         s.api.base_url = Url::parse(base).unwrap();
         UincallClient::new(&s.api, 8).unwrap()
+    }
+
+    #[test]
+    fn calls_spread_over_a_client_per_hundred_of_the_window_where_http2_may_be_spoken() {
+        let mut s = Settings::load_from(None, Vec::new()).unwrap();
+        let mut clients = |http2, window| {
+            s.api.http2 = http2;
+            UincallClient::new(&s.api, window).unwrap().http.len()
+        };
+        assert_eq!(clients(Http2::Never, 1024), 1);
+        assert_eq!(clients(Http2::Auto, 1024), 11);
+        assert_eq!(clients(Http2::PriorKnowledge, 100), 1);
+        assert_eq!(clients(Http2::PriorKnowledge, 101), 2);
+        let t = UincallClient::new(&s.api, 300).unwrap();
+        let taken: Vec<*const reqwest::Client> = (0..4).map(|_| t.http() as *const _).collect();
+        assert_eq!(taken[0], taken[3], "in turn");
+        assert!(taken[0] != taken[1] && taken[1] != taken[2] && taken[0] != taken[2]);
     }
 
     #[test]
