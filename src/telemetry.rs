@@ -15,6 +15,8 @@ use std::sync::{Arc, PoisonError, RwLock};
 use aho_corasick::{AhoCorasick, MatchKind};
 
 use tracing::Level;
+use tracing_log::AsLog;
+use tracing_log::log::{LevelFilter as LogCrateLevel, set_max_level as set_log_crate_level};
 use tracing_opentelemetry::OtelData;
 use tracing_subscriber::filter::{FilterExt, Targets, filter_fn};
 use tracing_subscriber::layer::SubscriberExt;
@@ -46,7 +48,9 @@ pub fn init(log: &LogSettings) -> anyhow::Result<Telemetry> {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&log.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let log_crate_level = log_crate_level(filter.max_level_hint());
+    let log_crate_level = filter
+        .max_level_hint()
+        .map_or(LogCrateLevel::Trace, |l| l.as_log());
     // The worker's own spans, whatever the log level: a record's trace
     // does not depend on how much is logged.
     let spans = tracing_opentelemetry::layer()
@@ -77,24 +81,11 @@ pub fn init(log: &LogSettings) -> anyhow::Result<Telemetry> {
         // The `log` records of libraries (rdkafka writes one per message
         // dropped, at trace) stop at the macro unless a line would show
         // them, instead of being turned into events and filtered out.
-        log::set_max_level(log_crate_level);
+        set_log_crate_level(log_crate_level);
     }
     Ok(Telemetry {
         traces: installed.then_some(traces),
     })
-}
-
-/// The `log` crate's level that lets through what the log filter shows.
-fn log_crate_level(hint: Option<tracing::level_filters::LevelFilter>) -> log::LevelFilter {
-    use tracing::level_filters::LevelFilter as L;
-    match hint {
-        Some(L::OFF) => log::LevelFilter::Off,
-        Some(L::ERROR) => log::LevelFilter::Error,
-        Some(L::WARN) => log::LevelFilter::Warn,
-        Some(L::INFO) => log::LevelFilter::Info,
-        Some(L::DEBUG) => log::LevelFilter::Debug,
-        _ => log::LevelFilter::Trace,
-    }
 }
 
 /// Flat JSON lines with the trace and span ids of the current span.
