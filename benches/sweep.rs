@@ -128,6 +128,10 @@ struct Args {
     /// API in its own process).
     #[arg(long, default_value = "nginx", value_parser = ["nginx", "fake"])]
     api: String,
+    /// The worker's `kafka.delivery` modes, each measured at every point in
+    /// turn (`at_least_once,exactly_once` puts them side by side).
+    #[arg(long, value_delimiter = ',', default_values_t = ["at_least_once".to_string()], value_parser = ["at_least_once", "exactly_once"])]
+    delivery: Vec<String>,
     /// With `--api nginx`: HTTP/2 without TLS, the worker told so
     /// (`api.http2 = "prior_knowledge"`).
     #[arg(long)]
@@ -254,6 +258,8 @@ struct Measured {
 struct Point {
     window: usize,
     latency_ms: u64,
+    /// `kafka.delivery`.
+    delivery: String,
     worker: Measured,
     raw: Option<Measured>,
 }
@@ -281,8 +287,14 @@ impl Point {
 
 /// What to start for a run.
 enum Subject {
-    Worker { window: usize, latency_ms: u64 },
-    Raw { limit: usize },
+    Worker {
+        window: usize,
+        latency_ms: u64,
+        exactly_once: bool,
+    },
+    Raw {
+        limit: usize,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -382,6 +394,7 @@ impl Ctx<'_> {
         let warmup = Subject::Worker {
             window: 256,
             latency_ms: 0,
+            exactly_once: false,
         };
         let m = self
             .run("warmup", 30_000.0 / self.args.seconds, warmup)
@@ -422,22 +435,28 @@ impl Ctx<'_> {
             false => args.points.clone(),
         };
         let mut points = Vec::new();
-        for (w, l) in measured {
+        let runs =
+            (measured.into_iter()).flat_map(|(w, l)| args.delivery.iter().map(move |d| (w, l, d)));
+        for (w, l, delivery) in runs {
             let expected = raw.get(&w).map_or(6000.0, |r| r.rate).min(w_over_l(w, l));
+            let exactly_once = delivery == "exactly_once";
             let subject = Subject::Worker {
                 window: w,
                 latency_ms: l,
+                exactly_once,
             };
-            let m = (self.run(&format!("w{w}-l{l}"), expected, subject).await)
-                .with_context(|| format!("worker, window {w}, latency {l} ms"))?;
+            let tag = format!("w{w}-l{l}{}", if exactly_once { "-eos" } else { "" });
+            let m = (self.run(&tag, expected, subject).await)
+                .with_context(|| format!("worker, window {w}, latency {l} ms, {delivery}"))?;
             let p = Point {
                 window: w,
                 latency_ms: l,
+                delivery: delivery.clone(),
                 worker: m,
                 raw: raw.get(&w).cloned(),
             };
             eprintln!(
-                "worker window {w:>4} latency {l:>3} ms: {} ({:.0} % of the limit)",
+                "worker window {w:>4} latency {l:>3} ms {delivery}: {} ({:.0} % of the limit)",
                 p.worker.summary(),
                 100.0 * p.worker.rate / p.limit()
             );
@@ -515,9 +534,18 @@ impl Ctx<'_> {
         base_url: &str,
     ) -> anyhow::Result<Command> {
         Ok(match subject {
-            Subject::Worker { window, .. } => {
+            Subject::Worker {
+                window,
+                exactly_once,
+                ..
+            } => {
                 let config = self.config_file(tag, toml::Table::new())?;
-                self.worker_command(&config, topics, base_url, *window)
+                let mut c = self.worker_command(&config, topics, base_url, *window);
+                // Set only when asked, as `--api-http2`.
+                if *exactly_once {
+                    c.env("UINCALL__KAFKA__DELIVERY", "exactly_once");
+                }
+                c
             }
             Subject::Raw { limit } => {
                 let mut c = Command::new(std::env::current_exe()?);
@@ -1247,12 +1275,12 @@ fn write_results(dir: &Path, points: &[Point]) -> anyhow::Result<()> {
     writeln!(
         csv,
         "latency_ms,window,events,records_per_s,w_over_l,raw_records_per_s,ratio_to_limit,\
-         p50_ms,p99_ms,cpu_ms_per_1000,raw_cpu_ms_per_1000,worker_cores,broker_cores,api_cores,harness_cores,peak_rss_mib,raw_peak_rss_mib,api_calls_per_record"
+         p50_ms,p99_ms,cpu_ms_per_1000,raw_cpu_ms_per_1000,worker_cores,broker_cores,api_cores,harness_cores,peak_rss_mib,raw_peak_rss_mib,api_calls_per_record,delivery"
     )?;
     let mut md = machine();
     md.push_str(
-        "| API latency | window | events | records/s | W/L | raw limit | ratio to min | p50 | p99 | worker CPU / 1 000 | raw CPU / 1 000 | cores: worker / broker / API / harness | peak RSS | API calls / record |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| API latency | window | delivery | events | records/s | W/L | raw limit | ratio to min | p50 | p99 | worker CPU / 1 000 | raw CPU / 1 000 | cores: worker / broker / API / harness | peak RSS | API calls / record |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for p in points {
         let w = &p.worker;
@@ -1260,7 +1288,7 @@ fn write_results(dir: &Path, points: &[Point]) -> anyhow::Result<()> {
         let raw_cpu = p.raw.as_ref().map(|r| r.cpu_ms_per_1000);
         writeln!(
             csv,
-            "{},{},{},{:.1},{:.1},{},{:.3},{:.1},{:.1},{:.1},{},{:.2},{:.2},{},{:.2},{:.1},{},{}",
+            "{},{},{},{:.1},{:.1},{},{:.3},{:.1},{:.1},{:.1},{},{:.2},{:.2},{},{:.2},{:.1},{},{},{}",
             p.latency_ms,
             p.window,
             w.events,
@@ -1282,11 +1310,13 @@ fn write_results(dir: &Path, points: &[Point]) -> anyhow::Result<()> {
                 .map_or(String::new(), |r| format!("{:.1}", r.peak_rss_mib)),
             w.api_calls_per_record
                 .map_or(String::new(), |c| format!("{c:.3}")),
+            p.delivery,
         )?;
         md.push_str(&format!(
-            "| {} ms | {} | {} | {:.0} | {} | {} | {:.0} % | {:.0} ms | {:.0} ms | {:.0} ms | {} | {:.2} / {:.2} / {} / {:.2} | {:.0} MiB | {} |\n",
+            "| {} ms | {} | {} | {} | {:.0} | {} | {} | {:.0} % | {:.0} ms | {:.0} ms | {:.0} ms | {} | {:.2} / {:.2} / {} / {:.2} | {:.0} MiB | {} |\n",
             p.latency_ms,
             p.window,
+            p.delivery.replace('_', " "),
             w.events,
             w.rate,
             if p.latency_ms == 0 { "∞".to_string() } else { format!("{:.0}", p.w_over_l()) },

@@ -19,15 +19,28 @@ pub fn client_id(k: &KafkaSettings) -> String {
     if let Some(id) = &k.client_id {
         return id.clone();
     }
+    hostname().map_or_else(
+        || "uincall-enricher".to_string(),
+        |h| format!("uincall-enricher-{h}"),
+    )
+}
+
+/// `kafka.transactional_id`, else `<group_id>-$HOSTNAME` (the pod name on
+/// Kubernetes: stable across the pod's restarts, distinct between pods),
+/// else the group id.
+pub fn transactional_id(k: &KafkaSettings) -> String {
+    if let Some(id) = &k.transactional_id {
+        return id.clone();
+    }
+    hostname().map_or_else(|| k.group_id.clone(), |h| format!("{}-{h}", k.group_id))
+}
+
+fn hostname() -> Option<String> {
     std::env::var("HOSTNAME")
         .ok()
         .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
         .map(|h| h.trim().to_string())
         .filter(|h| !h.is_empty())
-        .map_or_else(
-            || "uincall-enricher".to_string(),
-            |h| format!("uincall-enricher-{h}"),
-        )
 }
 
 fn base(k: &KafkaSettings) -> ClientConfig {
@@ -161,6 +174,23 @@ pub fn producer_config(k: &KafkaSettings, max_message_bytes: Option<usize>) -> C
     c
 }
 
+/// The producer of `kafka.delivery = "exactly_once"`: [`producer_config`]
+/// with the transactional id and timeout (a record's timeout cannot be
+/// longer than its transaction's).
+pub fn transactional_producer_config(
+    k: &KafkaSettings,
+    max_message_bytes: Option<usize>,
+) -> ClientConfig {
+    let mut c = producer_config(k, max_message_bytes);
+    c.set("transactional.id", transactional_id(k))
+        .set("transaction.timeout.ms", millis(k.transaction_timeout))
+        .set(
+            "message.timeout.ms",
+            millis(k.produce_timeout.min(k.transaction_timeout)),
+        );
+    c
+}
+
 /// librdkafka's log lines as `tracing` events of target `librdkafka`.
 pub fn log_librdkafka(level: RDKafkaLogLevel, fac: &str, message: &str) {
     use RDKafkaLogLevel as L;
@@ -171,6 +201,15 @@ pub fn log_librdkafka(level: RDKafkaLogLevel, fac: &str, message: &str) {
         L::Warning => warn!(target: "librdkafka", fac, "{message}"),
         L::Notice | L::Info => info!(target: "librdkafka", fac, "{message}"),
         L::Debug => debug!(target: "librdkafka", fac, "{message}"),
+    }
+}
+
+/// A client whose librdkafka logs go to `tracing`, and nothing more.
+pub struct Logged;
+
+impl ClientContext for Logged {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        log_librdkafka(level, fac, message);
     }
 }
 

@@ -16,10 +16,12 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 mod finished;
+mod transactional;
 pub use finished::{Finished, Unreadable};
+pub use transactional::{Place, Ready};
 
 /// One partition's records in flight.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct PartitionTracker {
     pending: BTreeSet<i64>,
     /// One past the highest offset started.

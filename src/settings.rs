@@ -300,6 +300,20 @@ pub enum HeldOverflow {
     Wait,
 }
 
+/// What the output topics promise a `read_committed` reader
+/// (`kafka.delivery`).
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Delivery {
+    /// Each record's output at least once; a crash re-delivers what was
+    /// unfinished (and what finished since the last commit).
+    #[default]
+    AtLeastOnce,
+    /// Each record's output and its input offset in one Kafka transaction:
+    /// a `read_committed` reader sees each output once.
+    ExactlyOnce,
+}
+
 /// The consumer group protocol (`kafka.group_protocol`).
 #[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -375,6 +389,31 @@ pub struct KafkaSettings {
     /// cluster) otherwise costs 30 s before the defaults are kept.
     #[serde(default)]
     pub max_message_bytes: Option<usize>,
+    /// `at_least_once` (default) or `exactly_once`: outputs and input
+    /// offsets committed in Kafka transactions (readers must set
+    /// `isolation.level=read_committed`).
+    #[serde(default)]
+    pub delivery: Delivery,
+    /// The producer's `transactional.id` with `exactly_once`: stable per
+    /// replica, so that a restarted replica fences its predecessor, and
+    /// distinct between live replicas. Unset: `<group_id>-$HOSTNAME` (the
+    /// pod name on Kubernetes).
+    #[serde(default)]
+    pub transactional_id: Option<String>,
+    /// With `exactly_once`: how often the outputs whose partition is done
+    /// below them are committed in a transaction (the latency a reader
+    /// sees on top of the API's).
+    #[serde(with = "humantime_serde")]
+    pub transaction_interval: Duration,
+    /// With `exactly_once`: a transaction is committed as soon as this many
+    /// outputs wait, before the interval is over.
+    pub transaction_max_records: usize,
+    /// With `exactly_once`: how long the broker keeps a transaction open
+    /// before aborting it (librdkafka `transaction.timeout.ms`), e.g. that
+    /// of a frozen replica; readers' `read_committed` position waits for
+    /// it meanwhile. At most the brokers' `transaction.max.timeout.ms`.
+    #[serde(with = "humantime_serde")]
+    pub transaction_timeout: Duration,
     /// Extra librdkafka properties for consumer and producer (SASL, TLS,
     /// tuning). Underscores in keys read from the environment become dots.
     /// Secret-looking values (see [`is_secret_property`]) are printed
@@ -1029,12 +1068,14 @@ pub fn check_config(config: Option<&Path>) -> ExitCode {
 }
 
 /// librdkafka properties the worker sets itself.
-const RESERVED_PROPERTIES: [&str; 5] = [
+const RESERVED_PROPERTIES: [&str; 7] = [
     "group.id",
     "bootstrap.servers",
     "enable.auto.offset.store",
     "enable.idempotence",
     "acks",
+    "transactional.id",
+    "transaction.timeout.ms",
 ];
 
 /// librdkafka properties the broker decides under the `consumer` protocol.
@@ -1126,10 +1167,48 @@ impl KafkaSettings {
         at_most("kafka.session_timeout", self.session_timeout, hour)?;
         at_most("kafka.max_poll_interval", self.max_poll_interval, 24 * hour)?;
         at_most("kafka.commit_interval", self.commit_interval, 24 * hour)?;
+        self.validate_transactions()?;
         at_most(
             "kafka.produce_timeout",
             self.produce_timeout,
             LIBRDKAFKA_MAX_MS,
+        )
+    }
+
+    /// The transaction settings in their ranges (checked in either mode, so
+    /// that switching modes does not reveal a bad value).
+    fn validate_transactions(&self) -> Result<(), SettingsError> {
+        at_least(
+            "kafka.transaction_interval",
+            self.transaction_interval,
+            Duration::from_millis(1),
+        )?;
+        at_most(
+            "kafka.transaction_interval",
+            self.transaction_interval,
+            Duration::from_secs(60),
+        )?;
+        check(
+            self.transaction_max_records >= 1,
+            "kafka.transaction_max_records",
+            "must be at least 1",
+        )?;
+        at_least(
+            "kafka.transaction_timeout",
+            self.transaction_timeout,
+            Duration::from_secs(1),
+        )?;
+        check(
+            self.transaction_timeout > self.transaction_interval,
+            "kafka.transaction_timeout",
+            "must be longer than kafka.transaction_interval",
+        )?;
+        check(
+            self.transactional_id
+                .as_ref()
+                .is_none_or(|id| !id.trim().is_empty()),
+            "kafka.transactional_id",
+            "must not be empty when set",
         )
     }
 

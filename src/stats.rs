@@ -150,6 +150,10 @@ pub struct Stats {
     recent_answers_bytes: Gauge,
     offsets_stored: Counter,
     commits: Family<ResultLabel, Counter>,
+    /// `kafka.delivery = "exactly_once"`: transactions by result, and how
+    /// long a committed one took from begin to commit.
+    transactions: Family<ResultLabel, Counter>,
+    transaction_duration: Histogram,
     in_flight: Gauge,
     paused: Gauge,
     assigned: Gauge,
@@ -217,6 +221,9 @@ const END_TO_END_BUCKETS: [f64; 15] = [
     0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
 ];
 
+/// The `result` label of `transactions_total`.
+pub const TRANSACTION_RESULTS: [&str; 3] = ["committed", "aborted", "failed"];
+
 /// Buckets of the API latency histogram, in seconds (5 ms … 20 s).
 const LATENCY_BUCKETS: [f64; 14] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0,
@@ -239,6 +246,8 @@ impl Default for Stats {
             recent_answers_bytes: Gauge::default(),
             offsets_stored: Counter::default(),
             commits: Family::default(),
+            transactions: Family::default(),
+            transaction_duration: Histogram::new(LATENCY_BUCKETS),
             in_flight: Gauge::default(),
             paused: Gauge::default(),
             assigned: Gauge::default(),
@@ -399,6 +408,20 @@ impl Stats {
             "offset_commits",
             "Offset commits to the group coordinator, by result",
             self.commits.clone(),
+        );
+        for result in TRANSACTION_RESULTS {
+            let _ = self.transactions.get_or_create(&ResultLabel { result });
+        }
+        r.register(
+            "transactions",
+            "Kafka transactions of kafka.delivery = exactly_once (outputs with their input offsets), by result: committed, aborted (sent again) or failed (the producer was fenced or failed for good)",
+            self.transactions.clone(),
+        );
+        r.register_with_unit(
+            "transaction_duration",
+            "From a committed transaction's begin to its commit",
+            Unit::Seconds,
+            self.transaction_duration.clone(),
         );
         r.register(
             "records_in_flight",
@@ -836,6 +859,24 @@ impl Stats {
         self.commits.get_or_create(&ResultLabel { result }).inc();
     }
 
+    /// A transaction ended: `committed` (with how long it took), `aborted`
+    /// or `failed`.
+    pub fn transaction(&self, result: &'static str, took: Option<Duration>) {
+        self.transactions
+            .get_or_create(&ResultLabel { result })
+            .inc();
+        if let Some(took) = took {
+            self.transaction_duration.observe(took.as_secs_f64());
+        }
+    }
+
+    /// Transactions by result so far (`committed`, `aborted`, `failed`).
+    pub fn transactions(&self, result: &'static str) -> u64 {
+        self.transactions
+            .get_or_create(&ResultLabel { result })
+            .get()
+    }
+
     pub fn in_flight(&self) -> u64 {
         self.in_flight.get().max(0) as u64
     }
@@ -1177,6 +1218,8 @@ mod tests {
                 "recent_answers_bytes",
                 "offsets_stored",
                 "offset_commits",
+                "transactions",
+                "transaction_duration_seconds",
                 "records_in_flight",
                 "partitions_paused",
                 "partitions_assigned",

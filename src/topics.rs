@@ -76,6 +76,8 @@ pub async fn read_topic_until(
     let consumer: StreamConsumer = client_config(bootstrap)
         .set("group.id", reader_group())
         .set("enable.auto.commit", "false")
+        // Only what transactions committed (and what was written without one).
+        .set("isolation.level", "read_committed")
         .create()?;
     let parts = partition_count(&consumer, topic)?;
     let mut tpl = TopicPartitionList::new();

@@ -586,6 +586,7 @@ impl Run<'_> {
                     key: Some(l.session_id.as_bytes()),
                     payload,
                     headers: &headers,
+                    origin: None,
                 },
                 self.stop,
             )

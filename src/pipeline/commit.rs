@@ -31,6 +31,14 @@ pub fn commit<C: ConsumerContext>(
     if commits.is_empty() {
         return Ok(());
     }
+    match consumer.commit(&offsets_list(commits)?, mode) {
+        Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => Ok(()),
+        other => other,
+    }
+}
+
+/// The commits as a partition list, offsets with their metadata.
+pub fn offsets_list(commits: &[Commit]) -> KafkaResult<TopicPartitionList> {
     let mut tpl = TopicPartitionList::with_capacity(commits.len());
     for c in commits {
         let mut e = tpl.add_partition(&c.topic, c.partition);
@@ -39,10 +47,7 @@ pub fn commit<C: ConsumerContext>(
             e.set_metadata(&c.metadata);
         }
     }
-    match consumer.commit(&tpl, mode) {
-        Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => Ok(()),
-        other => other,
-    }
+    Ok(tpl)
 }
 
 /// Whether a failed commit says the metadata was too long for the broker.

@@ -26,15 +26,24 @@ pub struct WorkerContext {
     /// (librdkafka keeps an application pause across a revocation).
     paused: AtomicBool,
     revoke_drain: Duration,
+    /// Whether the revoked partitions' offsets are committed here; with
+    /// transactions they are committed with their outputs only.
+    commits: bool,
 }
 
 impl WorkerContext {
-    pub fn new(assignment: Arc<Assignment>, stats: Arc<Stats>, revoke_drain: Duration) -> Self {
+    pub fn new(
+        assignment: Arc<Assignment>,
+        stats: Arc<Stats>,
+        revoke_drain: Duration,
+        commits: bool,
+    ) -> Self {
         WorkerContext {
             assignment,
             stats,
             paused: AtomicBool::new(false),
             revoke_drain,
+            commits,
         }
     }
 
@@ -100,8 +109,10 @@ impl ConsumerContext for WorkerContext {
             let waiting = || self.stats.records_waiting_at_gate();
             let done = blocking(|| self.assignment.revoke(&revoked, drain, waiting))
                 .unwrap_or_else(|| self.assignment.revoke(&revoked, Duration::ZERO, waiting));
-            if !lost {
-                // What finished is committed before the partitions move.
+            if !lost && self.commits {
+                // What finished is committed before the partitions move
+                // (with transactions, it was: a record finishes when the
+                // transaction with its output and offset is committed).
                 let committed =
                     blocking(|| commit::commit(consumer, &done.commits, CommitMode::Sync))
                         .unwrap_or_else(|| {

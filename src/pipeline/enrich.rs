@@ -17,6 +17,7 @@ use tracing::{Instrument, debug, error, info, warn};
 
 use super::input::InRecord;
 use super::publish::{Outgoing, ProduceError, Publisher};
+use super::transactions::Transactions;
 use super::window::{Place, Window};
 use crate::answers::{Answered, Answers, CallKey, Turn};
 use crate::classify::{ApiAnswer, ApiFailure, ErrcodePolicy, Verdict, classify};
@@ -318,6 +319,20 @@ impl Enricher {
         };
         enricher.tokens_known();
         Ok(enricher)
+    }
+
+    /// Outputs of input records are committed in `transactions` from now on
+    /// (`kafka.delivery = "exactly_once"`).
+    pub fn with_transactions(self, transactions: Arc<Transactions>) -> Enricher {
+        Enricher {
+            publisher: self.publisher.with_transactions(transactions),
+            ..self
+        }
+    }
+
+    /// The smallest `max.message.bytes` of the output topics, when known.
+    pub fn max_message_bytes(&self) -> Option<usize> {
+        self.publisher.max_message_bytes()
     }
 
     /// Tells what depends on which tenants have a token: the readiness
@@ -712,6 +727,7 @@ impl Enricher {
             key: Some(event.session_id.as_bytes()),
             payload: &payload,
             headers: &headers,
+            origin: rec.origin.as_ref(),
         };
         match self.publisher.send(out, stop).instrument(send).await {
             Ok(()) => {
@@ -752,6 +768,7 @@ impl Enricher {
             key: rec.key.as_deref(),
             payload: rec.payload.as_deref().unwrap_or_default(),
             headers: &headers,
+            origin: rec.origin.as_ref(),
         };
         let written = self.publisher.dead_letter(out, &stamp, stop);
         match written.instrument(send).await {

@@ -2,6 +2,7 @@
 
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 
+use super::transactions::Origin;
 use crate::dead_letter::header as dlq;
 use crate::record::Source;
 
@@ -12,6 +13,9 @@ pub struct InRecord {
     pub payload: Option<Vec<u8>>,
     pub headers: Vec<(String, Option<Vec<u8>>)>,
     pub source: Source,
+    /// Its place in its partition's tracker once it runs (its outputs are
+    /// committed with its offset in a transaction).
+    pub origin: Option<Origin>,
 }
 
 impl InRecord {
@@ -34,6 +38,7 @@ impl InRecord {
                 offset: m.offset(),
                 timestamp_ms: m.timestamp().to_millis(),
             },
+            origin: None,
         }
     }
 
@@ -74,6 +79,7 @@ mod tests {
                 offset: 0,
                 timestamp_ms: None,
             },
+            origin: None,
         };
         assert_eq!(rec.header("uincall.tenant"), Some("b"));
         assert_eq!(rec.header("empty"), None);

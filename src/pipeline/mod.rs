@@ -12,6 +12,8 @@
 //!   cut to fit (shared with `replay`).
 //! - [`commit`]: committing input offsets, with the records finished past
 //!   each in its metadata, and reading that back on assignment.
+//! - [`transactions`]: with `kafka.delivery = "exactly_once"`, outputs and
+//!   input offsets committed together in Kafka transactions.
 //! - [`context`]: the consumer's callbacks (rebalances, commits, logs).
 //! - [`input`]: the input record, owned by its task.
 
@@ -31,6 +33,7 @@ mod enrich;
 mod flow;
 mod input;
 mod publish;
+mod transactions;
 mod window;
 mod worker;
 

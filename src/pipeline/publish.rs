@@ -14,6 +14,7 @@ use rdkafka::util::Timeout;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, warn};
 
+use super::transactions::{Origin, Transactions};
 use crate::dead_letter::{self, Stamp, Truncated};
 use crate::kafka;
 use crate::producer::{ProducePolicy, RenewingProducer, produce_policy};
@@ -42,6 +43,9 @@ pub struct Outgoing<'a> {
     pub key: Option<&'a [u8]>,
     pub payload: &'a [u8],
     pub headers: &'a OwnedHeaders,
+    /// The input record it is the output of, when it is one: with
+    /// transactions, it is committed with that record's offset.
+    pub origin: Option<&'a Origin>,
 }
 
 /// The idempotent producer, the produce timeout and the retry schedule.
@@ -57,6 +61,9 @@ pub struct Publisher {
     max_message_bytes: Option<usize>,
     /// Kafka Connect's error headers on dead letters too.
     connect_headers: bool,
+    /// `kafka.delivery = "exactly_once"`: outputs of input records go
+    /// through transactions.
+    transactions: Option<Arc<Transactions>>,
 }
 
 impl Publisher {
@@ -87,7 +94,19 @@ impl Publisher {
             backoff: retry::backoff(&settings.retry),
             max_message_bytes,
             connect_headers: settings.headers.kafka_connect,
+            transactions: None,
         })
+    }
+
+    /// Outputs of input records are committed in `transactions` from now on.
+    pub fn with_transactions(mut self, transactions: Arc<Transactions>) -> Publisher {
+        self.transactions = Some(transactions);
+        self
+    }
+
+    /// The smallest `max.message.bytes` of the topics written, when known.
+    pub fn max_message_bytes(&self) -> Option<usize> {
+        self.max_message_bytes
     }
 
     /// Produces until acknowledged, retrying what the broker may accept
@@ -97,6 +116,9 @@ impl Publisher {
         out: Outgoing<'_>,
         stop: &CancellationToken,
     ) -> Result<(), ProduceError> {
+        if let (Some(transactions), Some(origin)) = (&self.transactions, out.origin) {
+            return transactions.stage(out, origin).await;
+        }
         let mut delays = self.backoff.build();
         loop {
             let mut rec = FutureRecord::<[u8], [u8]>::to(out.topic)

@@ -23,10 +23,11 @@ use super::context::WorkerContext;
 use super::enrich::{Disposition, Enricher};
 use super::flow::{Change, Flow};
 use super::input::InRecord;
+use super::transactions::{GroupMetadata, Origin, Transactions};
 use crate::kafka;
-use crate::offsets::{Assignment, Start, Ticket};
+use crate::offsets::{Assignment, Place, Start, Ticket};
 use crate::record::Source;
-use crate::settings::Settings;
+use crate::settings::{Delivery, Settings};
 use crate::stats::Stats;
 use crate::systemic::Cause;
 
@@ -127,6 +128,9 @@ pub struct Worker {
     consumer: Arc<StreamConsumer<WorkerContext>>,
     enricher: Arc<Enricher>,
     assignment: Arc<Assignment>,
+    /// `kafka.delivery = "exactly_once"`: outputs and offsets are committed
+    /// in transactions (and never by the consumer).
+    transactions: Option<Arc<Transactions>>,
     stats: Arc<Stats>,
     /// When a fresh client last asked the cluster for its metadata.
     probed_at: std::sync::Mutex<Option<Instant>>,
@@ -139,20 +143,35 @@ impl Worker {
         let k = &settings.kafka;
         kafka::check_connection(k).await?;
         let assignment = Arc::new(Assignment::new(k.commit_metadata_max_bytes));
+        let exactly_once = k.delivery == Delivery::ExactlyOnce;
         let context = WorkerContext::new(
             assignment.clone(),
             stats.clone(),
             settings.pipeline.revoke_drain,
+            !exactly_once,
         );
         let consumer: StreamConsumer<WorkerContext> = kafka::consumer_config(k)
             .create_with_context(context)
             .map_err(kafka::config_error(k, "creating the Kafka consumer"))?;
-        let enricher = Arc::new(Enricher::build(settings.clone(), stats.clone()).await?);
+        let consumer = Arc::new(consumer);
+        let mut enricher = Enricher::build(settings.clone(), stats.clone()).await?;
+        let mut transactions = None;
+        if exactly_once {
+            let of = consumer.clone();
+            let group: GroupMetadata = Box::new(move || of.group_metadata());
+            let max = enricher.max_message_bytes();
+            let started =
+                Transactions::start(&settings, stats.clone(), assignment.clone(), group, max);
+            let started = Arc::new(started.await?);
+            enricher = enricher.with_transactions(started.clone());
+            transactions = Some(started);
+        }
         let worker = Worker {
             settings,
-            consumer: Arc::new(consumer),
-            enricher,
+            consumer,
+            enricher: Arc::new(enricher),
             assignment,
+            transactions,
             stats,
             probed_at: std::sync::Mutex::default(),
         };
@@ -314,7 +333,10 @@ impl Worker {
         if run.progress.due(now) {
             self.log_progress(run.tasks.len());
         }
-        if run.commit.due(now) {
+        if let Some(e) = self.transactions.as_ref().and_then(|t| t.failure()) {
+            bail!("the transactional producer failed for good: {e}");
+        }
+        if run.commit.due(now) && self.transactions.is_none() {
             self.commit_finished();
         }
         if run.heartbeat.due(now) {
@@ -394,7 +416,7 @@ impl Worker {
         m: &BorrowedMessage<'_>,
         stop: &CancellationToken,
     ) {
-        let rec = InRecord::from_message(m);
+        let mut rec = InRecord::from_message(m);
         self.stats.record_consumed();
         let src = &rec.source;
         let ticket = match (self.assignment).start(&src.topic, src.partition, src.offset, stop) {
@@ -407,10 +429,19 @@ impl Worker {
                 return;
             }
         };
+        let place = Place {
+            topic: src.topic.clone(),
+            partition: src.partition,
+            offset: src.offset,
+            id: ticket.id,
+        };
+        let revoked = ticket.revoked.clone();
+        rec.origin = Some(Origin { place, revoked });
         let enricher = self.enricher.clone();
         let (assignment, stats) = (self.assignment.clone(), self.stats.clone());
         tasks.spawn(async move {
             let source = rec.source.clone();
+            let origin = rec.origin.clone();
             // Once the partition is revoked (past `revoke_drain`) the
             // record is its next owner's: the work is dropped where it
             // stands, a call under way too, and nothing more is written.
@@ -419,13 +450,19 @@ impl Worker {
                 () = ticket.revoked.cancelled() => Ok(Disposition::Abandoned),
                 result = enricher.process(rec, ticket.cancel.clone()) => result,
             };
-            if matches!(
-                result,
-                Ok(Disposition::Enriched
-                    | Disposition::DeadLettered(_)
-                    | Disposition::Unwritable(_))
-            ) {
-                finished(&assignment, &stats, &source, &ticket);
+            match (&result, origin) {
+                (
+                    Ok(
+                        Disposition::Enriched
+                        | Disposition::DeadLettered(_)
+                        | Disposition::Unwritable(_),
+                    ),
+                    _,
+                ) => finished(&assignment, &stats, &source, &ticket),
+                // The position never passes it; outputs behind it that wait
+                // for a transaction are given up too.
+                (Ok(Disposition::Abandoned), Some(origin)) => assignment.give_up(&origin.place),
+                _ => {}
             }
             result
         });
@@ -512,10 +549,18 @@ impl Worker {
         }
     }
 
-    /// The done phase: flush the producer, commit once more, leave.
+    /// The done phase: flush the producer, commit once more (in a last
+    /// transaction with them), leave.
     async fn finish(&self) {
         if let Err(e) = self.enricher.flush(Duration::from_secs(10)).await {
             warn!(error = %e, "producer flush incomplete");
+        }
+        if let Some(transactions) = &self.transactions {
+            transactions.close().await;
+            self.consumer.unsubscribe();
+            self.log_progress(0);
+            info!("worker stopped");
+            return;
         }
         let consumer = self.consumer.clone();
         let commits = self.assignment.commits(true);

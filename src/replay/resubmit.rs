@@ -83,6 +83,7 @@ pub(super) fn resubmission(
             offset: d.source_offset.unwrap_or(-1),
             timestamp_ms: d.source_timestamp,
         },
+        origin: None,
     }
 }
 
@@ -140,6 +141,7 @@ impl Target {
                     key: rec.key.as_deref(),
                     payload: rec.payload.as_deref().unwrap_or_default(),
                     headers: &headers,
+                    origin: None,
                 };
                 match publisher.send(out, &stop).instrument(send).await {
                     Ok(()) => Resubmitted::Acknowledged,

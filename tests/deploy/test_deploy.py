@@ -646,6 +646,8 @@ STRIMZI_ACLS = {
     ("group", "uincall-enricher.replay", "prefix"): {"Describe", "Read"},
     # ... and looks up the coordinator of its reader's group all the same.
     ("group", "uincall-enricher.backfill", "literal"): {"Describe"},
+    # kafka.delivery = exactly_once: <group_id>-<pod name> per pod.
+    ("transactionalId", "uincall-enricher-", "prefix"): {"Describe", "Write"},
 }
 
 

@@ -15,11 +15,39 @@ use crate::helpers::*;
 /// and restarted: every event enriched, no lag at the end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rolling_restart_of_three_brokers_and_a_crash_lose_nothing() {
+    let (env, all, duplicates) = broker_maintenance("brokers", &[]).await;
+    let bound = 4 * 2 * admitted_limit(8);
+    println!(
+        "broker maintenance: {} events, 3 brokers restarted in turn and one killed, 0 lost, {duplicates} duplicates (bound {bound})",
+        all.len()
+    );
+    assert!(duplicates <= bound, "{duplicates} duplicates > {bound}");
+    drop(env);
+}
+
+/// (e') The same with `kafka.delivery = "exactly_once"`: transactions go on
+/// across the restarts (aborted and sent again when a broker goes), and
+/// read with `read_committed` each session is out exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_restart_of_three_brokers_with_transactions_writes_each_session_once() {
+    let eos = [("UINCALL__KAFKA__DELIVERY", "exactly_once")];
+    let (env, all, _) = broker_maintenance("brokers-eos", &eos).await;
+    assert_each_once(&env, &all).await;
+    println!(
+        "broker maintenance with transactions: {} events, each exactly once",
+        all.len()
+    );
+}
+
+/// Two workers (with `extra` settings) under load while each broker is
+/// restarted in turn and one killed; returns the environment, the sessions
+/// and the duplicates seen until all were out.
+async fn broker_maintenance(name: &str, extra: &[(&str, &str)]) -> (TestEnv, Vec<String>, usize) {
     let cluster = tokio::task::spawn_blocking(|| KafkaCluster::start(3))
         .await
         .unwrap()
         .expect("a three-node cluster starts");
-    let mut env = TestEnv::on_cluster("brokers", 6, Duration::from_millis(20), cluster).await;
+    let mut env = TestEnv::on_cluster(name, 6, Duration::from_millis(20), cluster).await;
     let total = std::env::var("BROKER_EVENTS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -29,7 +57,8 @@ async fn rolling_restart_of_three_brokers_and_a_crash_lose_nothing() {
     let follower = env.follow();
     // Load for the whole maintenance: ~100 events a second.
     let load = env.spawn_load(all.clone(), 100);
-    let window = [("UINCALL__PIPELINE__MAX_IN_FLIGHT", "8")];
+    let mut window = vec![("UINCALL__PIPELINE__MAX_IN_FLIGHT", "8")];
+    window.extend_from_slice(extra);
     let a = env.spawn_replica("a", dir.path(), &window);
     let b = env.spawn_replica("b", dir.path(), &window);
     follower.until_distinct(200).await;
@@ -54,10 +83,5 @@ async fn rolling_restart_of_three_brokers_and_a_crash_lose_nothing() {
     a.stop().await;
     b.stop().await;
     env.until_no_lag().await;
-    let bound = 4 * 2 * admitted_limit(8);
-    println!(
-        "broker maintenance: {} events, 3 brokers restarted in turn and one killed, 0 lost, {duplicates} duplicates (bound {bound})",
-        all.len()
-    );
-    assert!(duplicates <= bound, "{duplicates} duplicates > {bound}");
+    (env, all, duplicates)
 }

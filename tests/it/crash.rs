@@ -150,14 +150,33 @@ fn crash_sessions() -> Vec<String> {
 /// latter. `FAULT_EVENTS` sets the number of events (scripts/faults.sh).
 #[tokio::test]
 async fn sigkill_five_times_mid_stream_and_restart_loses_nothing() {
-    let env = TestEnv::new("crash", 3, Duration::from_millis(20)).await;
+    sigkill_five_times("crash", &[]).await;
+}
+
+/// The same with `kafka.delivery = "exactly_once"` (the restarted worker
+/// keeps its transactional id, as a pod does, and fences the killed one):
+/// read with `read_committed` to the end, each session is on the output or
+/// the dead-letter topic exactly once. The test above, at least once, sees
+/// duplicates after most kills.
+#[tokio::test]
+async fn sigkill_five_times_with_transactions_writes_each_session_once() {
+    let delivery = [("UINCALL__KAFKA__DELIVERY", "exactly_once")];
+    let env = sigkill_five_times("crash-eos", &delivery).await;
+    assert_each_once(&env, &crash_sessions()).await;
+}
+
+/// [`sigkill_five_times_mid_stream_and_restart_loses_nothing`] with
+/// `extra` settings; returns the test's environment once the worker ended.
+async fn sigkill_five_times(name: &str, extra: &[(&str, &str)]) -> TestEnv {
+    let env = TestEnv::new(name, 3, Duration::from_millis(20)).await;
     let sessions = crash_sessions();
     let total = sessions.len();
     env.seed(&sessions).await;
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("worker.log");
     let settings = fault_settings();
-    let window: Vec<(&str, &str)> = settings.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut window: Vec<(&str, &str)> = settings.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    window.extend_from_slice(extra);
     let (seed, mut random) = seeded();
     let mut kills: Vec<usize> = (0..5)
         .map(|_| total / 20 + (random() as usize) % (total * 17 / 20))
@@ -205,9 +224,10 @@ async fn sigkill_five_times_mid_stream_and_restart_loses_nothing() {
 
     let duplicates = check_outcome(&sessions, &out, &dead);
     println!(
-        "crash test: {total} events, 5 SIGKILLs, 0 lost, {} dead letters (all permanent), {duplicates} duplicates",
+        "crash test ({name}): {total} events, 5 SIGKILLs, 0 lost, {} dead letters (all permanent), {duplicates} duplicates",
         dead.len()
     );
+    env
 }
 
 /// Records after the one that waits in its backoff in
@@ -318,4 +338,67 @@ async fn without_commit_metadata_a_crash_re_delivers_all_behind_the_waiting_reco
     assert_eq!(distinct, FOLLOWERS);
     assert_eq!(total, 2 * FOLLOWERS);
     assert_eq!(dead.len(), 1);
+}
+
+/// With `kafka.delivery = "exactly_once"`, the followers of a record that
+/// retries for long wait for it: none of them is visible while it retries
+/// (at least three more of its calls after every follower was answered),
+/// the window holds them, and nothing is committed past it. The worker is
+/// then SIGKILLed and started again with one attempt per record: the
+/// waiting record is dead-lettered, each follower enriched, every session
+/// exactly once. At least once without commit metadata writes all 300
+/// twice here ([`without_commit_metadata_a_crash_re_delivers_all_behind_the_waiting_record`]).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_transactions_records_behind_a_waiting_one_wait_and_a_crash_writes_none_twice() {
+    let env = TestEnv::new("unfinished-eos", 1, Duration::from_millis(5)).await;
+    let waiting = "transient1000000-waits";
+    let followers: Vec<String> = (0..FOLLOWERS).map(|i| format!("call-{i:04}")).collect();
+    let mut sessions = vec![waiting.to_string()];
+    sessions.extend(followers.iter().cloned());
+    env.seed(&sessions).await;
+    let dir = tempfile::tempdir().unwrap();
+    let eos = ("UINCALL__KAFKA__DELIVERY", "exactly_once");
+    let window = ("UINCALL__PIPELINE__MAX_IN_FLIGHT", "200");
+    let waits = [
+        eos,
+        window,
+        ("UINCALL__RETRY__MAX_ATTEMPTS", "100000"),
+        ("UINCALL__RETRY__MAX_ELAPSED", "5m"),
+        ("UINCALL__RETRY__MAX_DELAY", "500ms"),
+    ];
+    let worker = env.spawn_replica("w", dir.path(), &waits);
+    wait_until("every follower answered", || {
+        followers.iter().all(|s| env.api.calls(s) >= 1)
+    })
+    .await;
+    let calls = env.api.calls(waiting);
+    wait_until("three more calls of the waiting record", || {
+        env.api.calls(waiting) >= calls + 3
+    })
+    .await;
+    let seen = env.outputs_to_end().await;
+    assert!(
+        seen.is_empty(),
+        "visible before the waiting record: {seen:?}"
+    );
+    let committed = env.committed();
+    assert!(
+        matches!(committed[..], [None | Some(0)]),
+        "committed past the waiting record: {committed:?}"
+    );
+    let in_flight = worker.metric("uincall_enricher_records_in_flight").await;
+    assert_eq!(in_flight, Some(sessions.len() as f64));
+    worker.signal("KILL");
+    drop(worker);
+
+    let retry_once = [eos, window, ("UINCALL__RETRY__MAX_ATTEMPTS", "1")];
+    let worker = env.spawn_replica("w", dir.path(), &retry_once);
+    wait_until("the partition committed to its end", || {
+        env.committed() == vec![Some(sessions.len() as i64)]
+    })
+    .await;
+    worker.stop().await;
+    assert_each_once(&env, &sessions).await;
+    let dead = env.read_dlq(1).await;
+    assert_eq!(key(&dead[0]), waiting);
 }

@@ -45,6 +45,9 @@ fn events(ci: usize) -> usize {
     env_number("GROUP_EVENTS", ci).max(ci)
 }
 
+/// `kafka.delivery = "exactly_once"`.
+const EXACTLY_ONCE: (&str, &str) = ("UINCALL__KAFKA__DELIVERY", "exactly_once");
+
 fn protocol_env(protocol: &str) -> Vec<(&'static str, &'static str)> {
     let protocol = match protocol {
         "classic" => "classic",
@@ -128,20 +131,43 @@ impl UnderLoad {
         self.follower.until_distinct(want).await;
     }
 
+    /// The replicas started from now on commit their outputs with their
+    /// input offsets in transactions (`kafka.delivery = "exactly_once"`).
+    fn exactly_once(mut self) -> UnderLoad {
+        self.penv.push(EXACTLY_ONCE);
+        self
+    }
+
+    /// Waits for the whole load to be out, stops `replicas`, checks no lag
+    /// and that, read with `read_committed` to the end, each session is
+    /// out exactly once.
+    async fn finish_exactly_once(self, replicas: Vec<Replica>, what: &str) {
+        let all = self.all.clone();
+        let (env, _) = self.drain(replicas).await;
+        assert_each_once(&env, &all).await;
+        println!("{what}: {} events, each exactly once", all.len());
+    }
+
     /// Waits for the whole load to be out, stops `replicas`, checks no lag
     /// and that duplicates stay within `bound`; prints the figures.
     async fn finish(self, replicas: Vec<Replica>, bound: usize, what: &str) {
+        let total = self.all.len();
+        let (_, duplicates) = self.drain(replicas).await;
+        println!("{what}: {total} events, 0 lost, {duplicates} duplicates (bound {bound})");
+        assert!(duplicates <= bound, "{duplicates} duplicates > {bound}");
+    }
+
+    /// Waits for the whole load to be out (nothing lost), stops `replicas`
+    /// and waits for no lag; returns the environment and the duplicates
+    /// seen until every session was out.
+    async fn drain(self, replicas: Vec<Replica>) -> (TestEnv, usize) {
         self.load.await.unwrap();
         let duplicates = self.follower.finish(&self.all).await;
         for r in replicas {
             r.stop().await;
         }
         self.env.until_no_lag().await;
-        println!(
-            "{what}: {} events, 0 lost, {duplicates} duplicates (bound {bound})",
-            self.all.len()
-        );
-        assert!(duplicates <= bound, "{duplicates} duplicates > {bound}");
+        (self.env, duplicates)
     }
 }
 
@@ -170,6 +196,27 @@ async fn scale_out_and_in(protocol: &str) {
 }
 
 per_protocol!(scale_out_and_in: scale_out_to_three_and_back_classic, scale_out_to_three_and_back_kip848);
+
+/// (a') The same with `kafka.delivery = "exactly_once"`: each session out
+/// exactly once, read with `read_committed` (the test above sees
+/// duplicates at most group changes).
+async fn scale_out_and_in_exactly_once(protocol: &str) {
+    let group = UnderLoad::start("scale-eos", protocol).await.exactly_once();
+    let a = group.replica("a");
+    until_assigned(&[&a], 1, 6).await;
+    group.progress(200).await;
+    let b = group.replica("b");
+    let c = group.replica("c");
+    until_assigned(&[&a, &b, &c], 3, 6).await;
+    group.progress(300).await;
+    b.stop().await;
+    c.stop().await;
+    until_assigned(&[&a], 1, 6).await;
+    let what = format!("scale 1→3→1 with transactions ({protocol})");
+    group.finish_exactly_once(vec![a], &what).await;
+}
+
+per_protocol!(scale_out_and_in_exactly_once: scale_out_to_three_and_back_with_transactions_classic, scale_out_to_three_and_back_with_transactions_kip848);
 
 /// (b) Three replicas under load, each SIGTERMed in turn and replaced, as a
 /// rolling update does.
@@ -306,14 +353,38 @@ per_protocol!(calls_under_way_at_a_revocation: calls_under_way_when_a_partition_
 /// partitions to the other; when it thaws, its late completions must not
 /// move any committed offset backwards.
 async fn frozen_worker(protocol: &str) {
-    let env = TestEnv::new(&format!("frozen-{protocol}"), 6, Duration::from_millis(20)).await;
+    frozen(protocol, false).await;
+}
+
+per_protocol!(frozen_worker: a_worker_frozen_past_its_session_commits_nothing_late_classic, a_worker_frozen_past_its_session_commits_nothing_late_kip848);
+
+/// (d') The same with `kafka.delivery = "exactly_once"`: the thawed
+/// worker's generation is stale, so its open transaction cannot commit the
+/// offsets of partitions it lost and is aborted; none of its late outputs
+/// becomes visible: read with `read_committed`, each session is out
+/// exactly once.
+async fn frozen_worker_exactly_once(protocol: &str) {
+    frozen(protocol, true).await;
+}
+
+per_protocol!(frozen_worker_exactly_once: a_worker_frozen_past_its_session_is_fenced_classic, a_worker_frozen_past_its_session_is_fenced_kip848);
+
+async fn frozen(protocol: &str, exactly_once: bool) {
+    let name = format!(
+        "frozen-{protocol}{}",
+        if exactly_once { "-eos" } else { "" }
+    );
+    let env = TestEnv::new(&name, 6, Duration::from_millis(20)).await;
     let dir = tempfile::tempdir().unwrap();
     let mut all = sessions("call", 1500);
     // Slow records keep the frozen worker's window busy.
     all.extend(sessions("slow1000", 60));
     let follower = env.follow();
     let load = env.spawn_load(all.clone(), 200);
-    let penv = protocol_env(protocol);
+    let mut penv = protocol_env(protocol);
+    if exactly_once {
+        penv.push(EXACTLY_ONCE);
+    }
     let a = env.spawn_replica("a", dir.path(), &penv);
     let b = env.spawn_replica("b", dir.path(), &penv);
     until_assigned(&[&a, &b], 2, 6).await;
@@ -348,12 +419,11 @@ async fn frozen_worker(protocol: &str) {
     b.stop().await;
     check(env.committed(), &mut highest);
     env.until_no_lag().await;
-    println!(
-        "frozen worker ({protocol}): 0 lost, {duplicates} duplicates, committed never went back"
-    );
+    if exactly_once {
+        assert_each_once(&env, &all).await;
+    }
+    println!("frozen worker ({name}): 0 lost, {duplicates} duplicates, committed never went back");
 }
-
-per_protocol!(frozen_worker: a_worker_frozen_past_its_session_commits_nothing_late_classic, a_worker_frozen_past_its_session_commits_nothing_late_kip848);
 
 /// Starts again each replica that stopped by itself (exit 1: it lost its
 /// place in the group for `kafka.rejoin_timeout`), as Kubernetes restarts

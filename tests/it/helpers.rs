@@ -636,9 +636,12 @@ impl TestEnv {
     ) -> Replica {
         let listen = format!("127.0.0.1:{}", testkit::free_port());
         let client_id = format!("{}-{name}", self.group);
+        // Replicas on one host share its name: each its own transactional
+        // id, kept when it is started again under the same name.
         let mut env: Vec<(&str, &str)> = vec![
             ("UINCALL__HTTP__LISTEN", &listen),
             ("UINCALL__KAFKA__CLIENT_ID", &client_id),
+            ("UINCALL__KAFKA__TRANSACTIONAL_ID", &client_id),
         ];
         env.extend_from_slice(extra_env);
         let child = self.spawn_binary(&dir.join(format!("{name}.log")), &env);
@@ -700,6 +703,25 @@ impl TestEnv {
         })
     }
 
+    /// How often each key is on the output and dead-letter topics, read
+    /// with `read_committed` to the end of every partition (the last stable
+    /// offset: an open transaction's records are not counted).
+    pub async fn outputs_to_end(&self) -> HashMap<String, usize> {
+        let mut seen = HashMap::new();
+        for topic in [&self.output, &self.dlq] {
+            let (bootstrap, topic) = (self.bootstrap(), topic.clone());
+            let keys =
+                tokio::task::spawn_blocking(move || testkit::keys_to_end(&bootstrap, &topic))
+                    .await
+                    .unwrap()
+                    .unwrap();
+            for k in keys {
+                *seen.entry(k).or_default() += 1;
+            }
+        }
+        seen
+    }
+
     /// Follows the output and dead-letter topics in the background.
     pub fn follow(&self) -> Follower {
         let seen: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
@@ -734,6 +756,7 @@ async fn follow_topic(
         let consumer: StreamConsumer = testkit::client_config(&bootstrap)
             .set("group.id", format!("follower-{}", std::process::id()))
             .set("enable.auto.commit", "false")
+            .set("isolation.level", "read_committed")
             .create()
             .unwrap();
         let Ok(parts) = testkit::partition_count(&consumer, &topic) else {
@@ -848,6 +871,22 @@ impl Follower {
         }
         seen.values().map(|n| n - 1).sum()
     }
+}
+
+/// Read with `read_committed` to the end of the output and dead-letter
+/// topics, each of `all` is on them exactly once (and nothing else is).
+pub async fn assert_each_once(env: &TestEnv, all: &[String]) {
+    let seen = env.outputs_to_end().await;
+    let mut twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    twice.sort();
+    assert!(
+        twice.is_empty(),
+        "{} written more than once: {twice:?}",
+        twice.len()
+    );
+    let missing: Vec<_> = all.iter().filter(|s| !seen.contains_key(*s)).collect();
+    assert!(missing.is_empty(), "lost: {missing:?}");
+    assert_eq!(seen.len(), all.len(), "sessions out that were not in");
 }
 
 /// Polls an async condition until it holds (bounded by WAIT).

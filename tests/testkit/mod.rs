@@ -754,6 +754,46 @@ pub fn end_offsets(bootstrap: &str, topic: &str) -> anyhow::Result<Vec<i64>> {
         .collect()
 }
 
+/// The key of every record of `topic` visible to a `read_committed`
+/// reader, from the start to the end of each partition (its last stable
+/// offset).
+pub fn keys_to_end(bootstrap: &str, topic: &str) -> anyhow::Result<Vec<String>> {
+    use rdkafka::message::Message;
+    let consumer: BaseConsumer = client_config(bootstrap)
+        .set("group.id", format!("to-end-{}", std::process::id()))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("isolation.level", "read_committed")
+        .create()?;
+    let parts = partition_count(&consumer, topic)?;
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..parts {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)?;
+    }
+    consumer.assign(&tpl)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let mut at_end = std::collections::HashSet::new();
+    let mut keys = Vec::new();
+    while at_end.len() < parts as usize {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "{topic}: only {} of {parts} partitions read to their end",
+            at_end.len()
+        );
+        match consumer.poll(Duration::from_millis(500)) {
+            Some(Ok(m)) => {
+                keys.push(String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned())
+            }
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                at_end.insert(p);
+            }
+            Some(Err(e)) => eprintln!("reading {topic} to its end: {e} (going on)"),
+            None => {}
+        }
+    }
+    Ok(keys)
+}
+
 /// The offsets `group` has committed for each partition of `topic`
 /// (`None` where nothing is committed).
 pub fn committed_offsets(
@@ -771,9 +811,14 @@ pub fn committed_with_metadata(
     group: &str,
     topic: &str,
 ) -> anyhow::Result<Vec<Option<(i64, String)>>> {
+    // `read_uncommitted`: the offsets committed now, not waiting for those
+    // an open transaction carries (librdkafka asks for stable offsets when
+    // reading committed, and a frozen replica's transaction stays open
+    // until the brokers time it out).
     let consumer: BaseConsumer = client_config(bootstrap)
         .set("group.id", group)
         .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_uncommitted")
         .create()?;
     let parts = partition_count(&consumer, topic)?;
     let mut tpl = TopicPartitionList::new();
