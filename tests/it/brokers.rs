@@ -30,7 +30,7 @@ async fn rolling_restart_of_three_brokers_and_a_crash_lose_nothing() {
 /// read with `read_committed` each session is out exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rolling_restart_of_three_brokers_with_transactions_writes_each_session_once() {
-    let eos = [("UINCALL__KAFKA__DELIVERY", "exactly_once")];
+    let eos = [exactly_once()];
     let (env, all, _) = broker_maintenance("brokers-eos", &eos).await;
     assert_each_once(&env, &all).await;
     println!(

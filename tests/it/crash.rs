@@ -160,7 +160,7 @@ async fn sigkill_five_times_mid_stream_and_restart_loses_nothing() {
 /// duplicates after most kills.
 #[tokio::test]
 async fn sigkill_five_times_with_transactions_writes_each_session_once() {
-    let delivery = [("UINCALL__KAFKA__DELIVERY", "exactly_once")];
+    let delivery = [exactly_once()];
     let env = sigkill_five_times("crash-eos", &delivery).await;
     assert_each_once(&env, &crash_sessions()).await;
 }
@@ -357,7 +357,7 @@ async fn with_transactions_records_behind_a_waiting_one_wait_and_a_crash_writes_
     sessions.extend(followers.iter().cloned());
     env.seed(&sessions).await;
     let dir = tempfile::tempdir().unwrap();
-    let eos = ("UINCALL__KAFKA__DELIVERY", "exactly_once");
+    let eos = exactly_once();
     let window = ("UINCALL__PIPELINE__MAX_IN_FLIGHT", "200");
     let waits = [
         eos,

@@ -873,6 +873,17 @@ impl Follower {
     }
 }
 
+/// The setting of the exactly-once tests: `kafka.delivery =
+/// "exactly_once"`, or what `DELIVERY_UNDER_TEST` says: with
+/// `at_least_once` they must fail (duplicates seen), which shows they can.
+pub fn exactly_once() -> (&'static str, &'static str) {
+    let delivery = match std::env::var("DELIVERY_UNDER_TEST").as_deref() {
+        Ok("at_least_once") => "at_least_once",
+        _ => "exactly_once",
+    };
+    ("UINCALL__KAFKA__DELIVERY", delivery)
+}
+
 /// Read with `read_committed` to the end of the output and dead-letter
 /// topics, each of `all` is on them exactly once (and nothing else is).
 pub async fn assert_each_once(env: &TestEnv, all: &[String]) {
