@@ -176,12 +176,17 @@ pub fn producer_config(k: &KafkaSettings, max_message_bytes: Option<usize>) -> C
 
 /// The producer of `kafka.delivery = "exactly_once"`: [`producer_config`]
 /// with the transactional id and timeout (a record's timeout cannot be
-/// longer than its transaction's).
+/// longer than its transaction's), and no linger: a transaction's records
+/// are all produced at once and flushed by its commit, and with librdkafka
+/// 2.12 a linger made most commits wait about 100 ms (22 ms median without).
 pub fn transactional_producer_config(
     k: &KafkaSettings,
     max_message_bytes: Option<usize>,
 ) -> ClientConfig {
     let mut c = producer_config(k, max_message_bytes);
+    if !k.properties.contains_key("linger.ms") {
+        c.set("linger.ms", "0");
+    }
     c.set("transactional.id", transactional_id(k))
         .set("transaction.timeout.ms", millis(k.transaction_timeout))
         .set(

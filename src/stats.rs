@@ -110,6 +110,25 @@ struct ConsumeErrorLabels {
     code: String,
 }
 
+/// How input offsets were committed: by the consumer, by result; with
+/// `kafka.delivery = "exactly_once"` in transactions, by result, and how
+/// long a committed one took from begin to commit.
+struct Commits {
+    offsets: Family<ResultLabel, Counter>,
+    transactions: Family<ResultLabel, Counter>,
+    transaction_duration: Histogram,
+}
+
+impl Default for Commits {
+    fn default() -> Self {
+        Commits {
+            offsets: Family::default(),
+            transactions: Family::default(),
+            transaction_duration: Histogram::new(LATENCY_BUCKETS),
+        }
+    }
+}
+
 /// Progress of one assigned input partition, for stall detection.
 #[derive(Debug, Clone, Copy)]
 struct Progress {
@@ -149,11 +168,7 @@ pub struct Stats {
     api_calls_saved: Family<ReuseLabel, Counter>,
     recent_answers_bytes: Gauge,
     offsets_stored: Counter,
-    commits: Family<ResultLabel, Counter>,
-    /// `kafka.delivery = "exactly_once"`: transactions by result, and how
-    /// long a committed one took from begin to commit.
-    transactions: Family<ResultLabel, Counter>,
-    transaction_duration: Histogram,
+    commits: Commits,
     in_flight: Gauge,
     paused: Gauge,
     assigned: Gauge,
@@ -245,9 +260,7 @@ impl Default for Stats {
             api_calls_saved: Family::default(),
             recent_answers_bytes: Gauge::default(),
             offsets_stored: Counter::default(),
-            commits: Family::default(),
-            transactions: Family::default(),
-            transaction_duration: Histogram::new(LATENCY_BUCKETS),
+            commits: Commits::default(),
             in_flight: Gauge::default(),
             paused: Gauge::default(),
             assigned: Gauge::default(),
@@ -402,26 +415,29 @@ impl Stats {
             self.offsets_stored.clone(),
         );
         for result in ["ok", "error"] {
-            let _ = self.commits.get_or_create(&ResultLabel { result });
+            let _ = self.commits.offsets.get_or_create(&ResultLabel { result });
         }
         r.register(
             "offset_commits",
             "Offset commits to the group coordinator, by result",
-            self.commits.clone(),
+            self.commits.offsets.clone(),
         );
         for result in TRANSACTION_RESULTS {
-            let _ = self.transactions.get_or_create(&ResultLabel { result });
+            let _ = self
+                .commits
+                .transactions
+                .get_or_create(&ResultLabel { result });
         }
         r.register(
             "transactions",
             "Kafka transactions of kafka.delivery = exactly_once (outputs with their input offsets), by result: committed, aborted (sent again) or failed (the producer was fenced or failed for good)",
-            self.transactions.clone(),
+            self.commits.transactions.clone(),
         );
         r.register_with_unit(
             "transaction_duration",
             "From a committed transaction's begin to its commit",
             Unit::Seconds,
-            self.transaction_duration.clone(),
+            self.commits.transaction_duration.clone(),
         );
         r.register(
             "records_in_flight",
@@ -856,25 +872,24 @@ impl Stats {
 
     pub fn offsets_committed(&self, ok: bool) {
         let result = if ok { "ok" } else { "error" };
-        self.commits.get_or_create(&ResultLabel { result }).inc();
+        self.commits
+            .offsets
+            .get_or_create(&ResultLabel { result })
+            .inc();
     }
 
     /// A transaction ended: `committed` (with how long it took), `aborted`
     /// or `failed`.
     pub fn transaction(&self, result: &'static str, took: Option<Duration>) {
-        self.transactions
+        self.commits
+            .transactions
             .get_or_create(&ResultLabel { result })
             .inc();
         if let Some(took) = took {
-            self.transaction_duration.observe(took.as_secs_f64());
+            self.commits
+                .transaction_duration
+                .observe(took.as_secs_f64());
         }
-    }
-
-    /// Transactions by result so far (`committed`, `aborted`, `failed`).
-    pub fn transactions(&self, result: &'static str) -> u64 {
-        self.transactions
-            .get_or_create(&ResultLabel { result })
-            .get()
     }
 
     pub fn in_flight(&self) -> u64 {
@@ -1178,7 +1193,10 @@ mod tests {
                 errcode: "0".into(),
             })
             .inc();
-        s.commits.get_or_create(&ResultLabel { result: "ok" }).inc();
+        s.commits
+            .offsets
+            .get_or_create(&ResultLabel { result: "ok" })
+            .inc();
         s.systemic_entered
             .get_or_create(&CauseLabel { cause: "x" })
             .inc();

@@ -2,7 +2,7 @@
 
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 
-use super::transactions::Origin;
+use super::outgoing::Origin;
 use crate::dead_letter::header as dlq;
 use crate::record::Source;
 

@@ -9,7 +9,7 @@
 //! - [`enrich`]: one record: parse, fetch from the API, publish or
 //!   dead-letter.
 //! - [`publish`]: producing until acknowledged, with backoff; dead letters
-//!   cut to fit (shared with `replay`).
+//!   cut to fit (shared with `replay`); [`outgoing`] is what it produces.
 //! - [`commit`]: committing input offsets, with the records finished past
 //!   each in its metadata, and reading that back on assignment.
 //! - [`transactions`]: with `kafka.delivery = "exactly_once"`, outputs and
@@ -32,6 +32,7 @@ mod context;
 mod enrich;
 mod flow;
 mod input;
+mod outgoing;
 mod publish;
 mod transactions;
 mod window;

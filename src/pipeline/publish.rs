@@ -7,46 +7,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use rdkafka::error::KafkaError;
 use rdkafka::message::OwnedHeaders;
 use rdkafka::producer::FutureRecord;
 use rdkafka::util::Timeout;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, warn};
 
-use super::transactions::{Origin, Transactions};
+pub use super::outgoing::{Outgoing, ProduceError};
+use super::transactions::Transactions;
 use crate::dead_letter::{self, Stamp, Truncated};
 use crate::kafka;
 use crate::producer::{ProducePolicy, RenewingProducer, produce_policy};
 use crate::retry;
 use crate::settings::Settings;
 use crate::stats::Stats;
-
-/// A produce that did not get an acknowledgement.
-#[derive(Debug, thiserror::Error)]
-pub enum ProduceError {
-    /// The broker refuses this record (e.g. too large): it never will take
-    /// it. (The text is a dead letter's `dlq.reason`: keep it stable.)
-    #[error("the broker refused the record: {0}")]
-    Rejected(KafkaError),
-    /// The producer cannot go on (authorisation, idempotence state).
-    #[error("the producer failed for good: {0}")]
-    Fatal(KafkaError),
-    #[error("shutdown before the broker acknowledged")]
-    Abandoned,
-}
-
-/// One record to produce.
-#[derive(Clone, Copy)]
-pub struct Outgoing<'a> {
-    pub topic: &'a str,
-    pub key: Option<&'a [u8]>,
-    pub payload: &'a [u8],
-    pub headers: &'a OwnedHeaders,
-    /// The input record it is the output of, when it is one: with
-    /// transactions, it is committed with that record's offset.
-    pub origin: Option<&'a Origin>,
-}
 
 /// The idempotent producer, the produce timeout and the retry schedule.
 pub struct Publisher {

@@ -23,6 +23,7 @@
 //!   transactions.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -39,7 +40,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use super::commit;
-use super::publish::{Outgoing, ProduceError};
+use super::outgoing::{Origin, Outgoing, ProduceError};
 use crate::kafka::{self, Logged};
 use crate::offsets::{Assignment, Commit, Place};
 use crate::producer::{ProducePolicy, produce_policy};
@@ -48,14 +49,6 @@ use crate::stats::Stats;
 
 /// The consumer's group metadata now (`None` while it has none).
 pub type GroupMetadata = Box<dyn Fn() -> Option<ConsumerGroupMetadata> + Send + Sync>;
-
-/// Whose output it is: the input record's place in its partition's
-/// tracker, and the token cancelled when that partition is revoked.
-#[derive(Debug, Clone)]
-pub struct Origin {
-    pub place: Place,
-    pub revoked: CancellationToken,
-}
 
 type Reply = Result<(), ProduceError>;
 
@@ -72,6 +65,8 @@ struct Staged {
 /// The transaction task's handle.
 pub struct Transactions {
     staged: mpsc::UnboundedSender<Staged>,
+    /// Outputs handed over and not yet answered.
+    waiting: Arc<AtomicUsize>,
     /// The error that stopped the transactional producer for good.
     failed: Arc<OnceLock<KafkaError>>,
     closing: CancellationToken,
@@ -129,6 +124,7 @@ impl Transactions {
         let task = tokio::spawn(coordinator.run(rx));
         Ok(Transactions {
             staged: tx,
+            waiting: Arc::default(),
             failed,
             closing,
             task: Mutex::new(Some(task)),
@@ -155,11 +151,18 @@ impl Transactions {
         if self.staged.send(staged).is_err() {
             return Err(ProduceError::Abandoned);
         }
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        let _answered = Answered(&self.waiting);
         tokio::select! {
             biased;
             answered = answer => answered.unwrap_or(Err(ProduceError::Abandoned)),
             () = origin.revoked.cancelled() => Err(ProduceError::Abandoned),
         }
+    }
+
+    /// Outputs waiting for their transaction now.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
     }
 
     /// The error that stopped the transactions, if one did.
@@ -175,6 +178,15 @@ impl Transactions {
         if let Some(task) = task {
             let _ = task.await;
         }
+    }
+}
+
+/// Counts an output's wait off when it ends, however it ends.
+struct Answered<'a>(&'a AtomicUsize);
+
+impl Drop for Answered<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -242,10 +254,17 @@ impl Coordinator {
             if Instant::now() < next && self.came < self.max_records {
                 continue;
             }
+            // Everything handed over meanwhile goes into this one.
+            while let Ok(s) = staged.try_recv() {
+                self.hold(s);
+            }
+            // The interval runs from a transaction's start: one that took
+            // longer is followed at once by the next.
+            let began = Instant::now();
             if self.transact().await.is_err() {
                 return;
             }
-            next = Instant::now() + self.interval;
+            next = began + self.interval;
         }
         while let Ok(s) = staged.try_recv() {
             self.hold(s);
@@ -347,10 +366,7 @@ impl Coordinator {
                     let (_, e) = rejected.swap_remove(at);
                     let _ = s.reply.send(Err(ProduceError::Rejected(e)));
                 }
-                None => {
-                    self.hold(s);
-                    self.came -= 1;
-                }
+                None => self.hold(s),
             }
         }
     }

@@ -23,7 +23,8 @@ use super::context::WorkerContext;
 use super::enrich::{Disposition, Enricher};
 use super::flow::{Change, Flow};
 use super::input::InRecord;
-use super::transactions::{GroupMetadata, Origin, Transactions};
+use super::outgoing::Origin;
+use super::transactions::{GroupMetadata, Transactions};
 use crate::kafka;
 use crate::offsets::{Assignment, Place, Start, Ticket};
 use crate::record::Source;
@@ -401,12 +402,15 @@ impl Worker {
 
     /// Records counted against the window: all in flight but those waiting
     /// for a held tenant or for their tenant's share of the window, up to
-    /// `pipeline.max_held_records` of them.
+    /// `pipeline.max_held_records` of them, and (with transactions) those
+    /// whose output waits for its transaction, up to `max_in_flight`.
     fn admitted(&self, tasks: &JoinSet<Completion>) -> usize {
         let (held, over_share) = self.enricher.waiting_records();
         let held = held + over_share;
-        let max_held = self.settings.pipeline.max_held_records;
-        tasks.len().saturating_sub(held.min(max_held))
+        let p = &self.settings.pipeline;
+        let staged = self.transactions.as_ref().map_or(0, |t| t.waiting());
+        let aside = held.min(p.max_held_records) + staged.min(p.max_in_flight);
+        tasks.len().saturating_sub(aside)
     }
 
     /// Starts a task for one record; it stores its own offset when done.

@@ -165,6 +165,18 @@ async fn sigkill_five_times_with_transactions_writes_each_session_once() {
     assert_each_once(&env, &crash_sessions()).await;
 }
 
+/// Five moments to SIGKILL the worker at, in records out of `total`
+/// (between 5 % and 90 %), printed with the seed that repeats them.
+fn random_kills(total: usize) -> Vec<usize> {
+    let (seed, mut random) = seeded();
+    let mut kills: Vec<usize> = (0..5)
+        .map(|_| total / 20 + (random() as usize) % (total * 17 / 20))
+        .collect();
+    kills.sort();
+    println!("crash test: seed {seed}, SIGKILL after {kills:?} enriched records");
+    kills
+}
+
 /// [`sigkill_five_times_mid_stream_and_restart_loses_nothing`] with
 /// `extra` settings; returns the test's environment once the worker ended.
 async fn sigkill_five_times(name: &str, extra: &[(&str, &str)]) -> TestEnv {
@@ -177,12 +189,7 @@ async fn sigkill_five_times(name: &str, extra: &[(&str, &str)]) -> TestEnv {
     let settings = fault_settings();
     let mut window: Vec<(&str, &str)> = settings.iter().map(|(k, v)| (*k, v.as_str())).collect();
     window.extend_from_slice(extra);
-    let (seed, mut random) = seeded();
-    let mut kills: Vec<usize> = (0..5)
-        .map(|_| total / 20 + (random() as usize) % (total * 17 / 20))
-        .collect();
-    kills.sort();
-    println!("crash test: seed {seed}, SIGKILL after {kills:?} enriched records");
+    let kills = random_kills(total);
 
     // Generous for the long variant too: ~200 records/s is far below what
     // the worker does here.
