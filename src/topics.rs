@@ -79,12 +79,7 @@ pub async fn read_topic_until(
         // Only what transactions committed (and what was written without one).
         .set("isolation.level", "read_committed")
         .create()?;
-    let parts = partition_count(&consumer, topic)?;
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..parts {
-        tpl.add_partition_offset(topic, p, Offset::Beginning)?;
-    }
-    consumer.assign(&tpl)?;
+    assign_from_start(&consumer, topic)?;
     let mut out: Vec<OwnedMessage> = Vec::new();
     let deadline = tokio::time::Instant::now() + limit;
     while !done(&out) {
@@ -100,6 +95,21 @@ pub async fn read_topic_until(
         }
     }
     Ok(out)
+}
+
+/// Assigns every partition of `topic` to `consumer`, each from its start;
+/// returns how many there are.
+pub fn assign_from_start<C: Consumer<X>, X: rdkafka::consumer::ConsumerContext>(
+    consumer: &C,
+    topic: &str,
+) -> anyhow::Result<i32> {
+    let parts = partition_count(consumer, topic)?;
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..parts {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)?;
+    }
+    consumer.assign(&tpl)?;
+    Ok(parts)
 }
 
 pub fn partition_count<C: Consumer<X>, X: rdkafka::consumer::ConsumerContext>(

@@ -173,18 +173,7 @@ impl UnderLoad {
 /// `/readyz` tells who holds partitions at each step.
 async fn scale_out_and_in(protocol: &str) {
     let group = UnderLoad::start("scale", protocol).await;
-    let a = group.replica("a");
-    until_assigned(&[&a], 1, 6).await;
-    group.progress(200).await;
-
-    let b = group.replica("b");
-    let c = group.replica("c");
-    until_assigned(&[&a, &b, &c], 3, 6).await;
-    group.progress(300).await;
-
-    b.stop().await;
-    c.stop().await;
-    until_assigned(&[&a], 1, 6).await;
+    let a = one_three_one(&group, false).await;
     // Four group changes; at most the admitted records of every replica
     // involved in each are re-delivered.
     let bound = 4 * 3 * admitted_limit(WINDOW);
@@ -194,23 +183,35 @@ async fn scale_out_and_in(protocol: &str) {
 
 per_protocol!(scale_out_and_in: scale_out_to_three_and_back_classic, scale_out_to_three_and_back_kip848);
 
+/// Scales `group` from one replica to three while events flow and back to
+/// one: the two leave by SIGTERM, or with `kill` the second by SIGKILL.
+/// Returns the replica left, holding every partition.
+async fn one_three_one(group: &UnderLoad, kill: bool) -> Replica {
+    let a = group.replica("a");
+    until_assigned(&[&a], 1, 6).await;
+    group.progress(200).await;
+
+    let b = group.replica("b");
+    let c = group.replica("c");
+    until_assigned(&[&a, &b, &c], 3, 6).await;
+    group.progress(300).await;
+
+    b.stop().await;
+    match kill {
+        true => c.signal("KILL"),
+        false => c.stop().await,
+    }
+    until_assigned(&[&a], 1, 6).await;
+    a
+}
+
 /// (a') The same with `kafka.delivery = "exactly_once"`, one of the two
 /// replicas leaving by SIGKILL (a node lost) mid-transaction or not: each
 /// session out exactly once, read with `read_committed`. At least once,
 /// the killed replica's work since its last commit comes out twice.
 async fn scale_out_and_in_exactly_once(protocol: &str) {
     let group = UnderLoad::start("scale-eos", protocol).await.exactly_once();
-    let a = group.replica("a");
-    until_assigned(&[&a], 1, 6).await;
-    group.progress(200).await;
-    let b = group.replica("b");
-    let c = group.replica("c");
-    until_assigned(&[&a, &b, &c], 3, 6).await;
-    group.progress(300).await;
-    b.stop().await;
-    c.signal("KILL");
-    drop(c);
-    until_assigned(&[&a], 1, 6).await;
+    let a = one_three_one(&group, true).await;
     let what = format!("scale 1→3→1 with transactions ({protocol})");
     group.finish_exactly_once(vec![a], &what).await;
 }

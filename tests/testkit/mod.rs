@@ -765,12 +765,7 @@ pub fn keys_to_end(bootstrap: &str, topic: &str) -> anyhow::Result<Vec<String>> 
         .set("enable.partition.eof", "true")
         .set("isolation.level", "read_committed")
         .create()?;
-    let parts = partition_count(&consumer, topic)?;
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..parts {
-        tpl.add_partition_offset(topic, p, Offset::Beginning)?;
-    }
-    consumer.assign(&tpl)?;
+    let parts = assign_from_start(&consumer, topic)?;
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     let mut at_end = std::collections::HashSet::new();
     let mut keys = Vec::new();
