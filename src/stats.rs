@@ -139,6 +139,9 @@ struct Progress {
     /// Records between the committed offset and the end (librdkafka's
     /// `consumer_lag`; -1 until known).
     lag: i64,
+    /// With transactions: the offset the last one committed (the consumer
+    /// commits nothing itself, so its statistics keep the offset it found).
+    committed: Option<i64>,
 }
 
 /// A record waiting at its gate ([`Stats::waiting_at_gate`]).
@@ -923,6 +926,7 @@ impl Stats {
                     Progress {
                         moved_at: Instant::now(),
                         lag: -1,
+                        committed: None,
                     },
                 );
             } else {
@@ -951,6 +955,19 @@ impl Stats {
     }
 
     /// The partition's position moved on (a new offset stored).
+    /// A transaction committed `offset` for a partition: its position moved
+    /// (for the stall check), and its lag counts from there.
+    pub fn committed_in_transaction(&self, topic: &str, partition: i32, offset: i64) {
+        let mut progress = self.progress.lock().unwrap();
+        if let Some(p) = progress.get_mut(&(topic.to_string(), partition)) {
+            if p.committed.is_none_or(|c| offset > c) {
+                p.moved_at = Instant::now();
+            }
+            p.committed = Some(offset);
+        }
+        self.offsets_stored.inc();
+    }
+
     pub fn partition_moved(&self, topic: &str, partition: i32) {
         let mut progress = self.progress.lock().unwrap();
         if let Some(p) = progress.get_mut(&(topic.to_string(), partition)) {
@@ -985,14 +1002,16 @@ impl Stats {
                     topic: topic.clone(),
                     partition: *partition,
                 };
-                if p.consumer_lag >= 0 {
-                    entry.lag = p.consumer_lag;
-                    self.consumer_lag.get_or_create(&labels).set(p.consumer_lag);
+                let (lag, committed) = match entry.committed {
+                    Some(c) if p.ls_offset >= 0 => ((p.ls_offset - c).max(0), c),
+                    _ => (p.consumer_lag, p.committed_offset),
+                };
+                if lag >= 0 {
+                    entry.lag = lag;
+                    self.consumer_lag.get_or_create(&labels).set(lag);
                 }
-                if p.committed_offset >= 0 {
-                    self.committed_offset
-                        .get_or_create(&labels)
-                        .set(p.committed_offset);
+                if committed >= 0 {
+                    self.committed_offset.get_or_create(&labels).set(committed);
                 }
             }
         }

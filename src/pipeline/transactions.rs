@@ -330,6 +330,10 @@ impl Coordinator {
             let error = match self.attempt(&batch, &commits).await {
                 Ok(()) => {
                     self.assignment.committed(&places, &commits);
+                    // The consumer's own statistics never see these.
+                    for c in &commits {
+                        (self.stats).committed_in_transaction(&c.topic, c.partition, c.offset);
+                    }
                     self.stats.transaction("committed", Some(began.elapsed()));
                     for s in batch {
                         let _ = s.reply.send(Ok(()));
