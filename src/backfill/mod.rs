@@ -219,22 +219,7 @@ pub async fn execute(
     stop: CancellationToken,
 ) -> anyhow::Result<Summary> {
     let tokens = TokenStore::from_settings(&settings.api)?;
-    let now = Utc::now();
-    // Without --to the range ends now; a rerun of a run stopped on the way
-    // keeps the end that run had, or it would be another run.
-    let kept = (args.to.is_none() && !args.dry_run && !args.restart)
-        .then(|| state::saved_open_end(&args.state))
-        .flatten();
-    let mut plans = plan(&settings, &args, &tokens, now, kept.unwrap_or(now))?;
-    if kept.is_some() && !state::holds(&args.state, &run_id(&settings, &plans)) {
-        plans = plan(&settings, &args, &tokens, now, now)?;
-    }
-    let run_id = run_id(&settings, &plans);
-    let open_end = args.to.is_none().then(|| kept.unwrap_or(now));
-    let (mut state, resumed) = match args.dry_run {
-        true => (State::in_memory(&run_id), false),
-        false => State::open(&args.state, &run_id, open_end, args.restart)?,
-    };
+    let (plans, mut state, resumed) = plans_and_state(&settings, &args, &tokens, Utc::now())?;
     let mut summary = Summary {
         tenants: plans.len(),
         windows: plans.iter().map(|p| p.windows.len()).sum(),
@@ -246,34 +231,15 @@ pub async fn execute(
     kafka::check_connection(k).await?;
     let enriched = match args.skip_enriched {
         false => Enriched::default(),
-        true => {
-            let (k, reading) = (k.clone(), stop.clone());
-            let bar = bar("reading the output topic", "records");
-            let b = bar.clone();
-            let read = tokio::task::spawn_blocking(move || {
-                enriched::read(&k, &reading, |n, total| {
-                    b.set_length(total);
-                    b.set_position(n);
-                })
-            })
-            .await??;
-            bar.finish_and_clear();
-            match read {
-                Some(e) => e,
-                None => {
-                    summary.interrupted = true;
-                    return Ok(summary);
-                }
+        true => match read_enriched(k, &stop).await? {
+            Some(e) => e,
+            None => {
+                summary.interrupted = true;
+                return Ok(summary);
             }
-        }
+        },
     };
-    let publisher = match args.dry_run {
-        true => None,
-        false => {
-            let stats = Arc::new(Stats::default());
-            Some(Publisher::new(&settings, stats, &[k.input_topic.as_str()]).await?)
-        }
-    };
+    let publisher = input_publisher(&settings, args.dry_run).await?;
     info!(
         tenants = plans.len(),
         windows = summary.windows,
@@ -304,6 +270,63 @@ pub async fn execute(
     }
     run.bar.finish_and_clear();
     Ok(summary)
+}
+
+/// The run's plans, its state and whether it resumes an earlier run.
+/// Without `--to` the range ends `now`; a rerun of a run stopped on the
+/// way keeps the end that run had, or it would be another run. A dry run
+/// keeps its state in memory.
+fn plans_and_state(
+    settings: &Settings,
+    args: &BackfillArgs,
+    tokens: &TokenStore,
+    now: DateTime<Utc>,
+) -> anyhow::Result<(Vec<Plan>, State, bool)> {
+    let kept = (args.to.is_none() && !args.dry_run && !args.restart)
+        .then(|| state::saved_open_end(&args.state))
+        .flatten();
+    let mut plans = plan(settings, args, tokens, now, kept.unwrap_or(now))?;
+    if kept.is_some() && !state::holds(&args.state, &run_id(settings, &plans)) {
+        plans = plan(settings, args, tokens, now, now)?;
+    }
+    let run_id = run_id(settings, &plans);
+    let open_end = args.to.is_none().then(|| kept.unwrap_or(now));
+    let (state, resumed) = match args.dry_run {
+        true => (State::in_memory(&run_id), false),
+        false => State::open(&args.state, &run_id, open_end, args.restart)?,
+    };
+    Ok((plans, state, resumed))
+}
+
+/// The producer of the events a run submits to the input topic; none in a
+/// dry run.
+async fn input_publisher(settings: &Settings, dry_run: bool) -> anyhow::Result<Option<Publisher>> {
+    if dry_run {
+        return Ok(None);
+    }
+    let stats = Arc::new(Stats::default());
+    let topics = [settings.kafka.input_topic.as_str()];
+    Ok(Some(Publisher::new(settings, stats, &topics).await?))
+}
+
+/// The session ids already on the output topic (`--skip-enriched`), read
+/// with a progress bar; `None` when `stop` came first.
+async fn read_enriched(
+    k: &crate::settings::KafkaSettings,
+    stop: &CancellationToken,
+) -> anyhow::Result<Option<Enriched>> {
+    let (k, reading) = (k.clone(), stop.clone());
+    let bar = bar("reading the output topic", "records");
+    let b = bar.clone();
+    let read = tokio::task::spawn_blocking(move || {
+        enriched::read(&k, &reading, |n, total| {
+            b.set_length(total);
+            b.set_position(n);
+        })
+    })
+    .await??;
+    bar.finish_and_clear();
+    Ok(read)
 }
 
 /// The tenants, their zones and windows; every tenant must have a token.
@@ -461,31 +484,11 @@ impl Run<'_> {
         page: u32,
     ) -> Result<Vec<Listed>, Early> {
         let (start, end) = window.api_times(plan.zone);
-        let size = self.settings.backfill.page_size;
-        let query = json!({
-            "kind": 0, "page": page, "size": size, "all": true,
-            "start_time": start, "end_time": end,
-        });
+        let query = page_query(&start, &end, page, self.settings.backfill.page_size);
         let tenant = plan.tenant.as_str();
-        let r = &self.settings.retry;
-        let mut delays = {
-            use backon::BackoffBuilder;
-            crate::retry::backoff(r)
-                .with_max_times(r.max_attempts.saturating_sub(1) as usize)
-                .build()
-        };
+        let mut delays = page_delays(&self.settings.retry);
         loop {
-            if !self.limits.acquire(tenant, self.stop).await {
-                return Err(self.interrupted());
-            }
-            let Some(token) = self.tokens.get(tenant) else {
-                return Err(Some(Stopped {
-                    code: 1,
-                    message: format!("no access token for tenant `{tenant}`"),
-                }));
-            };
-            let answer = self.client.list_page(tenant, &token, &query).await.answer;
-            let secret = secrecy::ExposeSecret::expose_secret(&token).to_string();
+            let (answer, secret) = self.call_page(tenant, &query).await?;
             let stopped = |code, what: &str, reason: &str| {
                 Err(Some(Stopped {
                     code,
@@ -534,6 +537,27 @@ impl Run<'_> {
         }
     }
 
+    /// One call for a page, within the tenant's rate limit: its answer and
+    /// the token's text (to keep out of messages).
+    async fn call_page(
+        &mut self,
+        tenant: &str,
+        query: &Value,
+    ) -> Result<(crate::classify::ApiAnswer, String), Early> {
+        if !self.limits.acquire(tenant, self.stop).await {
+            return Err(self.interrupted());
+        }
+        let Some(token) = self.tokens.get(tenant) else {
+            return Err(Some(Stopped {
+                code: 1,
+                message: format!("no access token for tenant `{tenant}`"),
+            }));
+        };
+        let answer = self.client.list_page(tenant, &token, query).await.answer;
+        let secret = secrecy::ExposeSecret::expose_secret(&token).to_string();
+        Ok((answer, secret))
+    }
+
     /// Submits a page's sessions that are missing (all of them unless
     /// `--skip-enriched`), together, and waits for every acknowledgement.
     /// Returns how many were (or, in a dry run, would be) submitted.
@@ -546,18 +570,9 @@ impl Run<'_> {
         self.summary.skipped_enriched += (listed - missing.len()) as u64;
         self.bar.set_position(self.summary.listed);
         let Some(publisher) = &self.publisher else {
-            self.summary.missing += missing.len() as u64;
-            for l in missing
-                .iter()
-                .take(SAMPLE.saturating_sub(self.summary.sample.len()))
-            {
-                self.summary
-                    .sample
-                    .push(format!("{tenant} {}", l.session_id));
-            }
+            self.note_missing(tenant, &missing);
             return Ok(missing.len());
         };
-        let e = &self.settings.event;
         let headers = OwnedHeaders::new()
             .insert(Header {
                 key: "uincall.source",
@@ -567,17 +582,8 @@ impl Run<'_> {
                 key: TENANT_HEADER,
                 value: Some(tenant),
             });
-        let events: Vec<Vec<u8>> = (missing.iter())
-            .map(|l| {
-                let mut event = json!({});
-                set_path(&mut event, &e.session_id_field, json!(l.session_id));
-                set_path(&mut event, &e.tenant_id_field, json!(tenant));
-                if let Some(ct) = l.call_type {
-                    set_path(&mut event, &e.call_type_field, json!(ct));
-                }
-                event.to_string().into_bytes()
-            })
-            .collect();
+        let e = &self.settings.event;
+        let events: Vec<Vec<u8>> = (missing.iter()).map(|l| event_of(e, tenant, l)).collect();
         let topic = self.settings.kafka.input_topic.as_str();
         let sends = missing.iter().zip(&events).map(|(l, payload)| {
             publisher.send(
@@ -604,6 +610,18 @@ impl Run<'_> {
             }
         }
         Ok(missing.len())
+    }
+
+    /// A dry run: the missing sessions counted, the first few kept as a
+    /// sample.
+    fn note_missing(&mut self, tenant: &str, missing: &[Listed]) {
+        self.summary.missing += missing.len() as u64;
+        let room = SAMPLE.saturating_sub(self.summary.sample.len());
+        for l in missing.iter().take(room) {
+            self.summary
+                .sample
+                .push(format!("{tenant} {}", l.session_id));
+        }
     }
 
     fn interrupted(&mut self) -> Early {
@@ -665,6 +683,35 @@ fn bar(what: &str, unit: &str) -> ProgressBar {
             .expect("a valid template"),
     );
     bar
+}
+
+/// The call list's query for one page of a window, every kind of call.
+fn page_query(start: &str, end: &str, page: u32, size: u32) -> Value {
+    json!({
+        "kind": 0, "page": page, "size": size, "all": true,
+        "start_time": start, "end_time": end,
+    })
+}
+
+/// The delays between the calls for one page: the worker's backoff, as
+/// many as `retry.max_attempts` allows after the first call.
+fn page_delays(r: &crate::settings::RetrySettings) -> impl Iterator<Item = Duration> + use<> {
+    use backon::BackoffBuilder;
+    crate::retry::backoff(r)
+        .with_max_times(r.max_attempts.saturating_sub(1) as usize)
+        .build()
+}
+
+/// The call-ended event of a listed session, its fields where `[event]`
+/// says they are.
+fn event_of(e: &crate::settings::EventSettings, tenant: &str, l: &Listed) -> Vec<u8> {
+    let mut event = json!({});
+    set_path(&mut event, &e.session_id_field, json!(l.session_id));
+    set_path(&mut event, &e.tenant_id_field, json!(tenant));
+    if let Some(ct) = l.call_type {
+        set_path(&mut event, &e.call_type_field, json!(ct));
+    }
+    event.to_string().into_bytes()
 }
 
 #[cfg(test)]
