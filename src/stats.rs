@@ -239,8 +239,31 @@ const END_TO_END_BUCKETS: [f64; 15] = [
     0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
 ];
 
-/// The `result` label of `transactions_total`.
-pub const TRANSACTION_RESULTS: [&str; 3] = ["committed", "aborted", "failed"];
+/// The `result` label of `offset_commits_total`: ok, then error.
+const COMMIT_RESULTS: [&str; 2] = ["ok", "error"];
+
+/// How a transaction ended (the `result` label of `transactions_total`).
+#[derive(Debug, Clone, Copy)]
+pub enum TransactionEnd {
+    /// Committed, after this long from its begin.
+    Committed(Duration),
+    /// Aborted: its outputs are sent again.
+    Aborted,
+    /// The producer was fenced or failed for good.
+    Failed,
+}
+
+impl TransactionEnd {
+    const LABELS: [&str; 3] = ["committed", "aborted", "failed"];
+
+    fn label(self) -> &'static str {
+        match self {
+            TransactionEnd::Committed(_) => Self::LABELS[0],
+            TransactionEnd::Aborted => Self::LABELS[1],
+            TransactionEnd::Failed => Self::LABELS[2],
+        }
+    }
+}
 
 /// Buckets of the API latency histogram, in seconds (5 ms … 20 s).
 const LATENCY_BUCKETS: [f64; 14] = [
@@ -417,7 +440,7 @@ impl Stats {
             "Times a partition's position to commit advanced",
             self.offsets_stored.clone(),
         );
-        for result in ["ok", "error"] {
+        for result in COMMIT_RESULTS {
             let _ = self.commits.offsets.get_or_create(&ResultLabel { result });
         }
         r.register(
@@ -425,7 +448,7 @@ impl Stats {
             "Offset commits to the group coordinator, by result",
             self.commits.offsets.clone(),
         );
-        for result in TRANSACTION_RESULTS {
+        for result in TransactionEnd::LABELS {
             let _ = self
                 .commits
                 .transactions
@@ -874,21 +897,22 @@ impl Stats {
     }
 
     pub fn offsets_committed(&self, ok: bool) {
-        let result = if ok { "ok" } else { "error" };
+        let [ok_label, error_label] = COMMIT_RESULTS;
+        let result = if ok { ok_label } else { error_label };
         self.commits
             .offsets
             .get_or_create(&ResultLabel { result })
             .inc();
     }
 
-    /// A transaction ended: `committed` (with how long it took), `aborted`
-    /// or `failed`.
-    pub fn transaction(&self, result: &'static str, took: Option<Duration>) {
+    /// A transaction ended.
+    pub fn transaction(&self, end: TransactionEnd) {
+        let result = end.label();
         self.commits
             .transactions
             .get_or_create(&ResultLabel { result })
             .inc();
-        if let Some(took) = took {
+        if let TransactionEnd::Committed(took) = end {
             self.commits
                 .transaction_duration
                 .observe(took.as_secs_f64());

@@ -126,13 +126,15 @@ impl Assignment {
         self.finished.notify_all();
     }
 
-    /// A record given up unfinished (shutdown or revocation came first).
-    pub fn give_up(&self, place: &Place) {
+    /// A record given up unfinished (shutdown or revocation came first);
+    /// one of a revoked (or re-assigned) partition is ignored, as in
+    /// [`Assignment::finish`].
+    pub fn give_up(&self, topic: &str, partition: i32, offset: i64, id: TrackerId) {
         let mut tracker = self.tracker.lock().unwrap();
-        if let Some(owned) = (tracker.partitions).get_mut(&(place.topic.clone(), place.partition))
-            && owned.id == place.id
+        if let Some(owned) = (tracker.partitions).get_mut(&(topic.to_string(), partition))
+            && owned.id == id
         {
-            owned.tracker.give_up(place.offset);
+            owned.tracker.give_up(offset);
         }
         drop(tracker);
         self.finished.notify_all();
@@ -192,7 +194,7 @@ mod tests {
     #[test]
     fn outputs_behind_a_record_given_up_are_never_ready() {
         let (a, id) = started(&[10, 11, 12]);
-        a.give_up(&place(11, id));
+        a.give_up("in", 0, 11, id);
         let ready = a.ready("in", 0, id, |o| o != 11).unwrap();
         assert_eq!(ready.below, Some(11));
         assert_eq!(ready.given_up_from, Some(11));

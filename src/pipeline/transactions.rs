@@ -45,7 +45,7 @@ use crate::kafka::{self, Logged};
 use crate::offsets::{Assignment, Commit, Place};
 use crate::producer::{ProducePolicy, produce_policy};
 use crate::settings::Settings;
-use crate::stats::Stats;
+use crate::stats::{Stats, TransactionEnd};
 
 /// The consumer's group metadata now (`None` while it has none).
 pub type GroupMetadata = Box<dyn Fn() -> Option<ConsumerGroupMetadata> + Send + Sync>;
@@ -334,14 +334,14 @@ impl Coordinator {
                     for c in &commits {
                         (self.stats).committed_in_transaction(&c.topic, c.partition, c.offset);
                     }
-                    self.stats.transaction("committed", Some(began.elapsed()));
+                    self.stats.transaction(TransactionEnd::Committed(began.elapsed()));
                     for s in batch {
                         let _ = s.reply.send(Ok(()));
                     }
                     return Ok(());
                 }
                 Err(Failure::Rejected(rejected)) => {
-                    self.stats.transaction("aborted", None);
+                    self.stats.transaction(TransactionEnd::Aborted);
                     self.answer_rejected(batch, rejected);
                     return Ok(());
                 }
@@ -351,7 +351,7 @@ impl Coordinator {
                 }
                 Err(Failure::Aborted(e)) => e,
             };
-            self.stats.transaction("aborted", None);
+            self.stats.transaction(TransactionEnd::Aborted);
             if self.closing.is_cancelled() {
                 warn!(error = %error, records = batch.len(), "the last transaction was aborted; its records are re-delivered to the partitions' next owner");
                 return Ok(());
@@ -378,7 +378,7 @@ impl Coordinator {
     /// The producer failed for good: every output waiting is answered so,
     /// and later ones too ([`Transactions::stage`]).
     fn fail(&mut self, batch: Vec<Staged>, e: KafkaError) {
-        self.stats.transaction("failed", None);
+        self.stats.transaction(TransactionEnd::Failed);
         error!(error = %e, "the transactional producer failed for good (fenced by a newer producer with the same kafka.transactional_id, or its state was lost): the worker stops; nothing of the open transaction becomes visible");
         let _ = self.failed.set(e.clone());
         let waiting = std::mem::take(&mut self.waiting);

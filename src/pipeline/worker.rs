@@ -433,19 +433,13 @@ impl Worker {
                 return;
             }
         };
-        let place = Place {
-            topic: src.topic.clone(),
-            partition: src.partition,
-            offset: src.offset,
-            id: ticket.id,
-        };
-        let revoked = ticket.revoked.clone();
-        rec.origin = Some(Origin { place, revoked });
+        if self.transactions.is_some() {
+            rec.origin = Some(origin_of(src, &ticket));
+        }
         let enricher = self.enricher.clone();
         let (assignment, stats) = (self.assignment.clone(), self.stats.clone());
         tasks.spawn(async move {
             let source = rec.source.clone();
-            let origin = rec.origin.clone();
             // Once the partition is revoked (past `revoke_drain`) the
             // record is its next owner's: the work is dropped where it
             // stands, a call under way too, and nothing more is written.
@@ -454,19 +448,19 @@ impl Worker {
                 () = ticket.revoked.cancelled() => Ok(Disposition::Abandoned),
                 result = enricher.process(rec, ticket.cancel.clone()) => result,
             };
-            match (&result, origin) {
-                (
-                    Ok(
-                        Disposition::Enriched
-                        | Disposition::DeadLettered(_)
-                        | Disposition::Unwritable(_),
-                    ),
-                    _,
+            match &result {
+                Ok(
+                    Disposition::Enriched
+                    | Disposition::DeadLettered(_)
+                    | Disposition::Unwritable(_),
                 ) => finished(&assignment, &stats, &source, &ticket),
                 // The position never passes it; outputs behind it that wait
                 // for a transaction are given up too.
-                (Ok(Disposition::Abandoned), Some(origin)) => assignment.give_up(&origin.place),
-                _ => {}
+                Ok(Disposition::Abandoned) => {
+                    let s = &source;
+                    assignment.give_up(&s.topic, s.partition, s.offset, ticket.id)
+                }
+                Err(_) => {}
             }
             result
         });
@@ -559,13 +553,17 @@ impl Worker {
         if let Err(e) = self.enricher.flush(Duration::from_secs(10)).await {
             warn!(error = %e, "producer flush incomplete");
         }
-        if let Some(transactions) = &self.transactions {
-            transactions.close().await;
-            self.consumer.unsubscribe();
-            self.log_progress(0);
-            info!("worker stopped");
-            return;
+        match &self.transactions {
+            Some(transactions) => transactions.close().await,
+            None => self.commit_all().await,
         }
+        self.consumer.unsubscribe();
+        self.log_progress(0);
+        info!("worker stopped");
+    }
+
+    /// Commits every partition's position, waiting for the answer.
+    async fn commit_all(&self) {
         let consumer = self.consumer.clone();
         let commits = self.assignment.commits(true);
         let committed = tokio::task::spawn_blocking(move || {
@@ -576,9 +574,6 @@ impl Worker {
         if let Err(e) = committed {
             warn!(error = %e, "final commit failed; uncommitted records will be re-delivered")
         }
-        self.consumer.unsubscribe();
-        self.log_progress(0);
-        info!("worker stopped");
     }
 
     fn log_progress(&self, in_flight: usize) {
@@ -593,6 +588,18 @@ impl Worker {
             "progress"
         );
     }
+}
+
+/// Whose output a record's is, for its transaction.
+fn origin_of(src: &Source, ticket: &Ticket) -> Origin {
+    let place = Place {
+        topic: src.topic.clone(),
+        partition: src.partition,
+        offset: src.offset,
+        id: ticket.id,
+    };
+    let revoked = ticket.revoked.clone();
+    Origin { place, revoked }
 }
 
 /// Finishes a record in its partition's tracker (committed with the next
