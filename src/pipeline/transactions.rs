@@ -320,6 +320,14 @@ impl Coordinator {
             .without_max_times()
             .build();
         loop {
+            // The group's generation is taken before the partitions still
+            // owned are: a transaction that carries a partition revoked
+            // afterwards sends its offsets with the generation before the
+            // revocation, which the coordinator refuses once the partition
+            // moved (KIP-447), and is aborted. Taken later, the next
+            // generation would commit offsets of a partition another
+            // replica already reads from the old ones.
+            let group = (self.group)();
             batch.retain(|s| !s.origin.revoked.is_cancelled());
             let places: Vec<Place> = batch.iter().map(|s| s.origin.place.clone()).collect();
             let commits = self.assignment.commits_finishing(&places);
@@ -327,14 +335,15 @@ impl Coordinator {
                 return Ok(());
             }
             let began = Instant::now();
-            let error = match self.attempt(&batch, &commits).await {
+            let error = match self.attempt(&batch, &commits, group).await {
                 Ok(()) => {
                     self.assignment.committed(&places, &commits);
                     // The consumer's own statistics never see these.
                     for c in &commits {
                         (self.stats).committed_in_transaction(&c.topic, c.partition, c.offset);
                     }
-                    self.stats.transaction(TransactionEnd::Committed(began.elapsed()));
+                    self.stats
+                        .transaction(TransactionEnd::Committed(began.elapsed()));
                     for s in batch {
                         let _ = s.reply.send(Ok(()));
                     }
@@ -391,7 +400,12 @@ impl Coordinator {
     }
 
     /// Begin, produce, send the offsets, commit; aborts on failure.
-    async fn attempt(&self, batch: &[Staged], commits: &[Commit]) -> Result<(), Failure> {
+    async fn attempt(
+        &self,
+        batch: &[Staged],
+        commits: &[Commit],
+        group: Option<ConsumerGroupMetadata>,
+    ) -> Result<(), Failure> {
         self.blocking(|p| p.begin_transaction())
             .await
             .map_err(Failure::of)?;
@@ -414,7 +428,7 @@ impl Coordinator {
                 }
             }
         }
-        let Err(e) = self.offsets_and_commit(commits).await else {
+        let Err(e) = self.offsets_and_commit(commits, group).await else {
             return Ok(());
         };
         let failure = self.abort(Failure::of(e)).await;
@@ -430,10 +444,14 @@ impl Coordinator {
         })
     }
 
-    async fn offsets_and_commit(&self, commits: &[Commit]) -> KafkaResult<()> {
+    async fn offsets_and_commit(
+        &self,
+        commits: &[Commit],
+        group: Option<ConsumerGroupMetadata>,
+    ) -> KafkaResult<()> {
         if !commits.is_empty() {
             let offsets = commit::offsets_list(commits)?;
-            let group = (self.group)().ok_or(KafkaError::Canceled)?;
+            let group = group.ok_or(KafkaError::Canceled)?;
             let timeout = self.timeout;
             self.blocking(move |p| p.send_offsets_to_transaction(&offsets, &group, timeout))
                 .await?;
