@@ -40,7 +40,8 @@ impl Nginx {
         http2: bool,
     ) -> anyhow::Result<(Proc, Nginx)> {
         which_nginx()?;
-        let prefix = out.join(format!("{tag}-nginx"));
+        // Absolute: nginx reads `-c` relative to its prefix `-p`.
+        let prefix = std::path::absolute(out.join(format!("{tag}-nginx")))?;
         std::fs::create_dir_all(prefix.join("logs"))?;
         // A port nobody holds now; nginx binds it a moment later.
         let addr = TcpListener::bind("127.0.0.1:0")?.local_addr()?;

@@ -216,9 +216,23 @@ impl Failure {
     }
 }
 
-/// How often an abort that timed out is tried again before the producer
-/// is given up.
-const ABORT_TRIES: usize = 3;
+/// The pauses before a transaction or a call is tried again: 100 ms
+/// doubling to 5 s.
+fn retry_delays() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(5))
+        .without_max_times()
+        .build()
+}
+
+/// Whether librdkafka says the transactional call that returned `e` may be
+/// made again: a commit or an abort that timed out goes on in the
+/// background and the same call resumes it.
+fn resumable(e: &KafkaError) -> bool {
+    matches!(e, KafkaError::Transaction(t)
+        if t.is_retriable() && !t.txn_requires_abort() && !t.is_fatal())
+}
 
 /// The transaction task.
 struct Coordinator {
@@ -314,11 +328,7 @@ impl Coordinator {
     async fn transact(&mut self) -> Result<(), ()> {
         self.came = 0;
         let mut batch = self.take_ready();
-        let mut delays = ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(100))
-            .with_max_delay(Duration::from_secs(5))
-            .without_max_times()
-            .build();
+        let mut delays = retry_delays();
         loop {
             // The group's generation is taken before the partitions still
             // owned are: a transaction that carries a partition revoked
@@ -362,7 +372,7 @@ impl Coordinator {
             };
             self.stats.transaction(TransactionEnd::Aborted);
             if self.closing.is_cancelled() {
-                warn!(error = %error, records = batch.len(), "the last transaction was aborted; its records are re-delivered to the partitions' next owner");
+                warn!(error = %error, records = batch.len(), "the last transaction did not commit while the worker stopped: unless it still commits in the background, it is aborted and its records are re-delivered to the partitions' next owner");
                 return Ok(());
             }
             let delay = delays.next().unwrap_or(Duration::from_secs(5));
@@ -406,7 +416,7 @@ impl Coordinator {
         commits: &[Commit],
         group: Option<ConsumerGroupMetadata>,
     ) -> Result<(), Failure> {
-        self.blocking(|p| p.begin_transaction())
+        self.resumed(|p| p.begin_transaction())
             .await
             .map_err(Failure::of)?;
         let mut deliveries = Vec::with_capacity(batch.len());
@@ -449,36 +459,57 @@ impl Coordinator {
         commits: &[Commit],
         group: Option<ConsumerGroupMetadata>,
     ) -> KafkaResult<()> {
+        let timeout = self.timeout;
         if !commits.is_empty() {
+            // Sent again with the same offsets and group metadata when
+            // retried, as librdkafka asks.
             let offsets = commit::offsets_list(commits)?;
-            let group = group.ok_or(KafkaError::Canceled)?;
-            let timeout = self.timeout;
-            self.blocking(move |p| p.send_offsets_to_transaction(&offsets, &group, timeout))
+            let group = Arc::new(group.ok_or(KafkaError::Canceled)?);
+            self.resumed(move |p| p.send_offsets_to_transaction(&offsets, &group, timeout))
                 .await?;
         }
-        let timeout = self.timeout;
-        self.blocking(move |p| p.commit_transaction(timeout)).await
+        self.resumed(move |p| p.commit_transaction(timeout)).await
     }
 
     /// Aborts the open transaction; a producer that cannot abort is given
-    /// up.
+    /// up (unless the worker is closing: its transaction is aborted by the
+    /// broker or fenced by the next producer with its id).
     async fn abort(&self, failure: Failure) -> Failure {
         if matches!(failure, Failure::Fatal(_)) {
             return failure;
         }
         let timeout = self.timeout;
-        for _ in 0..ABORT_TRIES {
-            match self.blocking(move |p| p.abort_transaction(timeout)).await {
-                Ok(()) => return failure,
-                Err(e) => match Failure::of(e) {
-                    Failure::Aborted(e) => {
-                        warn!(error = %e, "aborting the transaction failed; trying again")
-                    }
-                    other => return other,
-                },
+        match self.resumed(move |p| p.abort_transaction(timeout)).await {
+            Ok(()) => failure,
+            Err(e) if self.closing.is_cancelled() => Failure::Aborted(e),
+            Err(e) => match Failure::of(e) {
+                Failure::Aborted(e) => Failure::Fatal(e),
+                other => other,
+            },
+        }
+    }
+
+    /// Makes a transactional call, again after a pause for as long as it
+    /// is [`resumable`] and the worker is not closing. A commit that timed
+    /// out must be resumed, never aborted: librdkafka refuses any other
+    /// call meanwhile as conflicting.
+    async fn resumed<T: Send + 'static>(
+        &self,
+        call: impl Fn(&FutureProducer<Logged>) -> KafkaResult<T> + Send + Sync + 'static,
+    ) -> KafkaResult<T> {
+        let call = Arc::new(call);
+        let mut delays = retry_delays();
+        loop {
+            let again = call.clone();
+            match self.blocking(move |p| again(p)).await {
+                Err(e) if resumable(&e) && !self.closing.is_cancelled() => {
+                    let delay = delays.next().unwrap_or(Duration::from_secs(5));
+                    warn!(error = %e, retry_in = ?delay, "a transactional call did not finish in time; it is made again");
+                    tokio::time::sleep(delay).await;
+                }
+                done => return done,
             }
         }
-        Failure::Fatal(KafkaError::Canceled)
     }
 
     /// Runs a blocking producer call on a blocking thread.

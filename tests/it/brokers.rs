@@ -1,6 +1,7 @@
-//! Broker faults on a three-node Apache Kafka cluster (replication 3,
-//! `min.insync.replicas` 2): each broker restarted in turn under load, as
-//! broker maintenance does, then one killed outright.
+//! Broker faults: on a three-node Apache Kafka cluster (replication 3,
+//! `min.insync.replicas` 2) each broker restarted in turn under load, as
+//! broker maintenance does, then one killed outright; with transactions,
+//! a lone broker frozen past the produce timeout.
 
 use std::time::Duration;
 
@@ -37,6 +38,56 @@ async fn rolling_restart_of_three_brokers_with_transactions_writes_each_session_
         "broker maintenance with transactions: {} events, each exactly once",
         all.len()
     );
+}
+
+/// How long each freeze of the broker lasts in
+/// [`a_broker_frozen_past_the_produce_timeout_stops_no_worker_with_transactions`]:
+/// past `kafka.produce_timeout` (1 s there), within the session timeout.
+const FREEZE: Duration = Duration::from_secs(4);
+
+/// (f) With transactions, the only broker frozen (SIGSTOP) three times
+/// under load for longer than `kafka.produce_timeout`, as a long GC pause
+/// does: the transactional calls under way time out. A commit that timed
+/// out is made again until it ends (librdkafka refuses an abort meanwhile
+/// as conflicting), an abort likewise. The worker never stops by itself,
+/// and read with `read_committed` each session is out exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_frozen_past_the_produce_timeout_stops_no_worker_with_transactions() {
+    let cluster = tokio::task::spawn_blocking(|| KafkaCluster::start(1))
+        .await
+        .unwrap()
+        .expect("a broker starts");
+    let mut env = TestEnv::on_cluster("frozen-eos", 6, Duration::from_millis(20), cluster).await;
+    let all: Vec<String> = (0..1500).map(|i| format!("call-{i:06}")).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let follower = env.follow();
+    let load = env.spawn_load(all.clone(), 100);
+    let settings = [
+        ("UINCALL__PIPELINE__MAX_IN_FLIGHT", "8"),
+        ("UINCALL__KAFKA__PRODUCE_TIMEOUT", "1s"),
+        exactly_once(),
+    ];
+    let mut a = env.spawn_replica("a", dir.path(), &settings);
+    follower.until_distinct(200).await;
+    let mut cluster = env.cluster.take().unwrap();
+    for round in 1..=3 {
+        let before = follower.distinct();
+        cluster.signal_node(0, "STOP").unwrap();
+        tokio::time::sleep(FREEZE).await;
+        cluster.signal_node(0, "CONT").unwrap();
+        follower.until_distinct((before + 50).min(all.len())).await;
+        let exited = a.child.try_wait().unwrap();
+        assert!(
+            exited.is_none(),
+            "freeze {round}: the worker stopped by itself ({exited:?})"
+        );
+    }
+    env.cluster = Some(cluster);
+    load.await.unwrap();
+    follower.finish(&all).await;
+    a.stop().await;
+    env.until_no_lag().await;
+    assert_each_once(&env, &all).await;
 }
 
 /// Two workers (with `extra` settings) under load while each broker is

@@ -573,6 +573,8 @@ pub struct Replica {
     pub name: String,
     pub child: Child,
     pub side: String,
+    /// Its stderr: its last lines are printed when the test fails.
+    pub log: PathBuf,
 }
 
 impl Replica {
@@ -622,6 +624,28 @@ impl Drop for Replica {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if std::thread::panicking() {
+            print_tail(&self.name, &self.log);
+        }
+    }
+}
+
+/// How many of a failed test's replica log lines are printed.
+const LOG_TAIL: usize = 80;
+
+/// Prints the last [`LOG_TAIL`] lines of a replica's log (a failed test's
+/// output then says what the workers did).
+fn print_tail(name: &str, log: &std::path::Path) {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let from = lines.len().saturating_sub(LOG_TAIL);
+    eprintln!(
+        "--- replica {name}: last {} lines of {} ---",
+        lines.len() - from,
+        log.display()
+    );
+    for line in &lines[from..] {
+        eprintln!("{line}");
     }
 }
 
@@ -644,11 +668,13 @@ impl TestEnv {
             ("UINCALL__KAFKA__TRANSACTIONAL_ID", &client_id),
         ];
         env.extend_from_slice(extra_env);
-        let child = self.spawn_binary(&dir.join(format!("{name}.log")), &env);
+        let log = dir.join(format!("{name}.log"));
+        let child = self.spawn_binary(&log, &env);
         Replica {
             name: name.to_string(),
             child,
             side: format!("http://{listen}"),
+            log,
         }
     }
 
@@ -707,9 +733,15 @@ impl TestEnv {
     /// with `read_committed` to the end of every partition (the last stable
     /// offset: an open transaction's records are not counted).
     pub async fn outputs_to_end(&self) -> HashMap<String, usize> {
+        self.keys_to_end(&[&self.output, &self.dlq]).await
+    }
+
+    /// How often each key is on `topics`, read with `read_committed` to
+    /// the end of every partition.
+    pub async fn keys_to_end(&self, topics: &[&String]) -> HashMap<String, usize> {
         let mut seen = HashMap::new();
-        for topic in [&self.output, &self.dlq] {
-            let (bootstrap, topic) = (self.bootstrap(), topic.clone());
+        for topic in topics {
+            let (bootstrap, topic) = (self.bootstrap(), topic.to_string());
             let keys =
                 tokio::task::spawn_blocking(move || testkit::keys_to_end(&bootstrap, &topic))
                     .await
@@ -789,9 +821,11 @@ async fn follow_topic(
     }
 }
 
-/// The load's producer: 30 s for each record.
+/// The load's producer: 30 s for each record, idempotent (a request
+/// retried after a broker restart writes its records once).
 fn load_producer(bootstrap: &str) -> FutureProducer {
     testkit::client_config(bootstrap)
+        .set("enable.idempotence", "true")
         .set("linger.ms", "5")
         .set("message.timeout.ms", "30000")
         .create()
@@ -885,14 +919,20 @@ pub fn exactly_once() -> (&'static str, &'static str) {
 }
 
 /// Read with `read_committed` to the end of the output and dead-letter
-/// topics, each of `all` is on them exactly once (and nothing else is).
+/// topics, each of `all` is on them exactly as often as on the input topic
+/// (once, unless the load sent it again after a failed send), and nothing
+/// else is.
 pub async fn assert_each_once(env: &TestEnv, all: &[String]) {
     let seen = env.outputs_to_end().await;
-    let mut twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    let input = env.keys_to_end(&[&env.input]).await;
+    let mut twice: Vec<_> = (seen.iter())
+        .filter(|(k, n)| **n > input.get(*k).copied().unwrap_or(1))
+        .map(|(k, n)| (k, *n, input.get(k).copied().unwrap_or(0)))
+        .collect();
     twice.sort();
     assert!(
         twice.is_empty(),
-        "{} written more than once: {twice:?}",
+        "{} written more often than they are in (session, out, in): {twice:?}",
         twice.len()
     );
     let missing: Vec<_> = all.iter().filter(|s| !seen.contains_key(*s)).collect();
