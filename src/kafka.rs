@@ -177,8 +177,8 @@ pub fn producer_config(k: &KafkaSettings, max_message_bytes: Option<usize>) -> C
 /// The producer of `kafka.delivery = "exactly_once"`: [`producer_config`]
 /// with the transactional id and timeout (a record's timeout cannot be
 /// longer than its transaction's), and no linger: a transaction's records
-/// are all produced at once and flushed by its commit, and with librdkafka
-/// 2.12 a linger made most commits wait about 100 ms (22 ms median without).
+/// are all produced at once, and its commit waits until they are
+/// acknowledged (a linger only delays that).
 pub fn transactional_producer_config(
     k: &KafkaSettings,
     max_message_bytes: Option<usize>,

@@ -419,6 +419,31 @@ impl Coordinator {
         self.resumed(|p| p.begin_transaction())
             .await
             .map_err(Failure::of)?;
+        let deliveries = match self.produce(batch) {
+            Ok(deliveries) => deliveries,
+            Err(failure) => return Err(self.abort(failure).await),
+        };
+        // The offsets are sent while the records are acknowledged, and the
+        // commit begins once all are: rust-rdkafka's commit first flushes,
+        // and a flush that finds a record unacknowledged looks again only
+        // after 100 ms (most commits took that long).
+        let (sent, refused) = tokio::join!(self.send_offsets(commits, group), refused(deliveries));
+        if !refused.is_empty() {
+            return Err(self.abort(Failure::Rejected(refused)).await);
+        }
+        let committed = match sent {
+            Ok(()) => self.commit().await,
+            Err(e) => Err(e),
+        };
+        let Err(e) = committed else {
+            return Ok(());
+        };
+        Err(self.abort(Failure::of(e)).await)
+    }
+
+    /// Produces the batch's outputs in the open transaction; their
+    /// delivery reports in the batch's order.
+    fn produce(&self, batch: &[Staged]) -> Result<Vec<DeliveryFuture>, Failure> {
         let mut deliveries = Vec::with_capacity(batch.len());
         for s in batch {
             let mut rec = FutureRecord::<[u8], [u8]>::to(&s.topic)
@@ -430,44 +455,36 @@ impl Coordinator {
             match self.producer.send_result(rec) {
                 Ok(delivery) => deliveries.push(delivery),
                 Err((e, _)) => {
-                    let failure = match produce_policy(&e) {
+                    return Err(match produce_policy(&e) {
                         ProducePolicy::Reject(_) => Failure::Rejected(vec![(deliveries.len(), e)]),
                         _ => Failure::Aborted(e),
-                    };
-                    return Err(self.abort(failure).await);
+                    });
                 }
             }
         }
-        let Err(e) = self.offsets_and_commit(commits, group).await else {
-            return Ok(());
-        };
-        let failure = self.abort(Failure::of(e)).await;
-        if !matches!(failure, Failure::Aborted(_)) {
-            return Err(failure);
-        }
-        // The abort purged what was not delivered; a record the broker
-        // refused says so in its own delivery report.
-        let rejected = rejected(deliveries).await;
-        Err(match rejected.is_empty() {
-            true => failure,
-            false => Failure::Rejected(rejected),
-        })
+        Ok(deliveries)
     }
 
-    async fn offsets_and_commit(
+    /// Sends the input offsets `commits` to the open transaction, again
+    /// with the same offsets and group metadata when retried, as librdkafka
+    /// asks.
+    async fn send_offsets(
         &self,
         commits: &[Commit],
         group: Option<ConsumerGroupMetadata>,
     ) -> KafkaResult<()> {
-        let timeout = self.timeout;
-        if !commits.is_empty() {
-            // Sent again with the same offsets and group metadata when
-            // retried, as librdkafka asks.
-            let offsets = commit::offsets_list(commits)?;
-            let group = Arc::new(group.ok_or(KafkaError::Canceled)?);
-            self.resumed(move |p| p.send_offsets_to_transaction(&offsets, &group, timeout))
-                .await?;
+        if commits.is_empty() {
+            return Ok(());
         }
+        let offsets = commit::offsets_list(commits)?;
+        let group = Arc::new(group.ok_or(KafkaError::Canceled)?);
+        let timeout = self.timeout;
+        self.resumed(move |p| p.send_offsets_to_transaction(&offsets, &group, timeout))
+            .await
+    }
+
+    async fn commit(&self) -> KafkaResult<()> {
+        let timeout = self.timeout;
         self.resumed(move |p| p.commit_transaction(timeout)).await
     }
 
@@ -524,9 +541,9 @@ impl Coordinator {
     }
 }
 
-/// The outputs whose delivery reports say the broker refused them for
-/// good, by index.
-async fn rejected(deliveries: Vec<DeliveryFuture>) -> Vec<(usize, KafkaError)> {
+/// Waits for every delivery report; returns the outputs the broker
+/// refused for good, by index.
+async fn refused(deliveries: Vec<DeliveryFuture>) -> Vec<(usize, KafkaError)> {
     let mut refused = Vec::new();
     for (i, delivery) in deliveries.into_iter().enumerate() {
         if let Ok(Err((e, _))) = delivery.await

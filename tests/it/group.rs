@@ -14,6 +14,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 use uincall_enricher::pipeline::admitted_limit;
+use uincall_enricher::settings::Delivery;
 
 use crate::helpers::*;
 
@@ -677,14 +678,25 @@ async fn compressed_and_transactional_input_is_enriched_and_leaves_no_lag() {
 /// when the key or the `dlq.*` texts alone are too large, those too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_too_large_for_their_topic_never_stop_the_worker_or_take_neighbours_along() {
+    too_large("toolarge", Delivery::AtLeastOnce).await;
+}
+
+/// The same with `kafka.delivery = "exactly_once"`: the transaction that
+/// carried the record too large is aborted, the record is dead-lettered,
+/// its neighbours are written in the next transaction, and none is
+/// aborted for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_too_large_for_their_topic_with_transactions_are_dead_lettered_alone() {
+    too_large("toolarge-eos", Delivery::ExactlyOnce).await;
+}
+
+/// 400 valid events, an enriched record, a dead letter, and a key too
+/// large for the output and dead-letter topics, with `delivery`.
+async fn too_large(name: &str, delivery: Delivery) {
     use uincall_enricher::dead_letter::header as dlq;
-    let env = TestEnv::with_output_config(
-        "toolarge",
-        2,
-        Duration::ZERO,
-        &[("max.message.bytes", "16384")],
-    )
-    .await;
+    let env =
+        TestEnv::with_output_config(name, 2, Duration::ZERO, &[("max.message.bytes", "16384")])
+            .await;
     let mut events: Vec<(Option<Vec<u8>>, Vec<u8>)> =
         sessions("call", 400).iter().map(|s| env.event(s)).collect();
     // An enriched record of over 64 KiB.
@@ -709,7 +721,9 @@ async fn records_too_large_for_their_topic_never_stop_the_worker_or_take_neighbo
         .await
         .unwrap();
 
-    let worker = env.start_worker(env.settings()).await;
+    let mut settings = env.settings();
+    settings.kafka.delivery = delivery;
+    let worker = env.start_worker(settings).await;
     let out = env.read_output(400).await;
     let dead = env.read_dlq(3).await;
     env.until_no_lag().await;
