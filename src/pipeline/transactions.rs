@@ -30,7 +30,7 @@ use std::time::Duration;
 use anyhow::Context;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use rdkafka::consumer::ConsumerGroupMetadata;
-use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::OwnedHeaders;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use tokio::sync::{mpsc, oneshot};
@@ -426,10 +426,18 @@ impl Coordinator {
         // The offsets are sent while the records are acknowledged, and the
         // commit begins once all are: rust-rdkafka's commit first flushes,
         // and a flush that finds a record unacknowledged looks again only
-        // after 100 ms (most commits took that long).
-        let (sent, refused) = tokio::join!(self.send_offsets(commits, group), refused(deliveries));
-        if !refused.is_empty() {
-            return Err(self.abort(Failure::Rejected(refused)).await);
+        // after 100 ms (most commits took that long). The wait is bounded
+        // as the flush was: a record unacknowledged for
+        // `kafka.produce_timeout` aborts the transaction.
+        let acknowledged = tokio::time::timeout(self.timeout, refused(deliveries));
+        let (sent, refused) = tokio::join!(self.send_offsets(commits, group), acknowledged);
+        let unacknowledged = KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut);
+        match refused {
+            Err(_) => return Err(self.abort(Failure::Aborted(unacknowledged)).await),
+            Ok(refused) if !refused.is_empty() => {
+                return Err(self.abort(Failure::Rejected(refused)).await);
+            }
+            Ok(_) => {}
         }
         let committed = match sent {
             Ok(()) => self.commit().await,
